@@ -1,0 +1,61 @@
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use mesh_identity::SpiffeId;
+
+/// The mesh's certificate authority.
+#[derive(Parser)]
+struct Args {
+    /// Directory holding the root key, root certificate and token key.
+    #[arg(long, env = "CITADEL_STATE_DIR", default_value = "citadel-state")]
+    state_dir: PathBuf,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve CreateCertificate (the default).
+    Serve {
+        #[arg(long, env = "CITADEL_LISTEN", default_value = mesh_citadel::DEFAULT_LISTEN)]
+        listen: std::net::SocketAddr,
+    },
+    /// Print a local-mode token granting one identity.
+    MintToken {
+        #[arg(long)]
+        identity: SpiffeId,
+        #[arg(long, default_value_t = 3600)]
+        ttl_secs: u64,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .init();
+    let args = Args::parse();
+    let citadel = mesh_citadel::Citadel::open(mesh_citadel::Config::new(&args.state_dir))?;
+    match args.command.unwrap_or(Command::Serve {
+        listen: mesh_citadel::DEFAULT_LISTEN.parse()?,
+    }) {
+        Command::Serve { listen } => {
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("binding {listen}"))?;
+            let shutdown = async {
+                let _ = tokio::signal::ctrl_c().await;
+            };
+            citadel.serve(listener, shutdown).await?;
+        }
+        Command::MintToken { identity, ttl_secs } => {
+            println!(
+                "{}",
+                citadel.mint_token(&identity, Duration::from_secs(ttl_secs))
+            );
+        }
+    }
+    Ok(())
+}

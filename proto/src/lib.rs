@@ -1,0 +1,59 @@
+//! The mesh's wire contracts, generated from the `.proto` files in `proto/`.
+//! Modules mirror the protobuf packages; the short aliases below are what
+//! the rest of the workspace uses.
+#![forbid(unsafe_code)]
+
+pub mod google {
+    pub mod rpc {
+        tonic::include_proto!("google.rpc");
+    }
+}
+
+pub mod istio {
+    pub mod v1 {
+        pub mod auth {
+            tonic::include_proto!("istio.v1.auth");
+        }
+    }
+}
+
+pub mod envoy {
+    pub mod config {
+        pub mod core {
+            pub mod v3 {
+                tonic::include_proto!("envoy.config.core.v3");
+            }
+        }
+    }
+    pub mod service {
+        pub mod discovery {
+            pub mod v3 {
+                tonic::include_proto!("envoy.service.discovery.v3");
+            }
+        }
+    }
+}
+
+pub mod mesh {
+    pub mod v1 {
+        tonic::include_proto!("mesh.v1");
+    }
+}
+
+pub use envoy::config::core::v3 as core;
+pub use envoy::service::discovery::v3 as discovery;
+pub use google::rpc;
+pub use istio::v1::auth as ca;
+pub use mesh::v1 as resources;
+
+/// Type URLs of the mesh's resource types.
+pub mod type_url {
+    pub const LISTENER: &str = "type.googleapis.com/mesh.v1.Listener";
+    pub const ROUTE: &str = "type.googleapis.com/mesh.v1.RouteConfig";
+    pub const CLUSTER: &str = "type.googleapis.com/mesh.v1.Cluster";
+    pub const ENDPOINTS: &str = "type.googleapis.com/mesh.v1.ClusterEndpoints";
+
+    /// The order in which pilot pushes, so that a route never points at a
+    /// cluster the proxy has not heard of yet.
+    pub const ALL: [&str; 4] = [LISTENER, CLUSTER, ENDPOINTS, ROUTE];
+}
