@@ -4,10 +4,11 @@
 #![forbid(unsafe_code)]
 
 mod cert;
+pub mod grpc;
 mod spiffe;
 mod tls;
 
-pub use cert::{Credentials, CredentialsError, identity_of, not_after};
+pub use cert::{Credentials, CredentialsError, identity_of, not_after, root_store};
 pub use spiffe::{DEFAULT_TRUST_DOMAIN, ParseError, SpiffeId};
 pub use tls::{PeerIdentity, client_config, peer_identity, server_config};
 

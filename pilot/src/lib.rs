@@ -1,1 +1,163 @@
+//! Pilot: reads Istio config, builds the mesh model, and pushes each proxy
+//! its view over delta xDS.
 #![forbid(unsafe_code)]
+
+pub mod generate;
+pub mod istio;
+pub mod model;
+pub mod status;
+pub mod store;
+mod watch;
+pub mod xds;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use mesh_identity::{Credentials, SpiffeId};
+use mesh_proto::discovery::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
+use tokio::net::TcpListener;
+use tokio::sync::watch as tokio_watch;
+
+use crate::generate::Snapshot;
+use crate::model::Model;
+
+pub use watch::DirWatcher;
+
+/// Default address of the xDS server.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:15012";
+/// The service account pilot's identity names.
+pub const SERVICE_ACCOUNT: &str = "pilot";
+pub const NAMESPACE: &str = "mesh-system";
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub config_dir: PathBuf,
+    pub trust_domain: String,
+}
+
+impl Config {
+    pub fn new(config_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            config_dir: config_dir.into(),
+            trust_domain: mesh_identity::DEFAULT_TRUST_DOMAIN.to_string(),
+        }
+    }
+}
+
+pub fn identity(trust_domain: &str) -> SpiffeId {
+    SpiffeId::new(trust_domain, NAMESPACE, SERVICE_ACCOUNT)
+}
+
+pub struct Pilot {
+    config: Config,
+    snapshots: tokio_watch::Sender<Arc<Snapshot>>,
+    errors: tokio_watch::Sender<Vec<String>>,
+    version: AtomicU64,
+    status: Arc<status::Tracker>,
+}
+
+impl Pilot {
+    /// Creates pilot and loads the config directory once. A bad initial
+    /// config leaves an empty model in place; the errors are kept for
+    /// [`Pilot::errors`].
+    pub fn new(config: Config) -> Arc<Self> {
+        let empty = Arc::new(Snapshot::build(Arc::new(Model::default()), 0));
+        let pilot = Arc::new(Self {
+            config,
+            snapshots: tokio_watch::channel(empty).0,
+            errors: tokio_watch::channel(Vec::new()).0,
+            version: AtomicU64::new(0),
+            status: Arc::default(),
+        });
+        pilot.reload();
+        pilot
+    }
+
+    pub fn identity(&self) -> SpiffeId {
+        identity(&self.config.trust_domain)
+    }
+
+    /// Re-reads the config directory. A bad config is reported and the last
+    /// good one keeps serving. Returns whether the model changed.
+    pub fn reload(&self) -> bool {
+        let result = store::load_dir(&self.config.config_dir)
+            .map_err(|e| vec![e.to_string()])
+            .and_then(|set| Model::build(&set, &self.config.trust_domain));
+        match result {
+            Err(errors) => {
+                for e in &errors {
+                    tracing::error!("config rejected, last good config keeps serving: {e}");
+                }
+                self.errors.send_replace(errors);
+                false
+            }
+            Ok(model) => {
+                self.errors.send_replace(Vec::new());
+                if *self.snapshots.borrow().model == model {
+                    return false;
+                }
+                let version = self.version.fetch_add(1, Ordering::Relaxed) + 1;
+                let snapshot = Snapshot::build(Arc::new(model), version);
+                tracing::info!(
+                    version,
+                    services = snapshot.model.services.len(),
+                    workloads = snapshot.model.workloads.len(),
+                    "config loaded"
+                );
+                self.snapshots.send_replace(Arc::new(snapshot));
+                true
+            }
+        }
+    }
+
+    /// Watches the config directory and reloads on every change.
+    pub fn watch(self: &Arc<Self>) -> Result<DirWatcher, notify::Error> {
+        DirWatcher::start(self.clone(), &self.config.config_dir)
+    }
+
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshots.borrow().clone()
+    }
+
+    /// The errors of the last rejected config load (empty when it loaded).
+    pub fn errors(&self) -> Vec<String> {
+        self.errors.borrow().clone()
+    }
+
+    pub fn proxies(&self) -> Vec<status::ProxyStatus> {
+        self.status.all()
+    }
+
+    /// Serves delta ADS over mutual TLS on `listener` until `shutdown`.
+    pub async fn serve(
+        &self,
+        listener: TcpListener,
+        creds: &Credentials,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), ServeError> {
+        let tls = mesh_identity::server_config(creds, true, &[b"h2"])?;
+        let ads = xds::Ads {
+            snapshots: self.snapshots.subscribe(),
+            status: self.status.clone(),
+        };
+        tracing::info!(addr = ?listener.local_addr().ok(), "pilot serving delta xDS over mTLS");
+        tonic::transport::Server::builder()
+            .add_service(AggregatedDiscoveryServiceServer::new(ads))
+            .serve_with_incoming_shutdown(
+                mesh_identity::grpc::tls_incoming(listener, tls),
+                shutdown,
+            )
+            .await?;
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("TLS config: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}

@@ -57,3 +57,15 @@ pub mod type_url {
     /// cluster the proxy has not heard of yet.
     pub const ALL: [&str; 4] = [LISTENER, CLUSTER, ENDPOINTS, ROUTE];
 }
+
+/// The mesh's well-known ports (Istio's numbers).
+pub mod ports {
+    pub const OUTBOUND: u16 = 15001;
+    pub const INBOUND: u16 = 15006;
+    pub const ADMIN: u16 = 15000;
+    pub const HEALTH: u16 = 15021;
+    pub const STATS: u16 = 15090;
+    pub const CA: u16 = 15011;
+    pub const XDS: u16 = 15012;
+    pub const CONTROL_PLANE_MONITORING: u16 = 15014;
+}

@@ -1,0 +1,302 @@
+//! Turns the model into the resources each proxy receives. Everything but the
+//! inbound listener is the same for every proxy, so it is built once per
+//! model and shared.
+
+use std::collections::BTreeMap;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+
+use mesh_proto::resources as pb;
+use mesh_proto::type_url;
+use prost::Message;
+
+use crate::istio::{ServicePort, StringMatch};
+use crate::model::{Model, Service, Workload};
+
+/// One resource as it goes on the wire, with a version that changes exactly
+/// when its content does.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Versioned {
+    pub version: String,
+    pub any: prost_types::Any,
+}
+
+impl Versioned {
+    fn new<M: Message>(type_url: &str, msg: &M) -> Self {
+        let value = msg.encode_to_vec();
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        value.hash(&mut h);
+        Self {
+            version: format!("{:016x}", h.finish()),
+            any: prost_types::Any {
+                type_url: type_url.to_string(),
+                value,
+            },
+        }
+    }
+}
+
+pub type ByName = BTreeMap<String, Versioned>;
+
+/// All resources of a model: shared ones by type, listeners by proxy id.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub version: u64,
+    pub shared: BTreeMap<&'static str, ByName>,
+    pub listeners: BTreeMap<String, Versioned>,
+    pub model: Arc<Model>,
+}
+
+impl Snapshot {
+    pub fn build(model: Arc<Model>, version: u64) -> Self {
+        let mut clusters = ByName::new();
+        let mut endpoints = ByName::new();
+        let mut routes = ByName::new();
+        for svc in model.services.values() {
+            for port in &svc.ports {
+                let mut subsets: Vec<Option<&str>> = vec![None];
+                if let Some(s) = model.subsets.get(&svc.host) {
+                    subsets.extend(s.keys().map(|k| Some(k.as_str())));
+                }
+                for subset in subsets {
+                    let c = cluster(svc, port, subset);
+                    let eps = cluster_endpoints(&model, svc, port, subset, &c.name);
+                    endpoints.insert(c.name.clone(), Versioned::new(type_url::ENDPOINTS, &eps));
+                    clusters.insert(c.name.clone(), Versioned::new(type_url::CLUSTER, &c));
+                }
+                let rc = route_config(&model, svc, port);
+                routes.insert(rc.name.clone(), Versioned::new(type_url::ROUTE, &rc));
+            }
+        }
+        let listeners = model
+            .workloads
+            .values()
+            .map(|w| {
+                (
+                    w.proxy_id(),
+                    Versioned::new(type_url::LISTENER, &listener(&model, w)),
+                )
+            })
+            .collect();
+        let shared = BTreeMap::from([
+            (type_url::CLUSTER, clusters),
+            (type_url::ENDPOINTS, endpoints),
+            (type_url::ROUTE, routes),
+        ]);
+        Self {
+            version,
+            shared,
+            listeners,
+            model,
+        }
+    }
+
+    /// The resources of one type that the proxy `proxy_id` should hold.
+    pub fn for_proxy(&self, type_url: &str, proxy_id: &str) -> ByName {
+        if type_url == type_url::LISTENER {
+            return self
+                .listeners
+                .get(proxy_id)
+                .map(|l| ByName::from([(LISTENER_NAME.to_string(), l.clone())]))
+                .unwrap_or_default();
+        }
+        self.shared.get(type_url).cloned().unwrap_or_default()
+    }
+}
+
+pub const LISTENER_NAME: &str = "inbound";
+
+pub fn cluster_name(port: u32, subset: Option<&str>, host: &str) -> String {
+    format!("outbound|{port}|{}|{host}", subset.unwrap_or_default())
+}
+
+fn protocol(port: &ServicePort) -> pb::Protocol {
+    let declared = port
+        .protocol
+        .as_deref()
+        .unwrap_or_default()
+        .to_ascii_uppercase();
+    let from_name = port
+        .name
+        .as_deref()
+        .unwrap_or_default()
+        .split('-')
+        .next()
+        .unwrap_or_default()
+        .to_ascii_uppercase();
+    let p = if declared.is_empty() {
+        from_name
+    } else {
+        declared
+    };
+    match p.as_str() {
+        "HTTP2" => pb::Protocol::Http2,
+        "GRPC" | "GRPC-WEB" => pb::Protocol::Grpc,
+        "TCP" | "TLS" | "MONGO" | "MYSQL" | "REDIS" => pb::Protocol::Tcp,
+        _ => pb::Protocol::Http,
+    }
+}
+
+fn cluster(svc: &Service, port: &ServicePort, subset: Option<&str>) -> pb::Cluster {
+    pb::Cluster {
+        name: cluster_name(port.number, subset, &svc.host),
+        service: svc.host.clone(),
+        port: port.number,
+        subset: subset.unwrap_or_default().to_string(),
+        protocol: protocol(port) as i32,
+    }
+}
+
+/// The port a workload's application listens on for a service port.
+fn target_port(w: &Workload, port: &ServicePort) -> u32 {
+    port.name
+        .as_ref()
+        .and_then(|n| w.ports.get(n).copied())
+        .or(port.target_port)
+        .unwrap_or(port.number)
+}
+
+fn cluster_endpoints(
+    model: &Model,
+    svc: &Service,
+    port: &ServicePort,
+    subset: Option<&str>,
+    name: &str,
+) -> pb::ClusterEndpoints {
+    let labels = subset.and_then(|s| model.subsets.get(&svc.host).and_then(|m| m.get(s)));
+    let endpoints = model
+        .endpoints_of(svc, labels)
+        .map(|w| pb::Endpoint {
+            address: w.address.clone(),
+            port: target_port(w, port),
+            identity: w.identity(&model.trust_domain).to_string(),
+            tunnel_port: mesh_proto::ports::INBOUND as u32,
+            workload: w.name.clone(),
+            namespace: w.namespace.clone(),
+            labels: w.labels.clone().into_iter().collect(),
+        })
+        .collect();
+    pb::ClusterEndpoints {
+        cluster: name.to_string(),
+        endpoints,
+    }
+}
+
+/// The names by which an application may call a service: the full host and
+/// its shorter forms.
+fn domains(host: &str) -> Vec<String> {
+    let mut out = vec![host.to_string()];
+    if let Some(short) = host.strip_suffix(".svc.cluster.local") {
+        out.push(format!("{short}.svc"));
+        out.push(short.to_string());
+        if let Some((name, _ns)) = short.split_once('.') {
+            out.push(name.to_string());
+        }
+    }
+    out
+}
+
+fn string_match(m: &StringMatch) -> Option<pb::http_match::Path> {
+    match m {
+        StringMatch::Exact(s) => Some(pb::http_match::Path::Exact(s.clone())),
+        StringMatch::Prefix(s) => Some(pb::http_match::Path::Prefix(s.clone())),
+        StringMatch::Regex(_) => None, // refused when the model is built
+    }
+}
+
+fn header_match(name: &str, m: &StringMatch) -> pb::HeaderMatch {
+    let value = match m {
+        StringMatch::Exact(s) => Some(pb::header_match::Value::Exact(s.clone())),
+        StringMatch::Prefix(s) => Some(pb::header_match::Value::Prefix(s.clone())),
+        StringMatch::Regex(_) => None,
+    };
+    pb::HeaderMatch {
+        name: name.to_ascii_lowercase(),
+        value,
+    }
+}
+
+fn route_config(model: &Model, svc: &Service, port: &ServicePort) -> pb::RouteConfig {
+    let default_route = || pb::HttpRoute {
+        name: "default".to_string(),
+        matches: vec![],
+        clusters: vec![pb::WeightedCluster {
+            cluster: cluster_name(port.number, None, &svc.host),
+            weight: 100,
+        }],
+    };
+    let routes = match model.routes.get(&svc.host) {
+        None => vec![default_route()],
+        Some(r) => r
+            .http
+            .iter()
+            .enumerate()
+            .map(|(i, h)| pb::HttpRoute {
+                name: h.name.clone().unwrap_or_else(|| format!("route-{i}")),
+                matches: h
+                    .matches
+                    .iter()
+                    .map(|m| pb::HttpMatch {
+                        path: m.uri.as_ref().and_then(string_match),
+                        headers: m.headers.iter().map(|(k, v)| header_match(k, v)).collect(),
+                    })
+                    .collect(),
+                clusters: h
+                    .route
+                    .iter()
+                    .map(|d| {
+                        let dest = &d.destination;
+                        let dest_port = dest.port.as_ref().map(|p| p.number).unwrap_or_else(|| {
+                            if dest.host == svc.host {
+                                port.number
+                            } else {
+                                model.services[&dest.host].ports[0].number
+                            }
+                        });
+                        pb::WeightedCluster {
+                            cluster: cluster_name(dest_port, dest.subset.as_deref(), &dest.host),
+                            weight: d.weight.unwrap_or(100),
+                        }
+                    })
+                    .collect(),
+            })
+            .collect(),
+    };
+    pb::RouteConfig {
+        name: format!("{}:{}", svc.host, port.number),
+        domains: domains(&svc.host),
+        port: port.number,
+        routes,
+    }
+}
+
+fn listener(model: &Model, w: &Workload) -> pb::Listener {
+    let mut ports: BTreeMap<u32, pb::InboundPort> = BTreeMap::new();
+    for svc in model.services.values() {
+        if !model.endpoints_of(svc, None).any(|e| e == w) {
+            continue;
+        }
+        for port in &svc.ports {
+            let target = target_port(w, port);
+            let entry = ports.entry(target).or_insert_with(|| pb::InboundPort {
+                port: target,
+                protocol: protocol(port) as i32,
+                services: vec![],
+            });
+            entry.services.push(svc.host.clone());
+        }
+    }
+    pb::Listener {
+        name: LISTENER_NAME.to_string(),
+        workload: Some(pb::Workload {
+            name: w.name.clone(),
+            namespace: w.namespace.clone(),
+            identity: w.identity(&model.trust_domain).to_string(),
+            address: w.address.clone(),
+            labels: w.labels.clone().into_iter().collect(),
+            service_account: w.service_account.clone(),
+        }),
+        ports: ports.into_values().collect(),
+        mtls: pb::MtlsMode::Strict as i32,
+    }
+}

@@ -1,0 +1,127 @@
+//! Istio's own resource shapes (networking.istio.io), as users write them.
+//! Only what the mesh acts on is typed here; other fields are accepted and
+//! ignored until their issue types them.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+pub type Labels = BTreeMap<String, String>;
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceEntry {
+    pub hosts: Vec<String>,
+    #[serde(default)]
+    pub addresses: Vec<String>,
+    #[serde(default)]
+    pub ports: Vec<ServicePort>,
+    #[serde(default)]
+    pub location: Option<String>,
+    #[serde(default)]
+    pub resolution: Option<String>,
+    #[serde(default)]
+    pub endpoints: Vec<WorkloadEntry>,
+    #[serde(default)]
+    pub workload_selector: Option<WorkloadSelector>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ServicePort {
+    pub number: u32,
+    #[serde(default)]
+    pub protocol: Option<String>,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub target_port: Option<u32>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+pub struct WorkloadSelector {
+    #[serde(default)]
+    pub labels: Labels,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadEntry {
+    pub address: String,
+    #[serde(default)]
+    pub ports: BTreeMap<String, u32>,
+    #[serde(default)]
+    pub labels: Labels,
+    #[serde(default)]
+    pub service_account: Option<String>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+pub struct VirtualService {
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    #[serde(default)]
+    pub http: Vec<HttpRoute>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+pub struct HttpRoute {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default, rename = "match")]
+    pub matches: Vec<HttpMatchRequest>,
+    #[serde(default)]
+    pub route: Vec<HttpRouteDestination>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+pub struct HttpMatchRequest {
+    #[serde(default)]
+    pub uri: Option<StringMatch>,
+    #[serde(default)]
+    pub headers: BTreeMap<String, StringMatch>,
+}
+
+/// Istio's StringMatch: exactly one of exact, prefix, regex.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(rename_all = "lowercase")]
+pub enum StringMatch {
+    Exact(String),
+    Prefix(String),
+    Regex(String),
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+pub struct HttpRouteDestination {
+    pub destination: Destination,
+    #[serde(default)]
+    pub weight: Option<u32>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+pub struct Destination {
+    pub host: String,
+    #[serde(default)]
+    pub subset: Option<String>,
+    #[serde(default)]
+    pub port: Option<PortSelector>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+pub struct PortSelector {
+    pub number: u32,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+pub struct DestinationRule {
+    pub host: String,
+    #[serde(default)]
+    pub subsets: Vec<Subset>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+pub struct Subset {
+    pub name: String,
+    #[serde(default)]
+    pub labels: Labels,
+}

@@ -1,0 +1,56 @@
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+
+/// Pilot: Istio config in, delta xDS out.
+#[derive(Parser)]
+struct Args {
+    /// Directory of Istio YAML (watched).
+    #[arg(long, env = "PILOT_CONFIG_DIR")]
+    config_dir: PathBuf,
+    #[arg(long, env = "PILOT_LISTEN", default_value = mesh_pilot::DEFAULT_LISTEN)]
+    listen: SocketAddr,
+    /// Citadel's address.
+    #[arg(long, env = "CA_ADDR", default_value = "127.0.0.1:15011")]
+    ca_addr: SocketAddr,
+    /// PEM file with the mesh's trusted roots.
+    #[arg(long, env = "CA_ROOT_FILE")]
+    ca_root_file: PathBuf,
+    /// File holding the token that grants pilot its identity.
+    #[arg(long, env = "CA_TOKEN_FILE")]
+    token_file: PathBuf,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let args = Args::parse();
+    let roots = std::fs::read_to_string(&args.ca_root_file)
+        .with_context(|| format!("reading --ca-root-file {}", args.ca_root_file.display()))?;
+    let token = std::fs::read_to_string(&args.token_file)
+        .with_context(|| format!("reading --token-file {}", args.token_file.display()))?;
+    let pilot = mesh_pilot::Pilot::new(mesh_pilot::Config::new(&args.config_dir));
+    let creds = mesh_identity::grpc::certificate_from(
+        args.ca_addr,
+        token.trim(),
+        &pilot.identity(),
+        &roots,
+    )
+    .await?;
+    let _watch = pilot.watch()?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    pilot
+        .serve(listener, &creds, async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,75 @@
+//! What pilot knows of each connected proxy: what it was sent, what it
+//! acknowledged, and what it rejected.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+use serde::Serialize;
+
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct TypeStatus {
+    pub sent_nonce: String,
+    pub acked_nonce: String,
+    /// The last rejection, if the proxy's latest answer was a NACK.
+    pub nack: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ProxyStatus {
+    pub id: String,
+    pub identity: String,
+    pub connected: bool,
+    pub connected_at: SystemTime,
+    /// Snapshot version of the last push the proxy acknowledged.
+    pub acked_version: u64,
+    pub types: BTreeMap<String, TypeStatus>,
+}
+
+#[derive(Default)]
+pub struct Tracker(Mutex<BTreeMap<String, ProxyStatus>>);
+
+impl Tracker {
+    pub fn connected(&self, id: &str, identity: &str) {
+        self.0.lock().unwrap().insert(
+            id.to_string(),
+            ProxyStatus {
+                id: id.to_string(),
+                identity: identity.to_string(),
+                connected: true,
+                connected_at: SystemTime::now(),
+                acked_version: 0,
+                types: BTreeMap::new(),
+            },
+        );
+    }
+
+    pub fn disconnected(&self, id: &str, at: SystemTime) {
+        if let Some(p) = self.0.lock().unwrap().get_mut(id) {
+            // A newer stream from the same proxy may have replaced this one.
+            if p.connected_at == at {
+                p.connected = false;
+            }
+        }
+    }
+
+    pub fn update(&self, id: &str, type_url: &str, f: impl FnOnce(&mut TypeStatus)) {
+        if let Some(p) = self.0.lock().unwrap().get_mut(id) {
+            f(p.types.entry(type_url.to_string()).or_default());
+        }
+    }
+
+    pub fn acked_version(&self, id: &str, version: u64) {
+        if let Some(p) = self.0.lock().unwrap().get_mut(id) {
+            p.acked_version = p.acked_version.max(version);
+        }
+    }
+
+    pub fn connected_at(&self, id: &str) -> Option<SystemTime> {
+        self.0.lock().unwrap().get(id).map(|p| p.connected_at)
+    }
+
+    pub fn all(&self) -> Vec<ProxyStatus> {
+        self.0.lock().unwrap().values().cloned().collect()
+    }
+}

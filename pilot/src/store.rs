@@ -1,0 +1,215 @@
+//! Reads a directory of multi-document YAML files in Istio's format into a
+//! typed config set. A file that cannot be read or parsed is an error naming
+//! the file, the resource and the reason; the caller keeps its last good set.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::istio::{DestinationRule, ServiceEntry, VirtualService, WorkloadEntry};
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Meta {
+    pub name: String,
+    pub namespace: String,
+    pub file: PathBuf,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Resource {
+    ServiceEntry(ServiceEntry),
+    WorkloadEntry(WorkloadEntry),
+    VirtualService(VirtualService),
+    DestinationRule(DestinationRule),
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ConfigSet {
+    pub resources: Vec<(Meta, Resource)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{}: cannot read: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: not valid YAML: {reason}", path.display())]
+    Yaml { path: PathBuf, reason: String },
+    #[error("{}: document {index}: {reason}", path.display())]
+    Document {
+        path: PathBuf,
+        index: usize,
+        reason: String,
+    },
+    #[error("{}: {kind} {namespace}/{name}: {reason}", path.display())]
+    Spec {
+        path: PathBuf,
+        kind: String,
+        namespace: String,
+        name: String,
+        reason: String,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawObject {
+    api_version: Option<String>,
+    kind: Option<String>,
+    metadata: Option<RawMeta>,
+    spec: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+struct RawMeta {
+    name: Option<String>,
+    namespace: Option<String>,
+}
+
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+/// Loads every `.yaml`/`.yml` file directly in `dir`, in name order.
+pub fn load_dir(dir: &Path) -> Result<ConfigSet, ConfigError> {
+    let read_err = |source| ConfigError::Read {
+        path: dir.to_path_buf(),
+        source,
+    };
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(read_err)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
+        .collect();
+    files.sort();
+    let mut set = ConfigSet::default();
+    for file in files {
+        let text = std::fs::read_to_string(&file).map_err(|source| ConfigError::Read {
+            path: file.clone(),
+            source,
+        })?;
+        set.resources.extend(parse_file(&file, &text)?);
+    }
+    Ok(set)
+}
+
+/// Parses one file's documents. Kinds the mesh does not know yet are skipped
+/// with a log line naming them.
+pub fn parse_file(path: &Path, text: &str) -> Result<Vec<(Meta, Resource)>, ConfigError> {
+    let docs: Vec<Option<RawObject>> =
+        serde_saphyr::from_multiple(text).map_err(|e| ConfigError::Yaml {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+    let mut out = Vec::new();
+    for (index, doc) in docs.into_iter().enumerate() {
+        let Some(doc) = doc else { continue };
+        let doc_err = |reason: &str| ConfigError::Document {
+            path: path.to_path_buf(),
+            index: index + 1,
+            reason: reason.to_string(),
+        };
+        let kind = doc.kind.ok_or_else(|| doc_err("missing 'kind'"))?;
+        let api = doc
+            .api_version
+            .ok_or_else(|| doc_err("missing 'apiVersion'"))?;
+        let meta = doc.metadata.ok_or_else(|| doc_err("missing 'metadata'"))?;
+        let name = meta
+            .name
+            .ok_or_else(|| doc_err("missing 'metadata.name'"))?;
+        let meta = Meta {
+            name,
+            namespace: meta
+                .namespace
+                .unwrap_or_else(|| DEFAULT_NAMESPACE.to_string()),
+            file: path.to_path_buf(),
+        };
+        let group = api.split('/').next().unwrap_or_default();
+        if group != "networking.istio.io" {
+            tracing::info!(file = %path.display(), %api, %kind, "skipping a kind pilot does not handle yet");
+            continue;
+        }
+        let spec = doc.spec.unwrap_or(serde_json::Value::Null);
+        let spec_err = |reason: String| ConfigError::Spec {
+            path: path.to_path_buf(),
+            kind: kind.clone(),
+            namespace: meta.namespace.clone(),
+            name: meta.name.clone(),
+            reason,
+        };
+        let typed = |spec| -> Result<Resource, ConfigError> {
+            fn de<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> Result<T, String> {
+                serde_json::from_value(v).map_err(|e| format!("spec: {e}"))
+            }
+            match kind.as_str() {
+                "ServiceEntry" => de(spec).map(Resource::ServiceEntry),
+                "WorkloadEntry" => de(spec).map(Resource::WorkloadEntry),
+                "VirtualService" => de(spec).map(Resource::VirtualService),
+                "DestinationRule" => de(spec).map(Resource::DestinationRule),
+                other => Err(format!("kind {other} is not supported yet")),
+            }
+            .map_err(spec_err)
+        };
+        out.push((meta.clone(), typed(spec)?));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_istio_documents() {
+        let text = r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: reviews
+  namespace: default
+spec:
+  hosts: [reviews]
+  http:
+  - match:
+    - uri:
+        prefix: /reviews
+    route:
+    - destination: {host: reviews, subset: v1}
+      weight: 100
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews}
+spec:
+  host: reviews
+  subsets:
+  - name: v1
+    labels: {version: v1}
+"#;
+        let res = parse_file(Path::new("x.yaml"), text).unwrap();
+        assert_eq!(res.len(), 2);
+        let Resource::VirtualService(vs) = &res[0].1 else {
+            panic!()
+        };
+        assert_eq!(
+            vs.http[0].matches[0].uri,
+            Some(crate::istio::StringMatch::Prefix("/reviews".into()))
+        );
+        assert_eq!(res[1].0.namespace, "default");
+    }
+
+    #[test]
+    fn errors_name_file_resource_and_field() {
+        let text = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: bad}\nspec:\n  http:\n  - route:\n    - weight: 10\n";
+        let err = parse_file(Path::new("dir/bad.yaml"), text)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("dir/bad.yaml"), "{err}");
+        assert!(err.contains("VirtualService default/bad"), "{err}");
+        assert!(err.contains("destination"), "{err}");
+        let err = parse_file(Path::new("y.yaml"), "kind: [unclosed")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("y.yaml: not valid YAML"), "{err}");
+    }
+}

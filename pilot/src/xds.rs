@@ -1,0 +1,205 @@
+//! The delta ADS server. One task per proxy stream: it answers each type's
+//! subscription with that type's resources, pushes only what changed when a
+//! new snapshot arrives, and records ACKs and NACKs.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use mesh_proto::discovery::aggregated_discovery_service_server::AggregatedDiscoveryService;
+use mesh_proto::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource};
+use mesh_proto::type_url;
+use tokio::sync::{mpsc, watch};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::generate::Snapshot;
+use crate::status::Tracker;
+
+pub struct Ads {
+    pub(crate) snapshots: watch::Receiver<Arc<Snapshot>>,
+    pub(crate) status: Arc<Tracker>,
+}
+
+type ResponseStream = Pin<Box<dyn Stream<Item = Result<DeltaDiscoveryResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for Ads {
+    type DeltaAggregatedResourcesStream = ResponseStream;
+
+    async fn delta_aggregated_resources(
+        &self,
+        req: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<ResponseStream>, Status> {
+        let peer = req
+            .peer_certs()
+            .and_then(|c| {
+                c.first()
+                    .and_then(|leaf| mesh_identity::identity_of(leaf).ok())
+            })
+            .ok_or_else(|| Status::unauthenticated("present a mesh client certificate"))?;
+        let mut inbound = req.into_inner();
+        let first = inbound
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("stream closed before the first request"))?;
+        let node_id = first
+            .node
+            .as_ref()
+            .map(|n| n.id.clone())
+            .filter(|id| !id.is_empty())
+            .ok_or_else(|| Status::invalid_argument("the first request must carry node.id"))?;
+        let snapshot = self.snapshots.borrow().clone();
+        if let Some(w) = snapshot.model.workloads.get(&node_id) {
+            let expected = w.identity(&snapshot.model.trust_domain);
+            if expected != peer {
+                return Err(Status::permission_denied(format!(
+                    "proxy {node_id} must present {expected}, not {peer}"
+                )));
+            }
+        }
+        tracing::info!(proxy = %node_id, identity = %peer, "proxy connected");
+        self.status.connected(&node_id, &peer.to_string());
+        let (tx, rx) = mpsc::channel(16);
+        let conn = Connection {
+            id: node_id,
+            tx,
+            status: self.status.clone(),
+            types: BTreeMap::new(),
+            nonce: 0,
+        };
+        tokio::spawn(conn.run(first, inbound, self.snapshots.clone()));
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+}
+
+#[derive(Default)]
+struct TypeState {
+    /// Name -> version the proxy has (as far as we know).
+    sent: BTreeMap<String, String>,
+    answered: bool,
+}
+
+struct Connection {
+    id: String,
+    tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+    status: Arc<Tracker>,
+    types: BTreeMap<String, TypeState>,
+    nonce: u64,
+}
+
+impl Connection {
+    async fn run(
+        mut self,
+        first: DeltaDiscoveryRequest,
+        mut inbound: Streaming<DeltaDiscoveryRequest>,
+        mut snapshots: watch::Receiver<Arc<Snapshot>>,
+    ) {
+        let connected_at = self.status.connected_at(&self.id);
+        let mut snapshot = snapshots.borrow_and_update().clone();
+        let mut ok = self.handle(first, &snapshot).await;
+        while ok {
+            tokio::select! {
+                msg = inbound.message() => match msg {
+                    Ok(Some(req)) => ok = self.handle(req, &snapshot).await,
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::debug!(proxy = %self.id, error = %e, "stream ended");
+                        break;
+                    }
+                },
+                changed = snapshots.changed() => {
+                    if changed.is_err() { break; }
+                    snapshot = snapshots.borrow_and_update().clone();
+                    for t in type_url::ALL {
+                        if self.types.contains_key(t) {
+                            ok = ok && self.push(t, &snapshot, false).await;
+                        }
+                    }
+                }
+            }
+        }
+        tracing::info!(proxy = %self.id, "proxy disconnected");
+        if let Some(at) = connected_at {
+            self.status.disconnected(&self.id, at);
+        }
+    }
+
+    /// Returns false once the proxy's side of the stream is gone.
+    async fn handle(&mut self, req: DeltaDiscoveryRequest, snapshot: &Snapshot) -> bool {
+        let t = req.type_url.clone();
+        if !type_url::ALL.contains(&t.as_str()) {
+            tracing::warn!(proxy = %self.id, type_url = %t, "ignoring an unknown type");
+            return true;
+        }
+        if !req.response_nonce.is_empty() {
+            let nonce = req.response_nonce.clone();
+            match req.error_detail {
+                Some(err) => {
+                    tracing::warn!(proxy = %self.id, type_url = %t, %nonce, reason = %err.message, "proxy rejected config (NACK)");
+                    self.status
+                        .update(&self.id, &t, |s| s.nack = Some(err.message));
+                }
+                None => {
+                    self.status.update(&self.id, &t, |s| {
+                        s.acked_nonce = nonce.clone();
+                        s.nack = None;
+                    });
+                    if let Some(v) = nonce.split('-').next().and_then(|v| v.parse().ok()) {
+                        self.status.acked_version(&self.id, v);
+                    }
+                }
+            }
+            return true;
+        }
+        // A (re)subscription: wildcard, and whatever the proxy already holds
+        // need not be sent again.
+        let state = self.types.entry(t.clone()).or_default();
+        state.sent = req.initial_resource_versions.into_iter().collect();
+        state.answered = false;
+        self.push(&t, snapshot, true).await
+    }
+
+    async fn push(&mut self, t: &str, snapshot: &Snapshot, always: bool) -> bool {
+        let desired = snapshot.for_proxy(t, &self.id);
+        let state = self.types.entry(t.to_string()).or_default();
+        let resources: Vec<Resource> = desired
+            .iter()
+            .filter(|(name, r)| state.sent.get(*name) != Some(&r.version))
+            .map(|(name, r)| Resource {
+                version: r.version.clone(),
+                resource: Some(r.any.clone()),
+                name: name.clone(),
+                aliases: vec![],
+            })
+            .collect();
+        let removed: Vec<String> = state
+            .sent
+            .keys()
+            .filter(|n| !desired.contains_key(*n))
+            .cloned()
+            .collect();
+        if resources.is_empty() && removed.is_empty() && !(always || !state.answered) {
+            return true;
+        }
+        state.sent = desired
+            .iter()
+            .map(|(n, r)| (n.clone(), r.version.clone()))
+            .collect();
+        state.answered = true;
+        self.nonce += 1;
+        let nonce = format!("{}-{}", snapshot.version, self.nonce);
+        self.status
+            .update(&self.id, t, |s| s.sent_nonce = nonce.clone());
+        let resp = DeltaDiscoveryResponse {
+            system_version_info: snapshot.version.to_string(),
+            resources,
+            type_url: t.to_string(),
+            nonce,
+            removed_resources: removed,
+        };
+        self.tx.send(Ok(resp)).await.is_ok()
+    }
+}
