@@ -140,11 +140,13 @@ pub fn citadel_identity(trust_domain: &str) -> SpiffeId {
     SpiffeId::new(trust_domain, "mesh-system", "citadel")
 }
 
-/// Obtains credentials for `identity` from citadel at `ca_addr`, trusting `roots_pem`.
+/// Obtains credentials for `identity` from citadel at `ca_addr`, trusting
+/// `roots_pem`. A zero `lifetime` takes citadel's default.
 pub async fn certificate_from(
     ca_addr: SocketAddr,
     token: &str,
     identity: &SpiffeId,
+    lifetime: Duration,
     roots_pem: &str,
 ) -> Result<Credentials, CaError> {
     let roots = Arc::new(crate::cert::root_store(roots_pem)?);
@@ -155,12 +157,5 @@ pub async fn certificate_from(
         &[b"h2"],
     )
     .map_err(|e| CaError::Answer(CredentialsError::Root(e)))?;
-    request_certificate(
-        channel(ca_addr, tls),
-        token,
-        identity,
-        Duration::ZERO,
-        roots_pem,
-    )
-    .await
+    request_certificate(channel(ca_addr, tls), token, identity, lifetime, roots_pem).await
 }

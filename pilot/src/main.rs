@@ -40,6 +40,7 @@ async fn main() -> anyhow::Result<()> {
         args.ca_addr,
         token.trim(),
         &pilot.identity(),
+        std::time::Duration::ZERO,
         &roots,
     )
     .await?;

@@ -1,1 +1,235 @@
+//! The sidecar data plane: identity from citadel, config from pilot,
+//! outbound routing to other sidecars over mutual TLS, inbound mTLS to the
+//! app, metrics and admin endpoints.
 #![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod config;
+pub mod identity;
+pub mod inbound;
+pub mod metrics;
+pub mod outbound;
+pub mod pool;
+pub mod route;
+pub mod state;
+pub mod wire;
+pub mod xds;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+pub use config::{Config, Ports};
+
+use crate::identity::Tls;
+use crate::metrics::{Metrics, RequestLabels};
+use crate::pool::{Body, Pool};
+use crate::state::Snapshot;
+use crate::wire::PeerMeta;
+use crate::xds::XdsStatus;
+
+/// What every request handler shares. Control-plane data arrives through
+/// `watch` receivers; handlers clone the current `Arc` and never lock.
+pub struct Shared {
+    pub cfg: Arc<Config>,
+    pub tls: watch::Receiver<Option<Arc<Tls>>>,
+    pub snapshot: watch::Receiver<Arc<Snapshot>>,
+    pub xds_status: watch::Receiver<XdsStatus>,
+    pub metrics: Metrics,
+    pub pool: Pool,
+    pub app_h1: Client<HttpConnector, Body>,
+    pub app_h2: Client<HttpConnector, Body>,
+}
+
+impl Shared {
+    /// Why the proxy is not ready, or `None` when it is.
+    pub fn not_ready(&self) -> Option<&'static str> {
+        if self.tls.borrow().is_none() {
+            return Some("no certificate from citadel yet");
+        }
+        if !self.snapshot.borrow().complete() {
+            return Some("no config from pilot yet");
+        }
+        None
+    }
+
+    fn own_labels(&self) -> (PeerMeta, String) {
+        let snapshot = self.snapshot.borrow();
+        let w = snapshot.listener.as_ref().and_then(|l| l.workload.as_ref());
+        let meta = PeerMeta {
+            workload: w.map(|w| w.name.clone()).unwrap_or_default(),
+            namespace: self.cfg.identity.namespace.clone(),
+            app: w
+                .and_then(|w| w.labels.get("app").cloned())
+                .unwrap_or_default(),
+            version: w
+                .and_then(|w| w.labels.get("version").cloned())
+                .unwrap_or_default(),
+        };
+        (meta, self.cfg.identity.to_string())
+    }
+
+    pub fn source_meta(&self) -> String {
+        self.own_labels().0.encode()
+    }
+
+    /// Labels describing this workload as the source of a request.
+    pub fn source_labels(&self) -> RequestLabels {
+        let (m, principal) = self.own_labels();
+        RequestLabels {
+            source_workload: m.workload,
+            source_workload_namespace: m.namespace,
+            source_principal: principal,
+            source_app: m.app,
+            source_version: m.version,
+            connection_security_policy: "unknown",
+            response_flags: "-",
+            ..Default::default()
+        }
+    }
+
+    /// Labels describing this workload as the destination of a request.
+    pub fn destination_labels(&self) -> RequestLabels {
+        let (m, principal) = self.own_labels();
+        RequestLabels {
+            destination_workload: m.workload,
+            destination_workload_namespace: m.namespace,
+            destination_principal: principal,
+            destination_app: m.app,
+            destination_version: m.version,
+            response_flags: "-",
+            ..Default::default()
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, ProxyError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ProxyError::Bind { addr, source })
+}
+
+/// Runs a proxy until `shutdown` resolves.
+pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), ProxyError> {
+    let cfg = Arc::new(cfg);
+    let p = cfg.ports;
+    let outbound = bind(cfg.addr(p.outbound)).await?;
+    let inbound = bind(cfg.addr(p.inbound)).await?;
+    let admin = bind(cfg.addr(p.admin)).await?;
+    let stats = bind(cfg.addr(p.stats)).await?;
+    let health = bind(cfg.addr(p.health)).await?;
+
+    let (tls_tx, tls_rx) = watch::channel(None);
+    let (snap_tx, snap_rx) = watch::channel(Arc::new(Snapshot::default()));
+    let (status_tx, status_rx) = watch::channel(XdsStatus::default());
+    let mut h2 = Client::builder(TokioExecutor::new());
+    h2.http2_only(true);
+    let shared = Arc::new(Shared {
+        cfg: cfg.clone(),
+        tls: tls_rx.clone(),
+        snapshot: snap_rx,
+        xds_status: status_rx,
+        metrics: Metrics::default(),
+        pool: Pool::default(),
+        app_h1: Client::builder(TokioExecutor::new()).build_http(),
+        app_h2: h2.build_http(),
+    });
+
+    let mut tasks = JoinSet::new();
+    tasks.spawn(identity::run(cfg.clone(), tls_tx));
+    tasks.spawn(xds::Client::new(cfg.clone(), snap_tx, status_tx).run(tls_rx));
+    tasks.spawn(serve_plain(outbound, shared.clone(), |s, req| {
+        outbound::handle(s, req)
+    }));
+    tasks.spawn(serve_inbound(inbound, shared.clone()));
+    for (listener, which) in [
+        (admin, admin::Endpoints::Admin),
+        (stats, admin::Endpoints::Stats),
+        (health, admin::Endpoints::Health),
+    ] {
+        tasks.spawn(serve_plain(listener, shared.clone(), move |s, req| {
+            admin::handle(s, which, req)
+        }));
+    }
+    tracing::info!(proxy = %cfg.proxy_id, ip = %cfg.pod_ip, identity = %cfg.identity, "proxy started");
+    shutdown.await;
+    tracing::info!(proxy = %cfg.proxy_id, "proxy stopping");
+    tasks.shutdown().await;
+    Ok(())
+}
+
+async fn serve_plain<F, Fut>(listener: TcpListener, shared: Arc<Shared>, handler: F)
+where
+    F: Fn(Arc<Shared>, http::Request<hyper::body::Incoming>) -> Fut + Copy + Send + Sync + 'static,
+    Fut: Future<Output = Result<http::Response<Body>, std::convert::Infallible>> + Send + 'static,
+{
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| handler(shared.clone(), req));
+            let _ = auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await;
+        });
+    }
+}
+
+async fn serve_inbound(listener: TcpListener, shared: Arc<Shared>) {
+    loop {
+        let Ok((tcp, peer_addr)) = listener.accept().await else {
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            // Each connection uses the certificate current when it arrives.
+            let Some(tls) = shared.tls.borrow().clone() else {
+                tracing::debug!(%peer_addr, "refusing inbound connection: no certificate yet");
+                return;
+            };
+            let stream = match tokio_rustls::TlsAcceptor::from(tls.server.clone())
+                .accept(tcp)
+                .await
+            {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(%peer_addr, error = %e, "inbound mTLS handshake refused");
+                    return;
+                }
+            };
+            let peer = match mesh_identity::peer_identity(stream.get_ref().1.peer_certificates()) {
+                mesh_identity::PeerIdentity::Mesh(id) => Arc::new(id),
+                mesh_identity::PeerIdentity::Unauthenticated => {
+                    tracing::warn!(%peer_addr, "inbound peer has no SPIFFE identity");
+                    return;
+                }
+            };
+            let svc = service_fn(move |req| inbound::handle(shared.clone(), peer.clone(), req));
+            let _ = auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}

@@ -1,0 +1,124 @@
+//! Admin (15000), readiness (15021) and Prometheus (15090) endpoints.
+
+use std::sync::Arc;
+
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use mesh_proto::resources as pb;
+use serde_json::{Value, json};
+
+use crate::Shared;
+use crate::pool::Body;
+use crate::wire::{full, local_reply};
+
+#[derive(Clone, Copy, Debug)]
+pub enum Endpoints {
+    /// Everything: readiness, config dump, stats.
+    Admin,
+    /// Only `/healthz/ready`.
+    Health,
+    /// Only `/stats/prometheus`.
+    Stats,
+}
+
+pub async fn handle(
+    shared: Arc<Shared>,
+    which: Endpoints,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, std::convert::Infallible> {
+    use Endpoints::*;
+    if req.method() != Method::GET {
+        return Ok(local_reply(StatusCode::METHOD_NOT_ALLOWED, "GET only"));
+    }
+    Ok(match (which, req.uri().path()) {
+        (Admin | Health, "/healthz/ready") => match shared.not_ready() {
+            None => local_reply(StatusCode::OK, "ready"),
+            Some(why) => local_reply(StatusCode::SERVICE_UNAVAILABLE, why),
+        },
+        (Admin | Stats, "/stats/prometheus") => Response::builder()
+            .header(
+                http::header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )
+            .body(full(shared.metrics.encode()))
+            .expect("static parts are valid"),
+        (Admin, "/config_dump") => Response::builder()
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(full(
+                serde_json::to_string_pretty(&config_dump(&shared)).expect("json"),
+            ))
+            .expect("static parts are valid"),
+        _ => local_reply(StatusCode::NOT_FOUND, "not found"),
+    })
+}
+
+fn config_dump(shared: &Shared) -> Value {
+    let snapshot = shared.snapshot.borrow().clone();
+    let cert = shared.tls.borrow().as_ref().map(|t| {
+        json!({
+            "identity": t.creds.identity.to_string(),
+            "seconds_to_expiry": t.creds.remaining().as_secs(),
+        })
+    });
+    let listener = snapshot.listener.as_ref().map(|l| {
+        json!({
+            "workload": l.workload.as_ref().map(|w| json!({
+                "name": w.name, "namespace": w.namespace, "identity": w.identity,
+                "address": w.address, "labels": w.labels,
+            })),
+            "ports": l.ports.iter().map(|p| json!({
+                "port": p.port, "protocol": protocol(p.protocol), "services": p.services,
+            })).collect::<Vec<_>>(),
+            "mtls": if l.mtls == pb::MtlsMode::Strict as i32 { "STRICT" } else { "PERMISSIVE" },
+        })
+    });
+    let mut routes: Vec<_> = snapshot.routes.values().collect();
+    routes.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut clusters: Vec<_> = snapshot.clusters.values().collect();
+    clusters.sort_by(|a, b| a.config.name.cmp(&b.config.name));
+    json!({
+        "proxy_id": shared.cfg.proxy_id,
+        "identity": shared.cfg.identity.to_string(),
+        "certificate": cert,
+        "xds": *shared.xds_status.borrow(),
+        "listener": listener,
+        "routes": routes.iter().map(|r| json!({
+            "name": r.name,
+            "domains": r.domains,
+            "routes": r.routes.iter().map(|h| json!({
+                "name": h.name,
+                "matches": h.matches.iter().map(|m| json!({
+                    "path": match &m.path {
+                        Some(pb::http_match::Path::Exact(p)) => json!({"exact": p}),
+                        Some(pb::http_match::Path::Prefix(p)) => json!({"prefix": p}),
+                        None => Value::Null,
+                    },
+                    "headers": m.headers.iter().map(|h| json!({
+                        "name": h.name,
+                        "value": match &h.value {
+                            Some(pb::header_match::Value::Exact(v)) => json!({"exact": v}),
+                            Some(pb::header_match::Value::Prefix(v)) => json!({"prefix": v}),
+                            None => Value::Null,
+                        },
+                    })).collect::<Vec<_>>(),
+                })).collect::<Vec<_>>(),
+                "clusters": h.clusters.iter().map(|c| json!({"cluster": c.cluster, "weight": c.weight})).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+        "clusters": clusters.iter().map(|c| json!({
+            "name": c.config.name,
+            "protocol": protocol(c.config.protocol),
+            "endpoints": c.endpoints.iter().map(|e| json!({
+                "address": format!("{}:{}", e.address, e.port),
+                "identity": e.identity,
+                "workload": e.workload,
+            })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn protocol(p: i32) -> &'static str {
+    pb::Protocol::try_from(p)
+        .map(|p| p.as_str_name())
+        .unwrap_or("UNKNOWN")
+}

@@ -1,0 +1,58 @@
+//! The proxy's settings, parsed once (by `main` from flags and env vars, or
+//! built directly by tests and `meshctl demo`).
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use mesh_identity::SpiffeId;
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The xDS node id: `<workload>.<namespace>`.
+    pub proxy_id: String,
+    /// The identity this proxy's certificate carries.
+    pub identity: SpiffeId,
+    /// The pod's address: every listener binds here, the app is reached here.
+    pub pod_ip: IpAddr,
+    pub pilot_addr: SocketAddr,
+    pub ca_addr: SocketAddr,
+    /// Token granting `identity` at citadel.
+    pub ca_token: String,
+    /// PEM roots the proxy trusts before citadel tells it more.
+    pub roots_pem: String,
+    /// Requested certificate lifetime; zero takes citadel's default.
+    pub cert_lifetime: Duration,
+    pub ports: Ports,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Ports {
+    pub outbound: u16,
+    pub inbound: u16,
+    pub admin: u16,
+    pub stats: u16,
+    pub health: u16,
+}
+
+impl Default for Ports {
+    fn default() -> Self {
+        use mesh_proto::ports::*;
+        Self {
+            outbound: OUTBOUND,
+            inbound: INBOUND,
+            admin: ADMIN,
+            stats: STATS,
+            health: HEALTH,
+        }
+    }
+}
+
+impl Config {
+    pub fn addr(&self, port: u16) -> SocketAddr {
+        SocketAddr::new(self.pod_ip, port)
+    }
+
+    pub fn pilot_identity(&self) -> SpiffeId {
+        SpiffeId::new(&self.identity.trust_domain, "mesh-system", "pilot")
+    }
+}

@@ -1,0 +1,114 @@
+//! Connections to other sidecars: HTTP/2 over mutual TLS, one multiplexed
+//! connection per (address, expected identity), made on first use and
+//! replaced when it closes.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use http_body_util::combinators::BoxBody;
+use hyper::body::{Bytes, Incoming};
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use mesh_identity::SpiffeId;
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+
+use crate::identity::Tls;
+
+pub type Body = BoxBody<Bytes, hyper::Error>;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("connect to {0}: {1}")]
+    Connect(SocketAddr, std::io::Error),
+    #[error("connect to {0}: timed out")]
+    Timeout(SocketAddr),
+    #[error("mTLS handshake with {addr} (expecting {expected}): {source}")]
+    Tls {
+        addr: SocketAddr,
+        expected: SpiffeId,
+        source: std::io::Error,
+    },
+    #[error("TLS config: {0}")]
+    Config(#[from] rustls::Error),
+    #[error("HTTP/2 to {0}: {1}")]
+    Http(SocketAddr, hyper::Error),
+}
+
+impl PoolError {
+    /// Whether the request never reached the peer, so sending it elsewhere is safe.
+    pub fn is_connect(&self) -> bool {
+        !matches!(self, PoolError::Http(..))
+    }
+}
+
+#[derive(Default)]
+pub struct Pool {
+    conns: Mutex<HashMap<(SocketAddr, SpiffeId), SendRequest<Body>>>,
+}
+
+impl Pool {
+    pub async fn send(
+        &self,
+        tls: &Tls,
+        addr: SocketAddr,
+        expected: &SpiffeId,
+        req: http::Request<Body>,
+    ) -> Result<http::Response<Incoming>, PoolError> {
+        let key = (addr, expected.clone());
+        let existing = self
+            .conns
+            .lock()
+            .unwrap()
+            .get(&key)
+            .filter(|s| !s.is_closed())
+            .cloned();
+        let mut sender = match existing {
+            Some(s) => s,
+            None => {
+                let s = connect(tls, addr, expected).await?;
+                self.conns.lock().unwrap().insert(key, s.clone());
+                s
+            }
+        };
+        sender
+            .send_request(req)
+            .await
+            .map_err(|e| PoolError::Http(addr, e))
+    }
+}
+
+async fn connect(
+    tls: &Tls,
+    addr: SocketAddr,
+    expected: &SpiffeId,
+) -> Result<SendRequest<Body>, PoolError> {
+    let config = tls.client_for(expected)?;
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .map_err(|_| PoolError::Timeout(addr))?
+        .map_err(|e| PoolError::Connect(addr, e))?;
+    let _ = tcp.set_nodelay(true);
+    let stream = tokio_rustls::TlsConnector::from(config)
+        .connect(ServerName::IpAddress(addr.ip().into()), tcp)
+        .await
+        .map_err(|source| PoolError::Tls {
+            addr,
+            expected: expected.clone(),
+            source,
+        })?;
+    let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| PoolError::Http(addr, e))?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(%addr, error = %e, "sidecar connection closed");
+        }
+    });
+    Ok(sender)
+}

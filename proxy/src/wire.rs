@@ -1,0 +1,87 @@
+//! Small helpers shared by the inbound and outbound request paths.
+
+use http::header::{self, HeaderMap, HeaderName};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+
+use crate::pool::Body;
+
+/// Carries the app port a request is for from the outbound sidecar to the
+/// inbound one (local mode has no original destination to read it from).
+pub const TARGET_PORT: HeaderName = HeaderName::from_static("x-mesh-target-port");
+/// Carries the source workload's name, namespace, app and version.
+pub const SOURCE: HeaderName = HeaderName::from_static("x-mesh-source");
+/// Istio's header telling the app who called it.
+pub const XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
+
+/// Removes hop-by-hop headers, including those named in `Connection`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    for n in [
+        header::CONNECTION,
+        header::TE,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::PROXY_AUTHORIZATION,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+    ] {
+        headers.remove(n);
+    }
+}
+
+/// A short plain-text response made by the proxy itself.
+pub fn local_reply(status: http::StatusCode, msg: impl Into<String>) -> http::Response<Body> {
+    let mut body = msg.into();
+    body.push('\n');
+    http::Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "text/plain")
+        .body(full(body))
+        .expect("static parts are valid")
+}
+
+pub fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into()).map_err(|never| match never {}).boxed()
+}
+
+/// Source metadata as `k=v;k=v` (values are label-like, no `;` or `=`).
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct PeerMeta {
+    pub workload: String,
+    pub namespace: String,
+    pub app: String,
+    pub version: String,
+}
+
+impl PeerMeta {
+    pub fn encode(&self) -> String {
+        format!(
+            "workload={};namespace={};app={};version={}",
+            self.workload, self.namespace, self.app, self.version
+        )
+    }
+
+    pub fn decode(s: &str) -> Self {
+        let mut m = Self::default();
+        for kv in s.split(';') {
+            match kv.split_once('=') {
+                Some(("workload", v)) => m.workload = v.to_string(),
+                Some(("namespace", v)) => m.namespace = v.to_string(),
+                Some(("app", v)) => m.app = v.to_string(),
+                Some(("version", v)) => m.version = v.to_string(),
+                _ => {}
+            }
+        }
+        m
+    }
+}

@@ -1,0 +1,214 @@
+//! The proxy's delta-xDS client. It subscribes to every type, applies each
+//! response all-or-nothing (a bad resource NACKs the whole response, naming
+//! the resource), keeps serving its last good config while pilot is away,
+//! and reconnects with backoff, telling pilot which versions it holds.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mesh_proto::core::Node;
+use mesh_proto::discovery::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use mesh_proto::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
+use mesh_proto::resources as pb;
+use mesh_proto::type_url;
+use prost::Message;
+use tokio::sync::{mpsc, watch};
+
+use crate::config::Config;
+use crate::identity::Tls;
+use crate::state::{Resources, Snapshot};
+
+const MIN_BACKOFF: Duration = Duration::from_millis(50);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// What the admin endpoint reports about the control-plane connection.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct XdsStatus {
+    pub connected: bool,
+    /// pilot's snapshot version of the last accepted response.
+    pub version: String,
+    pub last_nack: Option<String>,
+}
+
+pub struct Client {
+    cfg: Arc<Config>,
+    resources: Resources,
+    /// type -> name -> version, for initial_resource_versions on reconnect.
+    versions: HashMap<String, HashMap<String, String>>,
+    snapshot_tx: watch::Sender<Arc<Snapshot>>,
+    status_tx: watch::Sender<XdsStatus>,
+}
+
+impl Client {
+    pub fn new(
+        cfg: Arc<Config>,
+        snapshot_tx: watch::Sender<Arc<Snapshot>>,
+        status_tx: watch::Sender<XdsStatus>,
+    ) -> Self {
+        Self {
+            cfg,
+            resources: Resources::default(),
+            versions: HashMap::new(),
+            snapshot_tx,
+            status_tx,
+        }
+    }
+
+    pub async fn run(mut self, mut tls: watch::Receiver<Option<Arc<Tls>>>) {
+        let mut backoff = MIN_BACKOFF;
+        loop {
+            let current = match tls.wait_for(Option::is_some).await {
+                Ok(t) => t.clone().expect("waited for Some"),
+                Err(_) => return,
+            };
+            match self.session(&current).await {
+                Ok(()) => backoff = MIN_BACKOFF,
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?backoff, "xDS stream to pilot failed; serving the last good config")
+                }
+            }
+            self.status_tx.send_modify(|s| s.connected = false);
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    async fn session(&mut self, tls: &Tls) -> Result<(), tonic::Status> {
+        let client_cfg = tls
+            .client_for(&self.cfg.pilot_identity())
+            .map_err(|e| tonic::Status::internal(e.to_string()))?;
+        let channel = mesh_identity::grpc::channel(self.cfg.pilot_addr, client_cfg);
+        let (tx, rx) = mpsc::channel(16);
+        for (i, t) in type_url::ALL.iter().enumerate() {
+            let req = DeltaDiscoveryRequest {
+                node: (i == 0).then(|| Node {
+                    id: self.cfg.proxy_id.clone(),
+                    user_agent_name: "mesh-proxy".to_string(),
+                    ..Default::default()
+                }),
+                type_url: t.to_string(),
+                initial_resource_versions: self.versions.get(*t).cloned().unwrap_or_default(),
+                ..Default::default()
+            };
+            tx.send(req).await.expect("receiver is alive");
+        }
+        let mut stream = AggregatedDiscoveryServiceClient::new(channel)
+            .delta_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        self.status_tx.send_modify(|s| s.connected = true);
+        tracing::info!(pilot = %self.cfg.pilot_addr, "connected to pilot");
+        while let Some(resp) = stream.message().await? {
+            let mut ack = DeltaDiscoveryRequest {
+                type_url: resp.type_url.clone(),
+                response_nonce: resp.nonce.clone(),
+                ..Default::default()
+            };
+            match self.apply(&resp) {
+                Ok(()) => {
+                    self.status_tx.send_modify(|s| {
+                        s.version = resp.system_version_info.clone();
+                        s.last_nack = None;
+                    });
+                }
+                Err(message) => {
+                    tracing::warn!(type_url = %resp.type_url, %message, "rejecting config from pilot (NACK); keeping the last good one");
+                    self.status_tx
+                        .send_modify(|s| s.last_nack = Some(message.clone()));
+                    ack.error_detail = Some(mesh_proto::rpc::Status {
+                        code: tonic::Code::InvalidArgument as i32,
+                        message,
+                        details: vec![],
+                    });
+                }
+            }
+            if tx.send(ack).await.is_err() {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies a response whole, or not at all.
+    fn apply(&mut self, resp: &DeltaDiscoveryResponse) -> Result<(), String> {
+        let mut next = self.resources.clone();
+        let t = resp.type_url.as_str();
+        for r in &resp.resources {
+            let any = r
+                .resource
+                .as_ref()
+                .ok_or_else(|| format!("{t} {}: resource body missing", r.name))?;
+            if any.type_url != t {
+                return Err(format!(
+                    "{t} {}: carries a {} where {t} was expected",
+                    r.name, any.type_url
+                ));
+            }
+            decode_into(&mut next, t, &r.name, &any.value)
+                .map_err(|e| format!("{t} {}: {e}", r.name))?;
+        }
+        for name in &resp.removed_resources {
+            match t {
+                type_url::LISTENER => next.listener = None,
+                type_url::ROUTE => drop(next.routes.remove(name)),
+                type_url::CLUSTER => drop(next.clusters.remove(name)),
+                type_url::ENDPOINTS => drop(next.endpoints.remove(name)),
+                _ => {}
+            }
+        }
+        if !type_url::ALL.contains(&t) {
+            return Err(format!("unknown type {t}"));
+        }
+        next.answered.insert(t.to_string());
+        let versions = self.versions.entry(t.to_string()).or_default();
+        for name in &resp.removed_resources {
+            versions.remove(name);
+        }
+        for r in &resp.resources {
+            versions.insert(r.name.clone(), r.version.clone());
+        }
+        self.snapshot_tx.send_replace(Arc::new(next.snapshot()));
+        self.resources = next;
+        Ok(())
+    }
+}
+
+fn decode_into(next: &mut Resources, t: &str, name: &str, bytes: &[u8]) -> Result<(), String> {
+    let bad = |e: prost::DecodeError| format!("cannot decode: {e}");
+    match t {
+        type_url::LISTENER => {
+            let l = pb::Listener::decode(bytes).map_err(bad)?;
+            let w = l.workload.as_ref().ok_or("listener names no workload")?;
+            w.identity
+                .parse::<mesh_identity::SpiffeId>()
+                .map_err(|e| e.to_string())?;
+            if let Some(p) = l.ports.iter().find(|p| p.port == 0 || p.port > 65535) {
+                return Err(format!("inbound port {} is not a valid port", p.port));
+            }
+            next.listener = Some(l);
+        }
+        type_url::ROUTE => {
+            let rc = pb::RouteConfig::decode(bytes).map_err(bad)?;
+            next.routes.insert(name.to_string(), rc);
+        }
+        type_url::CLUSTER => {
+            let c = pb::Cluster::decode(bytes).map_err(bad)?;
+            next.clusters.insert(name.to_string(), c);
+        }
+        type_url::ENDPOINTS => {
+            let e = pb::ClusterEndpoints::decode(bytes).map_err(bad)?;
+            for ep in &e.endpoints {
+                ep.address
+                    .parse::<std::net::IpAddr>()
+                    .map_err(|_| format!("endpoint address {:?} is not an IP", ep.address))?;
+                ep.identity
+                    .parse::<mesh_identity::SpiffeId>()
+                    .map_err(|e| format!("endpoint {}: {e}", ep.address))?;
+            }
+            next.endpoints.insert(name.to_string(), e);
+        }
+        other => return Err(format!("unknown type {other}")),
+    }
+    Ok(())
+}
