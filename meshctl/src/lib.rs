@@ -1,1 +1,9 @@
+//! meshctl: the mesh's command-line tool, and the local-mode orchestration
+//! (control plane in-process, one sidecar per workload) that `demo` and the
+//! end-to-end tests share.
 #![forbid(unsafe_code)]
+
+pub mod controlplane;
+pub mod demo;
+pub mod traffic;
+pub mod workloads;

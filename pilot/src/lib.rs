@@ -138,9 +138,15 @@ impl Pilot {
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), ServeError> {
         let tls = mesh_identity::server_config(creds, true, &[b"h2"])?;
+        let (closing_tx, closing) = tokio_watch::channel(false);
         let ads = xds::Ads {
             snapshots: self.snapshots.subscribe(),
             status: self.status.clone(),
+            closing,
+        };
+        let shutdown = async move {
+            shutdown.await;
+            closing_tx.send_replace(true);
         };
         tracing::info!(addr = ?listener.local_addr().ok(), "pilot serving delta xDS over mTLS");
         tonic::transport::Server::builder()

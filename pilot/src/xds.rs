@@ -19,6 +19,9 @@ use crate::status::Tracker;
 pub struct Ads {
     pub(crate) snapshots: watch::Receiver<Arc<Snapshot>>,
     pub(crate) status: Arc<Tracker>,
+    /// Turns true when pilot stops: every stream then ends, so proxies
+    /// reconnect elsewhere (or to the next pilot) instead of hanging.
+    pub(crate) closing: watch::Receiver<bool>,
 }
 
 type ResponseStream = Pin<Box<dyn Stream<Item = Result<DeltaDiscoveryResponse, Status>> + Send>>;
@@ -68,7 +71,7 @@ impl AggregatedDiscoveryService for Ads {
             types: BTreeMap::new(),
             nonce: 0,
         };
-        tokio::spawn(conn.run(first, inbound, self.snapshots.clone()));
+        tokio::spawn(conn.run(first, inbound, self.snapshots.clone(), self.closing.clone()));
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
@@ -96,12 +99,14 @@ impl Connection {
         first: DeltaDiscoveryRequest,
         mut inbound: Streaming<DeltaDiscoveryRequest>,
         mut snapshots: watch::Receiver<Arc<Snapshot>>,
+        mut closing: watch::Receiver<bool>,
     ) {
         let connected_at = self.status.connected_at(&self.id);
         let mut snapshot = snapshots.borrow_and_update().clone();
         let mut ok = self.handle(first, &snapshot).await;
         while ok {
             tokio::select! {
+                _ = closing.changed() => break,
                 msg = inbound.message() => match msg {
                     Ok(Some(req)) => ok = self.handle(req, &snapshot).await,
                     Ok(None) => break,

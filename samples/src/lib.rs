@@ -1,1 +1,235 @@
+//! A bookinfo-style application: productpage calls details and reviews;
+//! reviews v1 shows no ratings, v2 and v3 call ratings (v2 black stars, v3
+//! red). The apps know nothing of the mesh: they call each other by service
+//! name through `HTTP_PROXY` (their sidecar in local mode), and each reports
+//! who called it, as its sidecar told it (`x-forwarded-client-cert`), so the
+//! demo can show every hop's identities.
 #![forbid(unsafe_code)]
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::time::Duration;
+
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::{Value, json};
+
+/// The port every sample service listens on, as in Istio's bookinfo.
+pub const PORT: u16 = 9080;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Service {
+    Productpage,
+    Details,
+    Reviews,
+    Ratings,
+}
+
+impl FromStr for Service {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "productpage" => Self::Productpage,
+            "details" => Self::Details,
+            "reviews" => Self::Reviews,
+            "ratings" => Self::Ratings,
+            other => return Err(format!("unknown sample service {other:?}")),
+        })
+    }
+}
+
+#[derive(Clone)]
+struct App {
+    service: Service,
+    version: String,
+    http: reqwest::Client,
+}
+
+/// Serves one sample service on `listen` until `shutdown`. Outgoing calls go
+/// through `proxy` (the sidecar's outbound address), if given.
+pub async fn serve(
+    service: Service,
+    version: &str,
+    listen: SocketAddr,
+    proxy: Option<&str>,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let mut http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .no_proxy();
+    if let Some(p) = proxy {
+        let p = reqwest::Proxy::http(p).map_err(std::io::Error::other)?;
+        http = http.proxy(p);
+    }
+    let app = App {
+        service,
+        version: version.to_string(),
+        http: http.build().map_err(std::io::Error::other)?,
+    };
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, _) = tokio::select! {
+            a = listener.accept() => a?,
+            _ = &mut shutdown => return Ok(()),
+        };
+        let app = app.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let app = app.clone();
+                async move { Ok::<_, Infallible>(app.handle(req).await) }
+            });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await;
+        });
+    }
+}
+
+fn reply(status: StatusCode, body: &Value) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .expect("valid response")
+}
+
+impl App {
+    async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        let caller = req
+            .headers()
+            .get("x-forwarded-client-cert")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let hop = json!({
+            "service": format!("{:?}", self.service).to_lowercase(),
+            "version": self.version,
+            "xfcc": caller,
+        });
+        let path = req.uri().path();
+        let result = match (self.service, path) {
+            (_, "/health") => Ok(json!({"status": "ok"})),
+            (Service::Productpage, "/productpage") => self.productpage(hop.clone()).await,
+            (Service::Details, p) if p.starts_with("/details/") => Ok(json!({
+                "id": 0, "author": "William Shakespeare", "year": 1595,
+                "type": "paperback", "pages": 200, "publisher": "PublisherA",
+                "hops": [hop],
+            })),
+            (Service::Reviews, p) if p.starts_with("/reviews/") => self.reviews(hop.clone()).await,
+            (Service::Ratings, p) if p.starts_with("/ratings/") => Ok(json!({
+                "id": 0, "ratings": {"Reviewer1": 5, "Reviewer2": 4},
+                "hops": [hop],
+            })),
+            _ => {
+                return reply(
+                    StatusCode::NOT_FOUND,
+                    &json!({"error": format!("no such page {path}")}),
+                );
+            }
+        };
+        match result {
+            Ok(v) => reply(StatusCode::OK, &v),
+            Err(e) => reply(StatusCode::BAD_GATEWAY, &json!({"error": e, "hops": [hop]})),
+        }
+    }
+
+    async fn call(&self, url: &str) -> Result<Value, String> {
+        let resp = self
+            .http
+            .get(url)
+            .send()
+            .await
+            .map_err(|e| format!("{url}: {e}"))?;
+        let status = resp.status();
+        let body = resp.text().await.map_err(|e| format!("{url}: {e}"))?;
+        if !status.is_success() {
+            return Err(format!("{url}: {status}: {}", body.trim()));
+        }
+        serde_json::from_str(&body).map_err(|e| format!("{url}: not JSON: {e}"))
+    }
+
+    async fn productpage(&self, hop: Value) -> Result<Value, String> {
+        let details_url = format!("http://details:{PORT}/details/0");
+        let reviews_url = format!("http://reviews:{PORT}/reviews/0");
+        let (details, reviews) = tokio::join!(self.call(&details_url), self.call(&reviews_url));
+        let (details, reviews) = (details?, reviews?);
+        let mut hops = vec![hop];
+        for part in [&details, &reviews] {
+            if let Some(h) = part["hops"].as_array() {
+                hops.extend(h.iter().cloned());
+            }
+        }
+        Ok(json!({
+            "product": {"id": 0, "title": "The Comedy of Errors"},
+            "details": details,
+            "reviews": reviews,
+            "reviews_version": reviews["version"],
+            "hops": hops,
+        }))
+    }
+
+    async fn reviews(&self, hop: Value) -> Result<Value, String> {
+        let mut reviews = json!([
+            {"reviewer": "Reviewer1", "text": "An extremely entertaining play by Shakespeare."},
+            {"reviewer": "Reviewer2", "text": "Absolutely fun and entertaining."},
+        ]);
+        let mut hops = vec![hop];
+        if self.version != "v1" {
+            let ratings = self
+                .call(&format!("http://ratings:{PORT}/ratings/0"))
+                .await?;
+            let color = if self.version == "v2" { "black" } else { "red" };
+            for r in reviews.as_array_mut().expect("array") {
+                let who = r["reviewer"].as_str().unwrap_or_default().to_string();
+                r["rating"] = json!({"stars": ratings["ratings"][&who], "color": color});
+            }
+            if let Some(h) = ratings["hops"].as_array() {
+                hops.extend(h.iter().cloned());
+            }
+        }
+        Ok(json!({"id": 0, "version": self.version, "reviews": reviews, "hops": hops}))
+    }
+}
+
+/// The sample's config directory, embedded so the demo runs from anywhere.
+pub const CONFIG: [(&str, &str); 3] = [
+    ("services.yaml", include_str!("../config/services.yaml")),
+    ("workloads.yaml", include_str!("../config/workloads.yaml")),
+    (
+        "reviews-routing.yaml",
+        include_str!("../config/reviews-routing.yaml"),
+    ),
+];
+
+/// The sample's flags, shared by the `bookinfo` binary and `meshctl`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct AppArgs {
+    /// productpage, details, reviews or ratings.
+    #[arg(long)]
+    pub service: Service,
+    #[arg(long, default_value = "v1")]
+    pub version: String,
+    #[arg(long)]
+    pub listen: SocketAddr,
+    /// Where outgoing calls go (the sidecar's outbound address).
+    #[arg(long, env = "HTTP_PROXY")]
+    pub proxy: Option<String>,
+}
+
+impl AppArgs {
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> std::io::Result<()> {
+        serve(
+            self.service,
+            &self.version,
+            self.listen,
+            self.proxy.as_deref(),
+            shutdown,
+        )
+        .await
+    }
+}

@@ -1,0 +1,139 @@
+//! The control plane run in-process for local mode: citadel and pilot on
+//! one address, pilot stoppable and restartable on its own.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use mesh_citadel::Citadel;
+use mesh_identity::{Credentials, SpiffeId};
+use mesh_pilot::Pilot;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// Lifetime of the local-mode tokens meshctl hands to workloads.
+pub const TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
+pub const ROOT_CERT_FILE: &str = "root-cert.pem";
+
+struct Running {
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<()>,
+}
+
+impl Running {
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.task.await;
+    }
+}
+
+pub struct ControlPlane {
+    pub citadel: Arc<Citadel>,
+    pub ca_addr: SocketAddr,
+    pub pilot_addr: SocketAddr,
+    pub root_file: PathBuf,
+    config_dir: PathBuf,
+    pilot: Option<(Arc<Pilot>, mesh_pilot::DirWatcher, Running)>,
+    citadel_task: Running,
+}
+
+impl ControlPlane {
+    /// Starts citadel (state in `state_dir`) and pilot (config from
+    /// `config_dir`) on `ip`.
+    pub async fn start(state_dir: &Path, config_dir: &Path, ip: IpAddr) -> anyhow::Result<Self> {
+        let citadel = Arc::new(
+            Citadel::open(mesh_citadel::Config::new(state_dir.join("citadel")))
+                .context("opening citadel's state")?,
+        );
+        let root_file = state_dir.join(ROOT_CERT_FILE);
+        std::fs::write(&root_file, citadel.root_pem())
+            .with_context(|| format!("writing {}", root_file.display()))?;
+        let ca_addr = SocketAddr::new(ip, mesh_proto::ports::CA);
+        let listener = tokio::net::TcpListener::bind(ca_addr)
+            .await
+            .with_context(|| format!("citadel cannot listen on {ca_addr}"))?;
+        let (stop, stopped) = oneshot::channel();
+        let c = citadel.clone();
+        let task = tokio::spawn(async move {
+            if let Err(e) = c
+                .serve(listener, async {
+                    let _ = stopped.await;
+                })
+                .await
+            {
+                tracing::error!(error = %e, "citadel stopped");
+            }
+        });
+        let mut cp = Self {
+            citadel,
+            ca_addr,
+            pilot_addr: SocketAddr::new(ip, mesh_proto::ports::XDS),
+            root_file,
+            config_dir: config_dir.to_path_buf(),
+            pilot: None,
+            citadel_task: Running { stop, task },
+        };
+        cp.start_pilot().await?;
+        Ok(cp)
+    }
+
+    /// A token that lets its bearer obtain certificates for `identity`.
+    pub fn token_for(&self, identity: &SpiffeId) -> String {
+        self.citadel.mint_token(identity, TOKEN_TTL)
+    }
+
+    pub fn pilot(&self) -> Option<&Arc<Pilot>> {
+        self.pilot.as_ref().map(|(p, _, _)| p)
+    }
+
+    /// Starts a fresh pilot (no state carried over, as after a crash).
+    pub async fn start_pilot(&mut self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.pilot.is_none(), "pilot is already running");
+        let pilot = Pilot::new(mesh_pilot::Config::new(&self.config_dir));
+        for e in pilot.errors() {
+            eprintln!("config error: {e}");
+        }
+        let creds: Credentials = mesh_identity::grpc::certificate_from(
+            self.ca_addr,
+            &self.token_for(&pilot.identity()),
+            &pilot.identity(),
+            Duration::ZERO,
+            self.citadel.root_pem(),
+        )
+        .await
+        .context("pilot could not get its certificate from citadel")?;
+        let watcher = pilot.watch().context("watching the config directory")?;
+        let listener = tokio::net::TcpListener::bind(self.pilot_addr)
+            .await
+            .with_context(|| format!("pilot cannot listen on {}", self.pilot_addr))?;
+        let (stop, stopped) = oneshot::channel();
+        let p = pilot.clone();
+        let task = tokio::spawn(async move {
+            if let Err(e) = p
+                .serve(listener, &creds, async {
+                    let _ = stopped.await;
+                })
+                .await
+            {
+                tracing::error!(error = %e, "pilot stopped");
+            }
+        });
+        self.pilot = Some((pilot, watcher, Running { stop, task }));
+        Ok(())
+    }
+
+    /// Stops pilot; proxies keep serving their last config and reconnect.
+    pub async fn stop_pilot(&mut self) {
+        if let Some((_, watcher, running)) = self.pilot.take() {
+            drop(watcher);
+            running.stop().await;
+        }
+    }
+
+    pub async fn stop(mut self) {
+        self.stop_pilot().await;
+        self.citadel_task.stop().await;
+    }
+}

@@ -1,0 +1,175 @@
+//! `meshctl demo`: the whole mesh on this machine in one command.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+
+use crate::controlplane::ControlPlane;
+use crate::traffic;
+use crate::workloads::{self, Launcher, WorkloadSpec};
+
+/// The workload requests are sent from (it has a sidecar but no service).
+pub const CLIENT_WORKLOAD: &str = "client";
+pub const DEFAULT_CONTROL_PLANE_IP: &str = "127.0.10.254";
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub requests: Option<usize>,
+    pub config_dir: Option<PathBuf>,
+    pub state_dir: Option<PathBuf>,
+    pub control_plane_ip: IpAddr,
+}
+
+/// Writes the sample's embedded config to `dir`.
+pub fn write_sample_config(dir: &std::path::Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    for (name, text) in mesh_samples::CONFIG {
+        std::fs::write(dir.join(name), text)?;
+    }
+    Ok(())
+}
+
+/// Resident memory of a process, from /proc.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// Runs the demo; returns whether it succeeded (always true without --requests).
+pub async fn run(opts: Options) -> anyhow::Result<bool> {
+    let started = Instant::now();
+    let temp;
+    let state_dir = match &opts.state_dir {
+        Some(d) => d.clone(),
+        None => {
+            temp = tempfile::Builder::new().prefix("mesh-demo-").tempdir()?;
+            temp.path().to_path_buf()
+        }
+    };
+    let config_dir = match &opts.config_dir {
+        Some(d) => d.clone(),
+        None => {
+            let d = state_dir.join("config");
+            write_sample_config(&d)?;
+            d
+        }
+    };
+    let log_dir = state_dir.join("logs");
+    std::fs::create_dir_all(&log_dir)?;
+    let specs = workloads::from_config(&config_dir)
+        .with_context(|| format!("reading workloads from {}", config_dir.display()))?;
+    println!(
+        "starting the control plane on {} (citadel :{}, pilot :{})",
+        opts.control_plane_ip,
+        mesh_proto::ports::CA,
+        mesh_proto::ports::XDS
+    );
+    let cp = ControlPlane::start(&state_dir, &config_dir, opts.control_plane_ip).await?;
+    println!("starting {} workloads, each with its sidecar", specs.len());
+    let exe = std::env::current_exe().context("finding meshctl's own path")?;
+    let launcher = Launcher::Processes {
+        exe,
+        log_dir: log_dir.clone(),
+    };
+    let pods = workloads::launch(&cp, &specs, &launcher, &state_dir).await?;
+    let ready = workloads::wait_ready(&specs, READY_TIMEOUT, |w, done, total| {
+        println!("  [{done}/{total}] {:<16} ready on {}", w.name, w.address);
+    })
+    .await;
+    let result = match ready {
+        Ok(()) => {
+            println!("mesh ready in {:.2}s", started.elapsed().as_secs_f64());
+            print_endpoints(&cp, &specs, &config_dir, &log_dir);
+            for (name, pid) in pods
+                .sidecar_pids()
+                .iter()
+                .filter(|(n, _)| n == "productpage-v1")
+            {
+                if let Some(kib) = rss_kib(*pid) {
+                    println!(
+                        "idle sidecar RSS ({name}, pid {pid}): {:.1} MiB",
+                        kib as f64 / 1024.0
+                    );
+                }
+            }
+            match opts.requests {
+                Some(n) => send(&cp, &specs, n).await,
+                None => {
+                    println!("\nrunning; press Ctrl-C to stop");
+                    let _ = tokio::signal::ctrl_c().await;
+                    Ok(true)
+                }
+            }
+        }
+        Err(e) => Err(e.context(format!("see the logs in {}", log_dir.display()))),
+    };
+    println!("stopping the mesh");
+    pods.stop().await;
+    cp.stop().await;
+    result
+}
+
+async fn send(cp: &ControlPlane, specs: &[WorkloadSpec], n: usize) -> anyhow::Result<bool> {
+    let client = specs
+        .iter()
+        .find(|w| w.name == CLIENT_WORKLOAD)
+        .with_context(|| {
+            format!("the config has no '{CLIENT_WORKLOAD}' WorkloadEntry to send requests from")
+        })?;
+    let identity = mesh_identity::SpiffeId::new(
+        cp.citadel.trust_domain(),
+        &client.namespace,
+        &client.service_account,
+    );
+    println!(
+        "\nsending {n} requests to productpage through {}'s sidecar",
+        client.name
+    );
+    let summary = traffic::run(client.outbound(), &identity.to_string(), n).await?;
+    summary.print();
+    Ok(summary.failed == 0 && summary.ok == n)
+}
+
+fn print_endpoints(
+    cp: &ControlPlane,
+    specs: &[WorkloadSpec],
+    config_dir: &std::path::Path,
+    log_dir: &std::path::Path,
+) {
+    println!();
+    if let Some(client) = specs.iter().find(|w| w.name == CLIENT_WORKLOAD) {
+        println!("productpage, through the mesh:");
+        println!(
+            "  curl -x http://{} http://productpage:{}/productpage",
+            client.outbound(),
+            mesh_samples::PORT
+        );
+    }
+    println!(
+        "config (edit it; pilot pushes changes within a second): {}",
+        config_dir.display()
+    );
+    println!("logs: {}", log_dir.display());
+    println!("citadel {}  pilot {}", cp.ca_addr, cp.pilot_addr);
+    println!(
+        "{:<16} {:<12} {:<30} {}",
+        "workload", "address", "admin", "identity"
+    );
+    for w in specs {
+        println!(
+            "{:<16} {:<12} http://{:<23} spiffe://{}/ns/{}/sa/{}",
+            w.name,
+            w.address.to_string(),
+            w.admin(),
+            cp.citadel.trust_domain(),
+            w.namespace,
+            w.service_account
+        );
+    }
+}

@@ -1,0 +1,321 @@
+//! The local-mode "pods": one sidecar per WorkloadEntry, each on the
+//! entry's loopback address, with the sample app the entry's labels name.
+//! They run as child processes (`meshctl demo`) or as tasks (tests).
+
+use std::net::{IpAddr, SocketAddr};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use mesh_proxy::cli::ProxyArgs;
+use mesh_samples::{AppArgs, Service};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::controlplane::ControlPlane;
+
+#[derive(Clone, Debug)]
+pub struct WorkloadSpec {
+    pub name: String,
+    pub namespace: String,
+    pub address: IpAddr,
+    pub service_account: String,
+    /// The sample service and version this pod runs, if any.
+    pub app: Option<(Service, String)>,
+}
+
+impl WorkloadSpec {
+    pub fn admin(&self) -> SocketAddr {
+        SocketAddr::new(self.address, mesh_proto::ports::ADMIN)
+    }
+    pub fn outbound(&self) -> SocketAddr {
+        SocketAddr::new(self.address, mesh_proto::ports::OUTBOUND)
+    }
+    pub fn app_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.address, mesh_samples::PORT)
+    }
+}
+
+/// The workloads a config directory describes (its WorkloadEntries).
+pub fn from_config(dir: &Path) -> anyhow::Result<Vec<WorkloadSpec>> {
+    let set = mesh_pilot::store::load_dir(dir)?;
+    let model = mesh_pilot::model::Model::build(&set, mesh_identity::DEFAULT_TRUST_DOMAIN)
+        .map_err(|errors| anyhow::anyhow!("config is invalid:\n  {}", errors.join("\n  ")))?;
+    model
+        .workloads
+        .values()
+        .map(|w| {
+            let app = w
+                .labels
+                .get("app")
+                .and_then(|a| a.parse::<Service>().ok())
+                .map(|s| {
+                    let v = w
+                        .labels
+                        .get("version")
+                        .cloned()
+                        .unwrap_or_else(|| "v1".into());
+                    (s, v)
+                });
+            Ok(WorkloadSpec {
+                name: w.name.clone(),
+                namespace: w.namespace.clone(),
+                address: w.address.parse().context("WorkloadEntry address")?,
+                service_account: w.service_account.clone(),
+                app,
+            })
+        })
+        .collect()
+}
+
+pub enum Launcher {
+    /// Re-run `exe` (meshctl itself) as `proxy` and `app`, logs in `log_dir`.
+    Processes {
+        exe: PathBuf,
+        log_dir: PathBuf,
+    },
+    InProcess,
+}
+
+enum Running {
+    Child(tokio::process::Child),
+    Task(oneshot::Sender<()>, JoinHandle<()>),
+}
+
+/// Everything launched; dropping it kills the children.
+#[derive(Default)]
+pub struct Pods {
+    running: Vec<(String, Running)>,
+}
+
+impl Pods {
+    /// PIDs of the sidecar processes by workload name (process launcher only).
+    pub fn sidecar_pids(&self) -> Vec<(String, u32)> {
+        self.running
+            .iter()
+            .filter_map(|(n, r)| match r {
+                Running::Child(c) => n.strip_suffix("/proxy").zip(c.id()),
+                Running::Task(..) => None,
+            })
+            .map(|(n, pid)| (n.to_string(), pid))
+            .collect()
+    }
+
+    /// Stops every pod: SIGKILL to children (by PID, via tokio), tasks signalled.
+    pub async fn stop(mut self) {
+        for (_, r) in self.running.drain(..) {
+            match r {
+                Running::Child(mut c) => {
+                    let _ = c.kill().await;
+                }
+                Running::Task(stop, task) => {
+                    let _ = stop.send(());
+                    let _ = task.await;
+                }
+            }
+        }
+    }
+}
+
+fn proxy_args(cp: &ControlPlane, w: &WorkloadSpec, token_file: PathBuf) -> ProxyArgs {
+    ProxyArgs {
+        workload: w.name.clone(),
+        namespace: w.namespace.clone(),
+        service_account: w.service_account.clone(),
+        trust_domain: cp.citadel.trust_domain().to_string(),
+        pod_ip: w.address,
+        pilot_addr: cp.pilot_addr,
+        ca_addr: cp.ca_addr,
+        ca_root_file: cp.root_file.clone(),
+        token_file,
+        cert_lifetime_secs: 0,
+    }
+}
+
+fn proxy_cmdline(a: &ProxyArgs) -> Vec<String> {
+    vec![
+        "proxy".into(),
+        format!("--workload={}", a.workload),
+        format!("--namespace={}", a.namespace),
+        format!("--service-account={}", a.service_account),
+        format!("--trust-domain={}", a.trust_domain),
+        format!("--pod-ip={}", a.pod_ip),
+        format!("--pilot-addr={}", a.pilot_addr),
+        format!("--ca-addr={}", a.ca_addr),
+        format!("--ca-root-file={}", a.ca_root_file.display()),
+        format!("--token-file={}", a.token_file.display()),
+    ]
+}
+
+fn spawn_child(exe: &Path, args: &[String], log: &Path) -> anyhow::Result<tokio::process::Child> {
+    let out = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    tokio::process::Command::new(exe)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {}", exe.display()))
+}
+
+/// Starts every workload's sidecar and app.
+pub async fn launch(
+    cp: &ControlPlane,
+    specs: &[WorkloadSpec],
+    launcher: &Launcher,
+    state_dir: &Path,
+) -> anyhow::Result<Pods> {
+    let token_dir = state_dir.join("tokens");
+    std::fs::create_dir_all(&token_dir)?;
+    let mut pods = Pods::default();
+    for w in specs {
+        let identity = mesh_identity::SpiffeId::new(
+            cp.citadel.trust_domain(),
+            &w.namespace,
+            &w.service_account,
+        );
+        let token_file = token_dir.join(format!("{}.{}.token", w.name, w.namespace));
+        write_private(&token_file, &cp.token_for(&identity))?;
+        let pa = proxy_args(cp, w, token_file);
+        let app = w.app.as_ref().map(|(svc, version)| AppArgs {
+            service: *svc,
+            version: version.clone(),
+            listen: w.app_addr(),
+            proxy: Some(format!("http://{}", w.outbound())),
+        });
+        match launcher {
+            Launcher::Processes { exe, log_dir } => {
+                let child = spawn_child(
+                    exe,
+                    &proxy_cmdline(&pa),
+                    &log_dir.join(format!("{}-proxy.log", w.name)),
+                )?;
+                pods.running
+                    .push((format!("{}/proxy", w.name), Running::Child(child)));
+                if let Some(app) = app {
+                    let args = vec![
+                        "app".to_string(),
+                        format!("--service={}", format!("{:?}", app.service).to_lowercase()),
+                        format!("--version={}", app.version),
+                        format!("--listen={}", app.listen),
+                        format!("--proxy={}", app.proxy.unwrap_or_default()),
+                    ];
+                    let child =
+                        spawn_child(exe, &args, &log_dir.join(format!("{}-app.log", w.name)))?;
+                    pods.running
+                        .push((format!("{}/app", w.name), Running::Child(child)));
+                }
+            }
+            Launcher::InProcess => {
+                let cfg = pa.into_config()?;
+                let (stop, stopped) = oneshot::channel::<()>();
+                let name = w.name.clone();
+                let task = tokio::spawn(async move {
+                    let shutdown = async {
+                        let _ = stopped.await;
+                    };
+                    if let Err(e) = mesh_proxy::run(cfg, shutdown).await {
+                        tracing::error!(workload = %name, error = %e, "sidecar failed");
+                    }
+                });
+                pods.running
+                    .push((format!("{}/proxy", w.name), Running::Task(stop, task)));
+                if let Some(app) = app {
+                    let (stop, stopped) = oneshot::channel::<()>();
+                    let task = tokio::spawn(async move {
+                        let _ = app
+                            .run(async {
+                                let _ = stopped.await;
+                            })
+                            .await;
+                    });
+                    pods.running
+                        .push((format!("{}/app", w.name), Running::Task(stop, task)));
+                }
+            }
+        }
+    }
+    Ok(pods)
+}
+
+fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let _ = std::fs::remove_file(path);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    f.write_all(contents.as_bytes())?;
+    Ok(())
+}
+
+/// Why one workload is not ready yet, or `None` when it is.
+async fn not_ready(http: &reqwest::Client, w: &WorkloadSpec) -> Option<String> {
+    let url = format!("http://{}/healthz/ready", w.admin());
+    match http.get(&url).send().await {
+        Ok(r) if r.status().is_success() => {}
+        Ok(r) => {
+            return Some(format!(
+                "sidecar: {}",
+                r.text().await.unwrap_or_default().trim()
+            ));
+        }
+        Err(_) => return Some("sidecar not listening yet".into()),
+    }
+    if w.app.is_some() {
+        let url = format!("http://{}/health", w.app_addr());
+        if !http
+            .get(&url)
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
+            return Some("app not answering yet".into());
+        }
+    }
+    None
+}
+
+/// Waits until every workload is ready, reporting each as it becomes so.
+pub async fn wait_ready(
+    specs: &[WorkloadSpec],
+    timeout: Duration,
+    mut progress: impl FnMut(&WorkloadSpec, usize, usize),
+) -> anyhow::Result<()> {
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(2))
+        .build()?;
+    let deadline = Instant::now() + timeout;
+    let mut pending: Vec<&WorkloadSpec> = specs.iter().collect();
+    let mut done = 0;
+    while !pending.is_empty() {
+        let mut still = Vec::new();
+        for w in pending {
+            match not_ready(&http, w).await {
+                None => {
+                    done += 1;
+                    progress(w, done, specs.len());
+                }
+                Some(why) if Instant::now() > deadline => {
+                    anyhow::bail!(
+                        "{} ({}) not ready after {timeout:?}: {why}",
+                        w.name,
+                        w.address
+                    )
+                }
+                Some(_) => still.push(w),
+            }
+        }
+        pending = still;
+        if !pending.is_empty() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,80 @@
+//! The proxy's command-line flags (each with an env var), shared by the
+//! `mesh-proxy` binary and `meshctl`, which runs sidecars in local mode.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use mesh_identity::SpiffeId;
+
+use crate::{Config, Ports};
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct ProxyArgs {
+    /// Workload name (the WorkloadEntry's metadata.name).
+    #[arg(long, env = "MESH_WORKLOAD")]
+    pub workload: String,
+    #[arg(long, env = "MESH_NAMESPACE", default_value = "default")]
+    pub namespace: String,
+    #[arg(long, env = "MESH_SERVICE_ACCOUNT", default_value = "default")]
+    pub service_account: String,
+    #[arg(long, env = "MESH_TRUST_DOMAIN", default_value = mesh_identity::DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+    /// The pod's address: listeners bind here and the app is reached here.
+    #[arg(long, env = "MESH_POD_IP")]
+    pub pod_ip: IpAddr,
+    #[arg(long, env = "PILOT_ADDR", default_value = "127.0.0.1:15012")]
+    pub pilot_addr: SocketAddr,
+    #[arg(long, env = "CA_ADDR", default_value = "127.0.0.1:15011")]
+    pub ca_addr: SocketAddr,
+    /// PEM file with the mesh's trusted roots.
+    #[arg(long, env = "CA_ROOT_FILE")]
+    pub ca_root_file: PathBuf,
+    /// File holding the token that grants this workload its identity.
+    #[arg(long, env = "CA_TOKEN_FILE")]
+    pub token_file: PathBuf,
+    /// Requested certificate lifetime in seconds (0: citadel's default).
+    #[arg(long, env = "MESH_CERT_LIFETIME_SECS", default_value_t = 0)]
+    pub cert_lifetime_secs: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("reading {flag} {}: {source}", path.display())]
+pub struct ArgsError {
+    flag: &'static str,
+    path: PathBuf,
+    source: std::io::Error,
+}
+
+impl ProxyArgs {
+    pub fn into_config(self) -> Result<Config, ArgsError> {
+        let read = |path: &PathBuf, flag| {
+            std::fs::read_to_string(path).map_err(|source| ArgsError {
+                flag,
+                path: path.clone(),
+                source,
+            })
+        };
+        Ok(Config {
+            proxy_id: format!("{}.{}", self.workload, self.namespace),
+            identity: SpiffeId::new(&self.trust_domain, &self.namespace, &self.service_account),
+            pod_ip: self.pod_ip,
+            pilot_addr: self.pilot_addr,
+            ca_addr: self.ca_addr,
+            ca_token: read(&self.token_file, "--token-file")?.trim().to_string(),
+            roots_pem: read(&self.ca_root_file, "--ca-root-file")?,
+            cert_lifetime: Duration::from_secs(self.cert_lifetime_secs),
+            ports: Ports::default(),
+        })
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C: the one drain trigger of a proxy process.
+pub async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
