@@ -1,1 +1,123 @@
+//! The end-to-end test harness: the bookinfo mesh run in-process on a
+//! loopback block of its own (127.A.B.0/24, picked at random), so tests
+//! can run side by side.
 #![forbid(unsafe_code)]
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use meshctl::controlplane::ControlPlane;
+use meshctl::workloads::{self, Launcher, Pods, WorkloadSpec};
+use rand::Rng;
+
+pub struct Mesh {
+    pub cp: ControlPlane,
+    pub specs: Vec<WorkloadSpec>,
+    pub config_dir: PathBuf,
+    pods: Option<Pods>,
+    _dir: tempfile::TempDir,
+}
+
+/// The sample's addresses, moved to 127.A.B.*.
+fn relocate(text: &str, block: &str) -> String {
+    text.replace("127.0.10.", block)
+}
+
+impl Mesh {
+    /// Starts citadel, pilot and every bookinfo workload; waits until ready.
+    pub async fn start() -> Self {
+        let mut rng = rand::rng();
+        let (a, b) = (rng.random_range(20..250u8), rng.random_range(1..250u8));
+        let block = format!("127.{a}.{b}.");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config_dir = dir.path().join("config");
+        std::fs::create_dir_all(&config_dir).unwrap();
+        for (name, text) in mesh_samples::CONFIG {
+            std::fs::write(config_dir.join(name), relocate(text, &block)).unwrap();
+        }
+        let specs = workloads::from_config(&config_dir).expect("sample config loads");
+        let cp_ip = IpAddr::V4(Ipv4Addr::new(127, a, b, 254));
+        let cp = ControlPlane::start(dir.path(), &config_dir, cp_ip)
+            .await
+            .expect("control plane starts");
+        let pods = workloads::launch(&cp, &specs, &Launcher::InProcess, dir.path())
+            .await
+            .expect("workloads start");
+        workloads::wait_ready(&specs, Duration::from_secs(30), |_, _, _| {})
+            .await
+            .expect("mesh becomes ready");
+        Self {
+            cp,
+            specs,
+            config_dir,
+            pods: Some(pods),
+            _dir: dir,
+        }
+    }
+
+    pub fn workload(&self, name: &str) -> &WorkloadSpec {
+        self.specs
+            .iter()
+            .find(|w| w.name == name)
+            .unwrap_or_else(|| panic!("no workload {name}"))
+    }
+
+    pub fn identity_of(&self, name: &str) -> mesh_identity::SpiffeId {
+        let w = self.workload(name);
+        mesh_identity::SpiffeId::new(
+            mesh_identity::DEFAULT_TRUST_DOMAIN,
+            &w.namespace,
+            &w.service_account,
+        )
+    }
+
+    /// An HTTP client whose requests enter the mesh through `client`'s sidecar.
+    pub fn client(&self) -> reqwest::Client {
+        let proxy = format!("http://{}", self.workload("client").outbound());
+        reqwest::Client::builder()
+            .proxy(reqwest::Proxy::http(proxy).unwrap())
+            .timeout(Duration::from_secs(10))
+            .build()
+            .unwrap()
+    }
+
+    /// One verified request to productpage: reviews version and hops.
+    pub async fn request(&self, http: &reqwest::Client) -> Result<(String, Vec<meshctl::traffic::Hop>), String> {
+        meshctl::traffic::one(http, &self.identity_of("client").to_string()).await
+    }
+
+    /// Replaces a config file the way an editor does (write aside, rename).
+    pub fn write_config(&self, name: &str, text: &str) {
+        write_atomically(&self.config_dir.join(name), text);
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(p) = self.pods.take() {
+            p.stop().await;
+        }
+        self.cp.stop().await;
+    }
+}
+
+pub fn write_atomically(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp~");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// The reviews VirtualService sending everything to one subset.
+pub fn reviews_all_to(subset: &str) -> String {
+    let dr = mesh_samples::CONFIG
+        .iter()
+        .find(|(n, _)| *n == "reviews-routing.yaml")
+        .unwrap()
+        .1
+        .split("\n---\n")
+        .next()
+        .unwrap()
+        .to_string();
+    format!(
+        "{dr}\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: reviews, namespace: default}}\nspec:\n  hosts: [reviews]\n  http:\n  - route:\n    - destination: {{host: reviews, subset: {subset}}}\n"
+    )
+}
