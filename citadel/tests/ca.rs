@@ -25,7 +25,11 @@ async fn start(max_lifetime: Duration) -> Ca {
     let addr = listener.local_addr().unwrap();
     let c = citadel.clone();
     tokio::spawn(async move { c.serve(listener, std::future::pending()).await.unwrap() });
-    Ca { citadel, addr, _dir: dir }
+    Ca {
+        citadel,
+        addr,
+        _dir: dir,
+    }
 }
 
 fn id(sa: &str) -> SpiffeId {
@@ -35,67 +39,134 @@ fn id(sa: &str) -> SpiffeId {
 fn csr_for(sans: &[&str]) -> String {
     let key = KeyPair::generate().unwrap();
     let mut p = CertificateParams::default();
-    p.subject_alt_names = sans.iter().map(|s| SanType::URI((*s).try_into().unwrap())).collect();
+    p.subject_alt_names = sans
+        .iter()
+        .map(|s| SanType::URI((*s).try_into().unwrap()))
+        .collect();
     p.serialize_request(&key).unwrap().pem().unwrap()
 }
 
-async fn call(ca: &Ca, token: Option<&str>, csr: String, secs: i64) -> Result<Vec<String>, tonic::Status> {
+async fn call(
+    ca: &Ca,
+    token: Option<&str>,
+    csr: String,
+    secs: i64,
+) -> Result<Vec<String>, tonic::Status> {
     let roots = std::sync::Arc::new(mesh_identity::root_store(ca.citadel.root_pem()).unwrap());
     let tls = mesh_identity::client_config(None, roots, ca.citadel.identity(), &[b"h2"]).unwrap();
     let mut client = IstioCertificateServiceClient::new(mesh_identity::grpc::channel(ca.addr, tls));
-    let mut req = tonic::Request::new(IstioCertificateRequest { csr, validity_duration: secs, metadata: None });
+    let mut req = tonic::Request::new(IstioCertificateRequest {
+        csr,
+        validity_duration: secs,
+        metadata: None,
+    });
     if let Some(t) = token {
-        req.metadata_mut().insert("authorization", format!("Bearer {t}").parse().unwrap());
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {t}").parse().unwrap());
     }
-    client.create_certificate(req).await.map(|r| r.into_inner().cert_chain)
+    client
+        .create_certificate(req)
+        .await
+        .map(|r| r.into_inner().cert_chain)
 }
 
 #[tokio::test]
 async fn issues_the_granted_identity_with_a_clamped_lifetime() {
     let ca = start(Duration::from_secs(7200)).await;
-    let token = ca.citadel.mint_token(&id("reviews"), Duration::from_secs(60));
-    let chain = call(&ca, Some(&token), csr_for(&["spiffe://cluster.local/ns/default/sa/reviews"]), 10 * 24 * 3600).await.unwrap();
+    let token = ca
+        .citadel
+        .mint_token(&id("reviews"), Duration::from_secs(60));
+    let chain = call(
+        &ca,
+        Some(&token),
+        csr_for(&["spiffe://cluster.local/ns/default/sa/reviews"]),
+        10 * 24 * 3600,
+    )
+    .await
+    .unwrap();
     assert_eq!(chain.len(), 2, "leaf then root");
     assert_eq!(chain[1], ca.citadel.root_pem());
     let leaf = rustls::pki_types::CertificateDer::from(pem_der(&chain[0]));
     assert_eq!(mesh_identity::identity_of(&leaf).unwrap(), id("reviews"));
-    let life = mesh_identity::not_after(&leaf).unwrap().duration_since(std::time::SystemTime::now()).unwrap();
-    assert!(life <= Duration::from_secs(7200) && life > Duration::from_secs(7000), "lifetime {life:?} not clamped to 2h");
+    let life = mesh_identity::not_after(&leaf)
+        .unwrap()
+        .duration_since(std::time::SystemTime::now())
+        .unwrap();
+    assert!(
+        life <= Duration::from_secs(7200) && life > Duration::from_secs(7000),
+        "lifetime {life:?} not clamped to 2h"
+    );
 }
 
 fn pem_der(pem: &str) -> Vec<u8> {
     use rustls::pki_types::pem::PemObject;
-    rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap().to_vec()
+    rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
+        .unwrap()
+        .to_vec()
 }
 
 #[tokio::test]
 async fn refuses_bad_callers_and_bad_requests_with_reasons() {
     let ca = start(Duration::from_secs(86400)).await;
     let good_csr = || csr_for(&["spiffe://cluster.local/ns/default/sa/reviews"]);
-    let token = ca.citadel.mint_token(&id("reviews"), Duration::from_secs(60));
+    let token = ca
+        .citadel
+        .mint_token(&id("reviews"), Duration::from_secs(60));
 
     let e = call(&ca, None, good_csr(), 0).await.unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated);
     assert!(e.message().contains("Bearer"), "{}", e.message());
 
-    let e = call(&ca, Some("not-a-token"), good_csr(), 0).await.unwrap_err();
+    let e = call(&ca, Some("not-a-token"), good_csr(), 0)
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated);
     assert!(e.message().contains("token"), "{}", e.message());
 
     let other = tempfile::tempdir().unwrap();
-    let foreign = Citadel::open(Config::new(other.path())).unwrap().mint_token(&id("reviews"), Duration::from_secs(60));
+    let foreign = Citadel::open(Config::new(other.path()))
+        .unwrap()
+        .mint_token(&id("reviews"), Duration::from_secs(60));
     let e = call(&ca, Some(&foreign), good_csr(), 0).await.unwrap_err();
     assert!(e.message().contains("signature"), "{}", e.message());
 
-    let e = call(&ca, Some(&token), "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n".into(), 0).await.unwrap_err();
+    let e = call(
+        &ca,
+        Some(&token),
+        "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n".into(),
+        0,
+    )
+    .await
+    .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(e.message().starts_with("csr:"), "{}", e.message());
 
-    let e = call(&ca, Some(&token), csr_for(&["spiffe://cluster.local/ns/default/sa/admin"]), 0).await.unwrap_err();
+    let e = call(
+        &ca,
+        Some(&token),
+        csr_for(&["spiffe://cluster.local/ns/default/sa/admin"]),
+        0,
+    )
+    .await
+    .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
-    assert!(e.message().contains("sa/admin") && e.message().contains("sa/reviews"), "{}", e.message());
+    assert!(
+        e.message().contains("sa/admin") && e.message().contains("sa/reviews"),
+        "{}",
+        e.message()
+    );
 
-    let e = call(&ca, Some(&token), csr_for(&["spiffe://cluster.local/ns/default/sa/reviews", "spiffe://cluster.local/ns/default/sa/x"]), 0).await.unwrap_err();
+    let e = call(
+        &ca,
+        Some(&token),
+        csr_for(&[
+            "spiffe://cluster.local/ns/default/sa/reviews",
+            "spiffe://cluster.local/ns/default/sa/x",
+        ]),
+        0,
+    )
+    .await
+    .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
 
     // Citadel still serves after all of that.
@@ -108,6 +179,12 @@ fn refuses_a_root_key_readable_by_others_naming_the_file() {
     drop(Citadel::open(Config::new(dir.path())).unwrap());
     let key = dir.path().join(mesh_citadel::authority::ROOT_KEY_FILE);
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let err = Citadel::open(Config::new(dir.path())).err().expect("must refuse").to_string();
-    assert!(err.contains(&key.display().to_string()) && err.contains("chmod 600"), "{err}");
+    let err = Citadel::open(Config::new(dir.path()))
+        .err()
+        .expect("must refuse")
+        .to_string();
+    assert!(
+        err.contains(&key.display().to_string()) && err.contains("chmod 600"),
+        "{err}"
+    );
 }

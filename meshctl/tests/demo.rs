@@ -13,11 +13,19 @@ fn demo_with_requests_succeeds_over_mtls_and_cleans_up() {
         .expect("meshctl runs");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "demo failed\nstdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(
+        out.status.success(),
+        "demo failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
     assert!(stdout.contains("[7/7]"), "{stdout}");
     assert!(stdout.contains("100 requests in"), "{stdout}");
     assert!(stdout.contains("100 succeeded, 0 failed"), "{stdout}");
-    for hop in ["client -> productpage", "productpage -> details", "productpage -> reviews", "reviews -> ratings"] {
+    for hop in [
+        "client -> productpage",
+        "productpage -> details",
+        "productpage -> reviews",
+        "reviews -> ratings",
+    ] {
         assert!(stdout.contains(hop), "no {hop} hop in:\n{stdout}");
     }
     // Every version of reviews got traffic (40/30/30 split, 100 requests).
@@ -25,7 +33,9 @@ fn demo_with_requests_succeeds_over_mtls_and_cleans_up() {
         assert!(stdout.contains(v), "reviews {v} got nothing:\n{stdout}");
     }
     // No sidecar or app outlives the demo.
-    let pids = std::fs::read_dir("/proc").unwrap().filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok());
+    let pids = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok());
     let exe = std::fs::canonicalize(env!("CARGO_BIN_EXE_meshctl")).unwrap();
     let leftovers: Vec<u32> = pids
         .filter(|pid| std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|p| p == exe))

@@ -212,3 +212,85 @@ fn decode_into(next: &mut Resources, t: &str, name: &str, bytes: &[u8]) -> Resul
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mesh_proto::discovery::Resource;
+
+    fn client() -> (Client, watch::Receiver<Arc<Snapshot>>) {
+        let cfg = Arc::new(Config {
+            proxy_id: "a.default".into(),
+            identity: "spiffe://cluster.local/ns/default/sa/a".parse().unwrap(),
+            pod_ip: "127.0.0.1".parse().unwrap(),
+            pilot_addr: "127.0.0.1:1".parse().unwrap(),
+            ca_addr: "127.0.0.1:1".parse().unwrap(),
+            ca_token: String::new(),
+            roots_pem: String::new(),
+            cert_lifetime: Duration::ZERO,
+            ports: Default::default(),
+        });
+        let (snap_tx, snap_rx) = watch::channel(Arc::new(Snapshot::default()));
+        let (status_tx, _) = watch::channel(XdsStatus::default());
+        (Client::new(cfg, snap_tx, status_tx), snap_rx)
+    }
+
+    fn endpoints(name: &str, identity: &str) -> Resource {
+        let msg = pb::ClusterEndpoints {
+            cluster: name.into(),
+            endpoints: vec![pb::Endpoint {
+                address: "127.0.0.2".into(),
+                port: 9080,
+                identity: identity.into(),
+                tunnel_port: 15006,
+                ..Default::default()
+            }],
+        };
+        Resource {
+            name: name.into(),
+            version: "1".into(),
+            resource: Some(prost_types::Any {
+                type_url: type_url::ENDPOINTS.into(),
+                value: msg.encode_to_vec(),
+            }),
+            aliases: vec![],
+        }
+    }
+
+    fn response(resources: Vec<Resource>) -> DeltaDiscoveryResponse {
+        DeltaDiscoveryResponse {
+            type_url: type_url::ENDPOINTS.into(),
+            resources,
+            nonce: "1-1".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_bad_resource_is_nacked_by_name_and_nothing_of_the_response_applies() {
+        let (mut c, snap) = client();
+        let good = endpoints("outbound|9080||a", "spiffe://cluster.local/ns/default/sa/a");
+        c.apply(&response(vec![good])).unwrap();
+        assert_eq!(snap.borrow().answered, 1);
+
+        let fresh = endpoints("outbound|9080||b", "spiffe://cluster.local/ns/default/sa/b");
+        let bad = endpoints("outbound|9080||c", "not-an-identity");
+        let err = c.apply(&response(vec![fresh, bad])).unwrap_err();
+        assert!(
+            err.contains("outbound|9080||c") && err.contains("not-an-identity"),
+            "{err}"
+        );
+        // Neither the bad nor the good resource of the rejected response applied.
+        assert_eq!(c.resources.endpoints.len(), 1);
+        assert!(!c.versions[type_url::ENDPOINTS].contains_key("outbound|9080||b"));
+    }
+
+    #[test]
+    fn a_resource_of_the_wrong_type_is_nacked() {
+        let (mut c, _) = client();
+        let mut r = endpoints("x", "spiffe://cluster.local/ns/default/sa/a");
+        r.resource.as_mut().unwrap().type_url = type_url::ROUTE.into();
+        let err = c.apply(&response(vec![r])).unwrap_err();
+        assert!(err.contains("carries a"), "{err}");
+    }
+}

@@ -83,7 +83,10 @@ impl Mesh {
     }
 
     /// One verified request to productpage: reviews version and hops.
-    pub async fn request(&self, http: &reqwest::Client) -> Result<(String, Vec<meshctl::traffic::Hop>), String> {
+    pub async fn request(
+        &self,
+        http: &reqwest::Client,
+    ) -> Result<(String, Vec<meshctl::traffic::Hop>), String> {
         meshctl::traffic::one(http, &self.identity_of("client").to_string()).await
     }
 

@@ -23,22 +23,48 @@ async fn request_crosses_productpage_reviews_ratings_over_mtls() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert_eq!(version, "v2");
-    let find = |to: &str| hops.iter().find(|h| h.1 == to).unwrap_or_else(|| panic!("no hop to {to}: {hops:?}"));
+    let find = |to: &str| {
+        hops.iter()
+            .find(|h| h.1 == to)
+            .unwrap_or_else(|| panic!("no hop to {to}: {hops:?}"))
+    };
     let ratings = find("ratings");
     assert_eq!(ratings.0, "reviews");
-    assert_eq!(ratings.2, mesh.identity_of("reviews-v2").to_string(), "ratings saw reviews' identity");
+    assert_eq!(
+        ratings.2,
+        mesh.identity_of("reviews-v2").to_string(),
+        "ratings saw reviews' identity"
+    );
     assert_eq!(ratings.3, mesh.identity_of("ratings-v1").to_string());
     let reviews = find("reviews");
     assert_eq!(reviews.2, mesh.identity_of("productpage-v1").to_string());
     // Both sidecars of the reviews -> ratings hop counted it, as Istio labels it.
-    let stats = reqwest::get(format!("http://{}:15090/stats/prometheus", mesh.workload("ratings-v1").address))
-        .await.unwrap().text().await.unwrap();
-    let line = stats.lines()
-        .find(|l| l.starts_with("istio_requests_total{") && l.contains("reporter=\"destination\"") && l.contains("source_workload=\"reviews-v2\""))
-        .unwrap_or_else(|| panic!("no destination-reported reviews-v2 -> ratings series in:\n{stats}"));
-    for label in ["destination_workload=\"ratings-v1\"", "destination_service=\"ratings.default.svc.cluster.local\"",
-                  "response_code=\"200\"", "connection_security_policy=\"mutual_tls\"",
-                  "source_principal=\"spiffe://cluster.local/ns/default/sa/bookinfo-reviews\""] {
+    let stats = reqwest::get(format!(
+        "http://{}:15090/stats/prometheus",
+        mesh.workload("ratings-v1").address
+    ))
+    .await
+    .unwrap()
+    .text()
+    .await
+    .unwrap();
+    let line = stats
+        .lines()
+        .find(|l| {
+            l.starts_with("istio_requests_total{")
+                && l.contains("reporter=\"destination\"")
+                && l.contains("source_workload=\"reviews-v2\"")
+        })
+        .unwrap_or_else(|| {
+            panic!("no destination-reported reviews-v2 -> ratings series in:\n{stats}")
+        });
+    for label in [
+        "destination_workload=\"ratings-v1\"",
+        "destination_service=\"ratings.default.svc.cluster.local\"",
+        "response_code=\"200\"",
+        "connection_security_policy=\"mutual_tls\"",
+        "source_principal=\"spiffe://cluster.local/ns/default/sa/bookinfo-reviews\"",
+    ] {
         assert!(line.contains(label), "{label} missing from {line}");
     }
     mesh.stop().await;
@@ -47,15 +73,35 @@ async fn request_crosses_productpage_reviews_ratings_over_mtls() {
 #[tokio::test(flavor = "multi_thread")]
 async fn plaintext_to_an_inbound_sidecar_is_refused() {
     let mesh = Mesh::start().await;
-    let addr = std::net::SocketAddr::new(mesh.workload("reviews-v1").address, mesh_proto::ports::INBOUND);
+    let addr = std::net::SocketAddr::new(
+        mesh.workload("reviews-v1").address,
+        mesh_proto::ports::INBOUND,
+    );
     let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    tcp.write_all(b"GET /reviews/0 HTTP/1.1\r\nHost: reviews:9080\r\nx-mesh-target-port: 9080\r\n\r\n").await.unwrap();
+    tcp.write_all(
+        b"GET /reviews/0 HTTP/1.1\r\nHost: reviews:9080\r\nx-mesh-target-port: 9080\r\n\r\n",
+    )
+    .await
+    .unwrap();
     let mut buf = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut buf)).await.expect("sidecar closes the connection");
-    assert!(!buf.starts_with(b"HTTP/"), "plaintext got an HTTP answer: {:?}", String::from_utf8_lossy(&buf));
+    let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut buf))
+        .await
+        .expect("sidecar closes the connection");
+    assert!(
+        !buf.starts_with(b"HTTP/"),
+        "plaintext got an HTTP answer: {:?}",
+        String::from_utf8_lossy(&buf)
+    );
     // The same with curl, a real client: no HTTP response comes back.
-    if let Ok(out) = std::process::Command::new("curl").args(["-sS", "-m", "5", &format!("http://{addr}/reviews/0")]).output() {
-        assert!(!out.status.success(), "curl got an answer over plaintext: {}", String::from_utf8_lossy(&out.stdout));
+    if let Ok(out) = std::process::Command::new("curl")
+        .args(["-sS", "-m", "5", &format!("http://{addr}/reviews/0")])
+        .output()
+    {
+        assert!(
+            !out.status.success(),
+            "curl got an answer over plaintext: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
     } else {
         eprintln!("curl not installed; checked with a raw TCP client only");
     }
@@ -64,15 +110,26 @@ async fn plaintext_to_an_inbound_sidecar_is_refused() {
 
 /// Credentials for `identity` from the mesh's citadel.
 async fn creds_for(mesh: &Mesh, identity: &mesh_identity::SpiffeId) -> mesh_identity::Credentials {
-    mesh_identity::grpc::certificate_from(mesh.cp.ca_addr, &mesh.cp.token_for(identity), identity, Duration::ZERO, mesh.cp.citadel.root_pem())
-        .await
-        .expect("citadel issues")
+    mesh_identity::grpc::certificate_from(
+        mesh.cp.ca_addr,
+        &mesh.cp.token_for(identity),
+        identity,
+        Duration::ZERO,
+        mesh.cp.citadel.root_pem(),
+    )
+    .await
+    .expect("citadel issues")
 }
 
-async fn handshake(config: Arc<rustls::ClientConfig>, addr: std::net::SocketAddr) -> std::io::Result<()> {
+async fn handshake(
+    config: Arc<rustls::ClientConfig>,
+    addr: std::net::SocketAddr,
+) -> std::io::Result<()> {
     let tcp = tokio::net::TcpStream::connect(addr).await?;
     let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
-    let mut tls = tokio_rustls::TlsConnector::from(config).connect(name, tcp).await?;
+    let mut tls = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await?;
     // TLS 1.3: the server judges our certificate after our side finishes;
     // a refusal shows on the first read.
     tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await?;
@@ -89,15 +146,27 @@ async fn handshake(config: Arc<rustls::ClientConfig>, addr: std::net::SocketAddr
 async fn a_client_expecting_identity_b_refuses_a_sidecar_holding_a() {
     let mesh = Mesh::start().await;
     let creds = creds_for(&mesh, &mesh.identity_of("client")).await;
-    let reviews = std::net::SocketAddr::new(mesh.workload("reviews-v1").address, mesh_proto::ports::INBOUND);
+    let reviews = std::net::SocketAddr::new(
+        mesh.workload("reviews-v1").address,
+        mesh_proto::ports::INBOUND,
+    );
     let expecting = |id: mesh_identity::SpiffeId| {
         mesh_identity::client_config(Some(&creds), creds.roots.clone(), id, &[b"h2"]).unwrap()
     };
     // Expecting the identity reviews really has: accepted.
-    handshake(expecting(mesh.identity_of("reviews-v1")), reviews).await.expect("right identity is accepted");
+    handshake(expecting(mesh.identity_of("reviews-v1")), reviews)
+        .await
+        .expect("right identity is accepted");
     // Expecting ratings' identity from reviews' sidecar: refused, and the error says why.
-    let err = handshake(expecting(mesh.identity_of("ratings-v1")), reviews).await.unwrap_err().to_string();
-    assert!(err.contains("bookinfo-reviews") && err.contains("expected spiffe://cluster.local/ns/default/sa/bookinfo-ratings"), "{err}");
+    let err = handshake(expecting(mesh.identity_of("ratings-v1")), reviews)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("bookinfo-reviews")
+            && err.contains("expected spiffe://cluster.local/ns/default/sa/bookinfo-ratings"),
+        "{err}"
+    );
     mesh.stop().await;
 }
 
@@ -110,18 +179,39 @@ async fn a_peer_with_an_untrusted_certificate_is_refused() {
     let id = mesh.identity_of("productpage-v1");
     let key = rcgen::KeyPair::generate().unwrap();
     let chain = rogue.issue(&key, &id, Duration::from_secs(3600)).unwrap();
-    let rogue_creds = mesh_identity::Credentials::from_pem(&chain.concat(), &key.serialize_pem(), mesh.cp.citadel.root_pem()).unwrap();
-    let reviews = std::net::SocketAddr::new(mesh.workload("reviews-v1").address, mesh_proto::ports::INBOUND);
-    let config = mesh_identity::client_config(Some(&rogue_creds), rogue_creds.roots.clone(), mesh.identity_of("reviews-v1"), &[b"h2"]).unwrap();
-    let err = handshake(config, reviews).await.expect_err("the sidecar must refuse a foreign certificate");
+    let rogue_creds = mesh_identity::Credentials::from_pem(
+        &chain.concat(),
+        &key.serialize_pem(),
+        mesh.cp.citadel.root_pem(),
+    )
+    .unwrap();
+    let reviews = std::net::SocketAddr::new(
+        mesh.workload("reviews-v1").address,
+        mesh_proto::ports::INBOUND,
+    );
+    let config = mesh_identity::client_config(
+        Some(&rogue_creds),
+        rogue_creds.roots.clone(),
+        mesh.identity_of("reviews-v1"),
+        &[b"h2"],
+    )
+    .unwrap();
+    let err = handshake(config, reviews)
+        .await
+        .expect_err("the sidecar must refuse a foreign certificate");
     eprintln!("refused as expected: {err}");
     // And the mesh still serves.
-    mesh.request(&mesh.client()).await.expect("mesh keeps serving");
+    mesh.request(&mesh.client())
+        .await
+        .expect("mesh keeps serving");
     mesh.stop().await;
 }
 
 /// Sends requests back to back until `stop`; returns (ok, failures, per-request log).
-fn steady_load(mesh: &Mesh, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<(usize, Vec<String>, Vec<(Instant, String)>)> {
+fn steady_load(
+    mesh: &Mesh,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<(usize, Vec<String>, Vec<(Instant, String)>)> {
     let http = mesh.client();
     let client_id = mesh.identity_of("client").to_string();
     tokio::spawn(async move {
@@ -151,15 +241,35 @@ async fn editing_the_virtualservice_takes_effect_within_a_second_under_load() {
     tokio::time::sleep(Duration::from_millis(2000)).await;
     stop.store(true, Ordering::Relaxed);
     let (ok, failures, log) = load.await.unwrap();
-    assert!(failures.is_empty(), "{} requests failed: {failures:?}", failures.len());
+    assert!(
+        failures.is_empty(),
+        "{} requests failed: {failures:?}",
+        failures.len()
+    );
     let before = log.iter().filter(|(t, _)| *t < edited).count();
     assert!(before > 5, "too little traffic before the edit ({before})");
-    let last_not_v3 = log.iter().filter(|(_, v)| v != "v3").map(|(t, _)| *t).max().unwrap();
+    let last_not_v3 = log
+        .iter()
+        .filter(|(_, v)| v != "v3")
+        .map(|(t, _)| *t)
+        .max()
+        .unwrap();
     let took = last_not_v3.saturating_duration_since(edited);
-    let after_switch = log.iter().filter(|(t, _)| *t > edited + Duration::from_secs(1)).count();
-    eprintln!("{ok} requests, none failed; last non-v3 answer started {took:?} after the edit; {after_switch} all-v3 requests after");
-    assert!(took < Duration::from_secs(1), "routing change took {took:?}");
-    assert!(after_switch > 5, "too little traffic after the switch ({after_switch})");
+    let after_switch = log
+        .iter()
+        .filter(|(t, _)| *t > edited + Duration::from_secs(1))
+        .count();
+    eprintln!(
+        "{ok} requests, none failed; last non-v3 answer started {took:?} after the edit; {after_switch} all-v3 requests after"
+    );
+    assert!(
+        took < Duration::from_secs(1),
+        "routing change took {took:?}"
+    );
+    assert!(
+        after_switch > 5,
+        "too little traffic after the switch ({after_switch})"
+    );
     mesh.stop().await;
 }
 
@@ -175,9 +285,22 @@ async fn pilot_killed_and_restarted_under_load_loses_no_request() {
     // Every proxy reconnects to the new pilot.
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let connected = mesh.cp.pilot().unwrap().proxies().iter().filter(|p| p.connected && p.acked_version > 0).count();
-        if connected == mesh.specs.len() { break; }
-        assert!(Instant::now() < deadline, "only {connected} of {} proxies reconnected", mesh.specs.len());
+        let connected = mesh
+            .cp
+            .pilot()
+            .unwrap()
+            .proxies()
+            .iter()
+            .filter(|p| p.connected && p.acked_version > 0)
+            .count();
+        if connected == mesh.specs.len() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {connected} of {} proxies reconnected",
+            mesh.specs.len()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // The restarted pilot still routes: a change made now reaches the proxies.
@@ -185,9 +308,18 @@ async fn pilot_killed_and_restarted_under_load_loses_no_request() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     stop.store(true, Ordering::Relaxed);
     let (ok, failures, log) = load.await.unwrap();
-    assert!(failures.is_empty(), "{} of {} requests failed: {failures:?}", failures.len(), ok + failures.len());
+    assert!(
+        failures.is_empty(),
+        "{} of {} requests failed: {failures:?}",
+        failures.len(),
+        ok + failures.len()
+    );
     assert!(ok > 20, "too little traffic ({ok})");
-    assert_eq!(log.last().unwrap().1, "v1", "the restarted pilot's push took effect");
+    assert_eq!(
+        log.last().unwrap().1,
+        "v1",
+        "the restarted pilot's push took effect"
+    );
     mesh.stop().await;
 }
 
@@ -200,19 +332,37 @@ async fn invalid_config_is_reported_and_the_last_good_one_keeps_serving() {
     // Broken YAML, then a VirtualService routing to a subset nobody defined.
     mesh.write_config("broken.yaml", "kind: [unclosed\n");
     let errors = wait_for_errors(&pilot).await;
-    assert!(errors[0].contains("broken.yaml") && errors[0].contains("not valid YAML"), "{errors:?}");
+    assert!(
+        errors[0].contains("broken.yaml") && errors[0].contains("not valid YAML"),
+        "{errors:?}"
+    );
     mesh.write_config("broken.yaml", "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: ratings}\nspec:\n  hosts: [ratings]\n  http:\n  - route:\n    - destination: {host: ratings, subset: v9}\n");
     tokio::time::sleep(Duration::from_millis(300)).await;
     let errors = wait_for_errors(&pilot).await;
-    assert!(errors.iter().any(|e| e.contains("broken.yaml: VirtualService default/ratings") && e.contains("spec.http[0].route[0].destination.subset \"v9\"")), "{errors:?}");
-    assert_eq!(pilot.snapshot().version, version, "a bad config must not replace the good one");
+    assert!(
+        errors.iter().any(
+            |e| e.contains("broken.yaml: VirtualService default/ratings")
+                && e.contains("spec.http[0].route[0].destination.subset \"v9\"")
+        ),
+        "{errors:?}"
+    );
+    assert_eq!(
+        pilot.snapshot().version,
+        version,
+        "a bad config must not replace the good one"
+    );
     for _ in 0..10 {
-        mesh.request(&http).await.expect("the last good config keeps serving");
+        mesh.request(&http)
+            .await
+            .expect("the last good config keeps serving");
     }
     std::fs::remove_file(mesh.config_dir.join("broken.yaml")).unwrap();
     let deadline = Instant::now() + Duration::from_secs(3);
     while !pilot.errors().is_empty() {
-        assert!(Instant::now() < deadline, "errors not cleared after the fix");
+        assert!(
+            Instant::now() < deadline,
+            "errors not cleared after the fix"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     mesh.stop().await;
@@ -222,8 +372,13 @@ async fn wait_for_errors(pilot: &mesh_pilot::Pilot) -> Vec<String> {
     let deadline = Instant::now() + Duration::from_secs(3);
     loop {
         let e = pilot.errors();
-        if !e.is_empty() { return e; }
-        assert!(Instant::now() < deadline, "pilot did not report the bad file");
+        if !e.is_empty() {
+            return e;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "pilot did not report the bad file"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -232,15 +387,34 @@ async fn wait_for_errors(pilot: &mesh_pilot::Pilot) -> Vec<String> {
 async fn proxies_answer_readiness_and_config_dump() {
     let mesh = Mesh::start().await;
     let w = mesh.workload("reviews-v2");
-    let ready = reqwest::get(format!("http://{}:15021/healthz/ready", w.address)).await.unwrap();
+    let ready = reqwest::get(format!("http://{}:15021/healthz/ready", w.address))
+        .await
+        .unwrap();
     assert_eq!(ready.status(), 200);
-    let dump: serde_json::Value = reqwest::get(format!("http://{}/config_dump", w.admin())).await.unwrap().json().await.unwrap();
-    assert_eq!(dump["identity"], "spiffe://cluster.local/ns/default/sa/bookinfo-reviews");
+    let dump: serde_json::Value = reqwest::get(format!("http://{}/config_dump", w.admin()))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        dump["identity"],
+        "spiffe://cluster.local/ns/default/sa/bookinfo-reviews"
+    );
     assert_eq!(dump["xds"]["connected"], true);
     assert_eq!(dump["listener"]["workload"]["name"], "reviews-v2");
-    let reviews_route = dump["routes"].as_array().unwrap().iter()
-        .find(|r| r["name"] == "reviews.default.svc.cluster.local:9080").expect("reviews route");
-    let weights: Vec<u64> = reviews_route["routes"][0]["clusters"].as_array().unwrap().iter().map(|c| c["weight"].as_u64().unwrap()).collect();
+    let reviews_route = dump["routes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "reviews.default.svc.cluster.local:9080")
+        .expect("reviews route");
+    let weights: Vec<u64> = reviews_route["routes"][0]["clusters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["weight"].as_u64().unwrap())
+        .collect();
     assert_eq!(weights, [40, 30, 30]);
     let count = AtomicUsize::new(0);
     for c in dump["clusters"].as_array().unwrap() {
