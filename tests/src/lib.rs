@@ -3,6 +3,8 @@
 //! can run side by side.
 #![forbid(unsafe_code)]
 
+pub mod bench;
+
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -1,0 +1,425 @@
+//! Benchmark support: tools, certificates, peer configs, the upstream,
+//! process accounting and the load generators' output.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+
+/// Debian packages the benchmark uses, with a file each provides.
+const TOOLS: [(&str, &str); 5] = [
+    ("nghttp2-client", "/usr/bin/h2load"),
+    ("wrk", "/usr/bin/wrk"),
+    ("haproxy", "/usr/sbin/haproxy"),
+    ("nginx-light", "/usr/sbin/nginx"),
+    (
+        "libnginx-mod-stream",
+        "/usr/lib/nginx/modules/ngx_stream_module.so",
+    ),
+];
+
+/// Installs the load generators and peers from Debian's packages if missing.
+pub fn ensure_tools() -> anyhow::Result<()> {
+    let missing: Vec<&str> = TOOLS
+        .iter()
+        .filter(|(_, f)| !Path::new(f).exists())
+        .map(|(p, _)| *p)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let root = Command::new("id")
+        .arg("-u")
+        .output()?
+        .stdout
+        .starts_with(b"0");
+    if !root {
+        bail!(
+            "missing {}: run `sudo apt-get install {}`",
+            missing.join(", "),
+            missing.join(" ")
+        );
+    }
+    eprintln!("installing {}", missing.join(" "));
+    let ok = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq {} >/dev/null",
+            missing.join(" ")
+        ))
+        .status()?
+        .success();
+    anyhow::ensure!(ok, "apt-get install {} failed", missing.join(" "));
+    Ok(())
+}
+
+/// The name peer servers' certificates carry (nginx verifies names, not IPs).
+pub const PEER_NAME: &str = "peer.bench";
+
+/// PEM files for a peer pair's mutual TLS: one CA, a server and a client cert.
+pub struct PeerCerts {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    /// Cert and key in one file, as HAProxy wants them.
+    pub server_bundle: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+    pub client_bundle: PathBuf,
+}
+
+pub fn peer_certs(dir: &Path, server_ips: &[std::net::IpAddr]) -> anyhow::Result<PeerCerts> {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
+    let ca_key = KeyPair::generate()?;
+    let mut ca_params = CertificateParams::new(vec![])?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "bench peer CA");
+    let ca_cert = ca_params.self_signed(&ca_key)?;
+    let issuer = Issuer::new(ca_params, ca_key);
+    let leaf = |sans: Vec<SanType>| -> anyhow::Result<(String, String)> {
+        let key = KeyPair::generate()?;
+        let mut p = CertificateParams::new(vec![])?;
+        p.subject_alt_names = sans;
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, "bench peer");
+        Ok((p.signed_by(&key, &issuer)?.pem(), key.serialize_pem()))
+    };
+    let mut sans: Vec<SanType> = server_ips
+        .iter()
+        .map(|ip| SanType::IpAddress(*ip))
+        .collect();
+    sans.push(SanType::DnsName(PEER_NAME.try_into()?));
+    let (sc, sk) = leaf(sans)?;
+    let (cc, ck) = leaf(vec![SanType::DnsName("client.bench".try_into()?)])?;
+    let w = |name: &str, text: &str| -> anyhow::Result<PathBuf> {
+        let p = dir.join(name);
+        std::fs::write(&p, text)?;
+        Ok(p)
+    };
+    Ok(PeerCerts {
+        ca: w("ca.pem", &ca_cert.pem())?,
+        server_cert: w("server.pem", &sc)?,
+        server_key: w("server.key", &sk)?,
+        server_bundle: w("server.bundle", &format!("{sc}{sk}"))?,
+        client_cert: w("client.pem", &cc)?,
+        client_key: w("client.key", &ck)?,
+        client_bundle: w("client.bundle", &format!("{cc}{ck}"))?,
+    })
+}
+
+pub fn haproxy_pair(
+    front: SocketAddr,
+    back: SocketAddr,
+    upstream: SocketAddr,
+    c: &PeerCerts,
+    l4: bool,
+) -> (String, String) {
+    let mode = if l4 { "tcp" } else { "http" };
+    let http_opts = if l4 {
+        ""
+    } else {
+        "    option http-keep-alive\n    http-reuse always\n"
+    };
+    let global = "global\n    nbthread 1\n    maxconn 4096\ndefaults\n    timeout connect 5s\n    timeout client 60s\n    timeout server 60s\n";
+    let a = format!(
+        "{global}    mode {mode}\nfrontend f\n    bind {front}\n    default_backend b\nbackend b\n{http_opts}    server s {back} ssl crt {} ca-file {} verify required\n",
+        c.client_bundle.display(),
+        c.ca.display()
+    );
+    let b = format!(
+        "{global}    mode {mode}\nfrontend f\n    bind {back} ssl crt {} ca-file {} verify required\n    default_backend b\nbackend b\n{http_opts}    server s {upstream}\n",
+        c.server_bundle.display(),
+        c.ca.display()
+    );
+    (a, b)
+}
+
+pub fn nginx_pair(
+    front: SocketAddr,
+    back: SocketAddr,
+    upstream: SocketAddr,
+    c: &PeerCerts,
+    dir: &Path,
+    l4: bool,
+) -> (String, String) {
+    let head = |name: &str| {
+        let d = dir.display();
+        format!(
+            "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/{name}.pid;\nerror_log stderr error;\n{}events {{ worker_connections 4096; }}\n",
+            if l4 {
+                "load_module /usr/lib/nginx/modules/ngx_stream_module.so;\n"
+            } else {
+                ""
+            }
+        )
+    };
+    let temp = |name: &str| {
+        let d = dir.display();
+        format!(
+            "client_body_temp_path {d}/{name}-body; proxy_temp_path {d}/{name}-proxy; fastcgi_temp_path {d}/{name}-fcgi; uwsgi_temp_path {d}/{name}-uwsgi; scgi_temp_path {d}/{name}-scgi;"
+        )
+    };
+    if l4 {
+        let a = format!(
+            "{}stream {{ server {{ listen {front}; proxy_pass {back}; proxy_ssl on; proxy_ssl_certificate {}; proxy_ssl_certificate_key {}; proxy_ssl_trusted_certificate {}; proxy_ssl_verify on; proxy_ssl_name {PEER_NAME}; proxy_ssl_session_reuse on; }} }}\n",
+            head("nginx-l4-a"),
+            c.client_cert.display(),
+            c.client_key.display(),
+            c.ca.display()
+        );
+        let b = format!(
+            "{}stream {{ server {{ listen {back} ssl; ssl_certificate {}; ssl_certificate_key {}; ssl_client_certificate {}; ssl_verify_client on; proxy_pass {upstream}; }} }}\n",
+            head("nginx-l4-b"),
+            c.server_cert.display(),
+            c.server_key.display(),
+            c.ca.display()
+        );
+        return (a, b);
+    }
+    let a = format!(
+        "{}http {{ access_log off; {} upstream b {{ server {back}; keepalive 64; }} server {{ listen {front}; location / {{ proxy_pass https://b; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_ssl_certificate {}; proxy_ssl_certificate_key {}; proxy_ssl_trusted_certificate {}; proxy_ssl_verify on; proxy_ssl_name {PEER_NAME}; proxy_ssl_session_reuse on; }} }} }}\n",
+        head("nginx-a"),
+        temp("a"),
+        c.client_cert.display(),
+        c.client_key.display(),
+        c.ca.display()
+    );
+    let b = format!(
+        "{}http {{ access_log off; {} upstream u {{ server {upstream}; keepalive 64; }} server {{ listen {back} ssl; ssl_certificate {}; ssl_certificate_key {}; ssl_client_certificate {}; ssl_verify_client on; location / {{ proxy_pass http://u; proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }} }}\n",
+        head("nginx-b"),
+        temp("b"),
+        c.server_cert.display(),
+        c.server_key.display(),
+        c.ca.display()
+    );
+    (a, b)
+}
+
+/// Starts a peer process; it is killed when the returned child drops.
+pub fn spawn(program: &str, args: &[&str], log: &Path) -> anyhow::Result<std::process::Child> {
+    let out = std::fs::File::create(log)?;
+    Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .spawn()
+        .with_context(|| format!("starting {program}"))
+}
+
+/// Kills children by PID on drop.
+pub struct Children(pub Vec<std::process::Child>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// CPU seconds (user + system) a process has used.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the parenthesised command name; utime and stime are 14th and 15th overall.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    ticks / clock_ticks()
+}
+
+fn clock_ticks() -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .unwrap_or(100.0)
+    })
+}
+
+/// A /proc/PID/status field in MiB (VmRSS, VmHWM).
+pub fn mem_mb(pid: u32, field: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix(field)?.strip_prefix(':').map(str::to_string))
+        })
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+/// Latency percentiles from h2load's per-request log (µs in the last column).
+pub struct FixedRate {
+    pub requests: usize,
+    pub failed: usize,
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+}
+
+pub fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+    sorted[i]
+}
+
+/// h2load at a fixed rate: `clients` connections, `rps` in total.
+pub fn h2load_fixed(
+    url: &str,
+    host: &str,
+    h1: bool,
+    clients: u32,
+    rps: u32,
+    secs: u64,
+    log: &Path,
+) -> anyhow::Result<FixedRate> {
+    let mut cmd = Command::new("h2load");
+    if h1 {
+        cmd.arg("--h1");
+    }
+    let per_client = rps as f64 / clients as f64;
+    let out = cmd
+        .args([
+            "-c",
+            &clients.to_string(),
+            &format!("--rps={per_client}"),
+            "-D",
+            &secs.to_string(),
+            "--warm-up-time=1",
+        ])
+        .arg(format!("--log-file={}", log.display()))
+        .args(["-H", &format!(":authority: {host}")])
+        .arg(url)
+        .output()
+        .context("running h2load")?;
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let mut times = Vec::new();
+    let mut failed = 0;
+    for line in text.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 3 {
+            continue;
+        }
+        if f[1] != "200" {
+            failed += 1;
+        }
+        if let Ok(us) = f[2].parse::<f64>() {
+            times.push(us / 1000.0);
+        }
+    }
+    if times.is_empty() {
+        bail!(
+            "h2load recorded no requests to {url}:\n{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    Ok(FixedRate {
+        requests: times.len(),
+        failed,
+        p50_ms: percentile(&times, 0.50),
+        p90_ms: percentile(&times, 0.90),
+        p99_ms: percentile(&times, 0.99),
+    })
+}
+
+/// wrk at maximum throughput; returns requests per second.
+pub fn wrk_max(url: &str, host: &str, conns: u32, secs: u64) -> anyhow::Result<f64> {
+    let out = Command::new("wrk")
+        .args([
+            "-t1",
+            "-c",
+            &conns.to_string(),
+            "-d",
+            &format!("{secs}s"),
+            "-H",
+            &format!("Host: {host}"),
+        ])
+        .arg(url)
+        .output()
+        .context("running wrk")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if let Some(errors) = text.lines().find(|l| l.contains("Non-2xx")) {
+        bail!("wrk to {url}: {}", errors.trim());
+    }
+    text.lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .with_context(|| format!("wrk printed no rate for {url}:\n{text}"))
+}
+
+/// The upstream every path ends at: 1 KiB bodies over HTTP/1.1 and h2c.
+pub async fn upstream(addr: SocketAddr) -> anyhow::Result<()> {
+    use hyper::body::Bytes;
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    static BODY: [u8; 1024] = [b'x'; 1024];
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let _ = tcp.set_nodelay(true);
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|_req| async {
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                        http_body_util::Full::new(Bytes::from_static(&BODY)),
+                    ))
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                .await;
+            });
+        }
+    });
+    Ok(())
+}
+
+pub fn wait_listening(addr: SocketAddr, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + timeout;
+    while std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "{addr} is not listening"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// On SIGINT or SIGTERM, kills `pids` (the benchmark's own children, by
+/// PID) and exits, so an interrupted run leaves nothing behind.
+pub fn kill_on_signal(
+    rt: &tokio::runtime::Runtime,
+    pids: std::sync::Arc<std::sync::Mutex<Vec<u32>>>,
+) {
+    rt.spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        for pid in pids.lock().unwrap().iter() {
+            let _ = Command::new("kill").arg(pid.to_string()).status();
+        }
+        eprintln!("interrupted; stopped the processes the benchmark started");
+        std::process::exit(130);
+    });
+}

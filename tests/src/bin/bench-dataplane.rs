@@ -1,0 +1,343 @@
+//! Data-plane benchmark: the same 1 KiB HTTP traffic through `direct`,
+//! `mesh` (outbound sidecar -> mTLS -> inbound sidecar), and HAProxy and
+//! nginx pairs with mutual TLS in HTTP and TCP mode, interleaved over rounds.
+//! Prints a table per round, then one JSON object on the last line.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use mesh_tests::bench::{self, Children};
+use meshctl::workloads::{self, Launcher};
+use serde_json::json;
+
+#[derive(Parser)]
+struct Cli {
+    /// One short round (under 3 minutes) instead of three full ones.
+    #[arg(long)]
+    quick: bool,
+    #[command(subcommand)]
+    command: Option<Sub>,
+}
+
+#[derive(Subcommand)]
+enum Sub {
+    /// Runs a sidecar (the benchmark starts its proxies this way, as the demo does).
+    #[command(hide = true)]
+    Proxy(mesh_proxy::cli::ProxyArgs),
+}
+
+const FIXED_RPS: u32 = 1000;
+const FIXED_CONNS: u32 = 16;
+const MAX_CONNS: u32 = 64;
+
+fn ip(last: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, 0, 30, last))
+}
+
+const MESH_CONFIG: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: bench-upstream, namespace: default}
+spec:
+  hosts: [bench-upstream.default.svc.cluster.local]
+  ports: [{number: 8080, name: http, protocol: HTTP}]
+  workloadSelector: {labels: {app: bench-upstream}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: bench-client, namespace: default}
+spec: {address: 127.0.30.1, labels: {app: bench-client}, serviceAccount: bench-client}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: bench-upstream, namespace: default}
+spec: {address: 127.0.30.2, labels: {app: bench-upstream, version: v1}, serviceAccount: bench-upstream}
+"#;
+
+struct Path {
+    name: &'static str,
+    url: String,
+    host: String,
+    pids: Vec<u32>,
+    h1: bool,
+}
+
+#[derive(Default, Clone)]
+struct Round {
+    p50: f64,
+    p90: f64,
+    p99: f64,
+    max_rps: f64,
+    cpu_per_1k: f64,
+    rss_mb: f64,
+    failed: usize,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Runtime::new()?;
+    if let Some(Sub::Proxy(args)) = cli.command {
+        return rt.block_on(async {
+            mesh_proxy::run(args.into_config()?, mesh_proxy::cli::shutdown_signal()).await?;
+            Ok(())
+        });
+    }
+    bench::ensure_tools()?;
+    let (rounds, fixed_secs, max_secs) = if cli.quick { (1, 10, 5) } else { (3, 30, 15) };
+    let dir = tempfile::tempdir()?;
+    let upstream = SocketAddr::new(ip(2), 8080);
+    rt.block_on(bench::upstream(upstream))?;
+
+    // The mesh, as the demo runs it: control plane in-process, sidecars as processes.
+    let config_dir = dir.path().join("config");
+    std::fs::create_dir_all(&config_dir)?;
+    std::fs::write(config_dir.join("bench.yaml"), MESH_CONFIG)?;
+    let specs = workloads::from_config(&config_dir)?;
+    let cp = rt.block_on(meshctl::controlplane::ControlPlane::start(
+        dir.path(),
+        &config_dir,
+        ip(254),
+    ))?;
+    let launcher = Launcher::Processes {
+        exe: std::env::current_exe()?,
+        log_dir: dir.path().to_path_buf(),
+    };
+    let pods = rt.block_on(workloads::launch(&cp, &specs, &launcher, dir.path()))?;
+    rt.block_on(workloads::wait_ready(
+        &specs,
+        Duration::from_secs(30),
+        |_, _, _| {},
+    ))?;
+    let mesh_pids: Vec<u32> = pods.sidecar_pids().into_iter().map(|(_, p)| p).collect();
+    let started = std::sync::Arc::new(std::sync::Mutex::new(mesh_pids.clone()));
+    bench::kill_on_signal(&rt, started.clone());
+
+    // The peers.
+    let certs = bench::peer_certs(dir.path(), &[ip(4), ip(6), ip(8), ip(10)])?;
+    let mut peers = Children(Vec::new());
+    let mut paths = vec![
+        Path {
+            name: "direct",
+            url: format!("http://{upstream}/"),
+            host: upstream.to_string(),
+            pids: vec![],
+            h1: true,
+        },
+        Path {
+            name: "mesh",
+            url: format!("http://{}:15001/", ip(1)),
+            host: "bench-upstream:8080".into(),
+            pids: mesh_pids.clone(),
+            h1: true,
+        },
+    ];
+    for (name, front, back, l4) in [("haproxy", 3, 4, false), ("haproxy_l4", 5, 6, true)] {
+        let (front, back) = (
+            SocketAddr::new(ip(front), 8080),
+            SocketAddr::new(ip(back), 8443),
+        );
+        let (a, b) = bench::haproxy_pair(front, back, upstream, &certs, l4);
+        let mut pids = vec![];
+        for (role, cfg) in [("a", a), ("b", b)] {
+            let f = dir.path().join(format!("{name}-{role}.cfg"));
+            std::fs::write(&f, cfg)?;
+            let child = bench::spawn(
+                "haproxy",
+                &["-db", "-f", f.to_str().unwrap()],
+                &dir.path().join(format!("{name}-{role}.log")),
+            )?;
+            pids.push(child.id());
+            started.lock().unwrap().push(child.id());
+            peers.0.push(child);
+        }
+        bench::wait_listening(front, Duration::from_secs(10))
+            .with_context(|| format!("{name} did not start"))?;
+        paths.push(Path {
+            name,
+            url: format!("http://{front}/"),
+            host: front.to_string(),
+            pids,
+            h1: true,
+        });
+    }
+    for (name, front, back, l4) in [("nginx", 7, 8, false), ("nginx_l4", 9, 10, true)] {
+        let (front, back) = (
+            SocketAddr::new(ip(front), 8080),
+            SocketAddr::new(ip(back), 8443),
+        );
+        let (a, b) = bench::nginx_pair(front, back, upstream, &certs, dir.path(), l4);
+        let mut pids = vec![];
+        for (role, cfg) in [("a", a), ("b", b)] {
+            let f = dir.path().join(format!("{name}-{role}.conf"));
+            std::fs::write(&f, cfg)?;
+            let child = bench::spawn(
+                "nginx",
+                &[
+                    "-c",
+                    f.to_str().unwrap(),
+                    "-p",
+                    dir.path().to_str().unwrap(),
+                ],
+                &dir.path().join(format!("{name}-{role}.log")),
+            )?;
+            pids.push(child.id());
+            started.lock().unwrap().push(child.id());
+            peers.0.push(child);
+        }
+        bench::wait_listening(front, Duration::from_secs(10))
+            .with_context(|| format!("{name} did not start"))?;
+        paths.push(Path {
+            name,
+            url: format!("http://{front}/"),
+            host: front.to_string(),
+            pids,
+            h1: true,
+        });
+    }
+    // HTTP/2 from the client into the mesh (h2c to the outbound sidecar).
+    paths.push(Path {
+        name: "mesh_h2",
+        url: format!("http://{}:15001/", ip(1)),
+        host: "bench-upstream:8080".into(),
+        pids: mesh_pids,
+        h1: false,
+    });
+
+    let mut results: BTreeMap<&str, Vec<Round>> = BTreeMap::new();
+    for round in 1..=rounds {
+        println!(
+            "\nround {round}/{rounds}: {FIXED_RPS} req/s over {FIXED_CONNS} connections for {fixed_secs}s; max over {MAX_CONNS} connections for {max_secs}s"
+        );
+        println!(
+            "{:<11} {:>8} {:>8} {:>8} {:>10} {:>12} {:>8} {:>7}",
+            "path", "p50 ms", "p90 ms", "p99 ms", "max rps", "cpu s/1k", "rss MB", "failed"
+        );
+        for p in &paths {
+            let r = measure(p, dir.path(), fixed_secs, max_secs)?;
+            println!(
+                "{:<11} {:>8.3} {:>8.3} {:>8.3} {:>10.0} {:>12.4} {:>8.1} {:>7}",
+                p.name, r.p50, r.p90, r.p99, r.max_rps, r.cpu_per_1k, r.rss_mb, r.failed
+            );
+            results.entry(p.name).or_default().push(r);
+        }
+    }
+    drop(peers);
+    rt.block_on(async {
+        pods.stop().await;
+        cp.stop().await;
+    });
+    report(&results);
+    Ok(())
+}
+
+fn measure(
+    p: &Path,
+    dir: &std::path::Path,
+    fixed_secs: u64,
+    max_secs: u64,
+) -> anyhow::Result<Round> {
+    let log = dir.join(format!("{}.h2load.log", p.name));
+    // Warm up (connections, TLS sessions, pools), then measure.
+    bench::h2load_fixed(&p.url, &p.host, p.h1, FIXED_CONNS, FIXED_RPS, 2, &log)?;
+    let cpu_before: f64 = p.pids.iter().map(|&pid| bench::cpu_seconds(pid)).sum();
+    let fixed = bench::h2load_fixed(
+        &p.url,
+        &p.host,
+        p.h1,
+        FIXED_CONNS,
+        FIXED_RPS,
+        fixed_secs,
+        &log,
+    )?;
+    let cpu: f64 = p
+        .pids
+        .iter()
+        .map(|&pid| bench::cpu_seconds(pid))
+        .sum::<f64>()
+        - cpu_before;
+    let rss_mb = p
+        .pids
+        .iter()
+        .map(|&pid| bench::mem_mb(pid, "VmRSS"))
+        .fold(0.0, f64::max);
+    let max_rps = if p.h1 {
+        bench::wrk_max(&p.url, &p.host, MAX_CONNS, max_secs)?
+    } else {
+        0.0
+    };
+    Ok(Round {
+        p50: fixed.p50_ms,
+        p90: fixed.p90_ms,
+        p99: fixed.p99_ms,
+        max_rps,
+        cpu_per_1k: cpu / (fixed.requests as f64 / 1000.0),
+        rss_mb,
+        failed: fixed.failed,
+    })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    bench::percentile(&v, 0.5)
+}
+
+fn report(results: &BTreeMap<&str, Vec<Round>>) {
+    let med = |name: &str, f: fn(&Round) -> f64| median(results[name].iter().map(f).collect());
+    let mut paths = serde_json::Map::new();
+    println!("\nmedians over rounds");
+    println!(
+        "{:<11} {:>8} {:>8} {:>8} {:>10} {:>12} {:>8}",
+        "path", "p50 ms", "p90 ms", "p99 ms", "max rps", "cpu s/1k", "rss MB"
+    );
+    for name in results.keys() {
+        let (p50, p90, p99) = (
+            med(name, |r| r.p50),
+            med(name, |r| r.p90),
+            med(name, |r| r.p99),
+        );
+        let (max_rps, cpu, rss) = (
+            med(name, |r| r.max_rps),
+            med(name, |r| r.cpu_per_1k),
+            med(name, |r| r.rss_mb),
+        );
+        println!(
+            "{name:<11} {p50:>8.3} {p90:>8.3} {p99:>8.3} {max_rps:>10.0} {cpu:>12.4} {rss:>8.1}"
+        );
+        paths.insert(
+            name.to_string(),
+            json!({
+                "p50_ms": round3(p50), "p90_ms": round3(p90), "p99_ms": round3(p99),
+                "max_rps": max_rps.round(), "cpu_s_per_1k": round4(cpu), "rss_mb": round3(rss),
+            }),
+        );
+    }
+    let direct = (med("direct", |r| r.p90), med("direct", |r| r.p99));
+    let mesh_added_p90 = med("mesh", |r| r.p90) - direct.0;
+    let mesh_added_p99 = med("mesh", |r| r.p99) - direct.1;
+    let best_peer = ["haproxy", "haproxy_l4", "nginx", "nginx_l4"]
+        .iter()
+        .map(|n| med(n, |r| r.p90) - direct.0)
+        .fold(f64::INFINITY, f64::min);
+    println!(
+        "\nmesh adds {mesh_added_p90:.3} ms p90 and {mesh_added_p99:.3} ms p99 over direct; the best peer adds {best_peer:.3} ms p90"
+    );
+    println!(
+        "{}",
+        json!({
+            "paths": paths,
+            "mesh_added_p90_ms": round3(mesh_added_p90),
+            "mesh_added_p99_ms": round3(mesh_added_p99),
+            "best_peer_added_p90_ms": round3(best_peer),
+        })
+    );
+}
+
+fn round3(v: f64) -> f64 {
+    (v * 1000.0).round() / 1000.0
+}
+fn round4(v: f64) -> f64 {
+    (v * 10000.0).round() / 10000.0
+}
