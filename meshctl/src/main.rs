@@ -46,9 +46,17 @@ fn init_logs(default: &str) {
         .init();
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    if let Command::Proxy(args) = cli.command {
+        init_logs("info");
+        return mesh_proxy::cli::run_process(args).map_err(|e| anyhow::anyhow!("{e}"));
+    }
+    tokio::runtime::Runtime::new()?.block_on(run(cli.command))
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Demo {
             requests,
             config,
@@ -66,10 +74,7 @@ async fn main() -> anyhow::Result<()> {
                 std::process::exit(1);
             }
         }
-        Command::Proxy(args) => {
-            init_logs("info");
-            mesh_proxy::run(args.into_config()?, mesh_proxy::cli::shutdown_signal()).await?;
-        }
+        Command::Proxy(_) => unreachable!("handled before the runtime starts"),
         Command::App(app) => {
             init_logs("info");
             app.run(mesh_proxy::cli::shutdown_signal()).await?;

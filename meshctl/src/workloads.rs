@@ -131,6 +131,7 @@ fn proxy_args(cp: &ControlPlane, w: &WorkloadSpec, token_file: PathBuf) -> Proxy
         ca_root_file: cp.root_file.clone(),
         token_file,
         cert_lifetime_secs: 0,
+        threads: mesh_proxy::cli::DEFAULT_THREADS,
     }
 }
 

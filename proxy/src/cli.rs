@@ -36,7 +36,13 @@ pub struct ProxyArgs {
     /// Requested certificate lifetime in seconds (0: citadel's default).
     #[arg(long, env = "MESH_CERT_LIFETIME_SECS", default_value_t = 0)]
     pub cert_lifetime_secs: u64,
+    /// Worker threads. One (the default) runs everything on a single thread,
+    /// with no cross-thread wake-ups: a sidecar serves one pod.
+    #[arg(long, env = "MESH_PROXY_THREADS", default_value_t = DEFAULT_THREADS)]
+    pub threads: usize,
 }
+
+pub const DEFAULT_THREADS: usize = 1;
 
 #[derive(Debug, thiserror::Error)]
 #[error("reading {flag} {}: {source}", path.display())]
@@ -67,6 +73,23 @@ impl ProxyArgs {
             ports: Ports::default(),
         })
     }
+}
+
+/// Runs a proxy process to completion on a runtime of `args.threads`
+/// threads, stopping on SIGTERM or Ctrl-C. Every binary that runs a
+/// sidecar calls this.
+pub fn run_process(args: ProxyArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let rt = if args.threads <= 1 {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(args.threads)
+            .enable_all()
+            .build()?
+    };
+    let cfg = args.into_config()?;
+    rt.block_on(crate::run(cfg, shutdown_signal()))?;
+    Ok(())
 }
 
 /// Resolves on SIGTERM or Ctrl-C: the one drain trigger of a proxy process.

@@ -78,13 +78,10 @@ struct Round {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let rt = tokio::runtime::Runtime::new()?;
     if let Some(Sub::Proxy(args)) = cli.command {
-        return rt.block_on(async {
-            mesh_proxy::run(args.into_config()?, mesh_proxy::cli::shutdown_signal()).await?;
-            Ok(())
-        });
+        return mesh_proxy::cli::run_process(args).map_err(|e| anyhow::anyhow!("{e}"));
     }
+    let rt = tokio::runtime::Runtime::new()?;
     bench::ensure_tools()?;
     let (rounds, fixed_secs, max_secs) = if cli.quick { (1, 10, 5) } else { (3, 30, 15) };
     let dir = tempfile::tempdir()?;
