@@ -109,9 +109,9 @@ fn config_dump(shared: &Shared) -> Value {
             "name": c.config.name,
             "protocol": protocol(c.config.protocol),
             "endpoints": c.endpoints.iter().map(|e| json!({
-                "address": format!("{}:{}", e.address, e.port),
-                "identity": e.identity,
-                "workload": e.workload,
+                "address": format!("{}:{}", e.pb.address, e.pb.port),
+                "identity": e.pb.identity,
+                "workload": e.pb.workload,
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
     })

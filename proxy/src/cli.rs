@@ -80,7 +80,9 @@ impl ProxyArgs {
 /// sidecar calls this.
 pub fn run_process(args: ProxyArgs) -> Result<(), Box<dyn std::error::Error>> {
     let rt = if args.threads <= 1 {
-        tokio::runtime::Builder::new_current_thread().enable_all().build()?
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
     } else {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(args.threads)

@@ -1,120 +1,166 @@
 //! Inbound: accepts only mutual TLS from peers holding a mesh certificate,
 //! and forwards each request to the app on the port it was meant for.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
-use http::{Request, Response, StatusCode, Uri};
+use http::uri::Scheme;
+use http::{HeaderValue, Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use mesh_identity::SpiffeId;
-use mesh_proto::resources as pb;
 
 use crate::Shared;
-use crate::metrics::{RequestLabels, service_name_namespace};
+use crate::metrics::{RequestLabels, SeriesCache, service_name_namespace};
 use crate::pool::Body;
+use crate::state::{InboundPort, Snapshot};
 use crate::wire::{self, PeerMeta, local_reply};
+
+/// One inbound connection: the peer it is from, what the app is told about
+/// it, and the counters its requests have used.
+pub struct Conn {
+    pub peer: SpiffeId,
+    xfcc: Option<HeaderValue>,
+    /// Keyed by (source metadata, app port, response code, protocol).
+    series: SeriesCache<(Option<HeaderValue>, u32, u16, &'static str)>,
+}
+
+impl Conn {
+    pub fn new(own: &SpiffeId, peer: SpiffeId) -> Self {
+        Self {
+            xfcc: format!("By={own};URI={peer}").parse().ok(),
+            peer,
+            series: SeriesCache::default(),
+        }
+    }
+}
 
 pub async fn handle(
     shared: Arc<Shared>,
-    peer: Arc<SpiffeId>,
+    conn: Arc<Conn>,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, std::convert::Infallible> {
-    let mut labels = shared.destination_labels();
-    labels.reporter = "destination";
-    labels.connection_security_policy = "mutual_tls";
-    labels.source_principal = peer.to_string();
-    labels.request_protocol = if req.version() == http::Version::HTTP_2 {
+    let protocol = if req.version() == http::Version::HTTP_2 {
         "http2"
     } else {
         "http"
     };
-    if let Some(src) = req
-        .headers()
-        .get(wire::SOURCE)
-        .and_then(|v| v.to_str().ok())
-    {
-        let m = PeerMeta::decode(src);
-        // Only what the certificate vouches for is trusted: the namespace.
-        if m.namespace == peer.namespace {
-            labels.source_workload = m.workload;
-            labels.source_app = m.app;
-            labels.source_version = m.version;
-        }
-    }
-    labels.source_workload_namespace = peer.namespace.clone();
-    let resp = forward(&shared, &peer, req, &mut labels).await;
-    labels.response_code = resp.status().as_u16();
-    shared.metrics.requests.get_or_create(&labels).inc();
-    Ok(resp)
-}
-
-async fn forward(
-    shared: &Shared,
-    peer: &SpiffeId,
-    req: Request<Incoming>,
-    labels: &mut RequestLabels,
-) -> Response<Body> {
+    let source = req.headers().get(wire::SOURCE).cloned();
     let snapshot = shared.snapshot.borrow().clone();
-    let Some(listener) = snapshot.listener.as_ref() else {
-        return local_reply(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "sidecar has no inbound config yet",
-        );
-    };
     let port = req
         .headers()
         .get(wire::TARGET_PORT)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u32>().ok());
-    let Some(port) = port.and_then(|p| listener.ports.iter().find(|ip| ip.port == p)) else {
-        return local_reply(
+        .and_then(|v| v.parse::<u32>().ok())
+        .and_then(|p| snapshot.inbound.get(&p).cloned());
+    let resp = match &port {
+        None if snapshot.listener.is_none() => local_reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "sidecar has no inbound config yet",
+        ),
+        None => local_reply(
             StatusCode::NOT_FOUND,
             "request names no port this workload serves",
-        );
+        ),
+        Some(port) => forward(&shared, &conn, port, req).await,
     };
-    if let Some(svc) = port.services.first() {
-        let (name, ns) = service_name_namespace(svc);
-        labels.destination_service = svc.clone();
-        labels.destination_service_name = name;
-        labels.destination_service_namespace = ns;
+    let code = resp.status().as_u16();
+    let key = (
+        source.clone(),
+        port.as_ref().map_or(0, |p| p.port),
+        code,
+        protocol,
+    );
+    conn.series.inc(key, &shared.metrics.requests, || {
+        labels(
+            &shared,
+            &snapshot,
+            &conn,
+            source.as_ref(),
+            port.as_deref(),
+            code,
+            protocol,
+        )
+    });
+    Ok(resp)
+}
+
+fn labels(
+    shared: &Shared,
+    snapshot: &Snapshot,
+    conn: &Conn,
+    source: Option<&HeaderValue>,
+    port: Option<&InboundPort>,
+    code: u16,
+    protocol: &'static str,
+) -> RequestLabels {
+    let own = &snapshot.own.meta;
+    let mut l = RequestLabels {
+        reporter: "destination",
+        destination_workload: own.workload.clone(),
+        destination_workload_namespace: shared.cfg.identity.namespace.clone(),
+        destination_principal: shared.cfg.identity.to_string(),
+        destination_app: own.app.clone(),
+        destination_version: own.version.clone(),
+        source_principal: conn.peer.to_string(),
+        source_workload_namespace: conn.peer.namespace.clone(),
+        request_protocol: protocol,
+        response_code: code,
+        response_flags: if code == 503 { "UF" } else { "-" },
+        connection_security_policy: "mutual_tls",
+        ..Default::default()
+    };
+    if let Some(m) = source.and_then(|v| v.to_str().ok()).map(PeerMeta::decode) {
+        // Only what the certificate vouches for is trusted: the namespace.
+        if m.namespace == conn.peer.namespace {
+            l.source_workload = m.workload;
+            l.source_app = m.app;
+            l.source_version = m.version;
+        }
     }
+    if let Some(p) = port {
+        let (name, ns) = service_name_namespace(&p.service);
+        l.destination_service = p.service.clone();
+        l.destination_service_name = name;
+        l.destination_service_namespace = ns;
+    }
+    l
+}
+
+async fn forward(
+    shared: &Shared,
+    conn: &Conn,
+    port: &InboundPort,
+    req: Request<Incoming>,
+) -> Response<Body> {
     let (mut parts, body) = req.into_parts();
-    let authority = parts
-        .uri
-        .authority()
-        .map(|a| a.as_str().to_string())
-        .unwrap_or_default();
-    let app = SocketAddr::new(shared.cfg.pod_ip, port.port as u16);
-    let path = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/");
-    parts.uri = match Uri::builder()
-        .scheme("http")
-        .authority(app.to_string())
-        .path_and_query(path)
-        .build()
-    {
+    let original = parts.uri.authority().cloned();
+    let mut uri = std::mem::take(&mut parts.uri).into_parts();
+    uri.scheme = Some(Scheme::HTTP);
+    uri.authority = Some(port.app.clone());
+    if uri.path_and_query.is_none() {
+        uri.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+    }
+    parts.uri = match Uri::from_parts(uri) {
         Ok(u) => u,
         Err(e) => return local_reply(StatusCode::BAD_REQUEST, format!("bad request target: {e}")),
     };
-    wire::strip_hop_by_hop(&mut parts.headers);
+    if parts.version != http::Version::HTTP_2 {
+        wire::strip_hop_by_hop(&mut parts.headers);
+    }
     parts.headers.remove(wire::TARGET_PORT);
     parts.headers.remove(wire::SOURCE);
-    if let Ok(v) = format!("By={};URI={peer}", shared.cfg.identity).parse() {
-        parts.headers.insert(wire::XFCC, v);
+    if let Some(v) = &conn.xfcc {
+        parts.headers.insert(wire::XFCC, v.clone());
     }
-    let h2 = matches!(
-        pb::Protocol::try_from(port.protocol),
-        Ok(pb::Protocol::Http2 | pb::Protocol::Grpc)
-    );
-    let client = if h2 { &shared.app_h2 } else { &shared.app_h1 };
-    if !h2 {
+    let client = if port.h2 {
+        &shared.app_h2
+    } else {
+        &shared.app_h1
+    };
+    if !port.h2 {
         parts.version = http::Version::HTTP_11;
-        if let Ok(v) = authority.parse() {
-            parts.headers.insert(http::header::HOST, v);
+        if let Some(host) = original.and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
+            parts.headers.insert(http::header::HOST, host);
         }
     }
     match client
@@ -127,11 +173,10 @@ async fn forward(
             Response::from_parts(parts, body.boxed())
         }
         Err(e) => {
-            labels.response_flags = "UF";
-            tracing::warn!(%app, error = %e, "app request failed");
+            tracing::warn!(app = %port.app, error = %e, "app request failed");
             local_reply(
                 StatusCode::SERVICE_UNAVAILABLE,
-                format!("app at {app} unreachable: {e}"),
+                format!("app at {} unreachable: {e}", port.app),
             )
         }
     }

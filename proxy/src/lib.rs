@@ -32,10 +32,9 @@ use tokio::task::JoinSet;
 pub use config::{Config, Ports};
 
 use crate::identity::Tls;
-use crate::metrics::{Metrics, RequestLabels};
+use crate::metrics::Metrics;
 use crate::pool::{Body, Pool};
 use crate::state::Snapshot;
-use crate::wire::PeerMeta;
 use crate::xds::XdsStatus;
 
 /// What every request handler shares. Control-plane data arrives through
@@ -61,55 +60,6 @@ impl Shared {
             return Some("no config from pilot yet");
         }
         None
-    }
-
-    fn own_labels(&self) -> (PeerMeta, String) {
-        let snapshot = self.snapshot.borrow();
-        let w = snapshot.listener.as_ref().and_then(|l| l.workload.as_ref());
-        let meta = PeerMeta {
-            workload: w.map(|w| w.name.clone()).unwrap_or_default(),
-            namespace: self.cfg.identity.namespace.clone(),
-            app: w
-                .and_then(|w| w.labels.get("app").cloned())
-                .unwrap_or_default(),
-            version: w
-                .and_then(|w| w.labels.get("version").cloned())
-                .unwrap_or_default(),
-        };
-        (meta, self.cfg.identity.to_string())
-    }
-
-    pub fn source_meta(&self) -> String {
-        self.own_labels().0.encode()
-    }
-
-    /// Labels describing this workload as the source of a request.
-    pub fn source_labels(&self) -> RequestLabels {
-        let (m, principal) = self.own_labels();
-        RequestLabels {
-            source_workload: m.workload,
-            source_workload_namespace: m.namespace,
-            source_principal: principal,
-            source_app: m.app,
-            source_version: m.version,
-            connection_security_policy: "unknown",
-            response_flags: "-",
-            ..Default::default()
-        }
-    }
-
-    /// Labels describing this workload as the destination of a request.
-    pub fn destination_labels(&self) -> RequestLabels {
-        let (m, principal) = self.own_labels();
-        RequestLabels {
-            destination_workload: m.workload,
-            destination_workload_namespace: m.namespace,
-            destination_principal: principal,
-            destination_app: m.app,
-            destination_version: m.version,
-            response_flags: "-",
-            ..Default::default()
-        }
     }
 }
 
@@ -220,14 +170,16 @@ async fn serve_inbound(listener: TcpListener, shared: Arc<Shared>) {
                     return;
                 }
             };
-            let peer = match mesh_identity::peer_identity(stream.get_ref().1.peer_certificates()) {
-                mesh_identity::PeerIdentity::Mesh(id) => Arc::new(id),
+            let conn = match mesh_identity::peer_identity(stream.get_ref().1.peer_certificates()) {
+                mesh_identity::PeerIdentity::Mesh(id) => {
+                    Arc::new(inbound::Conn::new(&shared.cfg.identity, id))
+                }
                 mesh_identity::PeerIdentity::Unauthenticated => {
                     tracing::warn!(%peer_addr, "inbound peer has no SPIFFE identity");
                     return;
                 }
             };
-            let svc = service_fn(move |req| inbound::handle(shared.clone(), peer.clone(), req));
+            let svc = service_fn(move |req| inbound::handle(shared.clone(), conn.clone(), req));
             let _ = auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), svc)
                 .await;

@@ -56,6 +56,41 @@ impl Metrics {
     }
 }
 
+/// Counters already looked up, by a small key (response code and the like),
+/// so that the request path does not build and hash a label set per request.
+/// A miss builds the labels once.
+pub struct SeriesCache<K>(std::sync::Mutex<Vec<(K, Counter)>>);
+
+impl<K> Default for SeriesCache<K> {
+    fn default() -> Self {
+        Self(std::sync::Mutex::new(Vec::new()))
+    }
+}
+
+impl<K: PartialEq> SeriesCache<K> {
+    pub fn inc(
+        &self,
+        key: K,
+        family: &Family<RequestLabels, Counter>,
+        labels: impl FnOnce() -> RequestLabels,
+    ) {
+        let mut series = self.0.lock().unwrap();
+        if let Some((_, c)) = series.iter().find(|(k, _)| *k == key) {
+            c.inc();
+            return;
+        }
+        let counter = family.get_or_create(&labels()).clone();
+        counter.inc();
+        series.push((key, counter));
+    }
+}
+
+impl std::fmt::Debug for SeriesCache<(u16, &'static str, &'static str)> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SeriesCache")
+    }
+}
+
 /// The service's short name and namespace from its host
 /// (`reviews.default.svc.cluster.local` -> `reviews`, `default`).
 pub fn service_name_namespace(host: &str) -> (String, String) {

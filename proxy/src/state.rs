@@ -1,16 +1,27 @@
-//! The proxy's view of the mesh: the resources pilot sent, indexed for the
-//! request path. A `Snapshot` is immutable; each accepted xDS update builds a
-//! new one and swaps it in whole.
+//! The proxy's view of the mesh: the resources pilot sent, indexed and
+//! pre-parsed for the request path. A `Snapshot` is immutable; each accepted
+//! xDS update builds a new one and swaps it in whole.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use http::HeaderValue;
+use http::uri::Authority;
+use mesh_identity::SpiffeId;
 use mesh_proto::resources as pb;
+
+use crate::metrics::{RequestLabels, SeriesCache, service_name_namespace};
+use crate::wire::PeerMeta;
 
 #[derive(Debug, Default)]
 pub struct Snapshot {
     pub listener: Option<pb::Listener>,
+    /// This pod as pilot describes it, ready for headers and labels.
+    pub own: Own,
+    /// Inbound app ports by number.
+    pub inbound: HashMap<u32, Arc<InboundPort>>,
     pub routes: HashMap<String, Arc<pb::RouteConfig>>,
     pub clusters: HashMap<String, Arc<Cluster>>,
     /// Domain (host without port) -> route configs by port.
@@ -19,21 +30,82 @@ pub struct Snapshot {
     pub answered: usize,
 }
 
+/// What this pod tells its peers about itself, and how it labels metrics.
+#[derive(Debug, Default)]
+pub struct Own {
+    pub meta: PeerMeta,
+    /// `x-mesh-source` value sent with every outbound request.
+    pub source_header: Option<HeaderValue>,
+}
+
+/// An app port reachable through the inbound listener.
+#[derive(Debug)]
+pub struct InboundPort {
+    pub port: u32,
+    /// Where the app listens: the pod's address and this port.
+    pub app: Authority,
+    pub h2: bool,
+    pub service: String,
+}
+
 /// A cluster with its endpoints and its round-robin cursor.
 #[derive(Debug)]
 pub struct Cluster {
     pub config: pb::Cluster,
-    pub endpoints: Vec<Arc<pb::Endpoint>>,
+    pub endpoints: Vec<Arc<Endpoint>>,
     next: AtomicUsize,
 }
 
+/// An endpoint, parsed once: where its sidecar listens, what identity it must
+/// present, and its request counters.
+#[derive(Debug)]
+pub struct Endpoint {
+    pub pb: pb::Endpoint,
+    pub tunnel: SocketAddr,
+    pub identity: SpiffeId,
+    /// `x-mesh-target-port` value: the app port behind the sidecar.
+    pub target_port: HeaderValue,
+    /// Outbound request counters by (response code, flags, protocol).
+    pub series: SeriesCache<(u16, &'static str, &'static str)>,
+}
+
+impl Endpoint {
+    fn new(pb: pb::Endpoint) -> Option<Self> {
+        let ip = pb.address.parse().ok()?;
+        Some(Self {
+            tunnel: SocketAddr::new(ip, pb.tunnel_port as u16),
+            identity: pb.identity.parse().ok()?,
+            target_port: HeaderValue::from(pb.port),
+            series: SeriesCache::default(),
+            pb,
+        })
+    }
+
+    /// Destination labels for requests sent to this endpoint.
+    pub fn labels(&self, into: &mut RequestLabels) {
+        into.destination_workload = self.pb.workload.clone();
+        into.destination_workload_namespace = self.pb.namespace.clone();
+        into.destination_principal = self.pb.identity.clone();
+        into.destination_app = self.pb.labels.get("app").cloned().unwrap_or_default();
+        into.destination_version = self.pb.labels.get("version").cloned().unwrap_or_default();
+    }
+}
+
 impl Cluster {
-    pub fn pick(&self) -> Option<&Arc<pb::Endpoint>> {
+    pub fn pick(&self) -> Option<&Arc<Endpoint>> {
         if self.endpoints.is_empty() {
             return None;
         }
         let i = self.next.fetch_add(1, Ordering::Relaxed);
         self.endpoints.get(i % self.endpoints.len())
+    }
+
+    /// Service labels for requests to this cluster.
+    pub fn labels(&self, into: &mut RequestLabels) {
+        let (name, ns) = service_name_namespace(&self.config.service);
+        into.destination_service = self.config.service.clone();
+        into.destination_service_name = name;
+        into.destination_service_namespace = ns;
     }
 }
 
@@ -68,7 +140,14 @@ impl Resources {
                 let endpoints = self
                     .endpoints
                     .get(name)
-                    .map(|e| e.endpoints.iter().cloned().map(Arc::new).collect())
+                    .map(|e| {
+                        e.endpoints
+                            .iter()
+                            .cloned()
+                            .filter_map(Endpoint::new)
+                            .map(Arc::new)
+                            .collect()
+                    })
                     .unwrap_or_default();
                 let cluster = Cluster {
                     config: c.clone(),
@@ -78,13 +157,51 @@ impl Resources {
                 (name.clone(), Arc::new(cluster))
             })
             .collect();
+        let (own, inbound) = self.own();
         Snapshot {
             listener: self.listener.clone(),
+            own,
+            inbound,
             routes,
             clusters,
             domains,
             answered: self.answered.len(),
         }
+    }
+
+    fn own(&self) -> (Own, HashMap<u32, Arc<InboundPort>>) {
+        let Some(l) = &self.listener else {
+            return Default::default();
+        };
+        let w = l.workload.clone().unwrap_or_default();
+        let meta = PeerMeta {
+            workload: w.name.clone(),
+            namespace: w.namespace.clone(),
+            app: w.labels.get("app").cloned().unwrap_or_default(),
+            version: w.labels.get("version").cloned().unwrap_or_default(),
+        };
+        let inbound = l
+            .ports
+            .iter()
+            .filter_map(|p| {
+                let app = SocketAddr::new(w.address.parse().ok()?, p.port as u16);
+                let port = InboundPort {
+                    port: p.port,
+                    app: app.to_string().parse().ok()?,
+                    h2: matches!(
+                        pb::Protocol::try_from(p.protocol),
+                        Ok(pb::Protocol::Http2 | pb::Protocol::Grpc)
+                    ),
+                    service: p.services.first().cloned().unwrap_or_default(),
+                };
+                Some((p.port, Arc::new(port)))
+            })
+            .collect();
+        let own = Own {
+            source_header: meta.encode().parse().ok(),
+            meta,
+        };
+        (own, inbound)
     }
 }
 
@@ -102,7 +219,10 @@ impl Snapshot {
         default_port: u16,
     ) -> Option<&Arc<pb::RouteConfig>> {
         let (host, port) = split_authority(authority);
-        let configs = self.domains.get(&host.to_ascii_lowercase())?;
+        let configs = match self.domains.get(host) {
+            Some(c) => c,
+            None => self.domains.get(&host.to_ascii_lowercase())?,
+        };
         let port = port.unwrap_or(default_port) as u32;
         configs
             .iter()
