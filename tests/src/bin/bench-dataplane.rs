@@ -18,6 +18,14 @@ struct Cli {
     /// One short round (under 3 minutes) instead of three full ones.
     #[arg(long)]
     quick: bool,
+    /// Measure only these paths (comma-separated, e.g. `direct,mesh`); the
+    /// others are not started. The JSON line needs `direct` and the peers.
+    #[arg(long, value_delimiter = ',')]
+    paths: Vec<String>,
+    /// Start everything, print the addresses and wait for Ctrl-C instead of
+    /// measuring (for profiling by hand).
+    #[arg(long)]
+    hold: bool,
     #[command(subcommand)]
     command: Option<Sub>,
 }
@@ -131,7 +139,11 @@ fn main() -> anyhow::Result<()> {
             h1: true,
         },
     ];
+    let wanted = |name: &str| cli.paths.is_empty() || cli.paths.iter().any(|p| p == name);
     for (name, front, back, l4) in [("haproxy", 3, 4, false), ("haproxy_l4", 5, 6, true)] {
+        if !wanted(name) {
+            continue;
+        }
         let (front, back) = (
             SocketAddr::new(ip(front), 8080),
             SocketAddr::new(ip(back), 8443),
@@ -161,6 +173,9 @@ fn main() -> anyhow::Result<()> {
         });
     }
     for (name, front, back, l4) in [("nginx", 7, 8, false), ("nginx_l4", 9, 10, true)] {
+        if !wanted(name) {
+            continue;
+        }
         let (front, back) = (
             SocketAddr::new(ip(front), 8080),
             SocketAddr::new(ip(back), 8443),
@@ -203,6 +218,18 @@ fn main() -> anyhow::Result<()> {
         h1: false,
     });
 
+    paths.retain(|p| wanted(p.name));
+    if cli.hold {
+        for p in &paths {
+            println!(
+                "{:<11} {} (host {}) pids {:?}",
+                p.name, p.url, p.host, p.pids
+            );
+        }
+        println!("holding; Ctrl-C to stop");
+        rt.block_on(tokio::signal::ctrl_c())?;
+        return Ok(());
+    }
     let mut results: BTreeMap<&str, Vec<Round>> = BTreeMap::new();
     for round in 1..=rounds {
         println!(
@@ -282,6 +309,20 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn report(results: &BTreeMap<&str, Vec<Round>>) {
+    if ![
+        "direct",
+        "mesh",
+        "haproxy",
+        "haproxy_l4",
+        "nginx",
+        "nginx_l4",
+    ]
+    .iter()
+    .all(|p| results.contains_key(p))
+    {
+        println!("\n(some paths were left out: no summary line)");
+        return;
+    }
     let med = |name: &str, f: fn(&Round) -> f64| median(results[name].iter().map(f).collect());
     let mut paths = serde_json::Map::new();
     println!("\nmedians over rounds");
