@@ -73,8 +73,13 @@ pub async fn run(opts: Options) -> anyhow::Result<bool> {
     let cp = ControlPlane::start(&state_dir, &config_dir, opts.control_plane_ip).await?;
     println!("starting {} workloads, each with its sidecar", specs.len());
     let exe = std::env::current_exe().context("finding meshctl's own path")?;
+    let proxy_exe = workloads::find_proxy_exe(&exe);
+    if let Some(p) = &proxy_exe {
+        println!("sidecars run {}", p.display());
+    }
     let launcher = Launcher::Processes {
         exe,
+        proxy_exe,
         log_dir: log_dir.clone(),
     };
     let pods = workloads::launch(&cp, &specs, &launcher, &state_dir).await?;

@@ -71,12 +71,27 @@ pub fn from_config(dir: &Path) -> anyhow::Result<Vec<WorkloadSpec>> {
 }
 
 pub enum Launcher {
-    /// Re-run `exe` (meshctl itself) as `proxy` and `app`, logs in `log_dir`.
+    /// Child processes: apps by re-running `exe` (meshctl itself) as `app`;
+    /// sidecars by running `proxy_exe` (a `mesh-proxy` binary) or, without
+    /// one, `exe proxy`. Logs go to `log_dir`.
     Processes {
         exe: PathBuf,
+        proxy_exe: Option<PathBuf>,
         log_dir: PathBuf,
     },
     InProcess,
+}
+
+/// Env var naming the `mesh-proxy` binary to run sidecars with.
+pub const PROXY_BIN_ENV: &str = "MESH_PROXY_BIN";
+
+/// The dedicated sidecar binary to use: `$MESH_PROXY_BIN`, or `mesh-proxy`
+/// beside `exe`, if it exists.
+pub fn find_proxy_exe(exe: &Path) -> Option<PathBuf> {
+    std::env::var_os(PROXY_BIN_ENV)
+        .map(PathBuf::from)
+        .or_else(|| exe.parent().map(|d| d.join("mesh-proxy")))
+        .filter(|p| p.is_file())
 }
 
 enum Running {
@@ -137,7 +152,6 @@ fn proxy_args(cp: &ControlPlane, w: &WorkloadSpec, token_file: PathBuf) -> Proxy
 
 fn proxy_cmdline(a: &ProxyArgs) -> Vec<String> {
     vec![
-        "proxy".into(),
         format!("--workload={}", a.workload),
         format!("--namespace={}", a.namespace),
         format!("--service-account={}", a.service_account),
@@ -188,12 +202,20 @@ pub async fn launch(
             proxy: Some(format!("http://{}", w.outbound())),
         });
         match launcher {
-            Launcher::Processes { exe, log_dir } => {
-                let child = spawn_child(
-                    exe,
-                    &proxy_cmdline(&pa),
-                    &log_dir.join(format!("{}-proxy.log", w.name)),
-                )?;
+            Launcher::Processes {
+                exe,
+                proxy_exe,
+                log_dir,
+            } => {
+                let log = log_dir.join(format!("{}-proxy.log", w.name));
+                let child = match proxy_exe {
+                    Some(bin) => spawn_child(bin, &proxy_cmdline(&pa), &log)?,
+                    None => {
+                        let mut args = vec!["proxy".to_string()];
+                        args.extend(proxy_cmdline(&pa));
+                        spawn_child(exe, &args, &log)?
+                    }
+                };
                 pods.running
                     .push((format!("{}/proxy", w.name), Running::Child(child)));
                 if let Some(app) = app {

@@ -186,3 +186,31 @@ async fn serve_inbound(listener: TcpListener, shared: Arc<Shared>) {
         });
     }
 }
+
+#[cfg(test)]
+mod future_sizes {
+    fn size2<F, A, B, Fut>(_: F) -> usize
+    where
+        F: Fn(A, B) -> Fut,
+    {
+        std::mem::size_of::<Fut>()
+    }
+    fn size3<F, A, B, C, Fut>(_: F) -> usize
+    where
+        F: Fn(A, B, C) -> Fut,
+    {
+        std::mem::size_of::<Fut>()
+    }
+
+    #[test]
+    fn print_handler_future_sizes() {
+        eprintln!(
+            "outbound::handle future: {} bytes",
+            size2(crate::outbound::handle)
+        );
+        eprintln!(
+            "inbound::handle future: {} bytes",
+            size3(crate::inbound::handle)
+        );
+    }
+}

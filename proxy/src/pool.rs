@@ -70,7 +70,9 @@ impl Pool {
         let mut sender = match existing {
             Some(s) => s,
             None => {
-                let s = connect(tls, addr, expected).await?;
+                // Boxed: connecting is rare, and inlined it would make every
+                // request's future several kilobytes larger.
+                let s = Box::pin(connect(tls, addr, expected)).await?;
                 self.conns.lock().unwrap().insert(key, s.clone());
                 s
             }

@@ -423,3 +423,31 @@ pub fn kill_on_signal(
         std::process::exit(130);
     });
 }
+
+/// Builds the sidecar as deployed (`cargo build --profile sidecar -p
+/// mesh-proxy`) and returns the binary's path.
+pub fn build_sidecar() -> anyhow::Result<PathBuf> {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    eprintln!("building the sidecar: cargo build --profile sidecar -p mesh-proxy");
+    let ok = Command::new(cargo)
+        .args([
+            "build",
+            "--quiet",
+            "--profile",
+            "sidecar",
+            "-p",
+            "mesh-proxy",
+        ])
+        .current_dir(workspace)
+        .status()
+        .context("running cargo")?
+        .success();
+    anyhow::ensure!(ok, "building mesh-proxy with the sidecar profile failed");
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace.join("target"));
+    Ok(target.join("sidecar").join("mesh-proxy"))
+}

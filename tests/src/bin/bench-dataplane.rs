@@ -8,7 +8,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::Parser;
 use mesh_tests::bench::{self, Children};
 use meshctl::workloads::{self, Launcher};
 use serde_json::json;
@@ -26,15 +26,6 @@ struct Cli {
     /// measuring (for profiling by hand).
     #[arg(long)]
     hold: bool,
-    #[command(subcommand)]
-    command: Option<Sub>,
-}
-
-#[derive(Subcommand)]
-enum Sub {
-    /// Runs a sidecar (the benchmark starts its proxies this way, as the demo does).
-    #[command(hide = true)]
-    Proxy(mesh_proxy::cli::ProxyArgs),
 }
 
 const FIXED_RPS: u32 = 1000;
@@ -86,9 +77,6 @@ struct Round {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    if let Some(Sub::Proxy(args)) = cli.command {
-        return mesh_proxy::cli::run_process(args).map_err(|e| anyhow::anyhow!("{e}"));
-    }
     let rt = tokio::runtime::Runtime::new()?;
     bench::ensure_tools()?;
     let (rounds, fixed_secs, max_secs) = if cli.quick { (1, 10, 5) } else { (3, 30, 15) };
@@ -96,7 +84,8 @@ fn main() -> anyhow::Result<()> {
     let upstream = SocketAddr::new(ip(2), 8080);
     rt.block_on(bench::upstream(upstream))?;
 
-    // The mesh, as the demo runs it: control plane in-process, sidecars as processes.
+    // The mesh as the demo runs it (control plane in-process, sidecars as
+    // processes), with the sidecar binary as deployed.
     let config_dir = dir.path().join("config");
     std::fs::create_dir_all(&config_dir)?;
     std::fs::write(config_dir.join("bench.yaml"), MESH_CONFIG)?;
@@ -108,6 +97,7 @@ fn main() -> anyhow::Result<()> {
     ))?;
     let launcher = Launcher::Processes {
         exe: std::env::current_exe()?,
+        proxy_exe: Some(bench::build_sidecar()?),
         log_dir: dir.path().to_path_buf(),
     };
     let pods = rt.block_on(workloads::launch(&cp, &specs, &launcher, dir.path()))?;
