@@ -202,15 +202,17 @@ mod future_sizes {
         std::mem::size_of::<Fut>()
     }
 
+    /// Every request's future is moved (memcpy) into its task or
+    /// dispatcher; rare paths such as connecting must stay boxed so that
+    /// the common path stays small (the connect path once made it 7.4 KB).
     #[test]
-    fn print_handler_future_sizes() {
-        eprintln!(
-            "outbound::handle future: {} bytes",
-            size2(crate::outbound::handle)
+    fn request_futures_stay_small() {
+        let outbound = size2(crate::outbound::handle);
+        let inbound = size3(crate::inbound::handle);
+        assert!(
+            outbound <= 3072,
+            "outbound::handle future is {outbound} bytes"
         );
-        eprintln!(
-            "inbound::handle future: {} bytes",
-            size3(crate::inbound::handle)
-        );
+        assert!(inbound <= 2048, "inbound::handle future is {inbound} bytes");
     }
 }
