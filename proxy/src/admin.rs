@@ -27,8 +27,15 @@ pub async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<Body>, std::convert::Infallible> {
     use Endpoints::*;
+    if let (Admin, &Method::POST, "/drain") = (which, req.method(), req.uri().path()) {
+        shared.drain.start();
+        return Ok(local_reply(StatusCode::OK, "draining"));
+    }
     if req.method() != Method::GET {
-        return Ok(local_reply(StatusCode::METHOD_NOT_ALLOWED, "GET only"));
+        return Ok(local_reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "GET only (POST only for /drain)",
+        ));
     }
     Ok(match (which, req.uri().path()) {
         (Admin | Health, "/healthz/ready") => match shared.not_ready() {

@@ -36,6 +36,10 @@ pub struct ProxyArgs {
     /// Requested certificate lifetime in seconds (0: citadel's default).
     #[arg(long, env = "MESH_CERT_LIFETIME_SECS", default_value_t = 0)]
     pub cert_lifetime_secs: u64,
+    /// Seconds in-flight requests get to finish once draining starts
+    /// (SIGTERM or POST /drain on the admin port).
+    #[arg(long, env = "MESH_DRAIN_GRACE_SECS", default_value_t = crate::drain::DEFAULT_GRACE.as_secs())]
+    pub drain_grace_secs: u64,
     /// Worker threads. One (the default) runs everything on a single thread,
     /// with no cross-thread wake-ups: a sidecar serves one pod.
     #[arg(long, env = "MESH_PROXY_THREADS", default_value_t = DEFAULT_THREADS)]
@@ -70,6 +74,7 @@ impl ProxyArgs {
             ca_token: read(&self.token_file, "--token-file")?.trim().to_string(),
             roots_pem: read(&self.ca_root_file, "--ca-root-file")?,
             cert_lifetime: Duration::from_secs(self.cert_lifetime_secs),
+            drain_grace: Duration::from_secs(self.drain_grace_secs),
             ports: Ports::default(),
         })
     }

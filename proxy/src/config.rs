@@ -22,6 +22,8 @@ pub struct Config {
     pub roots_pem: String,
     /// Requested certificate lifetime; zero takes citadel's default.
     pub cert_lifetime: Duration,
+    /// How long in-flight requests may take to finish once draining starts.
+    pub drain_grace: Duration,
     pub ports: Ports,
 }
 

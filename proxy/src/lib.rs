@@ -6,12 +6,14 @@
 pub mod admin;
 pub mod cli;
 pub mod config;
+pub mod drain;
 pub mod identity;
 pub mod inbound;
 pub mod metrics;
 pub mod outbound;
 pub mod pool;
 pub mod route;
+mod server;
 pub mod state;
 pub mod wire;
 pub mod xds;
@@ -20,17 +22,16 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::TokioExecutor;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 pub use config::{Config, Ports};
 
+use crate::drain::Drain;
 use crate::identity::Tls;
 use crate::metrics::Metrics;
 use crate::pool::{Body, Pool};
@@ -48,11 +49,15 @@ pub struct Shared {
     pub pool: Pool,
     pub app_h1: Client<HttpConnector, Body>,
     pub app_h2: Client<HttpConnector, Body>,
+    pub drain: Drain,
 }
 
 impl Shared {
     /// Why the proxy is not ready, or `None` when it is.
     pub fn not_ready(&self) -> Option<&'static str> {
+        if self.drain.is_draining() {
+            return Some("draining");
+        }
         if self.tls.borrow().is_none() {
             return Some("no certificate from citadel yet");
         }
@@ -102,89 +107,36 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         pool: Pool::default(),
         app_h1: Client::builder(TokioExecutor::new()).build_http(),
         app_h2: h2.build_http(),
+        drain: Drain::default(),
     });
 
     let mut tasks = JoinSet::new();
     tasks.spawn(identity::run(cfg.clone(), tls_tx));
     tasks.spawn(xds::Client::new(cfg.clone(), snap_tx, status_tx).run(tls_rx));
-    tasks.spawn(serve_plain(outbound, shared.clone(), |s, req| {
+    tasks.spawn(server::serve_plain(outbound, shared.clone(), |s, req| {
         outbound::handle(s, req)
     }));
-    tasks.spawn(serve_inbound(inbound, shared.clone()));
+    tasks.spawn(server::serve_inbound(inbound, shared.clone()));
     for (listener, which) in [
         (admin, admin::Endpoints::Admin),
         (stats, admin::Endpoints::Stats),
         (health, admin::Endpoints::Health),
     ] {
-        tasks.spawn(serve_plain(listener, shared.clone(), move |s, req| {
-            admin::handle(s, which, req)
-        }));
+        tasks.spawn(server::serve_admin(listener, shared.clone(), which));
     }
     tracing::info!(proxy = %cfg.proxy_id, ip = %cfg.pod_ip, identity = %cfg.identity, "proxy started");
-    shutdown.await;
-    tracing::info!(proxy = %cfg.proxy_id, "proxy stopping");
+    tokio::select! {
+        _ = shutdown => shared.drain.start(),
+        _ = shared.drain.started() => {}
+    }
+    tracing::info!(proxy = %cfg.proxy_id, grace = ?cfg.drain_grace, "draining");
+    let left = shared.drain.finish(cfg.drain_grace).await;
+    if left > 0 {
+        tracing::warn!(proxy = %cfg.proxy_id, connections = left, "grace period over; closing what is left");
+    }
     tasks.shutdown().await;
+    tracing::info!(proxy = %cfg.proxy_id, "proxy stopped");
     Ok(())
-}
-
-async fn serve_plain<F, Fut>(listener: TcpListener, shared: Arc<Shared>, handler: F)
-where
-    F: Fn(Arc<Shared>, http::Request<hyper::body::Incoming>) -> Fut + Copy + Send + Sync + 'static,
-    Fut: Future<Output = Result<http::Response<Body>, std::convert::Infallible>> + Send + 'static,
-{
-    loop {
-        let Ok((tcp, _)) = listener.accept().await else {
-            continue;
-        };
-        let _ = tcp.set_nodelay(true);
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            let svc = service_fn(move |req| handler(shared.clone(), req));
-            let _ = auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(tcp), svc)
-                .await;
-        });
-    }
-}
-
-async fn serve_inbound(listener: TcpListener, shared: Arc<Shared>) {
-    loop {
-        let Ok((tcp, peer_addr)) = listener.accept().await else {
-            continue;
-        };
-        let _ = tcp.set_nodelay(true);
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            // Each connection uses the certificate current when it arrives.
-            let Some(tls) = shared.tls.borrow().clone() else {
-                tracing::debug!(%peer_addr, "refusing inbound connection: no certificate yet");
-                return;
-            };
-            let stream = match tokio_rustls::TlsAcceptor::from(tls.server.clone())
-                .accept(tcp)
-                .await
-            {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(%peer_addr, error = %e, "inbound mTLS handshake refused");
-                    return;
-                }
-            };
-            let conn = match mesh_identity::peer_identity(stream.get_ref().1.peer_certificates()) {
-                mesh_identity::PeerIdentity::Mesh(id) => {
-                    Arc::new(inbound::Conn::new(&shared.cfg.identity, id))
-                }
-                mesh_identity::PeerIdentity::Unauthenticated => {
-                    tracing::warn!(%peer_addr, "inbound peer has no SPIFFE identity");
-                    return;
-                }
-            };
-            let svc = service_fn(move |req| inbound::handle(shared.clone(), conn.clone(), req));
-            let _ = auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
-        });
-    }
 }
 
 #[cfg(test)]

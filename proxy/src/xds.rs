@@ -228,6 +228,7 @@ mod tests {
             ca_token: String::new(),
             roots_pem: String::new(),
             cert_lifetime: Duration::ZERO,
+            drain_grace: Duration::ZERO,
             ports: Default::default(),
         });
         let (snap_tx, snap_rx) = watch::channel(Arc::new(Snapshot::default()));

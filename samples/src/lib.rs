@@ -3,7 +3,8 @@
 //! red). The apps know nothing of the mesh: they call each other by service
 //! name through `HTTP_PROXY` (their sidecar in local mode), and each reports
 //! who called it, as its sidecar told it (`x-forwarded-client-cert`), so the
-//! demo can show every hop's identities.
+//! demo can show every hop's identities. Every service also answers
+//! `/health` and `/delay/<ms>` (after that many milliseconds, at most 10 s).
 #![forbid(unsafe_code)]
 
 use std::convert::Infallible;
@@ -114,6 +115,12 @@ impl App {
         let path = req.uri().path();
         let result = match (self.service, path) {
             (_, "/health") => Ok(json!({"status": "ok"})),
+            (_, p) if p.starts_with("/delay/") => {
+                // Like httpbin's /delay: answers after the given milliseconds (at most 10 s).
+                let ms: u64 = p["/delay/".len()..].parse().unwrap_or(0).min(10_000);
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                Ok(json!({"delayed_ms": ms, "hops": [hop]}))
+            }
             (Service::Productpage, "/productpage") => self.productpage(hop.clone()).await,
             (Service::Details, p) if p.starts_with("/details/") => Ok(json!({
                 "id": 0, "author": "William Shakespeare", "year": 1595,

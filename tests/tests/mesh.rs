@@ -426,3 +426,57 @@ async fn proxies_answer_readiness_and_config_dump() {
     assert_eq!(count.load(Ordering::Relaxed), 1);
     mesh.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn draining_a_sidecar_finishes_in_flight_requests_then_stops() {
+    let mesh = Mesh::start().await;
+    let client = mesh.workload("client").clone();
+    let http = mesh.client();
+    let slow = tokio::spawn(async move {
+        let started = Instant::now();
+        let r = http.get("http://productpage:9080/delay/800").send().await;
+        (r.map(|r| r.status().as_u16()), started.elapsed())
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let admin = reqwest::Client::builder().no_proxy().build().unwrap();
+    let r = admin
+        .post(format!("http://{}/drain", client.admin()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // Readiness turns false at once, so no new traffic is sent here.
+    let ready = admin
+        .get(format!("http://{}:15021/healthz/ready", client.address))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 503);
+    assert!(ready.text().await.unwrap().contains("draining"));
+    // New connections to the outbound listener are refused.
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while tokio::net::TcpStream::connect(client.outbound())
+        .await
+        .is_ok()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "outbound listener still accepts while draining"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The request already in flight completes normally.
+    let (status, took) = slow.await.unwrap();
+    assert_eq!(status.expect("in-flight request survives the drain"), 200);
+    assert!(took >= Duration::from_millis(800), "{took:?}");
+    // With nothing left in flight the proxy stops well before the 5 s grace.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while tokio::net::TcpStream::connect(client.admin()).await.is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "proxy still running after its connections finished"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    mesh.stop().await;
+}

@@ -1,0 +1,78 @@
+//! The one drain path. SIGTERM (or the caller's shutdown future) and the
+//! admin endpoint both start it: listeners stop accepting, readiness turns
+//! false, each open connection finishes its in-flight requests and closes
+//! (HTTP/1 `Connection: close`, HTTP/2 GOAWAY), and after a grace deadline
+//! whatever is left is dropped.
+
+use std::future::Future;
+use std::time::Duration;
+
+use hyper_util::server::graceful::GracefulConnection;
+use tokio::sync::watch;
+use tokio_util::task::TaskTracker;
+
+/// Istio's default drain duration.
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(5);
+
+pub struct Drain {
+    signal: watch::Sender<bool>,
+    connections: TaskTracker,
+}
+
+impl Default for Drain {
+    fn default() -> Self {
+        Self {
+            signal: watch::channel(false).0,
+            connections: TaskTracker::new(),
+        }
+    }
+}
+
+impl Drain {
+    /// Starts draining; later calls do nothing more.
+    pub fn start(&self) {
+        self.signal
+            .send_if_modified(|draining| !std::mem::replace(draining, true));
+    }
+
+    pub fn is_draining(&self) -> bool {
+        *self.signal.borrow()
+    }
+
+    /// Resolves once draining has started.
+    pub fn started(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut rx = self.signal.subscribe();
+        async move {
+            let _ = rx.wait_for(|d| *d).await;
+        }
+    }
+
+    /// Serves one connection as a tracked task: it runs until it ends by
+    /// itself, or, once draining starts, until its in-flight requests are done.
+    pub fn serve<C>(&self, conn: C)
+    where
+        C: GracefulConnection + Send + 'static,
+        C::Output: Send,
+    {
+        let started = self.started();
+        self.connections.spawn(async move {
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                _ = started => {}
+            }
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        });
+    }
+
+    /// Waits up to `grace` for every connection to finish; returns how many
+    /// were still open at the deadline.
+    pub async fn finish(&self, grace: Duration) -> usize {
+        self.connections.close();
+        match tokio::time::timeout(grace, self.connections.wait()).await {
+            Ok(()) => 0,
+            Err(_) => self.connections.len(),
+        }
+    }
+}

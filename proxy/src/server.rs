@@ -1,0 +1,105 @@
+//! Accept loops. Traffic listeners stop accepting when draining starts and
+//! hand each connection to the drain, which lets it finish in-flight
+//! requests; admin listeners keep answering while the proxy drains.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::pool::Body;
+use crate::{Shared, admin, inbound};
+
+/// The next connection, or `None` once draining has started (the listener
+/// is then dropped by the caller, so new connections are refused).
+async fn accept(listener: &TcpListener, shared: &Shared) -> Option<(TcpStream, SocketAddr)> {
+    let draining = shared.drain.started();
+    tokio::pin!(draining);
+    loop {
+        tokio::select! {
+            _ = &mut draining => return None,
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, peer)) => {
+                    let _ = tcp.set_nodelay(true);
+                    return Some((tcp, peer));
+                }
+                Err(e) => tracing::warn!(error = %e, "accept failed"),
+            },
+        }
+    }
+}
+
+/// Plain HTTP (HTTP/1.1 or h2c) traffic: the outbound listener.
+pub async fn serve_plain<F, Fut>(listener: TcpListener, shared: Arc<Shared>, handler: F)
+where
+    F: Fn(Arc<Shared>, http::Request<hyper::body::Incoming>) -> Fut + Copy + Send + Sync + 'static,
+    Fut: Future<Output = Result<http::Response<Body>, std::convert::Infallible>> + Send + 'static,
+{
+    while let Some((tcp, _)) = accept(&listener, &shared).await {
+        let s = shared.clone();
+        let svc = service_fn(move |req| handler(s.clone(), req));
+        let conn = auto::Builder::new(TokioExecutor::new())
+            .serve_connection(TokioIo::new(tcp), svc)
+            .into_owned();
+        shared.drain.serve(conn);
+    }
+}
+
+/// Mutual TLS from other sidecars: the inbound listener.
+pub async fn serve_inbound(listener: TcpListener, shared: Arc<Shared>) {
+    while let Some((tcp, peer_addr)) = accept(&listener, &shared).await {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            // Each connection uses the certificate current when it arrives.
+            let Some(tls) = shared.tls.borrow().clone() else {
+                tracing::debug!(%peer_addr, "refusing inbound connection: no certificate yet");
+                return;
+            };
+            let stream = match tokio_rustls::TlsAcceptor::from(tls.server.clone())
+                .accept(tcp)
+                .await
+            {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(%peer_addr, error = %e, "inbound mTLS handshake refused");
+                    return;
+                }
+            };
+            let conn = match mesh_identity::peer_identity(stream.get_ref().1.peer_certificates()) {
+                mesh_identity::PeerIdentity::Mesh(id) => {
+                    Arc::new(inbound::Conn::new(&shared.cfg.identity, id))
+                }
+                mesh_identity::PeerIdentity::Unauthenticated => {
+                    tracing::warn!(%peer_addr, "inbound peer has no SPIFFE identity");
+                    return;
+                }
+            };
+            let s = shared.clone();
+            let svc = service_fn(move |req| inbound::handle(s.clone(), conn.clone(), req));
+            let conn = auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), svc)
+                .into_owned();
+            shared.drain.serve(conn);
+        });
+    }
+}
+
+/// Admin, readiness and stats: served until the proxy stops.
+pub async fn serve_admin(listener: TcpListener, shared: Arc<Shared>, which: admin::Endpoints) {
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            continue;
+        };
+        let s = shared.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| admin::handle(s.clone(), which, req));
+            let _ = auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await;
+        });
+    }
+}
