@@ -17,8 +17,7 @@ use std::time::Duration;
 use mesh_identity::SpiffeId;
 use mesh_proto::ca::istio_certificate_service_server::IstioCertificateServiceServer;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::transport::Server;
 
 pub use auth::{Authenticator, Caller, LocalTokens};
 pub use authority::{Authority, AuthorityError};
@@ -95,19 +94,28 @@ impl Citadel {
         self.tokens.mint(identity, ttl)
     }
 
-    /// Serves CreateCertificate over TLS on `listener` until `shutdown` resolves.
+    /// Serves CreateCertificate over TLS on `listener` until `shutdown`
+    /// resolves. Citadel's own serving certificate is issued by its
+    /// authority and renewed like every workload's.
     pub async fn serve(
         &self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), ServeError> {
-        let (chain, key) = self
-            .authority
-            .issue_own(&self.identity(), self.config.max_lifetime)?;
-        let tls = ServerTlsConfig::new()
-            .identity(Identity::from_pem(chain, key))
-            .client_ca_root(Certificate::from_pem(self.root_pem()))
-            .client_auth_optional(true);
+        let authority = self.authority.clone();
+        let identity = self.identity();
+        let lifetime = self.config.default_lifetime;
+        let fetch = move || {
+            let (authority, identity) = (authority.clone(), identity.clone());
+            async move {
+                let (chain, key) = authority.issue_own(&identity, lifetime)?;
+                mesh_identity::Credentials::from_pem(&chain, &key, authority.root_pem())
+                    .map_err(|e| ServeError::OwnCertificate(e.to_string()))
+            }
+        };
+        // Client certificates are optional: callers may authenticate with a token.
+        let (tls, renewal) =
+            mesh_identity::renew::rotating_server_config("citadel", fetch, false, &[b"h2"]).await;
         let service = service::CertificateService {
             authority: self.authority.clone(),
             authenticators: vec![Arc::new(LocalTokens(self.tokens.clone()))],
@@ -116,11 +124,15 @@ impl Citadel {
         };
         let addr: Option<SocketAddr> = listener.local_addr().ok();
         tracing::info!(?addr, "citadel serving CreateCertificate over TLS");
-        Server::builder()
-            .tls_config(tls)?
+        let served = Server::builder()
             .add_service(IstioCertificateServiceServer::new(service))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-            .await?;
+            .serve_with_incoming_shutdown(
+                mesh_identity::grpc::tls_incoming(listener, tls),
+                shutdown,
+            )
+            .await;
+        renewal.abort();
+        served?;
         Ok(())
     }
 }
@@ -129,6 +141,8 @@ impl Citadel {
 pub enum ServeError {
     #[error(transparent)]
     Authority(#[from] AuthorityError),
+    #[error("citadel's own certificate: {0}")]
+    OwnCertificate(String),
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
 }

@@ -95,16 +95,16 @@ pub async fn request_certificate(
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Accepts TCP connections on `listener` and yields those that complete a
-/// TLS handshake with `tls`. Handshakes run concurrently; failures are
+/// TLS handshake with the newest config in `tls` (so renewed certificates
+/// apply to new connections). Handshakes run concurrently; failures are
 /// logged with the peer's address and dropped.
 pub fn tls_incoming(
     listener: tokio::net::TcpListener,
-    tls: Arc<rustls::ServerConfig>,
+    tls: tokio::sync::watch::Receiver<Arc<rustls::ServerConfig>>,
 ) -> tokio_stream::wrappers::ReceiverStream<
     Result<tokio_rustls::server::TlsStream<TcpStream>, std::io::Error>,
 > {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     tokio::spawn(async move {
         loop {
             let (tcp, peer) = tokio::select! {
@@ -119,7 +119,7 @@ pub fn tls_incoming(
                 _ = tx.closed() => return,
             };
             let _ = tcp.set_nodelay(true);
-            let acceptor = acceptor.clone();
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls.borrow().clone());
             let tx = tx.clone();
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {

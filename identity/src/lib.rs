@@ -5,6 +5,7 @@
 
 mod cert;
 pub mod grpc;
+pub mod renew;
 mod spiffe;
 mod tls;
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use mesh_citadel::Citadel;
-use mesh_identity::{Credentials, SpiffeId};
+use mesh_identity::SpiffeId;
 use mesh_pilot::Pilot;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -43,10 +43,20 @@ impl ControlPlane {
     /// Starts citadel (state in `state_dir`) and pilot (config from
     /// `config_dir`) on `ip`.
     pub async fn start(state_dir: &Path, config_dir: &Path, ip: IpAddr) -> anyhow::Result<Self> {
-        let citadel = Arc::new(
-            Citadel::open(mesh_citadel::Config::new(state_dir.join("citadel")))
-                .context("opening citadel's state")?,
-        );
+        Self::start_with_lifetime(state_dir, config_dir, ip, mesh_citadel::DEFAULT_LIFETIME).await
+    }
+
+    /// As [`ControlPlane::start`], with every certificate (workloads',
+    /// pilot's, citadel's own) living `cert_lifetime`.
+    pub async fn start_with_lifetime(
+        state_dir: &Path,
+        config_dir: &Path,
+        ip: IpAddr,
+        cert_lifetime: Duration,
+    ) -> anyhow::Result<Self> {
+        let mut config = mesh_citadel::Config::new(state_dir.join("citadel"));
+        config.default_lifetime = cert_lifetime;
+        let citadel = Arc::new(Citadel::open(config).context("opening citadel's state")?);
         let root_file = state_dir.join(ROOT_CERT_FILE);
         std::fs::write(&root_file, citadel.root_pem())
             .with_context(|| format!("writing {}", root_file.display()))?;
@@ -95,15 +105,13 @@ impl ControlPlane {
         for e in pilot.errors() {
             eprintln!("config error: {e}");
         }
-        let creds: Credentials = mesh_identity::grpc::certificate_from(
-            self.ca_addr,
-            &self.token_for(&pilot.identity()),
-            &pilot.identity(),
-            Duration::ZERO,
-            self.citadel.root_pem(),
-        )
-        .await
-        .context("pilot could not get its certificate from citadel")?;
+        let (tls, renewal) = pilot
+            .server_tls(
+                self.ca_addr,
+                self.token_for(&pilot.identity()),
+                self.citadel.root_pem().to_string(),
+            )
+            .await;
         let watcher = pilot.watch().context("watching the config directory")?;
         let listener = tokio::net::TcpListener::bind(self.pilot_addr)
             .await
@@ -112,13 +120,15 @@ impl ControlPlane {
         let p = pilot.clone();
         let task = tokio::spawn(async move {
             if let Err(e) = p
-                .serve(listener, &creds, async {
+                .serve(listener, tls, async {
                     let _ = stopped.await;
                 })
                 .await
             {
                 tracing::error!(error = %e, "pilot stopped");
             }
+            // Pilot's certificate renewal ends with pilot.
+            renewal.abort();
         });
         self.pilot = Some((pilot, watcher, Running { stop, task }));
         Ok(())

@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use mesh_identity::{Credentials, SpiffeId};
+use mesh_identity::SpiffeId;
 use mesh_proto::discovery::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch as tokio_watch;
@@ -79,6 +79,34 @@ impl Pilot {
         identity(&self.config.trust_domain)
     }
 
+    /// Obtains pilot's serving certificate from citadel and keeps renewing
+    /// it; returns the newest server config and the renewal task.
+    pub async fn server_tls(
+        &self,
+        ca_addr: std::net::SocketAddr,
+        token: String,
+        roots_pem: String,
+    ) -> (
+        tokio_watch::Receiver<Arc<rustls::ServerConfig>>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let identity = self.identity();
+        let fetch = move || {
+            let (token, identity, roots) = (token.clone(), identity.clone(), roots_pem.clone());
+            async move {
+                mesh_identity::grpc::certificate_from(
+                    ca_addr,
+                    &token,
+                    &identity,
+                    std::time::Duration::ZERO,
+                    &roots,
+                )
+                .await
+            }
+        };
+        mesh_identity::renew::rotating_server_config("pilot", fetch, true, &[b"h2"]).await
+    }
+
     /// Re-reads the config directory. A bad config is reported and the last
     /// good one keeps serving. Returns whether the model changed.
     pub fn reload(&self) -> bool {
@@ -130,14 +158,15 @@ impl Pilot {
         self.status.all()
     }
 
-    /// Serves delta ADS over mutual TLS on `listener` until `shutdown`.
+    /// Serves delta ADS over mutual TLS on `listener` until `shutdown`;
+    /// each new connection uses the newest config in `tls` (see
+    /// [`mesh_identity::renew::rotating_server_config`]).
     pub async fn serve(
         &self,
         listener: TcpListener,
-        creds: &Credentials,
+        tls: tokio_watch::Receiver<Arc<rustls::ServerConfig>>,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), ServeError> {
-        let tls = mesh_identity::server_config(creds, true, &[b"h2"])?;
         let (closing_tx, closing) = tokio_watch::channel(false);
         let ads = xds::Ads {
             snapshots: self.snapshots.subscribe(),
@@ -162,8 +191,6 @@ impl Pilot {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    #[error("TLS config: {0}")]
-    Tls(#[from] rustls::Error),
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
 }

@@ -36,20 +36,15 @@ async fn main() -> anyhow::Result<()> {
     let token = std::fs::read_to_string(&args.token_file)
         .with_context(|| format!("reading --token-file {}", args.token_file.display()))?;
     let pilot = mesh_pilot::Pilot::new(mesh_pilot::Config::new(&args.config_dir));
-    let creds = mesh_identity::grpc::certificate_from(
-        args.ca_addr,
-        token.trim(),
-        &pilot.identity(),
-        std::time::Duration::ZERO,
-        &roots,
-    )
-    .await?;
+    let (tls, _renewal) = pilot
+        .server_tls(args.ca_addr, token.trim().to_string(), roots)
+        .await;
     let _watch = pilot.watch()?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
     pilot
-        .serve(listener, &creds, async {
+        .serve(listener, tls, async {
             let _ = tokio::signal::ctrl_c().await;
         })
         .await?;

@@ -4,10 +4,8 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
 
 use mesh_identity::{Credentials, SpiffeId};
-use rand::Rng;
 use rustls::{ClientConfig, ServerConfig};
 use tokio::sync::watch;
 
@@ -52,41 +50,22 @@ impl Tls {
     }
 }
 
-const MIN_BACKOFF: Duration = Duration::from_millis(100);
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
-
 /// Keeps `tx` holding valid credentials for as long as the proxy runs.
 pub async fn run(cfg: Arc<Config>, tx: watch::Sender<Option<Arc<Tls>>>) {
-    let mut backoff = MIN_BACKOFF;
-    loop {
-        let result = mesh_identity::grpc::certificate_from(
+    let fetch = || {
+        mesh_identity::grpc::certificate_from(
             cfg.ca_addr,
             &cfg.ca_token,
             &cfg.identity,
             cfg.cert_lifetime,
             &cfg.roots_pem,
         )
-        .await;
-        let creds = match result {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %e, retry_in = ?backoff, "certificate request failed; keeping the current certificate");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(MAX_BACKOFF);
-                continue;
-            }
-        };
-        backoff = MIN_BACKOFF;
-        let lifetime = creds.remaining();
-        match Tls::new(creds) {
-            Ok(tls) => {
-                tracing::info!(identity = %cfg.identity, valid_for = ?lifetime, "certificate installed");
-                tx.send_replace(Some(Arc::new(tls)));
-            }
-            Err(e) => tracing::error!(error = %e, "certificate unusable"),
+    };
+    mesh_identity::renew::renew_forever("proxy", fetch, |creds| match Tls::new(creds) {
+        Ok(tls) => {
+            tx.send_replace(Some(Arc::new(tls)));
         }
-        // Renew at half the lifetime, jittered by ±10 % so a fleet spreads out.
-        let jitter = rand::rng().random_range(0.9..1.1);
-        tokio::time::sleep(lifetime.mul_f64(0.5 * jitter)).await;
-    }
+        Err(e) => tracing::error!(error = %e, "certificate unusable"),
+    })
+    .await
 }

@@ -29,6 +29,11 @@ fn relocate(text: &str, block: &str) -> String {
 impl Mesh {
     /// Starts citadel, pilot and every bookinfo workload; waits until ready.
     pub async fn start() -> Self {
+        Self::start_with_cert_lifetime(mesh_citadel::DEFAULT_LIFETIME).await
+    }
+
+    /// As [`Mesh::start`], with every certificate living `lifetime`.
+    pub async fn start_with_cert_lifetime(lifetime: Duration) -> Self {
         let mut rng = rand::rng();
         let (a, b) = (rng.random_range(20..250u8), rng.random_range(1..250u8));
         let block = format!("127.{a}.{b}.");
@@ -40,7 +45,7 @@ impl Mesh {
         }
         let specs = workloads::from_config(&config_dir).expect("sample config loads");
         let cp_ip = IpAddr::V4(Ipv4Addr::new(127, a, b, 254));
-        let cp = ControlPlane::start(dir.path(), &config_dir, cp_ip)
+        let cp = ControlPlane::start_with_lifetime(dir.path(), &config_dir, cp_ip, lifetime)
             .await
             .expect("control plane starts");
         let pods = workloads::launch(&cp, &specs, &Launcher::InProcess, dir.path())
