@@ -39,11 +39,7 @@ pub async fn handle(
     conn: Arc<Conn>,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, std::convert::Infallible> {
-    let protocol = if req.version() == http::Version::HTTP_2 {
-        "http2"
-    } else {
-        "http"
-    };
+    let protocol = wire::protocol_label(req.version());
     let source = req.headers().get(wire::SOURCE).cloned();
     let snapshot = shared.snapshot.borrow().clone();
     let port = req

@@ -42,11 +42,7 @@ pub async fn handle(
     shared: Arc<Shared>,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, std::convert::Infallible> {
-    let protocol = if req.version() == http::Version::HTTP_2 {
-        "http2"
-    } else {
-        "http"
-    };
+    let protocol = wire::protocol_label(req.version());
     let snapshot = shared.snapshot.borrow().clone();
     let mut chosen = None;
     let result = forward(&shared, &snapshot, req, &mut chosen).await;

@@ -14,6 +14,15 @@ pub const SOURCE: HeaderName = HeaderName::from_static("x-mesh-source");
 /// Istio's header telling the app who called it.
 pub const XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
 
+/// Istio's `request_protocol` label for a request's HTTP version.
+pub fn protocol_label(version: http::Version) -> &'static str {
+    if version == http::Version::HTTP_2 {
+        "http2"
+    } else {
+        "http"
+    }
+}
+
 /// Removes hop-by-hop headers, including those named in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers

@@ -97,6 +97,31 @@ impl Mesh {
         meshctl::traffic::one(http, &self.identity_of("client").to_string()).await
     }
 
+    /// Waits until every sidecar is connected to the current pilot and has
+    /// acknowledged a push.
+    pub async fn wait_all_proxies_synced(&self, timeout: Duration) {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let synced = self
+                .cp
+                .pilot()
+                .expect("pilot runs")
+                .proxies()
+                .iter()
+                .filter(|p| p.connected && p.acked_version > 0)
+                .count();
+            if synced == self.specs.len() {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "only {synced} of {} sidecars synced with pilot",
+                self.specs.len()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Replaces a config file the way an editor does (write aside, rename).
     pub fn write_config(&self, name: &str, text: &str) {
         write_atomically(&self.config_dir.join(name), text);

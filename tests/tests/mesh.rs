@@ -283,26 +283,7 @@ async fn pilot_killed_and_restarted_under_load_loses_no_request() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     mesh.cp.start_pilot().await.expect("pilot restarts");
     // Every proxy reconnects to the new pilot.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let connected = mesh
-            .cp
-            .pilot()
-            .unwrap()
-            .proxies()
-            .iter()
-            .filter(|p| p.connected && p.acked_version > 0)
-            .count();
-        if connected == mesh.specs.len() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "only {connected} of {} proxies reconnected",
-            mesh.specs.len()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    mesh.wait_all_proxies_synced(Duration::from_secs(15)).await;
     // The restarted pilot still routes: a change made now reaches the proxies.
     mesh.write_config("reviews-routing.yaml", &reviews_all_to("v1"));
     tokio::time::sleep(Duration::from_millis(1500)).await;

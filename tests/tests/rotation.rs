@@ -85,25 +85,7 @@ async fn certificates_renew_before_expiry_with_no_request_lost() {
     // pilot, and every sidecar must reconnect to it.
     mesh.cp.stop_pilot().await;
     mesh.cp.start_pilot().await.expect("pilot restarts");
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let acked = mesh
-            .cp
-            .pilot()
-            .unwrap()
-            .proxies()
-            .iter()
-            .filter(|p| p.connected && p.acked_version > 0)
-            .count();
-        if acked == mesh.specs.len() {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "only {acked} sidecars reconnected with renewed certificates"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    mesh.wait_all_proxies_synced(Duration::from_secs(10)).await;
     stop.store(true, Ordering::Relaxed);
     let (ok, failures) = load.await.unwrap();
     assert!(

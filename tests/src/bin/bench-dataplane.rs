@@ -130,7 +130,12 @@ fn main() -> anyhow::Result<()> {
         },
     ];
     let wanted = |name: &str| cli.paths.is_empty() || cli.paths.iter().any(|p| p == name);
-    for (name, front, back, l4) in [("haproxy", 3, 4, false), ("haproxy_l4", 5, 6, true)] {
+    for (name, front, back, l4) in [
+        ("haproxy", 3, 4, false),
+        ("haproxy_l4", 5, 6, true),
+        ("nginx", 7, 8, false),
+        ("nginx_l4", 9, 10, true),
+    ] {
         if !wanted(name) {
             continue;
         }
@@ -138,51 +143,25 @@ fn main() -> anyhow::Result<()> {
             SocketAddr::new(ip(front), 8080),
             SocketAddr::new(ip(back), 8443),
         );
-        let (a, b) = bench::haproxy_pair(front, back, upstream, &certs, l4);
-        let mut pids = vec![];
-        for (role, cfg) in [("a", a), ("b", b)] {
-            let f = dir.path().join(format!("{name}-{role}.cfg"));
-            std::fs::write(&f, cfg)?;
-            let child = bench::spawn(
-                "haproxy",
-                &["-db", "-f", f.to_str().unwrap()],
-                &dir.path().join(format!("{name}-{role}.log")),
-            )?;
-            pids.push(child.id());
-            started.lock().unwrap().push(child.id());
-            peers.0.push(child);
-        }
-        bench::wait_listening(front, Duration::from_secs(10))
-            .with_context(|| format!("{name} did not start"))?;
-        paths.push(Path {
-            name,
-            url: format!("http://{front}/"),
-            host: front.to_string(),
-            pids,
-            h1: true,
-        });
-    }
-    for (name, front, back, l4) in [("nginx", 7, 8, false), ("nginx_l4", 9, 10, true)] {
-        if !wanted(name) {
-            continue;
-        }
-        let (front, back) = (
-            SocketAddr::new(ip(front), 8080),
-            SocketAddr::new(ip(back), 8443),
-        );
-        let (a, b) = bench::nginx_pair(front, back, upstream, &certs, dir.path(), l4);
+        let haproxy = name.starts_with("haproxy");
+        let (a, b) = if haproxy {
+            bench::haproxy_pair(front, back, upstream, &certs, l4)
+        } else {
+            bench::nginx_pair(front, back, upstream, &certs, dir.path(), l4)
+        };
         let mut pids = vec![];
         for (role, cfg) in [("a", a), ("b", b)] {
             let f = dir.path().join(format!("{name}-{role}.conf"));
             std::fs::write(&f, cfg)?;
+            let (f, d) = (f.to_str().unwrap(), dir.path().to_str().unwrap());
+            let (program, args) = if haproxy {
+                ("haproxy", vec!["-db", "-f", f])
+            } else {
+                ("nginx", vec!["-c", f, "-p", d])
+            };
             let child = bench::spawn(
-                "nginx",
-                &[
-                    "-c",
-                    f.to_str().unwrap(),
-                    "-p",
-                    dir.path().to_str().unwrap(),
-                ],
+                program,
+                &args,
                 &dir.path().join(format!("{name}-{role}.log")),
             )?;
             pids.push(child.id());
