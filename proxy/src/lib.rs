@@ -11,6 +11,7 @@ pub mod identity;
 pub mod inbound;
 pub mod metrics;
 pub mod outbound;
+pub mod platform;
 pub mod pool;
 pub mod route;
 mod server;
@@ -50,6 +51,7 @@ pub struct Shared {
     pub app_h1: Client<HttpConnector, Body>,
     pub app_h2: Client<HttpConnector, Body>,
     pub drain: Drain,
+    pub sockets: Box<dyn platform::Sockets>,
 }
 
 impl Shared {
@@ -108,14 +110,13 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         app_h1: Client::builder(TokioExecutor::new()).build_http(),
         app_h2: h2.build_http(),
         drain: Drain::default(),
+        sockets: Box::new(platform::Linux),
     });
 
     let mut tasks = JoinSet::new();
     tasks.spawn(identity::run(cfg.clone(), tls_tx));
     tasks.spawn(xds::Client::new(cfg.clone(), snap_tx, status_tx).run(tls_rx));
-    tasks.spawn(server::serve_plain(outbound, shared.clone(), |s, req| {
-        outbound::handle(s, req)
-    }));
+    tasks.spawn(server::serve_outbound(outbound, shared.clone()));
     tasks.spawn(server::serve_inbound(inbound, shared.clone()));
     for (listener, which) in [
         (admin, admin::Endpoints::Admin),
@@ -141,12 +142,6 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
 
 #[cfg(test)]
 mod future_sizes {
-    fn size2<F, A, B, Fut>(_: F) -> usize
-    where
-        F: Fn(A, B) -> Fut,
-    {
-        std::mem::size_of::<Fut>()
-    }
     fn size3<F, A, B, C, Fut>(_: F) -> usize
     where
         F: Fn(A, B, C) -> Fut,
@@ -159,7 +154,7 @@ mod future_sizes {
     /// the common path stays small (the connect path once made it 7.4 KB).
     #[test]
     fn request_futures_stay_small() {
-        let outbound = size2(crate::outbound::handle);
+        let outbound = size3(crate::outbound::handle);
         let inbound = size3(crate::inbound::handle);
         assert!(
             outbound <= 3072,

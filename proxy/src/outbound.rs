@@ -38,14 +38,21 @@ fn refuse(status: StatusCode, flags: &'static str, message: String) -> Refusal {
     }
 }
 
+/// One connection from the app.
+pub struct Conn {
+    /// Where the app was connecting to, when interception redirected it here.
+    pub original_dst: Option<std::net::SocketAddr>,
+}
+
 pub async fn handle(
     shared: Arc<Shared>,
+    conn: Arc<Conn>,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, std::convert::Infallible> {
     let protocol = wire::protocol_label(req.version());
     let snapshot = shared.snapshot.borrow().clone();
     let mut chosen = None;
-    let result = forward(&shared, &snapshot, req, &mut chosen).await;
+    let result = forward(&shared, &snapshot, &conn, req, &mut chosen).await;
     let (resp, flags) = match result {
         Ok(resp) => (resp, flags::NONE),
         Err(r) => (local_reply(r.status, r.message), r.flags),
@@ -104,6 +111,7 @@ fn authority(req: &Request<Incoming>) -> Option<&str> {
 async fn forward(
     shared: &Shared,
     snapshot: &Snapshot,
+    conn: &Conn,
     req: Request<Incoming>,
     chosen: &mut Option<(Arc<Cluster>, Arc<Endpoint>)>,
 ) -> Result<Response<Body>, Refusal> {
@@ -114,7 +122,9 @@ async fn forward(
             "request names no host".into(),
         ));
     };
-    let Some(rc) = snapshot.route_config(authority_str, 80) else {
+    // A Host without a port means the port the app connected to.
+    let default_port = conn.original_dst.map_or(80, |d| d.port());
+    let Some(rc) = snapshot.route_config(authority_str, default_port) else {
         return Err(refuse(
             StatusCode::NOT_FOUND,
             flags::NO_ROUTE,

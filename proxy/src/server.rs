@@ -2,7 +2,6 @@
 //! hand each connection to the drain, which lets it finish in-flight
 //! requests; admin listeners keep answering while the proxy drains.
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -11,8 +10,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::pool::Body;
-use crate::{Shared, admin, inbound};
+use crate::{Shared, admin, inbound, outbound};
 
 /// The next connection, or `None` once draining has started (the listener
 /// is then dropped by the caller, so new connections are refused).
@@ -33,15 +31,16 @@ async fn accept(listener: &TcpListener, shared: &Shared) -> Option<(TcpStream, S
     }
 }
 
-/// Plain HTTP (HTTP/1.1 or h2c) traffic: the outbound listener.
-pub async fn serve_plain<F, Fut>(listener: TcpListener, shared: Arc<Shared>, handler: F)
-where
-    F: Fn(Arc<Shared>, http::Request<hyper::body::Incoming>) -> Fut + Copy + Send + Sync + 'static,
-    Fut: Future<Output = Result<http::Response<Body>, std::convert::Infallible>> + Send + 'static,
-{
+/// Plain HTTP (HTTP/1.1 or h2c) from the app: the outbound listener, used as
+/// an explicit proxy (local mode) or reached through interception, in which
+/// case the connection's original destination is known.
+pub async fn serve_outbound(listener: TcpListener, shared: Arc<Shared>) {
     while let Some((tcp, _)) = accept(&listener, &shared).await {
+        let conn = Arc::new(outbound::Conn {
+            original_dst: shared.sockets.original_dst(&tcp),
+        });
         let s = shared.clone();
-        let svc = service_fn(move |req| handler(s.clone(), req));
+        let svc = service_fn(move |req| outbound::handle(s.clone(), conn.clone(), req));
         let conn = auto::Builder::new(TokioExecutor::new())
             .serve_connection(TokioIo::new(tcp), svc)
             .into_owned();

@@ -1,0 +1,127 @@
+//! What the proxy asks of the operating system about a connection, behind
+//! a trait so tests can stand in for it.
+
+use std::net::SocketAddr;
+
+use tokio::net::TcpStream;
+
+pub trait Sockets: Send + Sync + 'static {
+    /// Where the client meant to connect before interception redirected it
+    /// here, or `None` if the connection was not redirected.
+    fn original_dst(&self, tcp: &TcpStream) -> Option<SocketAddr>;
+}
+
+/// Linux: `SO_ORIGINAL_DST` (IPv4) / `IP6T_SO_ORIGINAL_DST` (IPv6), as set
+/// by an iptables REDIRECT.
+pub struct Linux;
+
+impl Sockets for Linux {
+    fn original_dst(&self, tcp: &TcpStream) -> Option<SocketAddr> {
+        let local = tcp.local_addr().ok()?;
+        let sock = socket2::SockRef::from(tcp);
+        let dst = if local.is_ipv4() {
+            sock.original_dst_v4()
+        } else {
+            sock.original_dst_v6()
+        };
+        dst.ok()
+            .and_then(|a| a.as_socket())
+            .filter(|dst| *dst != local)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_connection_that_was_not_redirected_has_no_original_destination() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _client = TcpStream::connect(addr).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        assert_eq!(Linux.original_dst(&server), None);
+    }
+}
+
+/// Through a real iptables REDIRECT, in a network namespace of this test's
+/// own thread (it disappears when the thread ends).
+#[cfg(test)]
+mod redirect_tests {
+    use super::*;
+
+    fn skip_reason() -> Option<String> {
+        if !nix::unistd::Uid::effective().is_root() {
+            return Some("needs root (network namespace and iptables)".into());
+        }
+        if std::process::Command::new("iptables")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            return Some("needs the iptables binary (Debian package iptables)".into());
+        }
+        None
+    }
+
+    fn run(cmd: &[&str]) {
+        let out = std::process::Command::new(cmd[0])
+            .args(&cmd[1..])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{cmd:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    #[test]
+    fn a_redirected_connection_reports_where_it_was_going() {
+        if let Some(why) = skip_reason() {
+            eprintln!("SKIPPED: {why}");
+            return;
+        }
+        std::thread::spawn(|| {
+            // Only this thread (and what it starts) enters the new namespace.
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+                .expect("unshare(CLONE_NEWNET)");
+            run(&["ip", "link", "set", "lo", "up"]);
+            run(&[
+                "iptables",
+                "-t",
+                "nat",
+                "-A",
+                "OUTPUT",
+                "-p",
+                "tcp",
+                "-d",
+                "127.0.0.1",
+                "--dport",
+                "9080",
+                "-j",
+                "REDIRECT",
+                "--to-ports",
+                "15001",
+            ]);
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:15001")
+                    .await
+                    .unwrap();
+                let _client = TcpStream::connect("127.0.0.1:9080").await.unwrap();
+                let (server, _) = listener.accept().await.unwrap();
+                assert_eq!(server.local_addr().unwrap().port(), 15001);
+                assert_eq!(
+                    Linux.original_dst(&server),
+                    Some("127.0.0.1:9080".parse().unwrap())
+                );
+            });
+        })
+        .join()
+        .unwrap();
+    }
+}
