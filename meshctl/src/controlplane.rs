@@ -33,6 +33,8 @@ pub struct ControlPlane {
     pub citadel: Arc<Citadel>,
     pub ca_addr: SocketAddr,
     pub pilot_addr: SocketAddr,
+    /// pilot's debug endpoints (`/debug/syncz`), read by `meshctl proxy-status`.
+    pub pilot_debug_addr: SocketAddr,
     pub root_file: PathBuf,
     config_dir: PathBuf,
     pilot: Option<(Arc<Pilot>, mesh_pilot::DirWatcher, Running)>,
@@ -80,6 +82,7 @@ impl ControlPlane {
             citadel,
             ca_addr,
             pilot_addr: SocketAddr::new(ip, mesh_proto::ports::XDS),
+            pilot_debug_addr: SocketAddr::new(ip, mesh_proto::ports::CONTROL_PLANE_MONITORING),
             root_file,
             config_dir: config_dir.to_path_buf(),
             pilot: None,
@@ -116,9 +119,21 @@ impl ControlPlane {
         let listener = tokio::net::TcpListener::bind(self.pilot_addr)
             .await
             .with_context(|| format!("pilot cannot listen on {}", self.pilot_addr))?;
+        let debug = tokio::net::TcpListener::bind(self.pilot_debug_addr)
+            .await
+            .with_context(|| {
+                format!(
+                    "pilot's debug server cannot listen on {}",
+                    self.pilot_debug_addr
+                )
+            })?;
         let (stop, stopped) = oneshot::channel();
         let p = pilot.clone();
         let task = tokio::spawn(async move {
+            let (debug_stop, debug_stopped) = oneshot::channel::<()>();
+            let debug_task = tokio::spawn(p.clone().serve_debug(debug, async {
+                let _ = debug_stopped.await;
+            }));
             if let Err(e) = p
                 .serve(listener, tls, async {
                     let _ = stopped.await;
@@ -127,8 +142,10 @@ impl ControlPlane {
             {
                 tracing::error!(error = %e, "pilot stopped");
             }
-            // Pilot's certificate renewal ends with pilot.
+            // Pilot's certificate renewal and debug server end with pilot.
             renewal.abort();
+            let _ = debug_stop.send(());
+            let _ = debug_task.await;
         });
         self.pilot = Some((pilot, watcher, Running { stop, task }));
         Ok(())

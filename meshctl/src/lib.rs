@@ -5,5 +5,6 @@
 
 pub mod controlplane;
 pub mod demo;
+pub mod inspect;
 pub mod traffic;
 pub mod workloads;

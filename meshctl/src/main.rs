@@ -1,4 +1,4 @@
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
@@ -29,12 +29,40 @@ enum Command {
         #[arg(long, default_value = meshctl::demo::DEFAULT_CONTROL_PLANE_IP)]
         control_plane_ip: IpAddr,
     },
+    /// Per proxy and resource type: SYNCED (acknowledged the latest push),
+    /// STALE (sent, not acknowledged, or rejected) or NOT_SENT.
+    ProxyStatus {
+        /// pilot's debug address.
+        #[arg(long, default_value = DEFAULT_PILOT_DEBUG)]
+        pilot: SocketAddr,
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// What one proxy holds: listeners, routes, clusters, endpoints or secret.
+    ProxyConfig {
+        /// Workload name (reviews-v1) or proxy id (reviews-v1.default).
+        proxy: String,
+        section: meshctl::inspect::Section,
+        #[arg(long, default_value = DEFAULT_PILOT_DEBUG)]
+        pilot: SocketAddr,
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: Output,
+    },
     /// Run a sidecar (used by `demo` for each pod).
     #[command(hide = true)]
     Proxy(mesh_proxy::cli::ProxyArgs),
     /// Run a sample app (used by `demo` for each pod).
     #[command(hide = true)]
     App(mesh_samples::AppArgs),
+}
+
+/// The demo control plane's debug address.
+const DEFAULT_PILOT_DEBUG: &str = "127.0.10.254:15014";
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Output {
+    Table,
+    Json,
 }
 
 fn init_logs(default: &str) {
@@ -46,13 +74,22 @@ fn init_logs(default: &str) {
         .init();
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() {
     let cli = Cli::parse();
-    if let Command::Proxy(args) = cli.command {
-        init_logs("info");
-        return mesh_proxy::cli::run_process(args).map_err(|e| anyhow::anyhow!("{e}"));
+    let result = match cli.command {
+        Command::Proxy(args) => {
+            init_logs("info");
+            mesh_proxy::cli::run_process(args).map_err(|e| anyhow::anyhow!("{e}"))
+        }
+        command => tokio::runtime::Runtime::new()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(run(command))),
+    };
+    if let Err(e) = result {
+        // The chain of causes on one line, without a backtrace: for people.
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
     }
-    tokio::runtime::Runtime::new()?.block_on(run(cli.command))
 }
 
 async fn run(command: Command) -> anyhow::Result<()> {
@@ -72,6 +109,28 @@ async fn run(command: Command) -> anyhow::Result<()> {
             };
             if !meshctl::demo::run(opts).await? {
                 std::process::exit(1);
+            }
+        }
+        Command::ProxyStatus { pilot, output } => {
+            let rows = meshctl::inspect::syncz(pilot).await?;
+            match output {
+                Output::Table => print!("{}", meshctl::inspect::render_status(&rows)),
+                Output::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
+            }
+        }
+        Command::ProxyConfig {
+            proxy,
+            section,
+            pilot,
+            output,
+        } => {
+            let dump = meshctl::inspect::config_dump(pilot, &proxy).await?;
+            match output {
+                Output::Table => print!("{}", meshctl::inspect::render_section(&dump, section)),
+                Output::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&meshctl::inspect::section(&dump, section))?
+                ),
             }
         }
         Command::Proxy(_) => unreachable!("handled before the runtime starts"),

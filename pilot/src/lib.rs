@@ -2,6 +2,7 @@
 //! its view over delta xDS.
 #![forbid(unsafe_code)]
 
+mod debug;
 pub mod generate;
 pub mod istio;
 pub mod model;

@@ -15,10 +15,37 @@ pub struct TypeStatus {
     pub nack: Option<String>,
 }
 
+/// Whether a proxy holds what pilot last sent it, as istioctl puts it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Sync {
+    /// The latest push was acknowledged.
+    Synced,
+    /// Sent but not (yet) acknowledged, or rejected.
+    Stale,
+    /// Nothing of this type was sent.
+    NotSent,
+}
+
+impl TypeStatus {
+    pub fn sync(&self) -> Sync {
+        if self.sent_nonce.is_empty() {
+            Sync::NotSent
+        } else if self.nack.is_none() && self.acked_nonce == self.sent_nonce {
+            Sync::Synced
+        } else {
+            Sync::Stale
+        }
+    }
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct ProxyStatus {
     pub id: String,
     pub identity: String,
+    /// The workload's address, where its admin endpoint listens (empty if
+    /// the proxy is not a known workload).
+    pub address: String,
     pub connected: bool,
     pub connected_at: SystemTime,
     /// Snapshot version of the last push the proxy acknowledged.
@@ -30,12 +57,13 @@ pub struct ProxyStatus {
 pub struct Tracker(Mutex<BTreeMap<String, ProxyStatus>>);
 
 impl Tracker {
-    pub fn connected(&self, id: &str, identity: &str) {
+    pub fn connected(&self, id: &str, identity: &str, address: &str) {
         self.0.lock().unwrap().insert(
             id.to_string(),
             ProxyStatus {
                 id: id.to_string(),
                 identity: identity.to_string(),
+                address: address.to_string(),
                 connected: true,
                 connected_at: SystemTime::now(),
                 acked_version: 0,

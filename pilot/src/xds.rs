@@ -62,7 +62,13 @@ impl AggregatedDiscoveryService for Ads {
             }
         }
         tracing::info!(proxy = %node_id, identity = %peer, "proxy connected");
-        self.status.connected(&node_id, &peer.to_string());
+        let address = snapshot
+            .model
+            .workloads
+            .get(&node_id)
+            .map(|w| w.address.as_str())
+            .unwrap_or_default();
+        self.status.connected(&node_id, &peer.to_string(), address);
         let (tx, rx) = mpsc::channel(16);
         let conn = Connection {
             id: node_id,

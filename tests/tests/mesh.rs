@@ -461,3 +461,59 @@ async fn draining_a_sidecar_finishes_in_flight_requests_then_stops() {
     }
     mesh.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn proxy_status_and_proxy_config_show_what_each_proxy_holds() {
+    let mesh = Mesh::start().await;
+    mesh.wait_all_proxies_synced(Duration::from_secs(10)).await;
+    let rows = meshctl::inspect::syncz(mesh.cp.pilot_debug_addr)
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), mesh.specs.len());
+    let table = meshctl::inspect::render_status(&rows);
+    for w in &mesh.specs {
+        let line = table
+            .lines()
+            .find(|l| l.starts_with(&format!("{}.default ", w.name)))
+            .unwrap_or_else(|| panic!("{} missing from\n{table}", w.name));
+        assert_eq!(line.matches("SYNCED").count(), 4, "{line}");
+    }
+    // What a proxy holds, by workload name.
+    let dump = meshctl::inspect::config_dump(mesh.cp.pilot_debug_addr, "productpage-v1")
+        .await
+        .unwrap();
+    let routes = meshctl::inspect::render_section(&dump, meshctl::inspect::Section::Routes);
+    assert!(
+        routes.contains("outbound|9080|v1|reviews.default.svc.cluster.local 40%"),
+        "{routes}"
+    );
+    let endpoints = meshctl::inspect::render_section(&dump, meshctl::inspect::Section::Endpoints);
+    let ratings = endpoints
+        .lines()
+        .find(|l| l.contains("outbound|9080||ratings.default.svc.cluster.local"))
+        .expect("ratings endpoint");
+    assert!(
+        ratings.contains("spiffe://cluster.local/ns/default/sa/bookinfo-ratings"),
+        "{ratings}"
+    );
+    let secret = meshctl::inspect::render_section(&dump, meshctl::inspect::Section::Secret);
+    assert!(
+        secret.contains("identity: spiffe://cluster.local/ns/default/sa/bookinfo-productpage"),
+        "{secret}"
+    );
+    let listeners = meshctl::inspect::render_section(&dump, meshctl::inspect::Section::Listeners);
+    assert!(
+        listeners.contains("9080") && listeners.contains("productpage.default.svc.cluster.local"),
+        "{listeners}"
+    );
+    // An unknown proxy gets an error naming the ones pilot knows.
+    let err = meshctl::inspect::config_dump(mesh.cp.pilot_debug_addr, "nope")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("no proxy \"nope\"") && err.contains("reviews-v2.default"),
+        "{err}"
+    );
+    mesh.stop().await;
+}
