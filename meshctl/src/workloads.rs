@@ -148,6 +148,7 @@ fn proxy_args(cp: &ControlPlane, w: &WorkloadSpec, token_file: PathBuf) -> Proxy
         cert_lifetime_secs: 0,
         threads: mesh_proxy::cli::DEFAULT_THREADS,
         drain_grace_secs: mesh_proxy::drain::DEFAULT_GRACE.as_secs(),
+        outbound_traffic_policy: Default::default(),
     }
 }
 

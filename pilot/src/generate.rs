@@ -262,9 +262,11 @@ fn route_config(model: &Model, svc: &Service, port: &ServicePort) -> pb::RouteCo
             })
             .collect(),
     };
+    let mut domains = domains(&svc.host);
+    domains.extend(svc.vips.iter().map(|ip| ip.to_string()));
     pb::RouteConfig {
         name: format!("{}:{}", svc.host, port.number),
-        domains: domains(&svc.host),
+        domains,
         port: port.number,
         routes,
     }

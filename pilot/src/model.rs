@@ -13,6 +13,8 @@ pub struct Service {
     pub namespace: String,
     pub ports: Vec<ServicePort>,
     pub selector: Labels,
+    /// Virtual IPs (ServiceEntry `addresses`): apps may call the service by them.
+    pub vips: Vec<std::net::IpAddr>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -121,6 +123,16 @@ impl Model {
         if se.ports.is_empty() {
             errors.push(format!("{}: spec.ports is empty", at(meta, "ServiceEntry")));
         }
+        let mut vips = Vec::new();
+        for (i, a) in se.addresses.iter().enumerate() {
+            match a.parse::<std::net::IpAddr>() {
+                Ok(ip) => vips.push(ip),
+                Err(_) => errors.push(format!(
+                    "{}: spec.addresses[{i}] {a:?} is not an IP address (CIDRs are not supported yet)",
+                    at(meta, "ServiceEntry")
+                )),
+            }
+        }
         for host in &se.hosts {
             let host = fqdn(host, &meta.namespace);
             if self.services.contains_key(&host) {
@@ -141,6 +153,7 @@ impl Model {
                         .as_ref()
                         .map(|s| s.labels.clone())
                         .unwrap_or_default(),
+                    vips: vips.clone(),
                 },
             );
         }

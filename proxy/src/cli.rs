@@ -40,6 +40,14 @@ pub struct ProxyArgs {
     /// (SIGTERM or POST /drain on the admin port).
     #[arg(long, env = "MESH_DRAIN_GRACE_SECS", default_value_t = crate::drain::DEFAULT_GRACE.as_secs())]
     pub drain_grace_secs: u64,
+    /// What captured requests to destinations outside the mesh get.
+    #[arg(
+        long,
+        env = "MESH_OUTBOUND_TRAFFIC_POLICY",
+        value_enum,
+        default_value = "ALLOW_ANY"
+    )]
+    pub outbound_traffic_policy: crate::config::OutboundPolicy,
     /// Worker threads. One (the default) runs everything on a single thread,
     /// with no cross-thread wake-ups: a sidecar serves one pod.
     #[arg(long, env = "MESH_PROXY_THREADS", default_value_t = DEFAULT_THREADS)]
@@ -75,6 +83,7 @@ impl ProxyArgs {
             roots_pem: read(&self.ca_root_file, "--ca-root-file")?,
             cert_lifetime: Duration::from_secs(self.cert_lifetime_secs),
             drain_grace: Duration::from_secs(self.drain_grace_secs),
+            outbound_policy: self.outbound_traffic_policy,
             ports: Ports::default(),
         })
     }

@@ -24,7 +24,20 @@ pub struct Config {
     pub cert_lifetime: Duration,
     /// How long in-flight requests may take to finish once draining starts.
     pub drain_grace: Duration,
+    /// What captured traffic to destinations outside the mesh gets.
+    pub outbound_policy: OutboundPolicy,
     pub ports: Ports,
+}
+
+/// Istio's outboundTrafficPolicy modes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+#[value(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum OutboundPolicy {
+    /// Pass traffic to unknown destinations through to where it was going.
+    #[default]
+    AllowAny,
+    /// Refuse it (HTTP 502, Istio's BlackHoleCluster).
+    RegistryOnly,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -52,6 +65,13 @@ impl Default for Ports {
 impl Config {
     pub fn addr(&self, port: u16) -> SocketAddr {
         SocketAddr::new(self.pod_ip, port)
+    }
+
+    /// Whether `dst` is one of this proxy's own traffic listeners (a
+    /// connection there through interception would loop).
+    pub fn is_own_listener(&self, dst: SocketAddr) -> bool {
+        [self.ports.outbound, self.ports.inbound].contains(&dst.port())
+            && (dst.ip() == self.pod_ip || dst.ip().is_loopback() || dst.ip().is_unspecified())
     }
 
     pub fn pilot_identity(&self) -> SpiffeId {

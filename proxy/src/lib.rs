@@ -31,7 +31,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-pub use config::{Config, Ports};
+pub use config::{Config, OutboundPolicy, Ports};
 
 use crate::drain::Drain;
 use crate::identity::Tls;
@@ -88,6 +88,15 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, ProxyError> {
 
 /// Runs a proxy until `shutdown` resolves.
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), ProxyError> {
+    run_with_sockets(cfg, Box::new(platform::Linux), shutdown).await
+}
+
+/// As [`run`], asking `sockets` about connections (tests stand in for the OS).
+pub async fn run_with_sockets(
+    cfg: Config,
+    sockets: Box<dyn platform::Sockets>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ProxyError> {
     let cfg = Arc::new(cfg);
     let p = cfg.ports;
     let outbound = bind(cfg.addr(p.outbound)).await?;
@@ -111,7 +120,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         app_h1: Client::builder(TokioExecutor::new()).build_http(),
         app_h2: h2.build_http(),
         drain: Drain::default(),
-        sockets: Box::new(platform::Linux),
+        sockets,
     });
 
     let mut tasks = JoinSet::new();

@@ -9,11 +9,11 @@ use http::{Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
-use crate::Shared;
 use crate::metrics::RequestLabels;
 use crate::pool::Body;
 use crate::state::{Cluster, Endpoint, Snapshot};
 use crate::wire::{self, local_reply};
+use crate::{OutboundPolicy, Shared};
 
 /// Istio's response flags for what the proxy itself answered.
 mod flags {
@@ -51,7 +51,7 @@ pub async fn handle(
 ) -> Result<Response<Body>, std::convert::Infallible> {
     let protocol = wire::protocol_label(req.version());
     let snapshot = shared.snapshot.borrow().clone();
-    let mut chosen = None;
+    let mut chosen = Chosen::Nothing;
     let result = forward(&shared, &snapshot, &conn, req, &mut chosen).await;
     let (resp, flags) = match result {
         Ok(resp) => (resp, flags::NONE),
@@ -76,11 +76,17 @@ pub async fn handle(
     };
     let family = &shared.metrics.requests;
     match &chosen {
-        Some((c, e)) => e
+        Chosen::Mesh(c, e) => e
             .series
             .inc((code, flags, protocol), family, || labels(Some(c), Some(e))),
-        None => {
+        Chosen::Nothing => {
             family.get_or_create(&labels(None, None)).inc();
+        }
+        Chosen::Outside(name) => {
+            let mut l = labels(None, None);
+            l.destination_service = name.to_string();
+            l.destination_service_name = name.to_string();
+            family.get_or_create(&l).inc();
         }
     }
     Ok(resp)
@@ -108,29 +114,44 @@ fn authority(req: &Request<Incoming>) -> Option<&str> {
     }
 }
 
+/// What a request was sent to, for its metrics.
+enum Chosen {
+    Nothing,
+    Mesh(Arc<Cluster>, Arc<Endpoint>),
+    /// Istio's names for outside the mesh: `PassthroughCluster`, `BlackHoleCluster`.
+    Outside(&'static str),
+}
+
 async fn forward(
     shared: &Shared,
     snapshot: &Snapshot,
     conn: &Conn,
     req: Request<Incoming>,
-    chosen: &mut Option<(Arc<Cluster>, Arc<Endpoint>)>,
+    chosen: &mut Chosen,
 ) -> Result<Response<Body>, Refusal> {
-    let Some(authority_str) = authority(&req) else {
+    if let Some(dst) = conn.original_dst.filter(|d| shared.cfg.is_own_listener(*d)) {
         return Err(refuse(
-            StatusCode::BAD_REQUEST,
-            flags::NO_ROUTE,
-            "request names no host".into(),
+            StatusCode::LOOP_DETECTED,
+            flags::NONE,
+            format!("{dst} is this sidecar's own listener: refusing to loop"),
         ));
-    };
+    }
     // A Host without a port means the port the app connected to.
     let default_port = conn.original_dst.map_or(80, |d| d.port());
-    let Some(rc) = snapshot.route_config(authority_str, default_port) else {
-        return Err(refuse(
-            StatusCode::NOT_FOUND,
-            flags::NO_ROUTE,
-            format!("no route to {authority_str}: not a mesh service"),
-        ));
+    let by_host = authority(&req).and_then(|a| snapshot.route_config(a, default_port));
+    // Else the address the app dialled may be a service's VIP.
+    let by_dst = || {
+        let d = conn.original_dst?;
+        snapshot.route_config(&d.ip().to_string(), d.port())
     };
+    let Some(rc) = by_host.or_else(by_dst) else {
+        return outside_the_mesh(shared, conn, req, chosen).await;
+    };
+    let authority_str = match authority(&req) {
+        Some(a) => a.to_string(),
+        None => conn.original_dst.map(|d| d.to_string()).unwrap_or_default(),
+    };
+    let authority_str = authority_str.as_str();
     let path = req.uri().path();
     let Some(route) = crate::route::select(rc, path, req.headers()) else {
         return Err(refuse(
@@ -161,7 +182,7 @@ async fn forward(
             format!("bad host {authority_str:?}: {e}"),
         )
     })?;
-    *chosen = Some((cluster.clone(), endpoint.clone()));
+    *chosen = Chosen::Mesh(cluster.clone(), endpoint.clone());
     let Some(tls) = shared.tls.borrow().clone() else {
         return Err(refuse(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -189,6 +210,74 @@ async fn forward(
                 format!("upstream connect error: {e}"),
             ))
         }
+    }
+}
+
+/// A request for no mesh service: with an original destination (captured
+/// traffic) it passes through to it under ALLOW_ANY and is refused under
+/// REGISTRY_ONLY; without one (explicit proxy) there is nowhere to send it.
+async fn outside_the_mesh(
+    shared: &Shared,
+    conn: &Conn,
+    req: Request<Incoming>,
+    chosen: &mut Chosen,
+) -> Result<Response<Body>, Refusal> {
+    let Some(dst) = conn.original_dst else {
+        let what = authority(&req).unwrap_or("(no host)").to_string();
+        return Err(refuse(
+            StatusCode::NOT_FOUND,
+            flags::NO_ROUTE,
+            format!("no route to {what}: not a mesh service"),
+        ));
+    };
+    if shared.cfg.outbound_policy == OutboundPolicy::RegistryOnly {
+        *chosen = Chosen::Outside("BlackHoleCluster");
+        return Err(refuse(
+            StatusCode::BAD_GATEWAY,
+            flags::NO_ROUTE,
+            format!(
+                "{dst} is outside the mesh and the outbound traffic policy is REGISTRY_ONLY (BlackHoleCluster)"
+            ),
+        ));
+    }
+    *chosen = Chosen::Outside("PassthroughCluster");
+    let host = authority(&req).map_or_else(|| dst.to_string(), str::to_string);
+    let (mut parts, body) = req.into_parts();
+    let mut uri = std::mem::take(&mut parts.uri).into_parts();
+    uri.scheme = Some(Scheme::HTTP);
+    uri.authority = Authority::try_from(dst.to_string()).ok();
+    if uri.path_and_query.is_none() {
+        uri.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+    }
+    parts.uri = Uri::from_parts(uri).map_err(|e| {
+        refuse(
+            StatusCode::BAD_REQUEST,
+            flags::NONE,
+            format!("bad request target: {e}"),
+        )
+    })?;
+    if parts.version != http::Version::HTTP_2 {
+        wire::strip_hop_by_hop(&mut parts.headers);
+    }
+    parts.version = http::Version::HTTP_11;
+    if let Ok(h) = http::HeaderValue::from_str(&host) {
+        parts.headers.insert(http::header::HOST, h);
+    }
+    match shared
+        .app_h1
+        .request(Request::from_parts(parts, body.boxed()))
+        .await
+    {
+        Ok(resp) => {
+            let (mut parts, body) = resp.into_parts();
+            wire::strip_hop_by_hop(&mut parts.headers);
+            Ok(Response::from_parts(parts, body.boxed()))
+        }
+        Err(e) => Err(refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            flags::UPSTREAM_FAILURE,
+            format!("passthrough to {dst} failed: {e}"),
+        )),
     }
 }
 

@@ -229,6 +229,7 @@ mod tests {
             roots_pem: String::new(),
             cert_lifetime: Duration::ZERO,
             drain_grace: Duration::ZERO,
+            outbound_policy: Default::default(),
             ports: Default::default(),
         });
         let (snap_tx, snap_rx) = watch::channel(Arc::new(Snapshot::default()));

@@ -1,0 +1,185 @@
+//! Captured traffic as the outbound sidecar sees it: the original
+//! destination (stood in for, as STYLE.md intends for socket facts) decides
+//! between a service VIP, passthrough, the black hole and a loop.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use mesh_proxy::platform::Sockets;
+use mesh_proxy::{Config, OutboundPolicy};
+use mesh_tests::Mesh;
+
+/// Reports whatever original destination the test sets.
+struct Redirected(Arc<Mutex<Option<SocketAddr>>>);
+
+impl Sockets for Redirected {
+    fn original_dst(&self, _: &tokio::net::TcpStream) -> Option<SocketAddr> {
+        *self.0.lock().unwrap()
+    }
+}
+
+/// Starts a sidecar for the client's identity on `ip`, as if interception
+/// sent the app's connections to it.
+async fn captured_sidecar(
+    mesh: &Mesh,
+    ip: IpAddr,
+    policy: OutboundPolicy,
+    dst: Arc<Mutex<Option<SocketAddr>>>,
+) {
+    let identity = mesh.identity_of("client");
+    let cfg = Config {
+        proxy_id: format!("captured-{}.default", ip),
+        identity: identity.clone(),
+        pod_ip: ip,
+        pilot_addr: mesh.cp.pilot_addr,
+        ca_addr: mesh.cp.ca_addr,
+        ca_token: mesh.cp.token_for(&identity),
+        roots_pem: mesh.cp.citadel.root_pem().to_string(),
+        cert_lifetime: Duration::ZERO,
+        drain_grace: Duration::ZERO,
+        outbound_policy: policy,
+        ports: Default::default(),
+    };
+    tokio::spawn(mesh_proxy::run_with_sockets(
+        cfg,
+        Box::new(Redirected(dst)),
+        std::future::pending(),
+    ));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    while !http
+        .get(format!("http://{ip}:15021/healthz/ready"))
+        .send()
+        .await
+        .is_ok_and(|r| r.status() == 200)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "captured sidecar on {ip} not ready"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A plain HTTP server standing for something outside the mesh.
+async fn outside_server(addr: SocketAddr) {
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    |req: hyper::Request<hyper::body::Incoming>| async move {
+                        let host = req
+                            .headers()
+                            .get("host")
+                            .and_then(|h| h.to_str().ok())
+                            .unwrap_or("")
+                            .to_string();
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                            http_body_util::Full::new(hyper::body::Bytes::from(format!(
+                                "outside, host {host}"
+                            ))),
+                        ))
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+}
+
+async fn get(pod: IpAddr, host: &str, path: &str) -> (u16, String) {
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let r = http
+        .get(format!("http://{pod}:15001{path}"))
+        .header("host", host)
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn captured_requests_go_to_vips_through_to_the_outside_or_nowhere() {
+    let mesh = Mesh::start().await;
+    let block = match mesh.workload("client").address {
+        IpAddr::V4(v4) => v4.octets(),
+        _ => unreachable!(),
+    };
+    let ip = |last: u8| IpAddr::from([block[0], block[1], block[2], last]);
+    let outside = SocketAddr::new(ip(50), 8080);
+    outside_server(outside).await;
+    let dst = Arc::new(Mutex::new(None));
+    let (allow, registry_only) = (ip(100), ip(101));
+    captured_sidecar(&mesh, allow, OutboundPolicy::AllowAny, dst.clone()).await;
+    captured_sidecar(
+        &mesh,
+        registry_only,
+        OutboundPolicy::RegistryOnly,
+        dst.clone(),
+    )
+    .await;
+
+    // The app dialled reviews' VIP; its Host names nothing the mesh knows.
+    *dst.lock().unwrap() = Some("240.240.0.4:9080".parse().unwrap());
+    let (code, body) = get(allow, "an-alias", "/reviews/0").await;
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        body.contains("\"version\""),
+        "reviews did not answer: {body}"
+    );
+
+    // Outside the mesh: passed through under ALLOW_ANY, Host kept.
+    *dst.lock().unwrap() = Some(outside);
+    let (code, body) = get(allow, "example.test", "/").await;
+    assert_eq!((code, body.as_str()), (200, "outside, host example.test"));
+    // ... and refused under REGISTRY_ONLY.
+    let (code, body) = get(registry_only, "example.test", "/").await;
+    assert_eq!(code, 502);
+    assert!(body.contains("REGISTRY_ONLY"), "{body}");
+
+    // A connection redirected back to the sidecar's own listener is a loop.
+    *dst.lock().unwrap() = Some(SocketAddr::new(allow, 15001));
+    let (code, body) = get(allow, "example.test", "/").await;
+    assert_eq!(code, 508, "{body}");
+
+    // Both show up in the metrics under Istio's names.
+    let stats = |ip: IpAddr| async move {
+        reqwest::get(format!("http://{ip}:15090/stats/prometheus"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    assert!(
+        stats(allow)
+            .await
+            .contains("destination_service=\"PassthroughCluster\"")
+    );
+    assert!(
+        stats(registry_only)
+            .await
+            .contains("destination_service=\"BlackHoleCluster\"")
+    );
+    mesh.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_app_may_call_a_service_by_its_vip() {
+    let mesh = Mesh::start().await;
+    let r = mesh
+        .client()
+        .get("http://240.240.0.5:9080/ratings/0")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["ratings"]["Reviewer1"], 5);
+    mesh.stop().await;
+}
