@@ -144,6 +144,7 @@ fn cluster(svc: &Service, port: &ServicePort, subset: Option<&str>) -> pb::Clust
         port: port.number,
         subset: subset.unwrap_or_default().to_string(),
         protocol: protocol(port) as i32,
+        vips: svc.vips.iter().map(|v| v.to_string()).collect(),
     }
 }
 

@@ -66,6 +66,12 @@ impl Drain {
         });
     }
 
+    /// Runs `task` (an opaque TCP connection) as tracked work: draining
+    /// waits for it up to the grace period.
+    pub fn track(&self, task: impl Future<Output = ()> + Send + 'static) {
+        self.connections.spawn(task);
+    }
+
     /// Waits up to `grace` for every connection to finish; returns how many
     /// were still open at the deadline.
     pub async fn finish(&self, grace: Duration) -> usize {

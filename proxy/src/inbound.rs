@@ -39,6 +39,9 @@ pub async fn handle(
     conn: Arc<Conn>,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, std::convert::Infallible> {
+    if req.method() == http::Method::CONNECT {
+        return Ok(crate::tcp::inbound(&shared, req).await);
+    }
     let protocol = wire::protocol_label(req.version());
     let source = req.headers().get(wire::SOURCE).cloned();
     let snapshot = shared.snapshot.borrow().clone();

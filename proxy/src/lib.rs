@@ -17,6 +17,7 @@ pub mod pool;
 pub mod route;
 mod server;
 pub mod state;
+mod tcp;
 pub mod wire;
 pub mod xds;
 

@@ -36,9 +36,17 @@ async fn accept(listener: &TcpListener, shared: &Shared) -> Option<(TcpStream, S
 /// case the connection's original destination is known.
 pub async fn serve_outbound(listener: TcpListener, shared: Arc<Shared>) {
     while let Some((tcp, _)) = accept(&listener, &shared).await {
-        let conn = Arc::new(outbound::Conn {
-            original_dst: shared.sockets.original_dst(&tcp),
-        });
+        let original_dst = shared.sockets.original_dst(&tcp);
+        // A declared TCP service is tunnelled as it is: no HTTP parsing,
+        // no waiting for the client to speak first.
+        let tcp_service = original_dst.and_then(|d| shared.snapshot.borrow().tcp.get(&d).cloned());
+        if let Some(cluster) = tcp_service {
+            shared
+                .drain
+                .track(crate::tcp::outbound(shared.clone(), tcp, cluster));
+            continue;
+        }
+        let conn = Arc::new(outbound::Conn { original_dst });
         let s = shared.clone();
         let svc = service_fn(move |req| outbound::handle(s.clone(), conn.clone(), req));
         let conn = auto::Builder::new(TokioExecutor::new())

@@ -24,6 +24,8 @@ pub struct Snapshot {
     pub inbound: HashMap<u32, Arc<InboundPort>>,
     pub routes: HashMap<String, Arc<pb::RouteConfig>>,
     pub clusters: HashMap<String, Arc<Cluster>>,
+    /// Opaque TCP services by VIP and port.
+    pub tcp: HashMap<SocketAddr, Arc<Cluster>>,
     /// Domain (host without port) -> route configs by port.
     domains: HashMap<String, Vec<Arc<pb::RouteConfig>>>,
     /// Which types pilot has answered at least once.
@@ -133,7 +135,7 @@ impl Resources {
                 domains.entry(d.clone()).or_default().push(rc.clone());
             }
         }
-        let clusters = self
+        let clusters: HashMap<String, Arc<Cluster>> = self
             .clusters
             .iter()
             .map(|(name, c)| {
@@ -158,12 +160,23 @@ impl Resources {
             })
             .collect();
         let (own, inbound) = self.own();
+        let tcp = clusters
+            .values()
+            .filter(|c| c.config.subset.is_empty() && c.config.protocol == pb::Protocol::Tcp as i32)
+            .flat_map(|c| {
+                c.config.vips.iter().filter_map(|v| {
+                    let ip: std::net::IpAddr = v.parse().ok()?;
+                    Some((SocketAddr::new(ip, c.config.port as u16), c.clone()))
+                })
+            })
+            .collect();
         Snapshot {
             listener: self.listener.clone(),
             own,
             inbound,
             routes,
             clusters,
+            tcp,
             domains,
             answered: self.answered.len(),
         }

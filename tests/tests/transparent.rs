@@ -183,3 +183,73 @@ async fn an_app_may_call_a_service_by_its_vip() {
     assert_eq!(body["ratings"]["Reviewer1"], 5);
     mesh.stop().await;
 }
+
+/// A TCP service that speaks first (like SMTP or MySQL), then echoes.
+async fn greeting_echo_server(addr: SocketAddr) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                tcp.write_all(b"220 hello from echo\n").await.unwrap();
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = tcp.read(&mut buf).await {
+                    if n == 0 || tcp.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+}
+
+const ECHO_SERVICE: &str = "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: echo, namespace: default}
+spec:
+  hosts: [echo.default.svc.cluster.local]
+  addresses: [240.240.1.1]
+  ports: [{number: 7000, name: tcp-echo, protocol: TCP}]
+  workloadSelector: {labels: {app: ratings}}
+";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn raw_tcp_to_a_server_that_speaks_first_crosses_the_mesh() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mesh = Mesh::start().await;
+    let ratings = mesh.workload("ratings-v1").address;
+    greeting_echo_server(SocketAddr::new(ratings, 7000)).await;
+    mesh.write_config("echo.yaml", ECHO_SERVICE);
+    let block = match ratings {
+        IpAddr::V4(v4) => v4.octets(),
+        _ => unreachable!(),
+    };
+    let pod = IpAddr::from([block[0], block[1], block[2], 100]);
+    let dst = Arc::new(Mutex::new(Some("240.240.1.1:7000".parse().unwrap())));
+    captured_sidecar(&mesh, pod, OutboundPolicy::RegistryOnly, dst).await;
+    // The app connects and, without sending anything, hears the server first.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut tcp = loop {
+        let mut tcp = tokio::net::TcpStream::connect(SocketAddr::new(pod, 15001))
+            .await
+            .unwrap();
+        let mut greeting = [0u8; 20];
+        let read =
+            tokio::time::timeout(Duration::from_secs(1), tcp.read_exact(&mut greeting)).await;
+        if matches!(read, Ok(Ok(_))) {
+            assert_eq!(&greeting, b"220 hello from echo\n");
+            break tcp;
+        }
+        // The echo service may not have reached the sidecar yet.
+        assert!(Instant::now() < deadline, "no greeting through the mesh");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    tcp.write_all(b"ping over mTLS\n").await.unwrap();
+    let mut echoed = [0u8; 15];
+    tcp.read_exact(&mut echoed).await.unwrap();
+    assert_eq!(&echoed, b"ping over mTLS\n");
+    // An open tunnel would hold the drain for its grace period.
+    drop(tcp);
+    mesh.stop().await;
+}

@@ -1,0 +1,103 @@
+//! Opaque TCP between sidecars: the outbound side opens an HTTP/2 CONNECT
+//! stream to the endpoint's sidecar over the same mutual-TLS connection
+//! HTTP uses (the peer's identity checked the same way), and both sides
+//! splice bytes. The inbound side connects to the app port the CONNECT
+//! names, if the workload serves it.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::{Method, Request, Response, StatusCode, Uri};
+use http_body_util::{BodyExt, Empty};
+use hyper::body::{Bytes, Incoming};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use crate::Shared;
+use crate::pool::Body;
+use crate::state::Cluster;
+use crate::wire::{self, local_reply};
+
+/// Carries one captured connection to a TCP service's endpoint.
+pub async fn outbound(shared: Arc<Shared>, mut client: TcpStream, cluster: Arc<Cluster>) {
+    let name = &cluster.config.name;
+    let Some(ep) = cluster.pick().cloned() else {
+        tracing::warn!(cluster = %name, "no endpoints: closing the TCP connection");
+        return;
+    };
+    let Some(tls) = shared.tls.borrow().clone() else {
+        return;
+    };
+    let target = format!("{}:{}", ep.pb.address, ep.pb.port);
+    let mut req = Request::builder()
+        .method(Method::CONNECT)
+        .uri(Uri::try_from(target.as_str()).expect("an address and port make an authority"))
+        .version(http::Version::HTTP_2)
+        .body(
+            Empty::<Bytes>::new()
+                .map_err(|never| match never {})
+                .boxed(),
+        )
+        .expect("valid CONNECT");
+    if let Some(src) = &shared.snapshot.borrow().own.source_header {
+        req.headers_mut().insert(wire::SOURCE, src.clone());
+    }
+    let resp = match shared.pool.send(&tls, ep.tunnel, &ep.identity, req).await {
+        Ok(r) if r.status() == StatusCode::OK => r,
+        Ok(r) => {
+            tracing::warn!(%target, status = %r.status(), "peer sidecar refused the TCP tunnel");
+            return;
+        }
+        Err(e) => {
+            tracing::warn!(%target, error = %e, "TCP tunnel failed");
+            return;
+        }
+    };
+    match hyper::upgrade::on(resp).await {
+        Ok(upgraded) => {
+            let _ = tokio::io::copy_bidirectional(&mut client, &mut TokioIo::new(upgraded)).await;
+        }
+        Err(e) => tracing::warn!(%target, error = %e, "TCP tunnel upgrade failed"),
+    }
+}
+
+/// Answers a CONNECT from a peer sidecar: connects to the app port it
+/// names and splices the stream to it.
+pub async fn inbound(shared: &Shared, mut req: Request<Incoming>) -> Response<Body> {
+    let port = req.uri().authority().and_then(|a| a.port_u16());
+    let served = port.filter(|p| {
+        shared
+            .snapshot
+            .borrow()
+            .inbound
+            .contains_key(&u32::from(*p))
+    });
+    let Some(port) = served else {
+        return local_reply(
+            StatusCode::NOT_FOUND,
+            "CONNECT names no port this workload serves",
+        );
+    };
+    let app = SocketAddr::new(shared.cfg.pod_ip, port);
+    let mut app_tcp = match TcpStream::connect(app).await {
+        Ok(s) => s,
+        Err(e) => {
+            return local_reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("app at {app} unreachable: {e}"),
+            );
+        }
+    };
+    let _ = app_tcp.set_nodelay(true);
+    let upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        match upgrade.await {
+            Ok(upgraded) => {
+                let _ =
+                    tokio::io::copy_bidirectional(&mut TokioIo::new(upgraded), &mut app_tcp).await;
+            }
+            Err(e) => tracing::warn!(%app, error = %e, "TCP tunnel upgrade failed"),
+        }
+    });
+    Response::new(Empty::new().map_err(|never| match never {}).boxed())
+}
