@@ -149,6 +149,7 @@ fn proxy_args(cp: &ControlPlane, w: &WorkloadSpec, token_file: PathBuf) -> Proxy
         threads: mesh_proxy::cli::DEFAULT_THREADS,
         drain_grace_secs: mesh_proxy::drain::DEFAULT_GRACE.as_secs(),
         outbound_traffic_policy: Default::default(),
+        capture: false,
     }
 }
 
@@ -202,6 +203,7 @@ pub async fn launch(
             version: version.clone(),
             listen: w.app_addr(),
             proxy: Some(format!("http://{}", w.outbound())),
+            resolve: vec![],
         });
         match launcher {
             Launcher::Processes {

@@ -48,6 +48,10 @@ pub struct ProxyArgs {
         default_value = "ALLOW_ANY"
     )]
     pub outbound_traffic_policy: crate::config::OutboundPolicy,
+    /// The pod's traffic is captured by iptables (mesh-iptables): bind every
+    /// address and reach the app on 127.0.0.1.
+    #[arg(long, env = "MESH_CAPTURE")]
+    pub capture: bool,
     /// Worker threads. One (the default) runs everything on a single thread,
     /// with no cross-thread wake-ups: a sidecar serves one pod.
     #[arg(long, env = "MESH_PROXY_THREADS", default_value_t = DEFAULT_THREADS)]
@@ -84,6 +88,7 @@ impl ProxyArgs {
             cert_lifetime: Duration::from_secs(self.cert_lifetime_secs),
             drain_grace: Duration::from_secs(self.drain_grace_secs),
             outbound_policy: self.outbound_traffic_policy,
+            capture: self.capture,
             ports: Ports::default(),
         })
     }

@@ -26,6 +26,10 @@ pub struct Config {
     pub drain_grace: Duration,
     /// What captured traffic to destinations outside the mesh gets.
     pub outbound_policy: OutboundPolicy,
+    /// The pod's traffic is captured by iptables (`mesh-iptables`):
+    /// listeners bind every address (an OUTPUT redirect arrives on
+    /// 127.0.0.1) and the app is reached on 127.0.0.1.
+    pub capture: bool,
     pub ports: Ports,
 }
 
@@ -63,8 +67,25 @@ impl Default for Ports {
 }
 
 impl Config {
+    /// Where a listener binds.
     pub fn addr(&self, port: u16) -> SocketAddr {
-        SocketAddr::new(self.pod_ip, port)
+        let ip = match (self.capture, self.pod_ip) {
+            (false, ip) => ip,
+            (true, IpAddr::V4(_)) => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+            (true, IpAddr::V6(_)) => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+        };
+        SocketAddr::new(ip, port)
+    }
+
+    /// Where the app listens on `port`: the pod's address, or loopback when
+    /// traffic is captured (so the proxy's connection is not captured again).
+    pub fn app_addr(&self, port: u16) -> SocketAddr {
+        let ip = match (self.capture, self.pod_ip) {
+            (false, ip) => ip,
+            (true, IpAddr::V4(_)) => IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+            (true, IpAddr::V6(_)) => IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
+        };
+        SocketAddr::new(ip, port)
     }
 
     /// Whether `dst` is one of this proxy's own traffic listeners (a

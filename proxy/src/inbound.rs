@@ -135,7 +135,13 @@ async fn forward(
     let original = parts.uri.authority().cloned();
     let mut uri = std::mem::take(&mut parts.uri).into_parts();
     uri.scheme = Some(Scheme::HTTP);
-    uri.authority = Some(port.app.clone());
+    uri.authority = Some(if shared.cfg.capture {
+        // Captured pods: the app on loopback (left alone by the capture rules).
+        http::uri::Authority::try_from(shared.cfg.app_addr(port.port as u16).to_string())
+            .unwrap_or_else(|_| port.app.clone())
+    } else {
+        port.app.clone()
+    });
     if uri.path_and_query.is_none() {
         uri.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
     }

@@ -4,7 +4,6 @@
 //! splice bytes. The inbound side connects to the app port the CONNECT
 //! names, if the workload serves it.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use http::{Method, Request, Response, StatusCode, Uri};
@@ -78,7 +77,7 @@ pub async fn inbound(shared: &Shared, mut req: Request<Incoming>) -> Response<Bo
             "CONNECT names no port this workload serves",
         );
     };
-    let app = SocketAddr::new(shared.cfg.pod_ip, port);
+    let app = shared.cfg.app_addr(port);
     let mut app_tcp = match TcpStream::connect(app).await {
         Ok(s) => s,
         Err(e) => {

@@ -230,6 +230,7 @@ mod tests {
             cert_lifetime: Duration::ZERO,
             drain_grace: Duration::ZERO,
             outbound_policy: Default::default(),
+            capture: false,
             ports: Default::default(),
         });
         let (snap_tx, snap_rx) = watch::channel(Arc::new(Snapshot::default()));

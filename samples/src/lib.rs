@@ -58,11 +58,15 @@ pub async fn serve(
     version: &str,
     listen: SocketAddr,
     proxy: Option<&str>,
+    resolve: &[(String, std::net::IpAddr)],
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     let mut http = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .no_proxy();
+    for (name, ip) in resolve {
+        http = http.resolve(name, SocketAddr::new(*ip, PORT));
+    }
     if let Some(p) = proxy {
         let p = reqwest::Proxy::http(p).map_err(std::io::Error::other)?;
         http = http.proxy(p);
@@ -226,6 +230,21 @@ pub struct AppArgs {
     /// Where outgoing calls go (the sidecar's outbound address).
     #[arg(long, env = "HTTP_PROXY")]
     pub proxy: Option<String>,
+    /// NAME=IP: what a service name resolves to (as cluster DNS would
+    /// answer with its VIP), for apps whose traffic is captured.
+    #[arg(long, value_parser = parse_resolve)]
+    pub resolve: Vec<(String, std::net::IpAddr)>,
+}
+
+fn parse_resolve(s: &str) -> Result<(String, std::net::IpAddr), String> {
+    let (name, ip) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: want NAME=IP"))?;
+    Ok((
+        name.to_string(),
+        ip.parse()
+            .map_err(|_| format!("{s:?}: {ip:?} is not an IP address"))?,
+    ))
 }
 
 impl AppArgs {
@@ -235,6 +254,7 @@ impl AppArgs {
             &self.version,
             self.listen,
             self.proxy.as_deref(),
+            &self.resolve,
             shutdown,
         )
         .await

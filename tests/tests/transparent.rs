@@ -39,6 +39,7 @@ async fn captured_sidecar(
         cert_lifetime: Duration::ZERO,
         drain_grace: Duration::ZERO,
         outbound_policy: policy,
+        capture: false,
         ports: Default::default(),
     };
     tokio::spawn(mesh_proxy::run_with_sockets(
