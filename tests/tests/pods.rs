@@ -132,6 +132,23 @@ fn pods_talk_over_mtls_through_captured_sidecars_with_apps_unaware() {
                 }
             }
             eprintln!("10 requests from curl through captured sidecars, every hop over mTLS; reviews versions {versions:?}");
+            // HTTP/2 from an app that knows nothing of the mesh either.
+            let h2 = ["curl", "-sS", "-m", "5", "--http2-prior-knowledge", "--resolve", "productpage:9080:240.240.0.2", "http://productpage:9080/productpage"];
+            let out = node.run("client", &h2).unwrap();
+            let body: serde_json::Value = serde_json::from_slice(&out.stdout)
+                .unwrap_or_else(|e| panic!("HTTP/2 through the mesh: {e}: {}", String::from_utf8_lossy(&out.stderr)));
+            meshctl::traffic::verify(&body, &client_id).expect("HTTP/2 request crossed the mesh over mTLS");
+            // Port 9080 excluded from the client's capture (re-applying the
+            // rules in place): its plaintext connection no longer goes through
+            // the client's sidecar, so productpage's pod, which accepts only
+            // mutual TLS inbound, refuses it. Were the exclusion ignored, the
+            // client's sidecar would carry it over mTLS and it would get 200.
+            let out = node.run("client", &[POD, "capture", "--exclude-outbound-ports=9080"]).unwrap();
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            let pp = specs.iter().find(|w| w.name == "productpage-v1").unwrap().address;
+            let direct = format!("http://{pp}:9080/health");
+            let out = node.run("client", &["curl", "-sS", "-m", "5", "-o", "/dev/null", "-w", "%{http_code}", &direct]).unwrap();
+            assert_ne!(String::from_utf8_lossy(&out.stdout), "200", "plaintext reached a STRICT pod's app");
             drop(node);
             cp.stop().await;
         });
