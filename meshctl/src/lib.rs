@@ -6,5 +6,6 @@
 pub mod controlplane;
 pub mod demo;
 pub mod inspect;
+pub mod pods;
 pub mod traffic;
 pub mod workloads;

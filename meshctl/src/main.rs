@@ -48,6 +48,9 @@ enum Command {
         #[arg(short = 'o', long, value_enum, default_value = "table")]
         output: Output,
     },
+    /// Load a pod's capture rules (used by `demo --transparent` in each pod).
+    #[command(hide = true)]
+    Capture(mesh_proxy::capture::CaptureConfig),
     /// Run a sidecar (used by `demo` for each pod).
     #[command(hide = true)]
     Proxy(mesh_proxy::cli::ProxyArgs),
@@ -133,6 +136,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 ),
             }
         }
+        Command::Capture(cfg) => mesh_proxy::capture::apply(&cfg, mesh_proxy::capture::Family::V4)?,
         Command::Proxy(_) => unreachable!("handled before the runtime starts"),
         Command::App(app) => {
             init_logs("info");

@@ -4,7 +4,6 @@
 #![forbid(unsafe_code)]
 
 pub mod bench;
-pub mod pods;
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};

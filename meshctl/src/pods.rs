@@ -1,0 +1,337 @@
+//! Pods as Kubernetes builds them, on one node: each pod a network
+//! namespace with its own veth and IP, joined by a bridge in the node's
+//! namespace. Everything is deleted (processes by PID first) on drop.
+
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use anyhow::{Context, bail};
+
+/// The node's bridge address; pods get addresses in its /24.
+pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 1);
+
+/// Why pod tests cannot run here, if they cannot.
+pub fn skip_reason() -> Option<String> {
+    if !nix::unistd::Uid::effective().is_root() {
+        return Some("needs root (network namespaces, veth, iptables)".into());
+    }
+    for tool in ["ip", "iptables", "setpriv", "curl"] {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !found {
+            return Some(format!("needs {tool}"));
+        }
+    }
+    None
+}
+
+fn sh(script: &str) -> anyhow::Result<()> {
+    let out = Command::new("sh").args(["-ec", script]).output()?;
+    if !out.status.success() {
+        bail!("{script}: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+pub struct Node {
+    tag: String,
+    pods: Vec<String>,
+    children: Vec<Child>,
+}
+
+impl Node {
+    /// Creates the node namespace and its bridge.
+    pub fn new() -> anyhow::Result<Self> {
+        let tag = format!("{:06x}", rand::random::<u32>() & 0xff_ffff);
+        let node = Self {
+            tag,
+            pods: vec![],
+            children: vec![],
+        };
+        let ns = node.namespace();
+        sh(&format!(
+            "ip netns add {ns}; ip -n {ns} link set lo up; ip -n {ns} link add br0 type bridge; \
+             ip -n {ns} addr add {NODE_IP}/24 dev br0; ip -n {ns} link set br0 up"
+        ))?;
+        Ok(node)
+    }
+
+    /// The node's namespace (the bridge, and where the control plane runs).
+    pub fn namespace(&self) -> String {
+        format!("mt-{}-node", self.tag)
+    }
+
+    pub fn pod_namespace(&self, pod: &str) -> String {
+        format!("mt-{}-{pod}", self.tag)
+    }
+
+    /// Creates a pod: a namespace with `eth0` at `ip` on the node's bridge.
+    pub fn add_pod(&mut self, pod: &str, ip: Ipv4Addr) -> anyhow::Result<()> {
+        let (ns, node) = (self.pod_namespace(pod), self.namespace());
+        let i = self.pods.len();
+        let (host, peer) = (format!("mh{}{i}", self.tag), format!("mp{}{i}", self.tag));
+        // Registered first, so that a half-made pod is deleted too.
+        self.pods.push(ns.clone());
+        sh(&format!(
+            "ip netns add {ns}; ip link add {host} type veth peer name {peer}; \
+             ip link set {host} netns {node}; ip link set {peer} netns {ns}; \
+             ip -n {node} link set {host} master br0; ip -n {node} link set {host} up; \
+             ip -n {ns} link set {peer} name eth0; ip -n {ns} addr add {ip}/24 dev eth0; \
+             ip -n {ns} link set eth0 up; ip -n {ns} link set lo up; \
+             ip -n {ns} route add default via {NODE_IP}"
+        ))
+        .with_context(|| format!("creating pod {pod}"))
+    }
+
+    /// Deletes a pod's namespace (its veth goes with it).
+    pub fn delete_pod(&mut self, pod: &str) -> anyhow::Result<()> {
+        let ns = self.pod_namespace(pod);
+        sh(&format!("ip netns del {ns}"))?;
+        self.pods.retain(|p| *p != ns);
+        Ok(())
+    }
+
+    /// Runs `argv` inside a pod to completion.
+    pub fn run(&self, pod: &str, argv: &[&str]) -> anyhow::Result<std::process::Output> {
+        Ok(Command::new("ip")
+            .args(["netns", "exec", &self.pod_namespace(pod)])
+            .args(argv)
+            .output()?)
+    }
+
+    /// Starts `argv` inside a pod; its output goes to `log`. Stopped on drop.
+    pub fn spawn(&mut self, pod: &str, argv: &[&str], log: &Path) -> anyhow::Result<()> {
+        let out = std::fs::File::create(log)?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.pod_namespace(pod)])
+            .args(argv)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("starting {argv:?} in {pod}"))?;
+        self.children.push(child);
+        Ok(())
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let node = self.namespace();
+        for ns in self.pods.drain(..).chain([node]) {
+            let _ = Command::new("ip").args(["netns", "del", &ns]).output();
+        }
+    }
+}
+
+/// Moves the calling thread (only) into a named network namespace.
+pub fn enter(namespace: &str) -> anyhow::Result<()> {
+    let f = std::fs::File::open(format!("/run/netns/{namespace}"))?;
+    nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)?;
+    Ok(())
+}
+
+/// The sample's 127.0.10.N addresses as pod addresses 10.244.0.1N.
+pub fn pod_config(text: &str) -> String {
+    text.replace("127.0.10.", "10.244.0.1")
+}
+
+/// A mesh whose workloads are pods with captured traffic. `exe` runs what
+/// a pod runs (`capture`, `proxy`, `app` subcommands: meshctl itself or
+/// the tests' mesh-pod); sidecars run `proxy_exe` when given.
+pub struct PodMesh {
+    pub node: Node,
+    pub cp: crate::controlplane::ControlPlane,
+    pub specs: Vec<crate::workloads::WorkloadSpec>,
+    pub logs: std::path::PathBuf,
+}
+
+impl PodMesh {
+    /// Starts the control plane, then every workload in its own pod. Call
+    /// it on a thread inside the node's namespace ([`enter`]): the control
+    /// plane listens on the node's bridge address.
+    pub async fn start(
+        mut node: Node,
+        state_dir: &Path,
+        config_dir: &Path,
+        exe: &Path,
+        proxy_exe: Option<&Path>,
+    ) -> anyhow::Result<Self> {
+        use std::os::unix::fs::PermissionsExt;
+        // Sidecars run as UID 1337 and read their files from here.
+        std::fs::set_permissions(state_dir, std::fs::Permissions::from_mode(0o755))?;
+        let specs = crate::workloads::from_config(config_dir)?;
+        let set = mesh_pilot::store::load_dir(config_dir)?;
+        let model = mesh_pilot::model::Model::build(&set, mesh_identity::DEFAULT_TRUST_DOMAIN)
+            .map_err(|e| anyhow::anyhow!("config is invalid: {}", e.join("; ")))?;
+        // Cluster DNS, as the apps see it: a service's short name is its VIP.
+        let resolve: Vec<String> = model
+            .services
+            .values()
+            .filter_map(|s| {
+                Some(format!(
+                    "--resolve={}={}",
+                    s.host.split('.').next()?,
+                    s.vips.first()?
+                ))
+            })
+            .collect();
+        let cp = crate::controlplane::ControlPlane::start(
+            state_dir,
+            config_dir,
+            std::net::IpAddr::V4(NODE_IP),
+        )
+        .await?;
+        let logs = state_dir.join("logs");
+        std::fs::create_dir_all(&logs)?;
+        let exe_s = exe.to_string_lossy().to_string();
+        for w in &specs {
+            let std::net::IpAddr::V4(ip) = w.address else {
+                bail!("{}: pods need an IPv4 WorkloadEntry address", w.name);
+            };
+            node.add_pod(&w.name, ip)?;
+            let out = node.run(&w.name, &[&exe_s, "capture"])?;
+            if !out.status.success() {
+                bail!(
+                    "capture set-up in {}: {}",
+                    w.name,
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            let id = mesh_identity::SpiffeId::new(
+                cp.citadel.trust_domain(),
+                &w.namespace,
+                &w.service_account,
+            );
+            let token = state_dir.join(format!("{}.token", w.name));
+            std::fs::write(&token, cp.token_for(&id))?;
+            std::os::unix::fs::chown(
+                &token,
+                Some(mesh_proxy::capture::PROXY_UID),
+                Some(mesh_proxy::capture::PROXY_UID),
+            )?;
+            let mut args: Vec<String> = vec![
+                "setpriv".into(),
+                format!("--reuid={}", mesh_proxy::capture::PROXY_UID),
+                format!("--regid={}", mesh_proxy::capture::PROXY_UID),
+                "--clear-groups".into(),
+            ];
+            match proxy_exe {
+                Some(p) => args.push(p.to_string_lossy().to_string()),
+                None => args.extend([exe_s.clone(), "proxy".into()]),
+            }
+            args.extend([
+                format!("--workload={}", w.name),
+                format!("--namespace={}", w.namespace),
+                format!("--service-account={}", w.service_account),
+                format!("--pod-ip={ip}"),
+                format!("--pilot-addr={}", cp.pilot_addr),
+                format!("--ca-addr={}", cp.ca_addr),
+                format!("--ca-root-file={}", cp.root_file.display()),
+                format!("--token-file={}", token.display()),
+                "--capture".into(),
+            ]);
+            let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+            node.spawn(&w.name, &argv, &logs.join(format!("{}-proxy.log", w.name)))?;
+            if let Some((svc, version)) = &w.app {
+                let mut app = vec![
+                    exe_s.clone(),
+                    "app".into(),
+                    format!("--service={}", format!("{svc:?}").to_lowercase()),
+                    format!("--version={version}"),
+                    format!("--listen=0.0.0.0:{}", mesh_samples::PORT),
+                ];
+                app.extend(resolve.iter().cloned());
+                let argv: Vec<&str> = app.iter().map(String::as_str).collect();
+                node.spawn(&w.name, &argv, &logs.join(format!("{}-app.log", w.name)))?;
+            }
+        }
+        Ok(Self {
+            node,
+            cp,
+            specs,
+            logs,
+        })
+    }
+
+    /// Waits until every sidecar is ready (15021 is never captured).
+    pub async fn wait_ready(
+        &self,
+        timeout: std::time::Duration,
+        mut progress: impl FnMut(&crate::workloads::WorkloadSpec, usize, usize),
+    ) -> anyhow::Result<()> {
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(std::time::Duration::from_secs(1))
+            .build()?;
+        let deadline = std::time::Instant::now() + timeout;
+        for (i, w) in self.specs.iter().enumerate() {
+            let url = format!(
+                "http://{}:{}/healthz/ready",
+                w.address,
+                mesh_proto::ports::HEALTH
+            );
+            while !http.get(&url).send().await.is_ok_and(|r| r.status() == 200) {
+                if std::time::Instant::now() > deadline {
+                    bail!(
+                        "{} not ready after {timeout:?}; see {}",
+                        w.name,
+                        self.logs.display()
+                    );
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            progress(w, i + 1, self.specs.len());
+        }
+        Ok(())
+    }
+
+    /// The curl command a user runs in the client pod to reach productpage.
+    pub fn productpage_curl(&self, extra: &[&str]) -> Vec<String> {
+        let vip = "240.240.0.2";
+        let mut c: Vec<String> = vec!["curl".into(), "-sS".into(), "-m".into(), "5".into()];
+        c.extend(extra.iter().map(|s| s.to_string()));
+        c.extend([
+            "--resolve".into(),
+            format!("productpage:{}:{vip}", mesh_samples::PORT),
+            format!("http://productpage:{}/productpage", mesh_samples::PORT),
+        ]);
+        c
+    }
+
+    /// One request by curl in the client pod, verified hop by hop.
+    pub fn request(&self, extra: &[&str]) -> Result<(String, Vec<crate::traffic::Hop>), String> {
+        let client = self
+            .specs
+            .iter()
+            .find(|w| w.name == crate::demo::CLIENT_WORKLOAD)
+            .ok_or("no client workload")?;
+        let id = mesh_identity::SpiffeId::new(
+            self.cp.citadel.trust_domain(),
+            &client.namespace,
+            &client.service_account,
+        );
+        let curl = self.productpage_curl(extra);
+        let argv: Vec<&str> = curl.iter().map(String::as_str).collect();
+        let out = self
+            .node
+            .run(&client.name, &argv)
+            .map_err(|e| e.to_string())?;
+        let body: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .map_err(|e| format!("curl: {e}: {}", String::from_utf8_lossy(&out.stderr).trim()))?;
+        crate::traffic::verify(&body, &id.to_string())
+    }
+
+    /// Stops every pod (processes by PID, then namespaces), then the control plane.
+    pub async fn stop(self) {
+        drop(self.node);
+        self.cp.stop().await;
+    }
+}
