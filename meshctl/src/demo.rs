@@ -21,6 +21,8 @@ pub struct Options {
     pub config_dir: Option<PathBuf>,
     pub state_dir: Option<PathBuf>,
     pub control_plane_ip: IpAddr,
+    /// Pods as network namespaces with iptables capture (root).
+    pub transparent: bool,
 }
 
 /// Writes the sample's embedded config to `dir`.
@@ -43,6 +45,9 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
 
 /// Runs the demo; returns whether it succeeded (always true without --requests).
 pub async fn run(opts: Options) -> anyhow::Result<bool> {
+    if opts.transparent {
+        return tokio::task::spawn_blocking(move || transparent(opts)).await?;
+    }
     let started = Instant::now();
     let temp;
     let state_dir = match &opts.state_dir {
@@ -177,4 +182,125 @@ fn print_endpoints(
             w.service_account
         );
     }
+}
+
+/// `demo --transparent`: each workload in its own pod (a network namespace
+/// on a node bridge) with real iptables capture; sidecars as UID 1337; apps
+/// unaware of the mesh; requests made by curl in the client pod.
+fn transparent(opts: Options) -> anyhow::Result<bool> {
+    use crate::pods::{self, Node, PodMesh};
+    if let Some(why) = pods::skip_reason() {
+        anyhow::bail!(
+            "--transparent {why}: run it as root, with iproute2, iptables, setpriv (util-linux) and curl installed"
+        );
+    }
+    let started = Instant::now();
+    let temp;
+    let state_dir = match &opts.state_dir {
+        Some(d) => d.clone(),
+        None => {
+            temp = tempfile::Builder::new().prefix("mesh-demo-").tempdir()?;
+            temp.path().to_path_buf()
+        }
+    };
+    let config_dir = match &opts.config_dir {
+        Some(d) => d.clone(),
+        None => {
+            let d = state_dir.join("config");
+            std::fs::create_dir_all(&d)?;
+            for (name, text) in mesh_samples::CONFIG {
+                std::fs::write(d.join(name), pods::pod_config(text))?;
+            }
+            d
+        }
+    };
+    let exe = std::env::current_exe().context("finding meshctl's own path")?;
+    let proxy_exe = workloads::find_proxy_exe(&exe);
+    let node = Node::new()?;
+    let ns = node.namespace();
+    std::thread::spawn(move || -> anyhow::Result<bool> {
+        pods::enter(&ns)?;
+        tokio::runtime::Runtime::new()?.block_on(async move {
+            println!(
+                "starting the control plane on {} in the node namespace {ns}",
+                pods::NODE_IP
+            );
+            let mesh =
+                PodMesh::start(node, &state_dir, &config_dir, &exe, proxy_exe.as_deref()).await?;
+            println!(
+                "starting {} pods, each with its traffic captured and its sidecar as UID 1337",
+                mesh.specs.len()
+            );
+            let ready = mesh
+                .wait_ready(READY_TIMEOUT, |w, done, total| {
+                    println!(
+                        "  [{done}/{total}] {:<16} ready in pod {}",
+                        w.name, w.address
+                    );
+                })
+                .await;
+            let result = match ready {
+                Err(e) => Err(e),
+                Ok(()) => {
+                    println!("mesh ready in {:.2}s", started.elapsed().as_secs_f64());
+                    let client = mesh.node.pod_namespace(CLIENT_WORKLOAD);
+                    println!(
+                        "\nproductpage, from the client pod (the app needs no proxy settings):"
+                    );
+                    println!(
+                        "  sudo ip netns exec {client} {}",
+                        mesh.productpage_curl(&[]).join(" ")
+                    );
+                    println!(
+                        "config: {}\nlogs: {}",
+                        config_dir.display(),
+                        mesh.logs.display()
+                    );
+                    match opts.requests {
+                        Some(n) => Ok(send_from_pod(&mesh, n).await),
+                        None => {
+                            println!("\nrunning; press Ctrl-C to stop");
+                            let _ = tokio::signal::ctrl_c().await;
+                            Ok(true)
+                        }
+                    }
+                }
+            };
+            println!("stopping the mesh");
+            mesh.stop().await;
+            result
+        })
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the transparent demo's thread panicked"))?
+}
+
+/// N verified requests by curl in the client pod; prints the summary.
+async fn send_from_pod(mesh: &crate::pods::PodMesh, n: usize) -> bool {
+    println!("\nsending {n} requests to productpage with curl in the client pod");
+    // The apps may still be starting behind their ready sidecars.
+    let warm = Instant::now() + Duration::from_secs(10);
+    while mesh.request(&[]).is_err() && Instant::now() < warm {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut s = traffic::Summary::default();
+    let start = Instant::now();
+    for _ in 0..n {
+        match mesh.request(&[]) {
+            Ok((version, hops)) => {
+                s.ok += 1;
+                *s.versions.entry(version).or_default() += 1;
+                for h in hops {
+                    *s.hops.entry(h).or_default() += 1;
+                }
+            }
+            Err(e) => {
+                s.failed += 1;
+                *s.errors.entry(e).or_default() += 1;
+            }
+        }
+    }
+    s.elapsed = start.elapsed();
+    s.print();
+    s.failed == 0 && s.ok == n
 }

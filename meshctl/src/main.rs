@@ -28,6 +28,10 @@ enum Command {
         /// Loopback address for citadel and pilot.
         #[arg(long, default_value = meshctl::demo::DEFAULT_CONTROL_PLANE_IP)]
         control_plane_ip: IpAddr,
+        /// Run each workload in its own pod (network namespace) with real
+        /// iptables capture; needs root.
+        #[arg(long)]
+        transparent: bool,
     },
     /// Per proxy and resource type: SYNCED (acknowledged the latest push),
     /// STALE (sent, not acknowledged, or rejected) or NOT_SENT.
@@ -102,6 +106,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             config,
             state_dir,
             control_plane_ip,
+            transparent,
         } => {
             init_logs("warn");
             let opts = meshctl::demo::Options {
@@ -109,6 +114,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 config_dir: config,
                 state_dir,
                 control_plane_ip,
+                transparent,
             };
             if !meshctl::demo::run(opts).await? {
                 std::process::exit(1);

@@ -42,3 +42,44 @@ fn demo_with_requests_succeeds_over_mtls_and_cleans_up() {
         .collect();
     assert!(leftovers.is_empty(), "processes left behind: {leftovers:?}");
 }
+
+#[test]
+fn transparent_demo_with_requests_succeeds_and_leaves_nothing_behind() {
+    if let Some(why) = meshctl::pods::skip_reason() {
+        eprintln!("SKIPPED: {why}");
+        return;
+    }
+    let netns_before = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .unwrap()
+        .stdout;
+    let out = Command::new(env!("CARGO_BIN_EXE_meshctl"))
+        .args(["demo", "--transparent", "--requests", "20"])
+        .output()
+        .expect("meshctl runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "demo failed\nstdout:\n{stdout}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("[7/7]") && stdout.contains("20 succeeded, 0 failed"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("reviews -> ratings") || !stdout.contains("v2:") && !stdout.contains("v3:"),
+        "{stdout}"
+    );
+    // Its pods (network namespaces) are gone.
+    let netns_after = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .unwrap()
+        .stdout;
+    assert_eq!(
+        String::from_utf8_lossy(&netns_after),
+        String::from_utf8_lossy(&netns_before)
+    );
+}
