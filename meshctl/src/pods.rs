@@ -1,6 +1,8 @@
-//! Pods as Kubernetes builds them, on one node: each pod a network
-//! namespace with its own veth and IP, joined by a bridge in the node's
-//! namespace. Everything is deleted (processes by PID first) on drop.
+//! Pods as Kubernetes builds them: each pod a network namespace with its
+//! own veth and IP, joined by a bridge in its node's namespace; node N
+//! bridges 10.244.N.0/24, and nodes are routed to each other through node 0
+//! like an L3 CNI. A pod lands on the node its address names. Everything is
+//! deleted (processes by PID first) on drop.
 
 use std::net::Ipv4Addr;
 use std::path::Path;
@@ -8,8 +10,13 @@ use std::process::{Child, Command, Stdio};
 
 use anyhow::{Context, bail};
 
-/// The node's bridge address; pods get addresses in its /24.
+/// Node 0's bridge address (where the control plane listens); node N's is
+/// 10.244.N.1, and its pods get addresses in 10.244.N.0/24.
 pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 1);
+
+fn node_ip(n: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, 244, n, 1)
+}
 
 /// Why pod tests cannot run here, if they cannot.
 pub fn skip_reason() -> Option<String> {
@@ -38,6 +45,8 @@ fn sh(script: &str) -> anyhow::Result<()> {
 
 pub struct Node {
     tag: String,
+    /// Nodes made so far (node 0 always).
+    nodes: Vec<u8>,
     pods: Vec<String>,
     children: Vec<Child>,
 }
@@ -46,31 +55,72 @@ impl Node {
     /// Creates the node namespace and its bridge.
     pub fn new() -> anyhow::Result<Self> {
         let tag = format!("{:06x}", rand::random::<u32>() & 0xff_ffff);
-        let node = Self {
+        let mut node = Self {
             tag,
+            nodes: vec![],
             pods: vec![],
             children: vec![],
         };
-        let ns = node.namespace();
-        sh(&format!(
-            "ip netns add {ns}; ip -n {ns} link set lo up; ip -n {ns} link add br0 type bridge; \
-             ip -n {ns} addr add {NODE_IP}/24 dev br0; ip -n {ns} link set br0 up"
-        ))?;
+        node.add_node(0)?;
         Ok(node)
     }
 
-    /// The node's namespace (the bridge, and where the control plane runs).
+    /// Node 0's namespace (where the control plane runs).
     pub fn namespace(&self) -> String {
-        format!("mt-{}-node", self.tag)
+        self.node_namespace(0)
+    }
+
+    pub fn node_namespace(&self, n: u8) -> String {
+        if n == 0 {
+            format!("mt-{}-node", self.tag)
+        } else {
+            format!("mt-{}-node{n}", self.tag)
+        }
+    }
+
+    /// Creates node `n`: its namespace and bridge, and for n > 0 a link to
+    /// node 0 (10.245.n.1 <-> 10.245.n.2) with routes both ways.
+    fn add_node(&mut self, n: u8) -> anyhow::Result<()> {
+        let ns = self.node_namespace(n);
+        let ip = node_ip(n);
+        // Registered first, so that a half-made node is deleted too.
+        self.nodes.push(n);
+        sh(&format!(
+            "ip netns add {ns}; ip -n {ns} link set lo up; ip -n {ns} link add br0 type bridge; \
+             ip -n {ns} addr add {ip}/24 dev br0; ip -n {ns} link set br0 up; \
+             ip netns exec {ns} sysctl -qw net.ipv4.ip_forward=1"
+        ))?;
+        if n > 0 {
+            let (zero, tag) = (self.namespace(), &self.tag);
+            sh(&format!(
+                "ip link add mn{tag}{n}a type veth peer name mn{tag}{n}b; \
+                 ip link set mn{tag}{n}a netns {zero}; ip link set mn{tag}{n}b netns {ns}; \
+                 ip -n {zero} addr add 10.245.{n}.1/24 dev mn{tag}{n}a; ip -n {zero} link set mn{tag}{n}a up; \
+                 ip -n {ns} addr add 10.245.{n}.2/24 dev mn{tag}{n}b; ip -n {ns} link set mn{tag}{n}b up; \
+                 ip -n {zero} route add 10.244.{n}.0/24 via 10.245.{n}.2; \
+                 ip -n {ns} route add default via 10.245.{n}.1"
+            ))
+            .with_context(|| format!("linking node {n} to node 0"))?;
+        }
+        Ok(())
     }
 
     pub fn pod_namespace(&self, pod: &str) -> String {
         format!("mt-{}-{pod}", self.tag)
     }
 
-    /// Creates a pod: a namespace with `eth0` at `ip` on the node's bridge.
+    /// Creates a pod: a namespace with `eth0` at `ip` on the bridge of the
+    /// node its address names (10.244.N.x is on node N, made if needed).
     pub fn add_pod(&mut self, pod: &str, ip: Ipv4Addr) -> anyhow::Result<()> {
-        let (ns, node) = (self.pod_namespace(pod), self.namespace());
+        let [a, b, n, _] = ip.octets();
+        if (a, b) != (10, 244) {
+            bail!("pod {pod}: address {ip} is not in 10.244.0.0/16");
+        }
+        if !self.nodes.contains(&n) {
+            self.add_node(n)?;
+        }
+        let gateway = node_ip(n);
+        let (ns, node) = (self.pod_namespace(pod), self.node_namespace(n));
         let i = self.pods.len();
         let (host, peer) = (format!("mh{}{i}", self.tag), format!("mp{}{i}", self.tag));
         // Registered first, so that a half-made pod is deleted too.
@@ -81,7 +131,7 @@ impl Node {
              ip -n {node} link set {host} master br0; ip -n {node} link set {host} up; \
              ip -n {ns} link set {peer} name eth0; ip -n {ns} addr add {ip}/24 dev eth0; \
              ip -n {ns} link set eth0 up; ip -n {ns} link set lo up; \
-             ip -n {ns} route add default via {NODE_IP}"
+             ip -n {ns} route add default via {gateway}"
         ))
         .with_context(|| format!("creating pod {pod}"))
     }
@@ -124,8 +174,13 @@ impl Drop for Node {
             let _ = c.kill();
             let _ = c.wait();
         }
-        let node = self.namespace();
-        for ns in self.pods.drain(..).chain([node]) {
+        let nodes: Vec<String> = self
+            .nodes
+            .iter()
+            .rev()
+            .map(|n| self.node_namespace(*n))
+            .collect();
+        for ns in self.pods.drain(..).chain(nodes) {
             let _ = Command::new("ip").args(["netns", "del", &ns]).output();
         }
     }
@@ -138,9 +193,13 @@ pub fn enter(namespace: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The sample's 127.0.10.N addresses as pod addresses 10.244.0.1N.
+/// The sample's 127.0.10.N addresses as pod addresses on two nodes:
+/// reviews-v3 (.6) and ratings (.7) on node 1 (10.244.1.1N), the rest on
+/// node 0 (10.244.0.1N), so that some hops cross nodes.
 pub fn pod_config(text: &str) -> String {
-    text.replace("127.0.10.", "10.244.0.1")
+    text.replace("127.0.10.6", "10.244.1.16")
+        .replace("127.0.10.7", "10.244.1.17")
+        .replace("127.0.10.", "10.244.0.1")
 }
 
 /// A mesh whose workloads are pods with captured traffic. `exe` runs what

@@ -64,6 +64,15 @@ fn pods_talk_over_mtls_through_captured_sidecars_with_apps_unaware() {
                 }
             }
             eprintln!("10 requests from curl through captured sidecars, every hop over mTLS; reviews versions {versions:?}");
+            // Across nodes too: ratings lives on node 1; make sure a hop to it was taken.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let (_, hops) = mesh.request(&[]).expect("request succeeds");
+                if hops.iter().any(|h| h.1 == "ratings") {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "no request reached ratings on node 1");
+            }
             // HTTP/2 from an app that knows nothing of the mesh either.
             mesh.request(&["--http2-prior-knowledge"]).expect("HTTP/2 request crossed the mesh over mTLS");
             // Port 9080 excluded from the client's capture (re-applying the
