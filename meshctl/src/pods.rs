@@ -51,9 +51,55 @@ pub struct Node {
     children: Vec<Child>,
 }
 
+/// How old a namespace of ours with no process in it must be before it is
+/// taken for a crashed run's leftover (a younger one may be a run still
+/// setting up its pods).
+pub const STALE_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The prefix of every namespace this module makes.
+pub const PREFIX: &str = "mt-";
+
+/// Deletes network namespaces whose names start with `prefix` (`PREFIX`
+/// or narrower), that no process uses and that are older than
+/// `older_than`; returns their names. Namespaces some process still uses
+/// belong to a live run and are left alone.
+pub fn remove_stale(prefix: &str, older_than: std::time::Duration) -> anyhow::Result<Vec<String>> {
+    let mut removed = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/run/netns") else {
+        return Ok(removed);
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        if !name.starts_with(prefix) {
+            continue;
+        }
+        let age = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok());
+        if age.is_none_or(|a| a < older_than) {
+            continue;
+        }
+        let pids = Command::new("ip").args(["netns", "pids", &name]).output()?;
+        if !String::from_utf8_lossy(&pids.stdout).trim().is_empty() {
+            continue;
+        }
+        sh(&format!("ip netns del {name}"))?;
+        removed.push(name);
+    }
+    Ok(removed)
+}
+
 impl Node {
-    /// Creates the node namespace and its bridge.
+    /// Creates node 0's namespace and bridge, first deleting (and naming)
+    /// namespaces a crashed run left behind.
     pub fn new() -> anyhow::Result<Self> {
+        for ns in remove_stale(PREFIX, STALE_AFTER)? {
+            eprintln!(
+                "removed network namespace {ns}, left behind by an earlier run that did not finish"
+            );
+        }
         let tag = format!("{:06x}", rand::random::<u32>() & 0xff_ffff);
         let mut node = Self {
             tag,

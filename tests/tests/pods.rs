@@ -92,3 +92,49 @@ fn pods_talk_over_mtls_through_captured_sidecars_with_apps_unaware() {
     .join()
     .unwrap();
 }
+
+#[test]
+fn namespaces_left_by_a_crashed_run_are_removed_and_live_ones_kept() {
+    if let Some(why) = pods::skip_reason() {
+        eprintln!("SKIPPED: {why}");
+        return;
+    }
+    let tag = format!("{:06x}", rand::random::<u32>() & 0xff_ffff);
+    let (dead, live) = (format!("mt-{tag}-dead"), format!("mt-{tag}-live"));
+    for ns in [&dead, &live] {
+        assert!(
+            std::process::Command::new("ip")
+                .args(["netns", "add", ns])
+                .status()
+                .unwrap()
+                .success()
+        );
+    }
+    // A process still uses the live one.
+    let mut sleeper = std::process::Command::new("ip")
+        .args(["netns", "exec", &live, "sleep", "30"])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    // Only this test's own namespaces: others may be a parallel run's, mid-set-up.
+    let removed = pods::remove_stale(&format!("mt-{tag}-"), Duration::ZERO).unwrap();
+    let listed = String::from_utf8_lossy(
+        &std::process::Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .to_string();
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+    let _ = std::process::Command::new("ip")
+        .args(["netns", "del", &live])
+        .status();
+    assert!(removed.contains(&dead), "{removed:?}");
+    assert!(!removed.contains(&live), "a namespace in use was removed");
+    assert!(
+        !listed.contains(&dead) && listed.contains(&live),
+        "{listed}"
+    );
+}
