@@ -292,6 +292,9 @@ pub fn h2load_fixed(
     if h1 {
         cmd.arg("--h1");
     }
+    // h2load appends to its log: start each run with an empty one, or a
+    // run would count the requests of the runs before it.
+    let _ = std::fs::remove_file(log);
     let per_client = rps as f64 / clients as f64;
     let out = cmd
         .args([
