@@ -25,13 +25,41 @@ pub struct Options {
     pub transparent: bool,
 }
 
-/// Writes the sample's embedded config to `dir`.
-pub fn write_sample_config(dir: &std::path::Path) -> anyhow::Result<()> {
+/// Writes the sample's embedded config to `dir`, each file through `place`
+/// (which may move its workloads' addresses).
+pub fn write_sample_config(dir: &std::path::Path, place: fn(&str) -> String) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)?;
     for (name, text) in mesh_samples::CONFIG {
-        std::fs::write(dir.join(name), text)?;
+        std::fs::write(dir.join(name), place(text))?;
     }
     Ok(())
+}
+
+/// The demo's state directory (`--state-dir`, or a fresh temporary one
+/// removed when the returned guard drops) and config directory
+/// (`--config`, or the sample written through `place`).
+fn directories(
+    opts: &Options,
+    place: fn(&str) -> String,
+) -> anyhow::Result<(Option<tempfile::TempDir>, PathBuf, PathBuf)> {
+    let temp = match &opts.state_dir {
+        Some(_) => None,
+        None => Some(tempfile::Builder::new().prefix("mesh-demo-").tempdir()?),
+    };
+    let state_dir = match (&opts.state_dir, &temp) {
+        (Some(d), _) => d.clone(),
+        (None, Some(t)) => t.path().to_path_buf(),
+        (None, None) => unreachable!("a temporary directory is made when none is given"),
+    };
+    let config_dir = match &opts.config_dir {
+        Some(d) => d.clone(),
+        None => {
+            let d = state_dir.join("config");
+            write_sample_config(&d, place)?;
+            d
+        }
+    };
+    Ok((temp, state_dir, config_dir))
 }
 
 /// Resident memory of a process, from /proc.
@@ -49,22 +77,7 @@ pub async fn run(opts: Options) -> anyhow::Result<bool> {
         return tokio::task::spawn_blocking(move || transparent(opts)).await?;
     }
     let started = Instant::now();
-    let temp;
-    let state_dir = match &opts.state_dir {
-        Some(d) => d.clone(),
-        None => {
-            temp = tempfile::Builder::new().prefix("mesh-demo-").tempdir()?;
-            temp.path().to_path_buf()
-        }
-    };
-    let config_dir = match &opts.config_dir {
-        Some(d) => d.clone(),
-        None => {
-            let d = state_dir.join("config");
-            write_sample_config(&d)?;
-            d
-        }
-    };
+    let (_temp, state_dir, config_dir) = directories(&opts, str::to_string)?;
     let log_dir = state_dir.join("logs");
     std::fs::create_dir_all(&log_dir)?;
     let specs = workloads::from_config(&config_dir)
@@ -195,25 +208,7 @@ fn transparent(opts: Options) -> anyhow::Result<bool> {
         );
     }
     let started = Instant::now();
-    let temp;
-    let state_dir = match &opts.state_dir {
-        Some(d) => d.clone(),
-        None => {
-            temp = tempfile::Builder::new().prefix("mesh-demo-").tempdir()?;
-            temp.path().to_path_buf()
-        }
-    };
-    let config_dir = match &opts.config_dir {
-        Some(d) => d.clone(),
-        None => {
-            let d = state_dir.join("config");
-            std::fs::create_dir_all(&d)?;
-            for (name, text) in mesh_samples::CONFIG {
-                std::fs::write(d.join(name), pods::pod_config(text))?;
-            }
-            d
-        }
-    };
+    let (_temp, state_dir, config_dir) = directories(&opts, pods::pod_config)?;
     let exe = std::env::current_exe().context("finding meshctl's own path")?;
     let proxy_exe = workloads::find_proxy_exe(&exe);
     let node = Node::new()?;
@@ -286,19 +281,7 @@ async fn send_from_pod(mesh: &crate::pods::PodMesh, n: usize) -> bool {
     let mut s = traffic::Summary::default();
     let start = Instant::now();
     for _ in 0..n {
-        match mesh.request(&[]) {
-            Ok((version, hops)) => {
-                s.ok += 1;
-                *s.versions.entry(version).or_default() += 1;
-                for h in hops {
-                    *s.hops.entry(h).or_default() += 1;
-                }
-            }
-            Err(e) => {
-                s.failed += 1;
-                *s.errors.entry(e).or_default() += 1;
-            }
-        }
+        s.record(mesh.request(&[]));
     }
     s.elapsed = start.elapsed();
     s.print();

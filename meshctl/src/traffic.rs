@@ -101,19 +101,7 @@ pub async fn run(proxy: SocketAddr, client_identity: &str, n: usize) -> anyhow::
     let mut s = Summary::default();
     let start = Instant::now();
     for _ in 0..n {
-        match one(&http, client_identity).await {
-            Ok((version, hops)) => {
-                s.ok += 1;
-                *s.versions.entry(version).or_default() += 1;
-                for h in hops {
-                    *s.hops.entry(h).or_default() += 1;
-                }
-            }
-            Err(e) => {
-                s.failed += 1;
-                *s.errors.entry(e).or_default() += 1;
-            }
-        }
+        s.record(one(&http, client_identity).await);
     }
     s.elapsed = start.elapsed();
     Ok(s)
@@ -144,6 +132,23 @@ pub async fn one(
 }
 
 impl Summary {
+    /// Counts one verified request's outcome.
+    pub fn record(&mut self, result: Result<(String, Vec<Hop>), String>) {
+        match result {
+            Ok((version, hops)) => {
+                self.ok += 1;
+                *self.versions.entry(version).or_default() += 1;
+                for h in hops {
+                    *self.hops.entry(h).or_default() += 1;
+                }
+            }
+            Err(e) => {
+                self.failed += 1;
+                *self.errors.entry(e).or_default() += 1;
+            }
+        }
+    }
+
     pub fn print(&self) {
         let total = self.ok + self.failed;
         println!();
