@@ -1,7 +1,7 @@
 //! The proxy's settings, parsed once (by `main` from flags and env vars, or
 //! built directly by tests and `meshctl demo`).
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use mesh_identity::SpiffeId;
@@ -67,25 +67,28 @@ impl Default for Ports {
 }
 
 impl Config {
-    /// Where a listener binds.
-    pub fn addr(&self, port: u16) -> SocketAddr {
-        let ip = match (self.capture, self.pod_ip) {
+    /// The pod's address, or in capture mode the same family's `v4`/`v6`.
+    fn pod_or(&self, v4: Ipv4Addr, v6: Ipv6Addr) -> IpAddr {
+        match (self.capture, self.pod_ip) {
             (false, ip) => ip,
-            (true, IpAddr::V4(_)) => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
-            (true, IpAddr::V6(_)) => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
-        };
-        SocketAddr::new(ip, port)
+            (true, IpAddr::V4(_)) => IpAddr::V4(v4),
+            (true, IpAddr::V6(_)) => IpAddr::V6(v6),
+        }
+    }
+
+    /// Where a listener binds: every address in capture mode (an OUTPUT
+    /// redirect arrives on loopback).
+    pub fn addr(&self, port: u16) -> SocketAddr {
+        SocketAddr::new(
+            self.pod_or(Ipv4Addr::UNSPECIFIED, Ipv6Addr::UNSPECIFIED),
+            port,
+        )
     }
 
     /// Where the app listens on `port`: the pod's address, or loopback when
     /// traffic is captured (so the proxy's connection is not captured again).
     pub fn app_addr(&self, port: u16) -> SocketAddr {
-        let ip = match (self.capture, self.pod_ip) {
-            (false, ip) => ip,
-            (true, IpAddr::V4(_)) => IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
-            (true, IpAddr::V6(_)) => IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
-        };
-        SocketAddr::new(ip, port)
+        SocketAddr::new(self.pod_or(Ipv4Addr::LOCALHOST, Ipv6Addr::LOCALHOST), port)
     }
 
     /// Whether `dst` is one of this proxy's own traffic listeners (a

@@ -135,10 +135,9 @@ async fn forward(
     let original = parts.uri.authority().cloned();
     let mut uri = std::mem::take(&mut parts.uri).into_parts();
     uri.scheme = Some(Scheme::HTTP);
+    // Captured pods: the app on loopback, which the capture rules leave alone.
     uri.authority = Some(if shared.cfg.capture {
-        // Captured pods: the app on loopback (left alone by the capture rules).
-        http::uri::Authority::try_from(shared.cfg.app_addr(port.port as u16).to_string())
-            .unwrap_or_else(|_| port.app.clone())
+        port.app_loopback.clone()
     } else {
         port.app.clone()
     });

@@ -46,6 +46,8 @@ pub struct InboundPort {
     pub port: u32,
     /// Where the app listens: the pod's address and this port.
     pub app: Authority,
+    /// The same on loopback, for pods whose traffic is captured.
+    pub app_loopback: Authority,
     pub h2: bool,
     pub service: String,
 }
@@ -197,10 +199,17 @@ impl Resources {
             .ports
             .iter()
             .filter_map(|p| {
-                let app = SocketAddr::new(w.address.parse().ok()?, p.port as u16);
+                let ip: std::net::IpAddr = w.address.parse().ok()?;
+                let loopback: std::net::IpAddr = if ip.is_ipv4() {
+                    std::net::Ipv4Addr::LOCALHOST.into()
+                } else {
+                    std::net::Ipv6Addr::LOCALHOST.into()
+                };
+                let authority = |ip| SocketAddr::new(ip, p.port as u16).to_string().parse().ok();
                 let port = InboundPort {
                     port: p.port,
-                    app: app.to_string().parse().ok()?,
+                    app: authority(ip)?,
+                    app_loopback: authority(loopback)?,
                     h2: matches!(
                         pb::Protocol::try_from(p.protocol),
                         Ok(pb::Protocol::Http2 | pb::Protocol::Grpc)
