@@ -11,6 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/istio/v1/auth/ca.proto",
         "proto/envoy/service/discovery/v3/ads.proto",
         "proto/mesh/v1/resources.proto",
+        "proto/mesh/v1/ca.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");

@@ -5,6 +5,8 @@
 
 pub mod auth;
 pub mod authority;
+pub mod csr;
+pub mod material;
 mod service;
 pub mod token;
 
@@ -16,11 +18,13 @@ use std::time::Duration;
 
 use mesh_identity::SpiffeId;
 use mesh_proto::ca::istio_certificate_service_server::IstioCertificateServiceServer;
+use mesh_proto::resources::ca_admin_server::CaAdminServer;
+use mesh_proto::resources::trust_bundle_service_server::TrustBundleServiceServer;
 use tokio::net::TcpListener;
 use tonic::transport::Server;
 
-pub use auth::{Authenticator, Caller, LocalTokens};
-pub use authority::{Authority, AuthorityError};
+pub use auth::{Authenticator, Caller, LocalTokens, MeshCertificate};
+pub use authority::{Authority, AuthorityError, Bundle, Phase};
 pub use token::{TokenError, TokenSigner};
 
 /// Default workload certificate lifetime.
@@ -35,6 +39,10 @@ pub const CONTROL_PLANE_NAMESPACE: &str = "mesh-system";
 #[derive(Clone, Debug)]
 pub struct Config {
     pub state_dir: PathBuf,
+    /// Operator-supplied signing material in Istio's plug-in layout
+    /// (`ca-cert.pem`, `ca-key.pem`, `root-cert.pem`, `cert-chain.pem`);
+    /// without it citadel generates a self-signed root on first start.
+    pub plugin_dir: Option<PathBuf>,
     pub trust_domain: String,
     pub default_lifetime: Duration,
     pub max_lifetime: Duration,
@@ -44,6 +52,7 @@ impl Config {
     pub fn new(state_dir: impl Into<PathBuf>) -> Self {
         Self {
             state_dir: state_dir.into(),
+            plugin_dir: None,
             trust_domain: mesh_identity::DEFAULT_TRUST_DOMAIN.to_string(),
             default_lifetime: DEFAULT_LIFETIME,
             max_lifetime: DEFAULT_MAX_LIFETIME,
@@ -59,7 +68,11 @@ pub struct Citadel {
 
 impl Citadel {
     pub fn open(config: Config) -> Result<Self, AuthorityError> {
-        let authority = Arc::new(Authority::open(&config.state_dir, &config.trust_domain)?);
+        let authority = Arc::new(Authority::open(
+            &config.state_dir,
+            &config.trust_domain,
+            config.plugin_dir.as_deref(),
+        )?);
         let tokens = Arc::new(TokenSigner::open(&config.state_dir)?);
         Ok(Self {
             config,
@@ -81,8 +94,19 @@ impl Citadel {
         &self.config.trust_domain
     }
 
-    pub fn root_pem(&self) -> &str {
-        self.authority.root_pem()
+    /// The roots workloads trust now, PEM (more than one during a rotation).
+    pub fn roots_pem(&self) -> String {
+        self.authority.bundle().roots_pem()
+    }
+
+    /// The file citadel keeps holding the current trust bundle (PEM).
+    pub fn bundle_file(&self) -> PathBuf {
+        self.config.state_dir.join(authority::BUNDLE_FILE)
+    }
+
+    /// The identity allowed to use the `CaAdmin` service (`meshctl ca`).
+    pub fn admin_identity(&self) -> SpiffeId {
+        admin_identity(&self.config.trust_domain)
     }
 
     pub fn authority(&self) -> &Arc<Authority> {
@@ -94,12 +118,24 @@ impl Citadel {
         self.tokens.mint(identity, ttl)
     }
 
-    /// Serves CreateCertificate over TLS on `listener` until `shutdown`
-    /// resolves. Citadel's own serving certificate is issued by its
-    /// authority and renewed like every workload's.
+    /// Serves CreateCertificate, the trust bundle and the admin service
+    /// over TLS on `listener` until `shutdown` resolves. Citadel's own
+    /// serving certificate is issued by its authority, renewed like every
+    /// workload's, and re-issued whenever the bundle changes.
     pub async fn serve(
         &self,
         listener: TcpListener,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), ServeError> {
+        self.serve_with(listener, Vec::new(), shutdown).await
+    }
+
+    /// As [`Citadel::serve`], trying `extra` authenticators (Kubernetes
+    /// TokenReview, say) after the mesh certificate and local tokens.
+    pub async fn serve_with(
+        &self,
+        listener: TcpListener,
+        extra: Vec<Arc<dyn Authenticator>>,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), ServeError> {
         let authority = self.authority.clone();
@@ -109,32 +145,67 @@ impl Citadel {
             let (authority, identity) = (authority.clone(), identity.clone());
             async move {
                 let (chain, key) = authority.issue_own(&identity, lifetime)?;
-                mesh_identity::Credentials::from_pem(&chain, &key, authority.root_pem())
+                mesh_identity::Credentials::from_pem(&chain, &key, &authority.bundle().roots_pem())
                     .map_err(|e| ServeError::OwnCertificate(e.to_string()))
             }
         };
+        let wake = Arc::new(tokio::sync::Notify::new());
+        let (creds_tx, creds_rx) = tokio::sync::watch::channel(None);
+        let renewal = tokio::spawn(mesh_identity::renew::renew_forever(
+            "citadel",
+            fetch,
+            wake.clone(),
+            move |c| {
+                creds_tx.send_replace(Some(c));
+            },
+        ));
+        let mut bundles = self.authority.watch();
+        let rewake = tokio::spawn(async move {
+            while bundles.changed().await.is_ok() {
+                wake.notify_one();
+            }
+        });
         // Client certificates are optional: callers may authenticate with a token.
-        let (tls, renewal) =
-            mesh_identity::renew::rotating_server_config("citadel", fetch, false, &[b"h2"]).await;
-        let service = service::CertificateService {
-            authority: self.authority.clone(),
-            authenticators: vec![Arc::new(LocalTokens(self.tokens.clone()))],
-            default_lifetime: self.config.default_lifetime,
-            max_lifetime: self.config.max_lifetime,
+        let tls = mesh_identity::renew::server_configs("citadel", creds_rx, false, &[b"h2"]).await;
+        let mut authenticators: Vec<Arc<dyn Authenticator>> = vec![
+            Arc::new(MeshCertificate(self.authority.clone())),
+            Arc::new(LocalTokens(self.tokens.clone())),
+        ];
+        authenticators.extend(extra);
+        let (closing_tx, closing) = tokio::sync::watch::channel(false);
+        let services = service::Services(Arc::new(service::Shared::new(
+            self.authority.clone(),
+            authenticators,
+            self.config.default_lifetime,
+            self.config.max_lifetime,
+            self.admin_identity(),
+            closing,
+        )));
+        let shutdown = async move {
+            shutdown.await;
+            closing_tx.send_replace(true);
         };
         let addr: Option<SocketAddr> = listener.local_addr().ok();
         tracing::info!(?addr, "citadel serving CreateCertificate over TLS");
         let served = Server::builder()
-            .add_service(IstioCertificateServiceServer::new(service))
+            .add_service(IstioCertificateServiceServer::new(services.clone()))
+            .add_service(TrustBundleServiceServer::new(services.clone()))
+            .add_service(CaAdminServer::new(services))
             .serve_with_incoming_shutdown(
                 mesh_identity::grpc::tls_incoming(listener, tls),
                 shutdown,
             )
             .await;
         renewal.abort();
+        rewake.abort();
         served?;
         Ok(())
     }
+}
+
+/// The identity allowed to use the `CaAdmin` service.
+pub fn admin_identity(trust_domain: &str) -> SpiffeId {
+    SpiffeId::new(trust_domain, CONTROL_PLANE_NAMESPACE, "mesh-admin")
 }
 
 #[derive(Debug, thiserror::Error)]

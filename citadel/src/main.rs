@@ -11,6 +11,11 @@ struct Args {
     /// Directory holding the root key, root certificate and token key.
     #[arg(long, env = "CITADEL_STATE_DIR", default_value = "citadel-state")]
     state_dir: PathBuf,
+    /// Sign with this operator-supplied material (Istio's plug-in layout:
+    /// ca-cert.pem, ca-key.pem, root-cert.pem, cert-chain.pem) instead of a
+    /// generated self-signed root.
+    #[arg(long, env = "CITADEL_PLUGIN_CERTS")]
+    plugin_certs: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -37,7 +42,9 @@ async fn main() -> anyhow::Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .init();
     let args = Args::parse();
-    let citadel = mesh_citadel::Citadel::open(mesh_citadel::Config::new(&args.state_dir))?;
+    let mut config = mesh_citadel::Config::new(&args.state_dir);
+    config.plugin_dir = args.plugin_certs;
+    let citadel = mesh_citadel::Citadel::open(config)?;
     match args.command.unwrap_or(Command::Serve {
         listen: mesh_citadel::DEFAULT_LISTEN.parse()?,
     }) {

@@ -64,6 +64,20 @@ impl Credentials {
         })
     }
 
+    /// The same certificate and key, trusting `roots` instead.
+    pub fn with_roots(&self, roots: std::sync::Arc<RootCertStore>) -> Self {
+        Self {
+            roots,
+            ..self.clone()
+        }
+    }
+
+    /// SHA-256 (hex) of the last certificate of the chain: the root the
+    /// leaf chains to, as citadel hands chains out (leaf → root).
+    pub fn chain_root_sha256(&self) -> String {
+        sha256_hex(self.chain[self.chain.len() - 1].as_ref())
+    }
+
     /// Time left before the leaf expires (zero once it has).
     pub fn remaining(&self) -> Duration {
         self.not_after
@@ -125,4 +139,13 @@ pub fn not_after(der: &[u8]) -> Result<SystemTime, CredentialsError> {
     let cert = parse(der)?;
     let secs = cert.validity().not_after.timestamp();
     Ok(UNIX_EPOCH + Duration::from_secs(secs.max(0) as u64))
+}
+
+/// SHA-256 of `bytes`, lowercase hex: how roots are named in bundles and status.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, bytes)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }

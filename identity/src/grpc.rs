@@ -71,12 +71,14 @@ pub async fn request_certificate(
         validity_duration: lifetime.as_secs() as i64,
         metadata: None,
     });
-    req.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {token}")
-            .parse()
-            .map_err(|_| CaError::Token)?,
-    );
+    if !token.is_empty() {
+        req.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {token}")
+                .parse()
+                .map_err(|_| CaError::Token)?,
+        );
+    }
     let resp = IstioCertificateServiceClient::new(channel)
         .create_certificate(req)
         .await?

@@ -8,8 +8,9 @@ pub mod grpc;
 pub mod renew;
 mod spiffe;
 mod tls;
+pub mod workload;
 
-pub use cert::{Credentials, CredentialsError, identity_of, not_after, root_store};
+pub use cert::{Credentials, CredentialsError, identity_of, not_after, root_store, sha256_hex};
 pub use spiffe::{DEFAULT_TRUST_DOMAIN, ParseError, SpiffeId};
 pub use tls::{PeerIdentity, client_config, peer_identity, server_config};
 

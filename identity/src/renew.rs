@@ -1,11 +1,14 @@
 //! Keeping credentials fresh: fetch at start, renew at about half the
-//! lifetime (±10 % jitter so a fleet spreads out), and on failure back off
-//! exponentially while the current credentials keep serving.
+//! lifetime (±10 % jitter so a fleet spreads out) or at once when woken,
+//! and on failure back off exponentially while the current credentials
+//! keep serving.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use rand::Rng;
+use tokio::sync::{Notify, watch};
 
 use crate::Credentials;
 
@@ -18,10 +21,12 @@ pub fn renew_after(remaining: Duration) -> Duration {
 }
 
 /// Runs forever: `fetch` new credentials, hand each to `publish`, sleep
-/// until renewal is due. `what` names the holder in logs.
+/// until renewal is due or `wake` is notified. `what` names the holder in
+/// logs.
 pub async fn renew_forever<F, Fut, E>(
     what: &str,
     mut fetch: F,
+    wake: Arc<Notify>,
     mut publish: impl FnMut(Credentials),
 ) where
     F: FnMut() -> Fut,
@@ -36,7 +41,10 @@ pub async fn renew_forever<F, Fut, E>(
                 let due = renew_after(creds.remaining());
                 tracing::info!(holder = what, identity = %creds.identity, valid_for = ?creds.remaining(), renew_in = ?due, "certificate installed");
                 publish(creds);
-                tokio::time::sleep(due).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(due) => {}
+                    _ = wake.notified() => tracing::info!(holder = what, "renewing early: the signing root changed"),
+                }
             }
             Err(e) => {
                 tracing::warn!(holder = what, error = %e, retry_in = ?backoff, "certificate request failed; the current certificate keeps serving");
@@ -47,49 +55,42 @@ pub async fn renew_forever<F, Fut, E>(
     }
 }
 
-/// Renews credentials with `fetch` for as long as the returned task runs,
-/// and keeps the receiver holding a server config built from the newest
-/// ones. Resolves once the first credentials are in.
-pub async fn rotating_server_config<F, Fut, E>(
+/// A server config built from the newest credentials in `creds`, kept
+/// current for as long as `creds` has a sender. Resolves once the first
+/// credentials are in.
+pub async fn server_configs(
     what: &'static str,
-    fetch: F,
+    mut creds: watch::Receiver<Option<Credentials>>,
     require_client: bool,
     alpn: &'static [&'static [u8]],
-) -> (
-    tokio::sync::watch::Receiver<std::sync::Arc<rustls::ServerConfig>>,
-    tokio::task::JoinHandle<()>,
-)
-where
-    F: FnMut() -> Fut + Send + 'static,
-    Fut: Future<Output = Result<Credentials, E>> + Send + 'static,
-    E: std::fmt::Display + Send + 'static,
-{
-    let (first_tx, first_rx) = tokio::sync::oneshot::channel();
-    let mut first_tx = Some(first_tx);
-    let mut sender: Option<tokio::sync::watch::Sender<_>> = None;
-    let task = tokio::spawn(renew_forever(what, fetch, move |creds| {
-        let config = match crate::server_config(&creds, require_client, alpn) {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::error!(holder = what, error = %e, "certificate unusable for a server");
-                return;
-            }
-        };
-        match &sender {
-            Some(s) => {
-                s.send_replace(config);
-            }
-            None => {
-                let (s, r) = tokio::sync::watch::channel(config);
-                sender = Some(s);
-                if let Some(tx) = first_tx.take() {
-                    let _ = tx.send(r);
-                }
+) -> watch::Receiver<Arc<rustls::ServerConfig>> {
+    let build = move |c: &Credentials| match crate::server_config(c, require_client, alpn) {
+        Ok(config) => Some(config),
+        Err(e) => {
+            tracing::error!(holder = what, error = %e, "certificate unusable for a server");
+            None
+        }
+    };
+    let first = loop {
+        if creds.wait_for(Option::is_some).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+        let built = creds.borrow_and_update().as_ref().and_then(&build);
+        if let Some(config) = built {
+            break config;
+        }
+        if creds.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    let (tx, rx) = watch::channel(first);
+    tokio::spawn(async move {
+        while creds.changed().await.is_ok() {
+            let next = creds.borrow_and_update().as_ref().and_then(&build);
+            if let Some(config) = next {
+                tx.send_replace(config);
             }
         }
-    }));
-    let rx = first_rx
-        .await
-        .expect("the renewal task publishes before it ends");
-    (rx, task)
+    });
+    rx
 }

@@ -15,7 +15,6 @@ use tokio::task::JoinHandle;
 
 /// Lifetime of the local-mode tokens meshctl hands to workloads.
 pub const TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
-pub const ROOT_CERT_FILE: &str = "root-cert.pem";
 
 struct Running {
     stop: oneshot::Sender<()>,
@@ -35,6 +34,7 @@ pub struct ControlPlane {
     pub pilot_addr: SocketAddr,
     /// pilot's debug endpoints (`/debug/syncz`), read by `meshctl proxy-status`.
     pub pilot_debug_addr: SocketAddr,
+    /// The trust bundle workloads start with (kept current by citadel).
     pub root_file: PathBuf,
     config_dir: PathBuf,
     pilot: Option<(Arc<Pilot>, mesh_pilot::DirWatcher, Running)>,
@@ -59,9 +59,8 @@ impl ControlPlane {
         let mut config = mesh_citadel::Config::new(state_dir.join("citadel"));
         config.default_lifetime = cert_lifetime;
         let citadel = Arc::new(Citadel::open(config).context("opening citadel's state")?);
-        let root_file = state_dir.join(ROOT_CERT_FILE);
-        std::fs::write(&root_file, citadel.root_pem())
-            .with_context(|| format!("writing {}", root_file.display()))?;
+        // citadel keeps this file holding the current trust bundle.
+        let root_file = citadel.bundle_file();
         let ca_addr = SocketAddr::new(ip, mesh_proto::ports::CA);
         let listener = tokio::net::TcpListener::bind(ca_addr)
             .await
@@ -112,9 +111,10 @@ impl ControlPlane {
             .server_tls(
                 self.ca_addr,
                 self.token_for(&pilot.identity()),
-                self.citadel.root_pem().to_string(),
+                self.citadel.roots_pem(),
             )
-            .await;
+            .await
+            .context("pilot's certificate")?;
         let watcher = pilot.watch().context("watching the config directory")?;
         let listener = tokio::net::TcpListener::bind(self.pilot_addr)
             .await

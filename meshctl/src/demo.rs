@@ -23,7 +23,15 @@ pub struct Options {
     pub control_plane_ip: IpAddr,
     /// Pods as network namespaces with iptables capture (root).
     pub transparent: bool,
+    /// Lifetime of every certificate (default: citadel's 24 h).
+    pub cert_ttl: Option<Duration>,
+    /// Send requests continuously for this long, then exit as with
+    /// `requests`.
+    pub duration: Option<Duration>,
 }
+
+/// Loops sending requests at once in `--duration` mode.
+const DURATION_CONCURRENCY: usize = 4;
 
 /// Writes the sample's embedded config to `dir`, each file through `place`
 /// (which may move its workloads' addresses).
@@ -73,6 +81,9 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
 
 /// Runs the demo; returns whether it succeeded (always true without --requests).
 pub async fn run(opts: Options) -> anyhow::Result<bool> {
+    if opts.transparent && (opts.cert_ttl.is_some() || opts.duration.is_some()) {
+        anyhow::bail!("--cert-ttl and --duration do not work with --transparent yet");
+    }
     if opts.transparent {
         return tokio::task::spawn_blocking(move || transparent(opts)).await?;
     }
@@ -88,7 +99,17 @@ pub async fn run(opts: Options) -> anyhow::Result<bool> {
         mesh_proto::ports::CA,
         mesh_proto::ports::XDS
     );
-    let cp = ControlPlane::start(&state_dir, &config_dir, opts.control_plane_ip).await?;
+    let lifetime = opts.cert_ttl.unwrap_or(mesh_citadel::DEFAULT_LIFETIME);
+    let cp =
+        ControlPlane::start_with_lifetime(&state_dir, &config_dir, opts.control_plane_ip, lifetime)
+            .await?;
+    println!(
+        "state (for `meshctl ca --state-dir`): {}",
+        state_dir.display()
+    );
+    if opts.cert_ttl.is_some() {
+        println!("certificates live {lifetime:?}; each workload renews at about half that");
+    }
     println!("starting {} workloads, each with its sidecar", specs.len());
     let exe = std::env::current_exe().context("finding meshctl's own path")?;
     let proxy_exe = workloads::find_proxy_exe(&exe);
@@ -121,9 +142,10 @@ pub async fn run(opts: Options) -> anyhow::Result<bool> {
                     );
                 }
             }
-            match opts.requests {
-                Some(n) => send(&cp, &specs, n).await,
-                None => {
+            match (opts.requests, opts.duration) {
+                (Some(n), _) => send(&cp, &specs, Load::Requests(n)).await,
+                (None, Some(d)) => send(&cp, &specs, Load::For(d)).await,
+                (None, None) => {
                     println!("\nrunning; press Ctrl-C to stop");
                     let _ = tokio::signal::ctrl_c().await;
                     Ok(true)
@@ -138,7 +160,12 @@ pub async fn run(opts: Options) -> anyhow::Result<bool> {
     result
 }
 
-async fn send(cp: &ControlPlane, specs: &[WorkloadSpec], n: usize) -> anyhow::Result<bool> {
+enum Load {
+    Requests(usize),
+    For(Duration),
+}
+
+async fn send(cp: &ControlPlane, specs: &[WorkloadSpec], load: Load) -> anyhow::Result<bool> {
     let client = specs
         .iter()
         .find(|w| w.name == CLIENT_WORKLOAD)
@@ -150,13 +177,36 @@ async fn send(cp: &ControlPlane, specs: &[WorkloadSpec], n: usize) -> anyhow::Re
         &client.namespace,
         &client.service_account,
     );
-    println!(
-        "\nsending {n} requests to productpage through {}'s sidecar",
-        client.name
-    );
-    let summary = traffic::run(client.outbound(), &identity.to_string(), n).await?;
+    let issued_before: u64 = cp.citadel.authority().issued().values().sum();
+    let summary = match load {
+        Load::Requests(n) => {
+            println!(
+                "\nsending {n} requests to productpage through {}'s sidecar",
+                client.name
+            );
+            traffic::run(client.outbound(), &identity.to_string(), n).await?
+        }
+        Load::For(d) => {
+            println!(
+                "\nsending requests to productpage through {}'s sidecar for {d:?} ({DURATION_CONCURRENCY} at a time)",
+                client.name
+            );
+            traffic::run_for(
+                client.outbound(),
+                &identity.to_string(),
+                d,
+                DURATION_CONCURRENCY,
+            )
+            .await?
+        }
+    };
     summary.print();
-    Ok(summary.failed == 0 && summary.ok == n)
+    let issued: u64 = cp.citadel.authority().issued().values().sum::<u64>() - issued_before;
+    println!(
+        "certificates issued while requests ran: {issued} ({:.1} per workload and control-plane server)",
+        issued as f64 / (specs.len() + 2) as f64
+    );
+    Ok(summary.failed == 0 && summary.ok > 0)
 }
 
 fn print_endpoints(

@@ -32,6 +32,14 @@ enum Command {
         /// iptables capture; needs root.
         #[arg(long)]
         transparent: bool,
+        /// Lifetime of every certificate (workloads', pilot's, citadel's),
+        /// e.g. 10s: rotation while requests flow.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        cert_ttl: Option<std::time::Duration>,
+        /// Send requests for this long (e.g. 60s), print a summary, and exit
+        /// 0 only if every one succeeded over mutual TLS.
+        #[arg(long, value_parser = humantime::parse_duration, conflicts_with = "requests")]
+        duration: Option<std::time::Duration>,
     },
     /// Per proxy and resource type: SYNCED (acknowledged the latest push),
     /// STALE (sent, not acknowledged, or rejected) or NOT_SENT.
@@ -52,6 +60,18 @@ enum Command {
         #[arg(short = 'o', long, value_enum, default_value = "table")]
         output: Output,
     },
+    /// The certificate authority: roots, counts, and root rotation.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+        /// citadel's address.
+        #[arg(long, global = true, default_value = DEFAULT_CA)]
+        ca_addr: SocketAddr,
+        /// The mesh's state directory (`meshctl demo` prints it); meshctl
+        /// reads citadel's trust bundle and token key there.
+        #[arg(long, global = true, env = "MESH_STATE_DIR")]
+        state_dir: Option<PathBuf>,
+    },
     /// Load a pod's capture rules (used by `demo --transparent` in each pod).
     #[command(hide = true)]
     Capture(mesh_proxy::capture::CaptureConfig),
@@ -63,6 +83,31 @@ enum Command {
     App(mesh_samples::AppArgs),
 }
 
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Roots with fingerprints, roles and expiry; certificates issued; the
+    /// workloads watching the trust bundle.
+    Status {
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Rotate the root with no downtime: trust a new root beside the old,
+    /// wait for every workload; sign with the new, wait until every
+    /// workload is re-issued; drop the old root. Resumes a rotation left
+    /// half-way.
+    Rotate {
+        /// Bring in this operator material (Istio's plug-in layout) instead
+        /// of a root citadel generates.
+        #[arg(long)]
+        plugin_certs: Option<PathBuf>,
+        /// How long to wait for the workloads at each step.
+        #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
+}
+
+/// The demo's citadel.
+const DEFAULT_CA: &str = "127.0.10.254:15011";
 /// The demo control plane's debug address.
 const DEFAULT_PILOT_DEBUG: &str = "127.0.10.254:15014";
 
@@ -107,6 +152,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
             state_dir,
             control_plane_ip,
             transparent,
+            cert_ttl,
+            duration,
         } => {
             init_logs("warn");
             let opts = meshctl::demo::Options {
@@ -115,6 +162,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 state_dir,
                 control_plane_ip,
                 transparent,
+                cert_ttl,
+                duration,
             };
             if !meshctl::demo::run(opts).await? {
                 std::process::exit(1);
@@ -140,6 +189,41 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     "{}",
                     serde_json::to_string_pretty(&meshctl::inspect::section(&dump, section))?
                 ),
+            }
+        }
+        Command::Ca {
+            command,
+            ca_addr,
+            state_dir,
+        } => {
+            let Some(state_dir) = state_dir else {
+                anyhow::bail!(
+                    "--state-dir (or MESH_STATE_DIR) is needed: the directory `meshctl demo` printed"
+                );
+            };
+            let admin = meshctl::ca::Admin::local(ca_addr, &state_dir.join("citadel"))?;
+            match command {
+                CaCommand::Status { output } => {
+                    let status = admin.status().await?;
+                    match output {
+                        Output::Table => meshctl::ca::print_status(&status),
+                        Output::Json => println!(
+                            "{}",
+                            serde_json::to_string_pretty(&meshctl::ca::status_json(&status))?
+                        ),
+                    }
+                }
+                CaCommand::Rotate {
+                    plugin_certs,
+                    timeout,
+                } => {
+                    let plugin = plugin_certs.map(|p| std::path::absolute(&p)).transpose()?;
+                    let status = admin
+                        .rotate(plugin.as_deref(), timeout, |line| println!("{line}"))
+                        .await?;
+                    println!();
+                    meshctl::ca::print_status(&status);
+                }
             }
         }
         Command::Capture(cfg) => mesh_proxy::capture::apply(&cfg, mesh_proxy::capture::Family::V4)?,

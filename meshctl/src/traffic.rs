@@ -92,12 +92,16 @@ pub struct Summary {
     pub elapsed: Duration,
 }
 
-/// Sends `n` GET /productpage requests through the sidecar at `proxy`.
-pub async fn run(proxy: SocketAddr, client_identity: &str, n: usize) -> anyhow::Result<Summary> {
-    let http = reqwest::Client::builder()
+fn client_via(proxy: SocketAddr) -> anyhow::Result<reqwest::Client> {
+    Ok(reqwest::Client::builder()
         .proxy(reqwest::Proxy::http(format!("http://{proxy}"))?)
         .timeout(Duration::from_secs(10))
-        .build()?;
+        .build()?)
+}
+
+/// Sends `n` GET /productpage requests through the sidecar at `proxy`.
+pub async fn run(proxy: SocketAddr, client_identity: &str, n: usize) -> anyhow::Result<Summary> {
+    let http = client_via(proxy)?;
     let mut s = Summary::default();
     let start = Instant::now();
     for _ in 0..n {
@@ -105,6 +109,34 @@ pub async fn run(proxy: SocketAddr, client_identity: &str, n: usize) -> anyhow::
     }
     s.elapsed = start.elapsed();
     Ok(s)
+}
+
+/// Sends GET /productpage requests through the sidecar at `proxy` for
+/// `duration`, from `concurrency` loops at once.
+pub async fn run_for(
+    proxy: SocketAddr,
+    client_identity: &str,
+    duration: Duration,
+    concurrency: usize,
+) -> anyhow::Result<Summary> {
+    let http = client_via(proxy)?;
+    let start = Instant::now();
+    let loops = (0..concurrency.max(1)).map(|_| {
+        let (http, id) = (http.clone(), client_identity.to_string());
+        tokio::spawn(async move {
+            let mut s = Summary::default();
+            while start.elapsed() < duration {
+                s.record(one(&http, &id).await);
+            }
+            s
+        })
+    });
+    let mut total = Summary::default();
+    for l in loops.collect::<Vec<_>>() {
+        total.merge(l.await?);
+    }
+    total.elapsed = start.elapsed();
+    Ok(total)
 }
 
 /// One request to productpage, verified.
@@ -146,6 +178,20 @@ impl Summary {
                 self.failed += 1;
                 *self.errors.entry(e).or_default() += 1;
             }
+        }
+    }
+
+    pub fn merge(&mut self, other: Summary) {
+        self.ok += other.ok;
+        self.failed += other.failed;
+        for (k, n) in other.errors {
+            *self.errors.entry(k).or_default() += n;
+        }
+        for (k, n) in other.versions {
+            *self.versions.entry(k).or_default() += n;
+        }
+        for (k, n) in other.hops {
+            *self.hops.entry(k).or_default() += n;
         }
     }
 

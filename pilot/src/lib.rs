@@ -87,25 +87,23 @@ impl Pilot {
         ca_addr: std::net::SocketAddr,
         token: String,
         roots_pem: String,
-    ) -> (
-        tokio_watch::Receiver<Arc<rustls::ServerConfig>>,
-        tokio::task::JoinHandle<()>,
-    ) {
-        let identity = self.identity();
-        let fetch = move || {
-            let (token, identity, roots) = (token.clone(), identity.clone(), roots_pem.clone());
-            async move {
-                mesh_identity::grpc::certificate_from(
-                    ca_addr,
-                    &token,
-                    &identity,
-                    std::time::Duration::ZERO,
-                    &roots,
-                )
-                .await
-            }
+    ) -> Result<
+        (
+            tokio_watch::Receiver<Arc<rustls::ServerConfig>>,
+            tokio::task::JoinHandle<()>,
+        ),
+        mesh_identity::CredentialsError,
+    > {
+        let settings = mesh_identity::workload::CaSettings {
+            addr: ca_addr,
+            identity: self.identity(),
+            token,
+            lifetime: std::time::Duration::ZERO,
+            roots_pem,
         };
-        mesh_identity::renew::rotating_server_config("pilot", fetch, true, &[b"h2"]).await
+        let (creds, task) = mesh_identity::workload::start(settings)?;
+        let tls = mesh_identity::renew::server_configs("pilot", creds, true, &[b"h2"]).await;
+        Ok((tls, task))
     }
 
     /// Re-reads the config directory. A bad config is reported and the last

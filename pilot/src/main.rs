@@ -38,7 +38,8 @@ async fn main() -> anyhow::Result<()> {
     let pilot = mesh_pilot::Pilot::new(mesh_pilot::Config::new(&args.config_dir));
     let (tls, _renewal) = pilot
         .server_tls(args.ca_addr, token.trim().to_string(), roots)
-        .await;
+        .await
+        .context("pilot's certificate")?;
     let _watch = pilot.watch()?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await

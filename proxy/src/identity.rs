@@ -50,22 +50,41 @@ impl Tls {
     }
 }
 
-/// Keeps `tx` holding valid credentials for as long as the proxy runs.
+/// Keeps `tx` holding valid credentials for as long as the proxy runs:
+/// renewed at about half their life, and rebuilt with the new roots
+/// whenever citadel's trust bundle changes.
 pub async fn run(cfg: Arc<Config>, tx: watch::Sender<Option<Arc<Tls>>>) {
-    let fetch = || {
-        mesh_identity::grpc::certificate_from(
-            cfg.ca_addr,
-            &cfg.ca_token,
-            &cfg.identity,
-            cfg.cert_lifetime,
-            &cfg.roots_pem,
-        )
+    let settings = mesh_identity::workload::CaSettings {
+        addr: cfg.ca_addr,
+        identity: cfg.identity.clone(),
+        token: cfg.ca_token.clone(),
+        lifetime: cfg.cert_lifetime,
+        roots_pem: cfg.roots_pem.clone(),
     };
-    mesh_identity::renew::renew_forever("proxy", fetch, |creds| match Tls::new(creds) {
-        Ok(tls) => {
-            tx.send_replace(Some(Arc::new(tls)));
+    let (mut creds, task) = match mesh_identity::workload::start(settings) {
+        Ok(started) => started,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the certificate manager");
+            return;
         }
-        Err(e) => tracing::error!(error = %e, "certificate unusable"),
-    })
-    .await
+    };
+    let _task = AbortOnDrop(task);
+    while creds.changed().await.is_ok() {
+        let next = creds.borrow_and_update().clone();
+        let Some(next) = next else { continue };
+        match Tls::new(next) {
+            Ok(tls) => {
+                tx.send_replace(Some(Arc::new(tls)));
+            }
+            Err(e) => tracing::error!(error = %e, "certificate unusable"),
+        }
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }

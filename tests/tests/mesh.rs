@@ -115,7 +115,7 @@ async fn creds_for(mesh: &Mesh, identity: &mesh_identity::SpiffeId) -> mesh_iden
         &mesh.cp.token_for(identity),
         identity,
         Duration::ZERO,
-        mesh.cp.citadel.root_pem(),
+        &mesh.cp.citadel.roots_pem(),
     )
     .await
     .expect("citadel issues")
@@ -175,14 +175,14 @@ async fn a_peer_with_an_untrusted_certificate_is_refused() {
     let mesh = Mesh::start().await;
     // A certificate for a mesh identity, but from a CA the mesh does not trust.
     let rogue_dir = tempfile::tempdir().unwrap();
-    let rogue = mesh_citadel::Authority::open(rogue_dir.path(), "cluster.local").unwrap();
+    let rogue = mesh_citadel::Authority::open(rogue_dir.path(), "cluster.local", None).unwrap();
     let id = mesh.identity_of("productpage-v1");
     let key = rcgen::KeyPair::generate().unwrap();
     let chain = rogue.issue(&key, &id, Duration::from_secs(3600)).unwrap();
     let rogue_creds = mesh_identity::Credentials::from_pem(
         &chain.concat(),
         &key.serialize_pem(),
-        mesh.cp.citadel.root_pem(),
+        &mesh.cp.citadel.roots_pem(),
     )
     .unwrap();
     let reviews = std::net::SocketAddr::new(

@@ -17,7 +17,7 @@ async fn pilot_cert_expiry(mesh: &Mesh) -> SystemTime {
         &mesh.cp.token_for(&id),
         &id,
         Duration::ZERO,
-        mesh.cp.citadel.root_pem(),
+        &mesh.cp.citadel.roots_pem(),
     )
     .await
     .expect("citadel answers");

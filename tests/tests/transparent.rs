@@ -35,7 +35,7 @@ async fn captured_sidecar(
         pilot_addr: mesh.cp.pilot_addr,
         ca_addr: mesh.cp.ca_addr,
         ca_token: mesh.cp.token_for(&identity),
-        roots_pem: mesh.cp.citadel.root_pem().to_string(),
+        roots_pem: mesh.cp.citadel.roots_pem().to_string(),
         cert_lifetime: Duration::ZERO,
         drain_grace: Duration::ZERO,
         outbound_policy: policy,
