@@ -5,31 +5,19 @@ use std::time::Duration;
 
 use mesh_citadel::{Citadel, Config};
 use mesh_identity::SpiffeId;
-use mesh_proto::ca::IstioCertificateRequest;
-use mesh_proto::ca::istio_certificate_service_client::IstioCertificateServiceClient;
 use rcgen::{CertificateParams, KeyPair, SanType};
 use tonic::Code;
 
-struct Ca {
-    citadel: std::sync::Arc<Citadel>,
-    addr: std::net::SocketAddr,
-    _dir: tempfile::TempDir,
-}
+mod common;
+use common::{Ca, create, pem_der};
 
 async fn start(max_lifetime: Duration) -> Ca {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = Config::new(dir.path());
     cfg.max_lifetime = max_lifetime;
-    let citadel = std::sync::Arc::new(Citadel::open(cfg).unwrap());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let c = citadel.clone();
-    tokio::spawn(async move { c.serve(listener, std::future::pending()).await.unwrap() });
-    Ca {
-        citadel,
-        addr,
-        _dir: dir,
-    }
+    let mut ca = common::serve(cfg).await;
+    ca._dir = Some(dir);
+    ca
 }
 
 fn id(sa: &str) -> SpiffeId {
@@ -52,22 +40,7 @@ async fn call(
     csr: String,
     secs: i64,
 ) -> Result<Vec<String>, tonic::Status> {
-    let roots = std::sync::Arc::new(mesh_identity::root_store(&ca.citadel.roots_pem()).unwrap());
-    let tls = mesh_identity::client_config(None, roots, ca.citadel.identity(), &[b"h2"]).unwrap();
-    let mut client = IstioCertificateServiceClient::new(mesh_identity::grpc::channel(ca.addr, tls));
-    let mut req = tonic::Request::new(IstioCertificateRequest {
-        csr,
-        validity_duration: secs,
-        metadata: None,
-    });
-    if let Some(t) = token {
-        req.metadata_mut()
-            .insert("authorization", format!("Bearer {t}").parse().unwrap());
-    }
-    client
-        .create_certificate(req)
-        .await
-        .map(|r| r.into_inner().cert_chain)
+    create(ca, None, token, csr, secs).await
 }
 
 #[tokio::test]
@@ -96,13 +69,6 @@ async fn issues_the_granted_identity_with_a_clamped_lifetime() {
         life <= Duration::from_secs(7200) && life > Duration::from_secs(7000),
         "lifetime {life:?} not clamped to 2h"
     );
-}
-
-fn pem_der(pem: &str) -> Vec<u8> {
-    use rustls::pki_types::pem::PemObject;
-    rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
-        .unwrap()
-        .to_vec()
 }
 
 #[tokio::test]

@@ -63,6 +63,27 @@ impl Mesh {
         }
     }
 
+    /// Credentials for `identity` from the mesh's citadel.
+    pub async fn creds_for(
+        &self,
+        identity: &mesh_identity::SpiffeId,
+    ) -> mesh_identity::Credentials {
+        mesh_identity::grpc::certificate_from(
+            self.cp.ca_addr,
+            &self.cp.token_for(identity),
+            identity,
+            Duration::ZERO,
+            &self.cp.citadel.roots_pem(),
+        )
+        .await
+        .expect("citadel issues")
+    }
+
+    /// Where citadel's state, tokens and config live (`meshctl --state-dir`).
+    pub fn state_dir(&self) -> &Path {
+        self._dir.path()
+    }
+
     pub fn workload(&self, name: &str) -> &WorkloadSpec {
         self.specs
             .iter()
@@ -155,4 +176,27 @@ pub fn reviews_all_to(subset: &str) -> String {
     format!(
         "{dr}\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: reviews, namespace: default}}\nspec:\n  hosts: [reviews]\n  http:\n  - route:\n    - destination: {{host: reviews, subset: {subset}}}\n"
     )
+}
+
+/// A mutual-TLS handshake with `addr` that succeeds only if the server
+/// accepts us too (TLS 1.3 judges the client's certificate after the
+/// client finishes; a refusal shows on the first read).
+pub async fn handshake(
+    config: std::sync::Arc<rustls::ClientConfig>,
+    addr: std::net::SocketAddr,
+) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+    let mut tls = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await?;
+    tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await?;
+    let mut b = [0u8; 1];
+    match tokio::time::timeout(Duration::from_secs(5), tls.read(&mut b)).await {
+        Ok(Ok(n)) if n > 0 => Ok(()),
+        Ok(Ok(_)) => Err(std::io::Error::other("closed")),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(std::io::Error::other("no answer")),
+    }
 }

@@ -108,44 +108,10 @@ async fn plaintext_to_an_inbound_sidecar_is_refused() {
     mesh.stop().await;
 }
 
-/// Credentials for `identity` from the mesh's citadel.
-async fn creds_for(mesh: &Mesh, identity: &mesh_identity::SpiffeId) -> mesh_identity::Credentials {
-    mesh_identity::grpc::certificate_from(
-        mesh.cp.ca_addr,
-        &mesh.cp.token_for(identity),
-        identity,
-        Duration::ZERO,
-        &mesh.cp.citadel.roots_pem(),
-    )
-    .await
-    .expect("citadel issues")
-}
-
-async fn handshake(
-    config: Arc<rustls::ClientConfig>,
-    addr: std::net::SocketAddr,
-) -> std::io::Result<()> {
-    let tcp = tokio::net::TcpStream::connect(addr).await?;
-    let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
-    let mut tls = tokio_rustls::TlsConnector::from(config)
-        .connect(name, tcp)
-        .await?;
-    // TLS 1.3: the server judges our certificate after our side finishes;
-    // a refusal shows on the first read.
-    tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await?;
-    let mut b = [0u8; 1];
-    match tokio::time::timeout(Duration::from_secs(5), tls.read(&mut b)).await {
-        Ok(Ok(n)) if n > 0 => Ok(()),
-        Ok(Ok(_)) => Err(std::io::Error::other("closed")),
-        Ok(Err(e)) => Err(e),
-        Err(_) => Err(std::io::Error::other("no answer")),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_client_expecting_identity_b_refuses_a_sidecar_holding_a() {
     let mesh = Mesh::start().await;
-    let creds = creds_for(&mesh, &mesh.identity_of("client")).await;
+    let creds = mesh.creds_for(&mesh.identity_of("client")).await;
     let reviews = std::net::SocketAddr::new(
         mesh.workload("reviews-v1").address,
         mesh_proto::ports::INBOUND,
@@ -154,11 +120,11 @@ async fn a_client_expecting_identity_b_refuses_a_sidecar_holding_a() {
         mesh_identity::client_config(Some(&creds), creds.roots.clone(), id, &[b"h2"]).unwrap()
     };
     // Expecting the identity reviews really has: accepted.
-    handshake(expecting(mesh.identity_of("reviews-v1")), reviews)
+    mesh_tests::handshake(expecting(mesh.identity_of("reviews-v1")), reviews)
         .await
         .expect("right identity is accepted");
     // Expecting ratings' identity from reviews' sidecar: refused, and the error says why.
-    let err = handshake(expecting(mesh.identity_of("ratings-v1")), reviews)
+    let err = mesh_tests::handshake(expecting(mesh.identity_of("ratings-v1")), reviews)
         .await
         .unwrap_err()
         .to_string();
@@ -196,7 +162,7 @@ async fn a_peer_with_an_untrusted_certificate_is_refused() {
         &[b"h2"],
     )
     .unwrap();
-    let err = handshake(config, reviews)
+    let err = mesh_tests::handshake(config, reviews)
         .await
         .expect_err("the sidecar must refuse a foreign certificate");
     eprintln!("refused as expected: {err}");

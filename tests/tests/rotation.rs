@@ -97,3 +97,115 @@ async fn certificates_renew_before_expiry_with_no_request_lost() {
     assert!(ok > 50, "too little traffic ({ok})");
     mesh.stop().await;
 }
+
+/// Requests through the mesh from `loops` loops at once until `stop`.
+fn steady_load(
+    mesh: &Mesh,
+    loops: usize,
+    stop: Arc<AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<(usize, Vec<String>)>> {
+    (0..loops)
+        .map(|_| {
+            let http = mesh.client();
+            let client_id = mesh.identity_of("client").to_string();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let (mut ok, mut failures) = (0, Vec::new());
+                while !stop.load(Ordering::Relaxed) {
+                    match meshctl::traffic::one(&http, &client_id).await {
+                        Ok(_) => ok += 1,
+                        Err(e) => failures.push(e),
+                    }
+                }
+                (ok, failures)
+            })
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_root_rotates_under_load_with_no_request_failed() {
+    let mut mesh = Mesh::start().await;
+    let old = mesh.cp.citadel.authority().bundle().signing_root.clone();
+    // Credentials from the old root, held back to try after the rotation.
+    let held = mesh.creds_for(&mesh.identity_of("client")).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = steady_load(&mesh, 4, stop.clone());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let admin =
+        meshctl::ca::Admin::local(mesh.cp.ca_addr, &mesh.state_dir().join("citadel")).unwrap();
+    let mut said = Vec::new();
+    let status = admin
+        .rotate(None, Duration::from_secs(30), |l| said.push(l.to_string()))
+        .await
+        .expect("rotation completes");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (mut ok, mut failures) = (0, Vec::new());
+    for l in load {
+        let (o, f) = l.await.unwrap();
+        ok += o;
+        failures.extend(f);
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} requests failed during the rotation: {:?}",
+        failures.len(),
+        ok + failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    assert!(ok > 100, "too little traffic ({ok})");
+    let steps: Vec<&str> = said
+        .iter()
+        .filter_map(|l| l.split(':').next())
+        .filter(|s| ["prepare", "switch", "commit"].contains(s))
+        .collect();
+    assert_eq!(steps, ["prepare", "switch", "commit"], "{said:?}");
+
+    // One root now, a new one, and every watcher (7 sidecars and pilot)
+    // holds a certificate from it.
+    assert_eq!(status.phase, "steady");
+    assert_eq!(status.roots.len(), 1);
+    let new = &status.roots[0].sha256;
+    assert_ne!(new, &old);
+    assert_eq!(status.workloads.len(), mesh.specs.len() + 1, "{status:?}");
+    for w in &status.workloads {
+        assert_eq!(
+            &w.leaf_root_sha256, new,
+            "{} still on the old root",
+            w.identity
+        );
+    }
+
+    // The old root no longer vouches for anyone: a sidecar refuses a
+    // certificate from it, and accepts one from the new root.
+    let reviews = std::net::SocketAddr::new(
+        mesh.workload("reviews-v1").address,
+        mesh_proto::ports::INBOUND,
+    );
+    let fresh = mesh.creds_for(&mesh.identity_of("client")).await;
+    let to_reviews = |c: &mesh_identity::Credentials| {
+        mesh_identity::client_config(
+            Some(c),
+            fresh.roots.clone(),
+            mesh.identity_of("reviews-v1"),
+            &[b"h2"],
+        )
+        .unwrap()
+    };
+    mesh_tests::handshake(to_reviews(&fresh), reviews)
+        .await
+        .expect("a certificate from the new root is accepted");
+    assert!(
+        mesh_tests::handshake(to_reviews(&held), reviews)
+            .await
+            .is_err(),
+        "a certificate from the removed root was accepted"
+    );
+    // New connections to pilot use the new certificates on both sides.
+    mesh.cp.stop_pilot().await;
+    mesh.cp.start_pilot().await.expect("pilot restarts");
+    mesh.wait_all_proxies_synced(Duration::from_secs(10)).await;
+    mesh.stop().await;
+}
