@@ -6,6 +6,7 @@
 pub mod auth;
 pub mod authority;
 pub mod csr;
+pub mod kubernetes;
 pub mod material;
 mod service;
 pub mod token;

@@ -16,6 +16,14 @@ struct Args {
     /// generated self-signed root.
     #[arg(long, env = "CITADEL_PLUGIN_CERTS")]
     plugin_certs: Option<PathBuf>,
+    /// Also accept Kubernetes service-account tokens, checked by
+    /// TokenReview with the API server from the in-cluster or kubeconfig
+    /// credentials.
+    #[arg(long, env = "CITADEL_KUBERNETES")]
+    kubernetes: bool,
+    /// The audience Kubernetes tokens must carry.
+    #[arg(long, default_value = mesh_citadel::kubernetes::DEFAULT_AUDIENCE)]
+    token_audience: String,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -55,7 +63,20 @@ async fn main() -> anyhow::Result<()> {
             let shutdown = async {
                 let _ = tokio::signal::ctrl_c().await;
             };
-            citadel.serve(listener, shutdown).await?;
+            let mut extra: Vec<std::sync::Arc<dyn mesh_citadel::Authenticator>> = Vec::new();
+            if args.kubernetes {
+                let client = kube::Client::try_default()
+                    .await
+                    .context("connecting to the Kubernetes API server for TokenReview")?;
+                extra.push(std::sync::Arc::new(
+                    mesh_citadel::kubernetes::TokenReviewer::new(
+                        client,
+                        &args.token_audience,
+                        citadel.trust_domain(),
+                    ),
+                ));
+            }
+            citadel.serve_with(listener, extra, shutdown).await?;
         }
         Command::MintToken { identity, ttl_secs } => {
             println!(

@@ -17,11 +17,20 @@ pub struct Ca {
 
 /// Opens citadel with `config` and serves it on 127.0.0.1.
 pub async fn serve(config: Config) -> Ca {
+    serve_with(config, Vec::new()).await
+}
+
+/// As [`serve`], with `extra` authenticators after the built-in ones.
+pub async fn serve_with(config: Config, extra: Vec<Arc<dyn mesh_citadel::Authenticator>>) -> Ca {
     let citadel = Arc::new(Citadel::open(config).unwrap());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let c = citadel.clone();
-    tokio::spawn(async move { c.serve(listener, std::future::pending()).await.unwrap() });
+    tokio::spawn(async move {
+        c.serve_with(listener, extra, std::future::pending())
+            .await
+            .unwrap()
+    });
     Ca {
         citadel,
         addr,

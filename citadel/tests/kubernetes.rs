@@ -1,0 +1,168 @@
+//! Kubernetes service-account tokens checked by TokenReview through kube-rs.
+//! No API server runs here: kube-rs's client talks to a `tower-test` mock
+//! service that checks each request (POST
+//! /apis/authentication.k8s.io/v1/tokenreviews with the token and citadel's
+//! audience) and answers with a TokenReview from `tests/fixtures/`, in the
+//! shape kube-apiserver returns.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Request, Response};
+use http_body_util::BodyExt;
+use kube::client::Body;
+use mesh_citadel::Config;
+use mesh_citadel::kubernetes::{DEFAULT_AUDIENCE, TokenReviewer};
+use tonic::Code;
+
+mod common;
+use common::{create, pem_der, serve_with};
+
+/// A token shaped like a projected service-account JWT.
+const JWT: &str = "eyJhbGciOiJSUzI1NiIsImtpZCI6InRlc3QifQ.eyJhdWQiOlsiaXN0aW8tY2EiXX0.c2lnbmF0dXJl";
+
+fn fixture(name: &str) -> Vec<u8> {
+    std::fs::read(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(name),
+    )
+    .unwrap()
+}
+
+/// A kube client whose API server answers every TokenReview with the
+/// fixtures named, in order, after checking the request.
+fn api_server(answers: Vec<&'static str>) -> (kube::Client, tokio::task::JoinHandle<usize>) {
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let task = tokio::spawn(async move {
+        let mut served = 0;
+        for name in answers {
+            let Some((request, send)) = handle.next_request().await else {
+                break;
+            };
+            assert_eq!(request.method(), http::Method::POST);
+            assert_eq!(
+                request.uri().path(),
+                "/apis/authentication.k8s.io/v1/tokenreviews"
+            );
+            let body = request.into_body().collect().await.unwrap().to_bytes();
+            let review: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(review["kind"], "TokenReview");
+            assert_eq!(review["spec"]["token"], JWT);
+            assert_eq!(review["spec"]["audiences"][0], DEFAULT_AUDIENCE);
+            send.send_response(
+                Response::builder()
+                    .status(201)
+                    .header("content-type", "application/json")
+                    .body(Body::from(fixture(name)))
+                    .unwrap(),
+            );
+            served += 1;
+        }
+        served
+    });
+    (kube::Client::new(service, "default"), task)
+}
+
+fn csr(sa: &str) -> String {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut p = rcgen::CertificateParams::default();
+    p.subject_alt_names = vec![rcgen::SanType::URI(
+        format!("spiffe://cluster.local/ns/default/sa/{sa}")
+            .try_into()
+            .unwrap(),
+    )];
+    p.serialize_request(&key).unwrap().pem().unwrap()
+}
+
+#[tokio::test]
+async fn a_service_account_token_gets_that_account_and_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let (client, api) = api_server(vec![
+        "tokenreview-authenticated.json",
+        "tokenreview-authenticated.json",
+        "tokenreview-wrong-audience.json",
+        "tokenreview-expired.json",
+        "tokenreview-no-audience.json",
+        "tokenreview-user.json",
+    ]);
+    let reviewer = Arc::new(TokenReviewer::new(
+        client,
+        DEFAULT_AUDIENCE,
+        "cluster.local",
+    ));
+    let ca = serve_with(Config::new(dir.path()), vec![reviewer]).await;
+
+    // The account the API server names is the identity granted.
+    let chain = create(&ca, None, Some(JWT), csr("bookinfo-reviews"), 3600)
+        .await
+        .expect("a reviewed token is accepted");
+    assert_eq!(
+        mesh_identity::identity_of(&pem_der(&chain[0]))
+            .unwrap()
+            .to_string(),
+        "spiffe://cluster.local/ns/default/sa/bookinfo-reviews"
+    );
+    // The same token cannot buy another account's certificate.
+    let e = create(&ca, None, Some(JWT), csr("bookinfo-ratings"), 3600)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    assert!(e.message().contains("bookinfo-ratings"), "{}", e.message());
+
+    for (why, says) in [
+        ("wrong audience", "is invalid for the target audiences"),
+        ("expired", "service account token has expired"),
+        ("server not audience-aware", "did not confirm audience"),
+        ("not a service account", "is not a service account"),
+    ] {
+        let e = create(&ca, None, Some(JWT), csr("bookinfo-reviews"), 3600)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated, "{why}");
+        assert!(
+            e.message().starts_with("Kubernetes token refused") && e.message().contains(says),
+            "{why}: {}",
+            e.message()
+        );
+    }
+    assert_eq!(api.await.unwrap(), 6, "every answer was asked for");
+}
+
+#[tokio::test]
+async fn an_unreachable_api_server_is_unavailable_not_a_refusal() {
+    let dir = tempfile::tempdir().unwrap();
+    // The mock answers nothing: its handle is dropped at once.
+    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    drop(handle);
+    let client = kube::Client::new(service, "default");
+    let reviewer = Arc::new(TokenReviewer::new(
+        client,
+        DEFAULT_AUDIENCE,
+        "cluster.local",
+    ));
+    let ca = serve_with(Config::new(dir.path()), vec![reviewer]).await;
+    let e = tokio::time::timeout(
+        Duration::from_secs(10),
+        create(&ca, None, Some(JWT), csr("bookinfo-reviews"), 3600),
+    )
+    .await
+    .expect("answers promptly")
+    .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
+    assert!(
+        e.message().contains("cannot check the token"),
+        "{}",
+        e.message()
+    );
+    // Local tokens keep working beside it.
+    let token = ca.citadel.mint_token(
+        &"spiffe://cluster.local/ns/default/sa/bookinfo-reviews"
+            .parse()
+            .unwrap(),
+        Duration::from_secs(60),
+    );
+    create(&ca, None, Some(&token), csr("bookinfo-reviews"), 3600)
+        .await
+        .expect("local token still accepted");
+}
