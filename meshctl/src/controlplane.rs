@@ -38,7 +38,7 @@ pub struct ControlPlane {
     pub root_file: PathBuf,
     config_dir: PathBuf,
     pilot: Option<(Arc<Pilot>, mesh_pilot::DirWatcher, Running)>,
-    citadel_task: Running,
+    citadel_task: Option<Running>,
 }
 
 impl ControlPlane {
@@ -62,21 +62,7 @@ impl ControlPlane {
         // citadel keeps this file holding the current trust bundle.
         let root_file = citadel.bundle_file();
         let ca_addr = SocketAddr::new(ip, mesh_proto::ports::CA);
-        let listener = tokio::net::TcpListener::bind(ca_addr)
-            .await
-            .with_context(|| format!("citadel cannot listen on {ca_addr}"))?;
-        let (stop, stopped) = oneshot::channel();
-        let c = citadel.clone();
-        let task = tokio::spawn(async move {
-            if let Err(e) = c
-                .serve(listener, async {
-                    let _ = stopped.await;
-                })
-                .await
-            {
-                tracing::error!(error = %e, "citadel stopped");
-            }
-        });
+        let citadel_task = Some(serve_citadel(&citadel, ca_addr).await?);
         let mut cp = Self {
             citadel,
             ca_addr,
@@ -85,7 +71,7 @@ impl ControlPlane {
             root_file,
             config_dir: config_dir.to_path_buf(),
             pilot: None,
-            citadel_task: Running { stop, task },
+            citadel_task,
         };
         cp.start_pilot().await?;
         Ok(cp)
@@ -159,8 +145,41 @@ impl ControlPlane {
         }
     }
 
+    /// Stops citadel; workloads keep their certificates and retry renewal.
+    pub async fn stop_citadel(&mut self) {
+        if let Some(running) = self.citadel_task.take() {
+            running.stop().await;
+        }
+    }
+
+    /// Serves citadel again (same state, same address).
+    pub async fn start_citadel(&mut self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.citadel_task.is_none(), "citadel is already running");
+        self.citadel_task = Some(serve_citadel(&self.citadel, self.ca_addr).await?);
+        Ok(())
+    }
+
     pub async fn stop(mut self) {
         self.stop_pilot().await;
-        self.citadel_task.stop().await;
+        self.stop_citadel().await;
     }
+}
+
+async fn serve_citadel(citadel: &Arc<Citadel>, addr: SocketAddr) -> anyhow::Result<Running> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("citadel cannot listen on {addr}"))?;
+    let (stop, stopped) = oneshot::channel();
+    let c = citadel.clone();
+    let task = tokio::spawn(async move {
+        if let Err(e) = c
+            .serve(listener, async {
+                let _ = stopped.await;
+            })
+            .await
+        {
+            tracing::error!(error = %e, "citadel stopped");
+        }
+    });
+    Ok(Running { stop, task })
 }

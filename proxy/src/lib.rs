@@ -62,8 +62,14 @@ impl Shared {
         if self.drain.is_draining() {
             return Some("draining");
         }
-        if self.tls.borrow().is_none() {
-            return Some("no certificate from citadel yet");
+        match self.tls.borrow().as_ref() {
+            None => return Some("no certificate from citadel yet"),
+            // Renewal failing is no reason to go unready while the
+            // certificate still works; its expiry is.
+            Some(t) if t.creds.remaining().is_zero() => {
+                return Some("certificate expired and citadel has not renewed it");
+            }
+            Some(_) => {}
         }
         if !self.snapshot.borrow().complete() {
             return Some("no config from pilot yet");

@@ -209,3 +209,71 @@ async fn the_root_rotates_under_load_with_no_request_failed() {
     mesh.wait_all_proxies_synced(Duration::from_secs(10)).await;
     mesh.stop().await;
 }
+
+/// `GET /healthz/ready` on a workload's admin port: (status, body).
+async fn readiness(mesh: &Mesh, workload: &str) -> (u16, String) {
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let resp = http
+        .get(format!(
+            "http://{}/healthz/ready",
+            mesh.workload(workload).admin()
+        ))
+        .send()
+        .await
+        .unwrap();
+    (resp.status().as_u16(), resp.text().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_citadel_away_sidecars_serve_until_expiry_then_recover() {
+    let mut mesh = Mesh::start_with_cert_lifetime(LIFETIME).await;
+    let started = std::time::Instant::now();
+    mesh.cp.stop_citadel().await;
+    // Renewal falls due at about half the lifetime and fails; the current
+    // certificates keep serving, and the sidecars stay ready.
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = steady_load(&mesh, 2, stop.clone());
+    tokio::time::sleep(LIFETIME.mul_f64(0.75).saturating_sub(started.elapsed())).await;
+    assert_eq!(readiness(&mesh, "reviews-v1").await.0, 200);
+    stop.store(true, Ordering::Relaxed);
+    let (mut ok, mut failures) = (0, Vec::new());
+    for l in load {
+        let (o, f) = l.await.unwrap();
+        ok += o;
+        failures.extend(f);
+    }
+    assert!(
+        failures.is_empty(),
+        "requests failed while the certificates were still valid: {:?}",
+        &failures[..failures.len().min(5)]
+    );
+    assert!(ok > 20, "too little traffic ({ok})");
+    // Once a certificate has actually expired, its sidecar says so.
+    let deadline = started + LIFETIME + Duration::from_secs(5);
+    loop {
+        let (code, body) = readiness(&mesh, "reviews-v1").await;
+        if code == 503 {
+            assert!(body.contains("certificate expired"), "{body}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "still ready: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // citadel returns: every sidecar renews (its backoff is capped) and is
+    // ready again, and requests flow.
+    mesh.cp.start_citadel().await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    for w in mesh.specs.clone() {
+        while readiness(&mesh, &w.name).await.0 != 200 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} not ready again",
+                w.name
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let http = mesh.client();
+    mesh.request(&http).await.expect("requests flow again");
+    mesh.stop().await;
+}
