@@ -57,6 +57,14 @@ pub fn check(pem: &str) -> Result<CheckedCsr, CsrError> {
     }
     let der = CertificateSigningRequestDer::from_pem_slice(pem.as_bytes())
         .map_err(|e| CsrError::NotPem(e.to_string()))?;
+    check_der(&der)
+}
+
+/// [`check`] for a request already out of its PEM armour.
+pub fn check_der(der: &CertificateSigningRequestDer<'_>) -> Result<CheckedCsr, CsrError> {
+    if der.as_ref().len() > MAX_CSR_BYTES {
+        return Err(CsrError::TooLarge(der.as_ref().len()));
+    }
     let (rest, csr) = X509CertificationRequest::from_der(der.as_ref())
         .map_err(|e| CsrError::Malformed(e.to_string()))?;
     if !rest.is_empty() {
@@ -68,7 +76,7 @@ pub fn check(pem: &str) -> Result<CheckedCsr, CsrError> {
     check_key(&csr)?;
     let identity = one_spiffe_san(&csr)?;
     // rcgen verifies the self-signature and takes the key out.
-    let params = CertificateSigningRequestParams::from_der(&der).map_err(|e| match e {
+    let params = CertificateSigningRequestParams::from_der(der).map_err(|e| match e {
         rcgen::Error::InvalidCertificationRequestSignature => CsrError::BadSignature,
         rcgen::Error::UnsupportedExtension => {
             CsrError::Extension("an extension other than SAN, key usage, basic constraints".into())
