@@ -53,7 +53,7 @@ impl TokenReviewer {
             }));
         }
         let audiences = status.audiences.unwrap_or_default();
-        if !audiences.iter().any(|a| *a == self.audience) {
+        if !audiences.contains(&self.audience) {
             return Err(AuthError::Kubernetes(format!(
                 "the API server did not confirm audience {:?} (it answered {audiences:?}); \
                  mount a projected token with that audience",

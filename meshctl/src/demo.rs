@@ -231,8 +231,8 @@ fn print_endpoints(
     println!("logs: {}", log_dir.display());
     println!("citadel {}  pilot {}", cp.ca_addr, cp.pilot_addr);
     println!(
-        "{:<16} {:<12} {:<30} {}",
-        "workload", "address", "admin", "identity"
+        "{:<16} {:<12} {:<30} identity",
+        "workload", "address", "admin"
     );
     for w in specs {
         println!(

@@ -203,13 +203,13 @@ impl Model {
                     ));
                     continue;
                 };
-                if let Some(p) = &dest.port {
-                    if !svc.ports.iter().any(|sp| sp.number == p.number) {
-                        errors.push(format!(
-                            "{ctx}: {where_}.port {} is not a port of {}",
-                            p.number, dest.host
-                        ));
-                    }
+                if let Some(p) = &dest.port
+                    && !svc.ports.iter().any(|sp| sp.number == p.number)
+                {
+                    errors.push(format!(
+                        "{ctx}: {where_}.port {} is not a port of {}",
+                        p.number, dest.host
+                    ));
                 }
                 if let Some(subset) = &dest.subset {
                     let known = self

@@ -192,7 +192,7 @@ impl Connection {
             .filter(|n| !desired.contains_key(*n))
             .cloned()
             .collect();
-        if resources.is_empty() && removed.is_empty() && !(always || !state.answered) {
+        if resources.is_empty() && removed.is_empty() && !always && state.answered {
             return true;
         }
         state.sent = desired

@@ -255,10 +255,10 @@ impl Snapshot {
 
 /// Splits `host[:port]` (IPv6 literals in brackets).
 pub fn split_authority(authority: &str) -> (&str, Option<u16>) {
-    if let Some(rest) = authority.strip_prefix('[') {
-        if let Some((host, tail)) = rest.split_once(']') {
-            return (host, tail.strip_prefix(':').and_then(|p| p.parse().ok()));
-        }
+    if let Some(rest) = authority.strip_prefix('[')
+        && let Some((host, tail)) = rest.split_once(']')
+    {
+        return (host, tail.strip_prefix(':').and_then(|p| p.parse().ok()));
     }
     match authority.rsplit_once(':') {
         Some((h, p)) if !h.contains(':') => match p.parse() {

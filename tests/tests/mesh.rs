@@ -173,11 +173,11 @@ async fn a_peer_with_an_untrusted_certificate_is_refused() {
     mesh.stop().await;
 }
 
+/// What a load loop saw: successes, failures, and each answer's time and version.
+type LoadResult = (usize, Vec<String>, Vec<(Instant, String)>);
+
 /// Sends requests back to back until `stop`; returns (ok, failures, per-request log).
-fn steady_load(
-    mesh: &Mesh,
-    stop: Arc<AtomicBool>,
-) -> tokio::task::JoinHandle<(usize, Vec<String>, Vec<(Instant, String)>)> {
+fn steady_load(mesh: &Mesh, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<LoadResult> {
     let http = mesh.client();
     let client_id = mesh.identity_of("client").to_string();
     tokio::spawn(async move {
