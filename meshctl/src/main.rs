@@ -126,8 +126,23 @@ fn init_logs(default: &str) {
         .init();
 }
 
+/// Commands that only print: like other Unix tools, they end quietly when
+/// their reader goes away (`meshctl ca status | head`).
+fn die_on_closed_stdout() {
+    use nix::sys::signal::{SigHandler, Signal, signal};
+    // SAFETY: called before any thread starts; restores the default
+    // disposition, which installs no handler code.
+    let _ = unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) };
+}
+
 fn main() {
     let cli = Cli::parse();
+    if matches!(
+        cli.command,
+        Command::Ca { .. } | Command::ProxyStatus { .. } | Command::ProxyConfig { .. }
+    ) {
+        die_on_closed_stdout();
+    }
     let result = match cli.command {
         Command::Proxy(args) => {
             init_logs("info");
