@@ -5,11 +5,10 @@ use std::time::Duration;
 
 use mesh_citadel::{Citadel, Config};
 use mesh_identity::SpiffeId;
-use rcgen::{CertificateParams, KeyPair, SanType};
 use tonic::Code;
 
 mod common;
-use common::{Ca, create, pem_der};
+use common::{Ca, create, csr_for, pem_der};
 
 async fn start(max_lifetime: Duration) -> Ca {
     let dir = tempfile::tempdir().unwrap();
@@ -22,16 +21,6 @@ async fn start(max_lifetime: Duration) -> Ca {
 
 fn id(sa: &str) -> SpiffeId {
     SpiffeId::new("cluster.local", "default", sa)
-}
-
-fn csr_for(sans: &[&str]) -> String {
-    let key = KeyPair::generate().unwrap();
-    let mut p = CertificateParams::default();
-    p.subject_alt_names = sans
-        .iter()
-        .map(|s| SanType::URI((*s).try_into().unwrap()))
-        .collect();
-    p.serialize_request(&key).unwrap().pem().unwrap()
 }
 
 async fn call(

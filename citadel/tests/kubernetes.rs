@@ -16,7 +16,7 @@ use mesh_citadel::kubernetes::{DEFAULT_AUDIENCE, TokenReviewer};
 use tonic::Code;
 
 mod common;
-use common::{create, pem_der, serve_with};
+use common::{create, csr_for_sa as csr, pem_der, serve_with};
 
 /// A token shaped like a projected service-account JWT.
 const JWT: &str = "eyJhbGciOiJSUzI1NiIsImtpZCI6InRlc3QifQ.eyJhdWQiOlsiaXN0aW8tY2EiXX0.c2lnbmF0dXJl";
@@ -62,17 +62,6 @@ fn api_server(answers: Vec<&'static str>) -> (kube::Client, tokio::task::JoinHan
         served
     });
     (kube::Client::new(service, "default"), task)
-}
-
-fn csr(sa: &str) -> String {
-    let key = rcgen::KeyPair::generate().unwrap();
-    let mut p = rcgen::CertificateParams::default();
-    p.subject_alt_names = vec![rcgen::SanType::URI(
-        format!("spiffe://cluster.local/ns/default/sa/{sa}")
-            .try_into()
-            .unwrap(),
-    )];
-    p.serialize_request(&key).unwrap().pem().unwrap()
 }
 
 #[tokio::test]

@@ -366,16 +366,7 @@ async fn a_workload_renews_with_its_current_certificate_and_only_for_itself() {
     .await
     .unwrap();
     // No token at all: the certificate is the credential.
-    let csr = |sa: &str| {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let mut p = rcgen::CertificateParams::default();
-        p.subject_alt_names = vec![rcgen::SanType::URI(
-            format!("spiffe://cluster.local/ns/default/sa/{sa}")
-                .try_into()
-                .unwrap(),
-        )];
-        p.serialize_request(&key).unwrap().pem().unwrap()
-    };
+    let csr = common::csr_for_sa;
     let chain = create(&ca, Some(&first), None, csr("reviews"), 3600)
         .await
         .unwrap();

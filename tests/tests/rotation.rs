@@ -123,6 +123,17 @@ fn steady_load(
         .collect()
 }
 
+/// Waits for the load loops; their successes and failures added up.
+async fn finish(load: Vec<tokio::task::JoinHandle<(usize, Vec<String>)>>) -> (usize, Vec<String>) {
+    let (mut ok, mut failures) = (0, Vec::new());
+    for l in load {
+        let (o, f) = l.await.unwrap();
+        ok += o;
+        failures.extend(f);
+    }
+    (ok, failures)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_root_rotates_under_load_with_no_request_failed() {
     let mut mesh = Mesh::start().await;
@@ -142,12 +153,7 @@ async fn the_root_rotates_under_load_with_no_request_failed() {
         .expect("rotation completes");
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, Ordering::Relaxed);
-    let (mut ok, mut failures) = (0, Vec::new());
-    for l in load {
-        let (o, f) = l.await.unwrap();
-        ok += o;
-        failures.extend(f);
-    }
+    let (ok, failures) = finish(load).await;
     assert!(
         failures.is_empty(),
         "{} of {} requests failed during the rotation: {:?}",
@@ -236,12 +242,7 @@ async fn with_citadel_away_sidecars_serve_until_expiry_then_recover() {
     tokio::time::sleep(LIFETIME.mul_f64(0.75).saturating_sub(started.elapsed())).await;
     assert_eq!(readiness(&mesh, "reviews-v1").await.0, 200);
     stop.store(true, Ordering::Relaxed);
-    let (mut ok, mut failures) = (0, Vec::new());
-    for l in load {
-        let (o, f) = l.await.unwrap();
-        ok += o;
-        failures.extend(f);
-    }
+    let (ok, failures) = finish(load).await;
     assert!(
         failures.is_empty(),
         "requests failed while the certificates were still valid: {:?}",

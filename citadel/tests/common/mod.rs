@@ -71,3 +71,19 @@ pub fn pem_der(pem: &str) -> Vec<u8> {
         .unwrap()
         .to_vec()
 }
+
+/// A P-256 CSR asking for these URI SANs.
+pub fn csr_for(sans: &[&str]) -> String {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut p = rcgen::CertificateParams::default();
+    p.subject_alt_names = sans
+        .iter()
+        .map(|s| rcgen::SanType::URI((*s).try_into().unwrap()))
+        .collect();
+    p.serialize_request(&key).unwrap().pem().unwrap()
+}
+
+/// A P-256 CSR for service account `sa` in namespace default.
+pub fn csr_for_sa(sa: &str) -> String {
+    csr_for(&[&format!("spiffe://cluster.local/ns/default/sa/{sa}")])
+}
