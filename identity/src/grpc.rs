@@ -17,13 +17,33 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::{Credentials, CredentialsError, SpiffeId};
 
+/// Connects to `addr`; with `mark`, the socket carries that mark
+/// (`SO_MARK`), which a pod's capture rules use to leave the proxy's own
+/// traffic alone where its UID cannot be told apart (rootless pods).
+pub async fn dial(addr: SocketAddr, mark: Option<u32>) -> std::io::Result<TcpStream> {
+    let Some(mark) = mark else {
+        return TcpStream::connect(addr).await;
+    };
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket2::SockRef::from(&socket).set_mark(mark)?;
+    socket.connect(addr).await
+}
+
 /// A lazily connecting channel to `addr`; every (re)connection does a fresh
 /// TLS handshake with `tls`.
 pub fn channel(addr: SocketAddr, tls: Arc<ClientConfig>) -> Channel {
+    channel_marked(addr, tls, None)
+}
+
+/// [`channel`], its connections carrying `mark` (see [`dial`]).
+pub fn channel_marked(addr: SocketAddr, tls: Arc<ClientConfig>, mark: Option<u32>) -> Channel {
     let connector = tower::service_fn(move |_: http::Uri| {
         let tls = tls.clone();
         async move {
-            let tcp = TcpStream::connect(addr).await?;
+            let tcp = dial(addr, mark).await?;
             tcp.set_nodelay(true)?;
             let name = ServerName::IpAddress(addr.ip().into());
             let stream = tokio_rustls::TlsConnector::from(tls)

@@ -22,7 +22,7 @@ use rustls::RootCertStore;
 use tokio::sync::{Notify, watch};
 use tokio_stream::StreamExt;
 
-use crate::grpc::{CaError, channel, citadel_identity, request_certificate};
+use crate::grpc::{CaError, channel_marked, citadel_identity, request_certificate};
 use crate::{Credentials, SpiffeId};
 
 /// How a workload reaches citadel and who it is.
@@ -37,6 +37,8 @@ pub struct CaSettings {
     pub lifetime: Duration,
     /// The roots trusted before the first bundle arrives.
     pub roots_pem: String,
+    /// Mark for the sockets to citadel (see [`crate::grpc::dial`]).
+    pub socket_mark: Option<u32>,
 }
 
 struct Trust {
@@ -114,7 +116,7 @@ async fn fetch(s: Arc<Shared>) -> Result<Credentials, CaError> {
         let s = s.clone();
         async move {
             request_certificate(
-                channel(s.settings.addr, tls?),
+                channel_marked(s.settings.addr, tls?, s.settings.socket_mark),
                 &token,
                 &s.settings.identity,
                 s.settings.lifetime,
@@ -174,10 +176,11 @@ async fn watch_once(s: &Arc<Shared>) -> Result<(), CaError> {
                 .map_err(|_| CaError::Token)?,
         );
     }
-    let mut bundles = TrustBundleServiceClient::new(channel(s.settings.addr, tls))
-        .watch(req)
-        .await?
-        .into_inner();
+    let mut bundles =
+        TrustBundleServiceClient::new(channel_marked(s.settings.addr, tls, s.settings.socket_mark))
+            .watch(req)
+            .await?
+            .into_inner();
     let report = |s: &Shared| {
         let generation = s.trust.lock().unwrap().generation;
         BundleReport {

@@ -252,6 +252,15 @@ fn print_endpoints(
 /// unaware of the mesh; requests made by curl in the client pod.
 fn transparent(opts: Options) -> anyhow::Result<bool> {
     use crate::pods::{self, Node, PodMesh};
+    if !nix::unistd::Uid::effective().is_root() && !pods::rootless() {
+        // A normal user: the same demo inside user, network and mount
+        // namespaces of its own.
+        if let Some(why) = pods::rootless_skip_reason() {
+            anyhow::bail!("--transparent without root {why}");
+        }
+        println!("not root: running the pods inside a user namespace of their own");
+        return Ok(pods::reexec_rootless(std::env::args_os().skip(1))?.success());
+    }
     if let Some(why) = pods::skip_reason() {
         anyhow::bail!(
             "--transparent {why}: run it as root, with iproute2, iptables, setpriv (util-linux) and curl installed"
@@ -273,8 +282,13 @@ fn transparent(opts: Options) -> anyhow::Result<bool> {
             let mesh =
                 PodMesh::start(node, &state_dir, &config_dir, &exe, proxy_exe.as_deref()).await?;
             println!(
-                "starting {} pods, each with its traffic captured and its sidecar as UID 1337",
-                mesh.specs.len()
+                "starting {} pods, each with its traffic captured and its sidecar {}",
+                mesh.specs.len(),
+                if pods::rootless() {
+                    format!("marking its sockets {:#x}", pods::PROXY_MARK)
+                } else {
+                    "as UID 1337".to_string()
+                }
             );
             let ready = mesh
                 .wait_ready(READY_TIMEOUT, |w, done, total| {
@@ -292,8 +306,17 @@ fn transparent(opts: Options) -> anyhow::Result<bool> {
                     println!(
                         "\nproductpage, from the client pod (the app needs no proxy settings):"
                     );
+                    let enter = if pods::rootless() {
+                        // The pods live in this process's own namespaces.
+                        format!(
+                            "nsenter --target {} --user --mount --net --preserve-credentials",
+                            std::process::id()
+                        )
+                    } else {
+                        "sudo".to_string()
+                    };
                     println!(
-                        "  sudo ip netns exec {client} {}",
+                        "  {enter} ip netns exec {client} {}",
                         mesh.productpage_curl(&[]).join(" ")
                     );
                     println!(

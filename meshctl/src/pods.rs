@@ -35,6 +35,71 @@ pub fn skip_reason() -> Option<String> {
     None
 }
 
+/// Set for a meshctl re-run as root of its own user, network and mount
+/// namespaces ([`reexec_rootless`]): pods then tell the sidecar's traffic
+/// by its socket mark, since no other UID than root is mapped there.
+pub const ROOTLESS_ENV: &str = "MESH_ROOTLESS";
+/// The socket mark rootless sidecars carry and their capture rules exempt.
+pub const PROXY_MARK: u32 = 1337;
+
+/// Whether this process is the rootless re-run.
+pub fn rootless() -> bool {
+    std::env::var_os(ROOTLESS_ENV).is_some()
+}
+
+/// Why pods cannot be made without root here, or `None` if they can: a
+/// normal user needs unprivileged user namespaces, iproute2, iptables and
+/// curl.
+pub fn rootless_skip_reason() -> Option<String> {
+    for tool in ["unshare", "ip", "iptables", "curl"] {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !found {
+            return Some(format!("needs {tool}"));
+        }
+    }
+    let userns = Command::new("unshare")
+        .args(["--user", "--map-root-user", "--net", "--mount", "true"])
+        .output();
+    match userns {
+        Ok(o) if o.status.success() => None,
+        Ok(o) => Some(format!(
+            "cannot create a user namespace ({}); enable unprivileged user namespaces or run as root",
+            String::from_utf8_lossy(&o.stderr).trim()
+        )),
+        Err(e) => Some(format!("cannot run unshare: {e}")),
+    }
+}
+
+/// Runs this program again with `args`, as root of new user, network and
+/// mount namespaces with a private tmpfs on /run (where `ip netns` keeps
+/// its namespaces): everything it creates vanishes with it.
+pub fn reexec_rootless(
+    args: impl IntoIterator<Item = std::ffi::OsString>,
+) -> anyhow::Result<std::process::ExitStatus> {
+    let exe = std::env::current_exe()?;
+    Command::new("unshare")
+        .args([
+            "--user",
+            "--map-root-user",
+            "--net",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-ec",
+            "mount -t tmpfs tmpfs /run; exec \"$@\"",
+            "sh",
+        ])
+        .arg(exe)
+        .args(args)
+        .env(ROOTLESS_ENV, "1")
+        .status()
+        .context("running unshare")
+}
+
 fn sh(script: &str) -> anyhow::Result<()> {
     let out = Command::new("sh").args(["-ec", script]).output()?;
     if !out.status.success() {
@@ -302,7 +367,13 @@ impl PodMesh {
                 bail!("{}: pods need an IPv4 WorkloadEntry address", w.name);
             };
             node.add_pod(&w.name, ip)?;
-            let out = node.run(&w.name, &[&exe_s, "capture"])?;
+            let mark = format!("--proxy-mark={PROXY_MARK}");
+            let capture: &[&str] = if rootless() {
+                &[&exe_s, "capture", &mark, "--mark-only"]
+            } else {
+                &[&exe_s, "capture"]
+            };
+            let out = node.run(&w.name, capture)?;
             if !out.status.success() {
                 bail!(
                     "capture set-up in {}: {}",
@@ -317,17 +388,22 @@ impl PodMesh {
             );
             let token = state_dir.join(format!("{}.token", w.name));
             std::fs::write(&token, cp.token_for(&id))?;
-            std::os::unix::fs::chown(
-                &token,
-                Some(mesh_proxy::capture::PROXY_UID),
-                Some(mesh_proxy::capture::PROXY_UID),
-            )?;
-            let mut args: Vec<String> = vec![
-                "setpriv".into(),
-                format!("--reuid={}", mesh_proxy::capture::PROXY_UID),
-                format!("--regid={}", mesh_proxy::capture::PROXY_UID),
-                "--clear-groups".into(),
-            ];
+            // As root, the sidecar runs as UID 1337, which the capture rules
+            // exempt; rootless, only root is mapped, so it marks its sockets.
+            let mut args: Vec<String> = Vec::new();
+            if !rootless() {
+                std::os::unix::fs::chown(
+                    &token,
+                    Some(mesh_proxy::capture::PROXY_UID),
+                    Some(mesh_proxy::capture::PROXY_UID),
+                )?;
+                args.extend([
+                    "setpriv".into(),
+                    format!("--reuid={}", mesh_proxy::capture::PROXY_UID),
+                    format!("--regid={}", mesh_proxy::capture::PROXY_UID),
+                    "--clear-groups".into(),
+                ]);
+            }
             match proxy_exe {
                 Some(p) => args.push(p.to_string_lossy().to_string()),
                 None => args.extend([exe_s.clone(), "proxy".into()]),
@@ -343,6 +419,9 @@ impl PodMesh {
                 format!("--token-file={}", token.display()),
                 "--capture".into(),
             ]);
+            if rootless() {
+                args.push(format!("--proxy-mark={PROXY_MARK}"));
+            }
             let argv: Vec<&str> = args.iter().map(String::as_str).collect();
             node.spawn(&w.name, &argv, &logs.join(format!("{}-proxy.log", w.name)))?;
             if let Some((svc, version)) = &w.app {

@@ -150,6 +150,7 @@ fn proxy_args(cp: &ControlPlane, w: &WorkloadSpec, token_file: PathBuf) -> Proxy
         drain_grace_secs: mesh_proxy::drain::DEFAULT_GRACE.as_secs(),
         outbound_traffic_policy: Default::default(),
         capture: false,
+        proxy_mark: None,
     }
 }
 

@@ -183,3 +183,71 @@ fn certificates_and_the_root_rotate_while_the_demo_serves() {
         "only {issued} certificates issued:\n{stdout}"
     );
 }
+
+/// `meshctl demo --transparent` as a normal user: the pods are made inside
+/// a user namespace of the demo's own, and sidecars are told apart by their
+/// socket mark. Run here as `nobody` (CI runs tests as root).
+#[test]
+fn transparent_demo_runs_without_root() {
+    let root = nix::unistd::Uid::effective().is_root();
+    let mut cmd = if root {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(env!("CARGO_BIN_EXE_meshctl"));
+        c
+    } else {
+        Command::new(env!("CARGO_BIN_EXE_meshctl"))
+    };
+    // The same checks the demo makes, as the user it will run as.
+    let probe = Command::new(if root { "setpriv" } else { "true" })
+        .args(if root {
+            &[
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "unshare",
+                "--user",
+                "--map-root-user",
+                "--net",
+                "--mount",
+                "true",
+            ][..]
+        } else {
+            &[][..]
+        })
+        .output();
+    if !probe.is_ok_and(|o| o.status.success()) {
+        eprintln!("SKIPPED: unprivileged user namespaces are not available here");
+        return;
+    }
+    for tool in ["unshare", "ip", "iptables", "curl"] {
+        if !Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+        {
+            eprintln!("SKIPPED: needs {tool}");
+            return;
+        }
+    }
+    let out = cmd
+        .args(["demo", "--transparent", "--requests", "10"])
+        .current_dir(std::env::temp_dir())
+        .env("HOME", std::env::temp_dir())
+        .env("TMPDIR", std::env::temp_dir())
+        .output()
+        .expect("meshctl runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "rootless demo failed\nstdout:\n{stdout}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("inside a user namespace"), "{stdout}");
+    assert!(stdout.contains("marking its sockets 0x539"), "{stdout}");
+    assert!(
+        stdout.contains("[7/7]") && stdout.contains("10 succeeded, 0 failed"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("10 x client -> productpage"), "{stdout}");
+}

@@ -100,6 +100,7 @@ impl Pilot {
             token,
             lifetime: std::time::Duration::ZERO,
             roots_pem,
+            socket_mark: None,
         };
         let (creds, task) = mesh_identity::workload::start(settings)?;
         let tls = mesh_identity::renew::server_configs("pilot", creds, true, &[b"h2"]).await;

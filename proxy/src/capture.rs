@@ -101,6 +101,10 @@ pub struct CaptureConfig {
     /// own connections (for rootless namespaces where UIDs are not mapped).
     #[arg(long)]
     pub proxy_mark: Option<u32>,
+    /// Tell the proxy by `--proxy-mark` alone, with no UID rule: inside a
+    /// user namespace where UID 1337 is not mapped, iptables refuses one.
+    #[arg(long, requires = "proxy_mark")]
+    pub mark_only: bool,
     /// Inbound ports to capture: `*` for all (default), or a comma list.
     #[arg(long, default_value = "*")]
     pub include_inbound_ports: String,
@@ -125,6 +129,7 @@ impl Default for CaptureConfig {
             inbound_port: mesh_proto::ports::INBOUND,
             proxy_uid: PROXY_UID,
             proxy_mark: None,
+            mark_only: false,
             include_inbound_ports: "*".into(),
             exclude_inbound_ports: vec![],
             exclude_outbound_ports: vec![],
@@ -217,8 +222,11 @@ impl CaptureConfig {
             }
         }
         // Outbound: never the proxy's own traffic.
-        let own = format!("-m owner --uid-owner {}", self.proxy_uid);
-        if let Some(mark) = self.proxy_mark {
+        let own = match (self.mark_only, self.proxy_mark) {
+            (true, Some(mark)) => format!("-m mark --mark {mark:#x}"),
+            _ => format!("-m owner --uid-owner {}", self.proxy_uid),
+        };
+        if let (false, Some(mark)) = (self.mark_only, self.proxy_mark) {
             let _ = writeln!(r, "-A MESH_OUTPUT -m mark --mark {mark:#x} -j RETURN");
         }
         // The proxy calling its own pod's address over lo is inbound traffic.
@@ -390,6 +398,27 @@ mod tests {
                 && v6.contains("! -d ::1/128")
         );
         assert!(!v6.contains("10.96.0.0/12"));
+    }
+
+    #[test]
+    fn mark_only_rules_name_no_uid() {
+        let cfg = CaptureConfig {
+            proxy_mark: Some(1337),
+            mark_only: true,
+            ..Default::default()
+        };
+        let v4 = cfg.rules(Family::V4, false).unwrap();
+        assert!(!v4.contains("--uid-owner"), "{v4}");
+        assert!(
+            v4.contains("-A MESH_OUTPUT -m mark --mark 0x539 -j RETURN\n"),
+            "{v4}"
+        );
+        assert!(
+            v4.contains(
+                "-A MESH_OUTPUT -o lo ! -d 127.0.0.1/32 -m mark --mark 0x539 -j MESH_IN_REDIRECT"
+            ),
+            "{v4}"
+        );
     }
 
     #[test]

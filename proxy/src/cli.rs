@@ -52,6 +52,11 @@ pub struct ProxyArgs {
     /// address and reach the app on 127.0.0.1.
     #[arg(long, env = "MESH_CAPTURE")]
     pub capture: bool,
+    /// Mark every socket the proxy opens with this value (SO_MARK; needs
+    /// CAP_NET_ADMIN), to match `mesh-iptables --proxy-mark` where the
+    /// proxy cannot run as its own UID.
+    #[arg(long, env = "MESH_PROXY_MARK")]
+    pub proxy_mark: Option<u32>,
     /// Worker threads. One (the default) runs everything on a single thread,
     /// with no cross-thread wake-ups: a sidecar serves one pod.
     #[arg(long, env = "MESH_PROXY_THREADS", default_value_t = DEFAULT_THREADS)]
@@ -89,6 +94,7 @@ impl ProxyArgs {
             drain_grace: Duration::from_secs(self.drain_grace_secs),
             outbound_policy: self.outbound_traffic_policy,
             capture: self.capture,
+            socket_mark: self.proxy_mark,
             ports: Ports::default(),
         })
     }

@@ -30,6 +30,9 @@ pub struct Config {
     /// listeners bind every address (an OUTPUT redirect arrives on
     /// 127.0.0.1) and the app is reached on 127.0.0.1.
     pub capture: bool,
+    /// Mark every socket the proxy opens carries (`SO_MARK`), for capture
+    /// rules that cannot tell the proxy by its UID (rootless pods).
+    pub socket_mark: Option<u32>,
     pub ports: Ports,
 }
 

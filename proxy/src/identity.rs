@@ -60,6 +60,7 @@ pub async fn run(cfg: Arc<Config>, tx: watch::Sender<Option<Arc<Tls>>>) {
         token: cfg.ca_token.clone(),
         lifetime: cfg.cert_lifetime,
         roots_pem: cfg.roots_pem.clone(),
+        socket_mark: cfg.socket_mark,
     };
     let (mut creds, task) = match mesh_identity::workload::start(settings) {
         Ok(started) => started,

@@ -26,7 +26,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -50,8 +49,9 @@ pub struct Shared {
     pub xds_status: watch::Receiver<XdsStatus>,
     pub metrics: Metrics,
     pub pool: Pool,
-    pub app_h1: Client<HttpConnector, Body>,
-    pub app_h2: Client<HttpConnector, Body>,
+    /// Plain HTTP to the app, and to destinations outside the mesh.
+    pub app_h1: Client<platform::Dialer, Body>,
+    pub app_h2: Client<platform::Dialer, Body>,
     pub drain: Drain,
     pub sockets: Box<dyn platform::Sockets>,
 }
@@ -123,9 +123,9 @@ pub async fn run_with_sockets(
         snapshot: snap_rx,
         xds_status: status_rx,
         metrics: Metrics::default(),
-        pool: Pool::default(),
-        app_h1: Client::builder(TokioExecutor::new()).build_http(),
-        app_h2: h2.build_http(),
+        pool: Pool::new(cfg.socket_mark),
+        app_h1: Client::builder(TokioExecutor::new()).build(platform::Dialer(cfg.socket_mark)),
+        app_h2: h2.build(platform::Dialer(cfg.socket_mark)),
         drain: Drain::default(),
         sockets,
     });

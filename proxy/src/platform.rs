@@ -30,6 +30,44 @@ impl Sockets for Linux {
     }
 }
 
+/// hyper's connector for plain HTTP (to the app, and passthrough): dials
+/// the URI's address, marking the socket if the proxy is configured to.
+#[derive(Clone, Copy, Debug)]
+pub struct Dialer(pub Option<u32>);
+
+impl tower::Service<http::Uri> for Dialer {
+    type Response = hyper_util::rt::TokioIo<TcpStream>;
+    type Error = std::io::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = std::io::Result<Self::Response>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let mark = self.0;
+        Box::pin(async move {
+            let host = uri.host().unwrap_or_default();
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            let ip: std::net::IpAddr = host.parse().map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("{host:?} is not an IP address"),
+                )
+            })?;
+            let addr = SocketAddr::new(ip, uri.port_u16().unwrap_or(80));
+            let tcp = mesh_identity::grpc::dial(addr, mark).await?;
+            tcp.set_nodelay(true)?;
+            Ok(hyper_util::rt::TokioIo::new(tcp))
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

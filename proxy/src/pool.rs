@@ -13,7 +13,6 @@ use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use mesh_identity::SpiffeId;
 use rustls::pki_types::ServerName;
-use tokio::net::TcpStream;
 
 use crate::identity::Tls;
 
@@ -49,9 +48,18 @@ impl PoolError {
 #[derive(Default)]
 pub struct Pool {
     conns: Mutex<HashMap<(SocketAddr, SpiffeId), SendRequest<Body>>>,
+    /// Mark for the sockets to peers (`Config::socket_mark`).
+    mark: Option<u32>,
 }
 
 impl Pool {
+    pub fn new(mark: Option<u32>) -> Self {
+        Self {
+            conns: Mutex::default(),
+            mark,
+        }
+    }
+
     pub async fn send(
         &self,
         tls: &Tls,
@@ -72,7 +80,7 @@ impl Pool {
             None => {
                 // Boxed: connecting is rare, and inlined it would make every
                 // request's future several kilobytes larger.
-                let s = Box::pin(connect(tls, addr, expected)).await?;
+                let s = Box::pin(connect(tls, addr, expected, self.mark)).await?;
                 self.conns.lock().unwrap().insert(key, s.clone());
                 s
             }
@@ -88,9 +96,10 @@ async fn connect(
     tls: &Tls,
     addr: SocketAddr,
     expected: &SpiffeId,
+    mark: Option<u32>,
 ) -> Result<SendRequest<Body>, PoolError> {
     let config = tls.client_for(expected)?;
-    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, mesh_identity::grpc::dial(addr, mark))
         .await
         .map_err(|_| PoolError::Timeout(addr))?
         .map_err(|e| PoolError::Connect(addr, e))?;

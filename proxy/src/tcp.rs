@@ -78,7 +78,7 @@ pub async fn inbound(shared: &Shared, mut req: Request<Incoming>) -> Response<Bo
         );
     };
     let app = shared.cfg.app_addr(port);
-    let mut app_tcp = match TcpStream::connect(app).await {
+    let mut app_tcp = match mesh_identity::grpc::dial(app, shared.cfg.socket_mark).await {
         Ok(s) => s,
         Err(e) => {
             return local_reply(

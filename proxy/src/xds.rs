@@ -78,7 +78,11 @@ impl Client {
         let client_cfg = tls
             .client_for(&self.cfg.pilot_identity())
             .map_err(|e| tonic::Status::internal(e.to_string()))?;
-        let channel = mesh_identity::grpc::channel(self.cfg.pilot_addr, client_cfg);
+        let channel = mesh_identity::grpc::channel_marked(
+            self.cfg.pilot_addr,
+            client_cfg,
+            self.cfg.socket_mark,
+        );
         let (tx, rx) = mpsc::channel(16);
         for (i, t) in type_url::ALL.iter().enumerate() {
             let req = DeltaDiscoveryRequest {
@@ -231,6 +235,7 @@ mod tests {
             drain_grace: Duration::ZERO,
             outbound_policy: Default::default(),
             capture: false,
+            socket_mark: None,
             ports: Default::default(),
         });
         let (snap_tx, snap_rx) = watch::channel(Arc::new(Snapshot::default()));

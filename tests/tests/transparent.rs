@@ -40,6 +40,7 @@ async fn captured_sidecar(
         drain_grace: Duration::ZERO,
         outbound_policy: policy,
         capture: false,
+        socket_mark: None,
         ports: Default::default(),
     };
     tokio::spawn(mesh_proxy::run_with_sockets(
