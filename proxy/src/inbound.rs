@@ -42,7 +42,7 @@ pub async fn handle(
     if req.method() == http::Method::CONNECT {
         return Ok(crate::tcp::inbound(&shared, req).await);
     }
-    let protocol = wire::protocol_label(req.version());
+    let protocol = wire::protocol_label(&req);
     let source = req.headers().get(wire::SOURCE).cloned();
     let snapshot = shared.snapshot.borrow().clone();
     let port = req

@@ -49,7 +49,7 @@ pub async fn handle(
     conn: Arc<Conn>,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, std::convert::Infallible> {
-    let protocol = wire::protocol_label(req.version());
+    let protocol = wire::protocol_label(&req);
     let snapshot = shared.snapshot.borrow().clone();
     let mut chosen = Chosen::Nothing;
     let result = forward(&shared, &snapshot, &conn, req, &mut chosen).await;

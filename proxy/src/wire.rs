@@ -14,12 +14,17 @@ pub const SOURCE: HeaderName = HeaderName::from_static("x-mesh-source");
 /// Istio's header telling the app who called it.
 pub const XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
 
-/// Istio's `request_protocol` label for a request's HTTP version.
-pub fn protocol_label(version: http::Version) -> &'static str {
-    if version == http::Version::HTTP_2 {
-        "http2"
-    } else {
-        "http"
+/// Istio's `request_protocol` label for a request: `grpc` for gRPC
+/// (content-type `application/grpc...`), else by HTTP version.
+pub fn protocol_label<B>(req: &http::Request<B>) -> &'static str {
+    let grpc = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    match (grpc, req.version()) {
+        (true, _) => "grpc",
+        (false, http::Version::HTTP_2) => "http2",
+        _ => "http",
     }
 }
 

@@ -138,3 +138,154 @@ fn namespaces_left_by_a_crashed_run_are_removed_and_live_ones_kept() {
         "{listed}"
     );
 }
+
+/// A gRPC service and a TCP service whose server speaks first, both on one
+/// pod on node 1 behind the VIP 240.240.0.9.
+const ECHO: &str = "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: echo, namespace: default}
+spec:
+  hosts: [echo.default.svc.cluster.local]
+  addresses: [240.240.0.9]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports:
+  - {number: 50051, name: grpc, protocol: GRPC}
+  - {number: 7000, name: tcp-greeter, protocol: TCP}
+  workloadSelector: {labels: {app: echo}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: echo-v1, namespace: default}
+spec:
+  address: 10.244.1.18
+  labels: {app: echo, version: v1}
+  serviceAccount: echo
+";
+
+fn python_grpc_missing() -> Option<String> {
+    let ok = std::process::Command::new("python3")
+        .args(["-c", "import grpc"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    (!ok).then(|| "needs python3 with grpcio (python3 -m pip install grpcio)".to_string())
+}
+
+#[test]
+fn grpc_and_a_server_first_protocol_cross_captured_pods() {
+    if let Some(why) = pods::skip_reason().or_else(python_grpc_missing) {
+        eprintln!("SKIPPED: {why}");
+        return;
+    }
+    let apps = concat!(env!("CARGO_MANIFEST_DIR"), "/py/pod_apps.py");
+    let dir = tempfile::tempdir().unwrap();
+    let config_dir = dir.path().join("config");
+    std::fs::create_dir_all(&config_dir).unwrap();
+    for (name, text) in mesh_samples::CONFIG {
+        std::fs::write(config_dir.join(name), pods::pod_config(text)).unwrap();
+    }
+    std::fs::write(config_dir.join("echo.yaml"), ECHO).unwrap();
+    let node = Node::new().unwrap();
+    let node_ns = node.namespace();
+    std::thread::spawn(move || {
+        pods::enter(&node_ns).unwrap();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async move {
+            let mut mesh = PodMesh::start(node, dir.path(), &config_dir, Path::new(POD), None)
+                .await
+                .unwrap();
+            mesh.wait_ready(Duration::from_secs(20), |_, _, _| {})
+                .await
+                .unwrap();
+            let logs = mesh.logs.clone();
+            mesh.node
+                .spawn(
+                    "echo-v1",
+                    &["python3", apps, "grpc-server", "50051"],
+                    &logs.join("grpc.log"),
+                )
+                .unwrap();
+            mesh.node
+                .spawn(
+                    "echo-v1",
+                    &["python3", apps, "greeter", "7000"],
+                    &logs.join("greeter.log"),
+                )
+                .unwrap();
+
+            // gRPC (HTTP/2) from an unmodified grpcio client, to the VIP.
+            let deadline = Instant::now() + Duration::from_secs(20);
+            let answers = loop {
+                let out = mesh
+                    .node
+                    .run(
+                        "client",
+                        &["python3", apps, "grpc-client", "240.240.0.9:50051", "5"],
+                    )
+                    .unwrap();
+                if out.status.success() {
+                    break String::from_utf8_lossy(&out.stdout).into_owned();
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "gRPC through the mesh failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            };
+            let expected: Vec<String> = (0..5).map(|i| format!("echo: hello {i}")).collect();
+            assert_eq!(answers.lines().collect::<Vec<_>>(), expected);
+            // It went over mutual TLS between the two sidecars: the echo
+            // pod's sidecar counted the calls as gRPC from the client.
+            let stats = reqwest::Client::builder()
+                .no_proxy()
+                .build()
+                .unwrap()
+                .get("http://10.244.1.18:15090/stats/prometheus")
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            let counted = stats.lines().any(|l| {
+                l.starts_with("istio_requests_total{")
+                    && l.contains("reporter=\"destination\"")
+                    && l.contains("destination_service_name=\"echo\"")
+                    && l.contains(
+                        "source_principal=\"spiffe://cluster.local/ns/default/sa/client\"",
+                    )
+                    && l.contains("connection_security_policy=\"mutual_tls\"")
+                    && l.contains("request_protocol=\"grpc\"")
+            });
+            assert!(
+                counted,
+                "the echo sidecar did not count mTLS gRPC calls:\n{stats}"
+            );
+
+            // A protocol whose server speaks first, on a TCP port of the VIP.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let out = mesh
+                    .node
+                    .run(
+                        "client",
+                        &["python3", apps, "greeter-client", "240.240.0.9:7000"],
+                    )
+                    .unwrap();
+                if out.status.success() {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "server-first TCP through the mesh failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            mesh.stop().await;
+        });
+    })
+    .join()
+    .unwrap();
+}
