@@ -289,6 +289,7 @@ fn listener(model: &Model, w: &Workload) -> pb::Listener {
             entry.services.push(svc.host.clone());
         }
     }
+    let (mode, port_modes) = model.mtls_for(w);
     pb::Listener {
         name: LISTENER_NAME.to_string(),
         workload: Some(pb::Workload {
@@ -300,6 +301,18 @@ fn listener(model: &Model, w: &Workload) -> pb::Listener {
             service_account: w.service_account.clone(),
         }),
         ports: ports.into_values().collect(),
-        mtls: pb::MtlsMode::Strict as i32,
+        mtls: wire_mode(mode) as i32,
+        port_mtls: port_modes
+            .into_iter()
+            .map(|(p, m)| (p, wire_mode(m) as i32))
+            .collect(),
+    }
+}
+
+fn wire_mode(m: crate::model::MtlsMode) -> pb::MtlsMode {
+    match m {
+        crate::model::MtlsMode::Strict => pb::MtlsMode::Strict,
+        crate::model::MtlsMode::Permissive => pb::MtlsMode::Permissive,
+        crate::model::MtlsMode::Disable => pb::MtlsMode::Disable,
     }
 }

@@ -125,3 +125,32 @@ pub struct Subset {
     #[serde(default)]
     pub labels: Labels,
 }
+
+/// security.istio.io PeerAuthentication: what a workload's inbound side
+/// accepts. `selector` picks workloads by label; without one it covers its
+/// namespace (or, in the root namespace, the whole mesh).
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerAuthentication {
+    #[serde(default)]
+    pub selector: Option<MatchLabels>,
+    #[serde(default)]
+    pub mtls: Option<PeerMtls>,
+    /// Keyed by port number (YAML keys arrive as text).
+    #[serde(default)]
+    pub port_level_mtls: BTreeMap<String, PeerMtls>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct MatchLabels {
+    #[serde(default)]
+    pub match_labels: Labels,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+pub struct PeerMtls {
+    /// UNSET (inherit), DISABLE, PERMISSIVE or STRICT.
+    #[serde(default)]
+    pub mode: Option<String>,
+}

@@ -52,6 +52,134 @@ pub struct Model {
     pub workloads: BTreeMap<String, Workload>,
     pub routes: BTreeMap<String, Routes>,
     pub subsets: BTreeMap<String, BTreeMap<String, Labels>>,
+    /// PeerAuthentications, checked: (namespace, name, selector, mode, port modes).
+    pub peer_auth: Vec<PeerAuth>,
+}
+
+/// Istio's root namespace: a PeerAuthentication there without a selector
+/// covers the whole mesh.
+pub const ROOT_NAMESPACE: &str = "istio-system";
+
+/// A PeerAuthentication mode; `None` where it is UNSET (inherited).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MtlsMode {
+    Strict,
+    Permissive,
+    Disable,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct PeerAuth {
+    pub namespace: String,
+    pub name: String,
+    pub selector: Option<Labels>,
+    pub mode: Option<MtlsMode>,
+    pub ports: BTreeMap<u32, MtlsMode>,
+}
+
+fn mtls_mode(mode: Option<&str>) -> Result<Option<MtlsMode>, String> {
+    match mode.unwrap_or("UNSET") {
+        "UNSET" => Ok(None),
+        "STRICT" => Ok(Some(MtlsMode::Strict)),
+        "PERMISSIVE" => Ok(Some(MtlsMode::Permissive)),
+        "DISABLE" => Ok(Some(MtlsMode::Disable)),
+        other => Err(format!(
+            "{other:?} is not a mode; use UNSET, STRICT, PERMISSIVE or DISABLE"
+        )),
+    }
+}
+
+impl Model {
+    /// What `w`'s inbound side accepts, as Istio resolves it: a
+    /// PeerAuthentication selecting the workload, else its namespace's, else
+    /// the root namespace's, else PERMISSIVE; UNSET inherits from the next
+    /// level. Also the per-port overrides of the selecting one.
+    pub fn mtls_for(&self, w: &Workload) -> (MtlsMode, BTreeMap<u32, MtlsMode>) {
+        let selects = |p: &&PeerAuth| {
+            p.namespace == w.namespace
+                && p.selector
+                    .as_ref()
+                    .is_some_and(|sel| sel.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
+        };
+        let workload = self.peer_auth.iter().find(selects);
+        let namespace = self
+            .peer_auth
+            .iter()
+            .find(|p| p.namespace == w.namespace && p.selector.is_none());
+        let mesh = self
+            .peer_auth
+            .iter()
+            .find(|p| p.namespace == ROOT_NAMESPACE && p.selector.is_none());
+        let mode = [workload, namespace, mesh]
+            .into_iter()
+            .flatten()
+            .find_map(|p| p.mode)
+            .unwrap_or(MtlsMode::Permissive);
+        let ports = workload.map(|p| p.ports.clone()).unwrap_or_default();
+        (mode, ports)
+    }
+
+    fn add_peer_auth(
+        &mut self,
+        meta: &Meta,
+        pa: &crate::istio::PeerAuthentication,
+        errors: &mut Vec<String>,
+    ) {
+        let ctx = at(meta, "PeerAuthentication");
+        let mode = match mtls_mode(pa.mtls.as_ref().and_then(|m| m.mode.as_deref())) {
+            Ok(m) => m,
+            Err(e) => {
+                errors.push(format!("{ctx}: spec.mtls.mode {e}"));
+                None
+            }
+        };
+        let selector = pa
+            .selector
+            .as_ref()
+            .map(|s| s.match_labels.clone())
+            .filter(|l| !l.is_empty());
+        if !pa.port_level_mtls.is_empty() && selector.is_none() {
+            errors.push(format!(
+                "{ctx}: spec.portLevelMtls needs spec.selector: port-level modes apply to selected workloads only"
+            ));
+        }
+        let mut ports = BTreeMap::new();
+        for (port, m) in &pa.port_level_mtls {
+            let Ok(n) = port.parse::<u32>() else {
+                errors.push(format!(
+                    "{ctx}: spec.portLevelMtls key {port:?} is not a port number"
+                ));
+                continue;
+            };
+            match mtls_mode(m.mode.as_deref()) {
+                Ok(Some(mode)) => {
+                    ports.insert(n, mode);
+                }
+                Ok(None) => {}
+                Err(e) => errors.push(format!("{ctx}: spec.portLevelMtls[{n}].mode {e}")),
+            }
+        }
+        // Two without a selector in one namespace: Istio uses the oldest;
+        // files carry no age, so say so rather than guess.
+        if selector.is_none()
+            && let Some(other) = self
+                .peer_auth
+                .iter()
+                .find(|p| p.namespace == meta.namespace && p.selector.is_none())
+        {
+            errors.push(format!(
+                "{ctx}: namespace {} already has a PeerAuthentication without a selector ({}); keep one",
+                meta.namespace, other.name
+            ));
+        }
+        self.peer_auth.push(PeerAuth {
+            namespace: meta.namespace.clone(),
+            name: meta.name.clone(),
+            selector,
+            mode,
+            ports,
+        });
+    }
 }
 
 /// Makes a short host name fully qualified in `namespace`, as Istio does.
@@ -105,6 +233,7 @@ impl Model {
                 }
                 Resource::DestinationRule(dr) => m.add_subsets(meta, dr),
                 Resource::VirtualService(_) => {}
+                Resource::PeerAuthentication(pa) => m.add_peer_auth(meta, pa, &mut errors),
             }
         }
         for (meta, res) in &set.resources {
@@ -257,4 +386,104 @@ impl Model {
 
 pub fn selects(selector: &Labels, labels: &Labels) -> bool {
     selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model(yaml: &str) -> Result<Model, Vec<String>> {
+        let set = ConfigSet {
+            resources: crate::store::parse_file(std::path::Path::new("pa.yaml"), yaml).unwrap(),
+        };
+        Model::build(&set, "cluster.local")
+    }
+
+    const WORKLOADS: &str = "apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: a, namespace: shop}
+spec: {address: 10.0.0.1, labels: {app: a}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: b, namespace: shop}
+spec: {address: 10.0.0.2, labels: {app: b}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: c, namespace: other}
+spec: {address: 10.0.0.3, labels: {app: c}}
+";
+
+    fn mode(m: &Model, proxy: &str) -> (MtlsMode, BTreeMap<u32, MtlsMode>) {
+        m.mtls_for(&m.workloads[proxy])
+    }
+
+    #[test]
+    fn peer_authentication_resolves_workload_then_namespace_then_mesh() {
+        // Nothing said: PERMISSIVE, as in Istio.
+        let m = model(WORKLOADS).unwrap();
+        assert_eq!(mode(&m, "a.shop").0, MtlsMode::Permissive);
+        let m = model(&format!(
+            "{WORKLOADS}---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {{name: default, namespace: istio-system}}
+spec: {{mtls: {{mode: STRICT}}}}
+---
+apiVersion: security.istio.io/v1beta1
+kind: PeerAuthentication
+metadata: {{name: default, namespace: shop}}
+spec: {{mtls: {{mode: PERMISSIVE}}}}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {{name: b, namespace: shop}}
+spec:
+  selector: {{matchLabels: {{app: b}}}}
+  mtls: {{mode: UNSET}}
+  portLevelMtls: {{8080: {{mode: DISABLE}}}}
+"
+        ))
+        .unwrap();
+        // Namespace beats mesh; a workload's UNSET inherits the namespace's.
+        assert_eq!(mode(&m, "a.shop").0, MtlsMode::Permissive);
+        assert_eq!(
+            mode(&m, "b.shop"),
+            (
+                MtlsMode::Permissive,
+                BTreeMap::from([(8080, MtlsMode::Disable)])
+            )
+        );
+        // Another namespace gets the mesh-wide mode.
+        assert_eq!(mode(&m, "c.other").0, MtlsMode::Strict);
+    }
+
+    #[test]
+    fn bad_peer_authentications_are_reported_with_the_field() {
+        let errors = model(&format!(
+            "{WORKLOADS}---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {{name: typo, namespace: shop}}
+spec: {{mtls: {{mode: STRICTT}}}}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {{name: ports, namespace: other}}
+spec: {{portLevelMtls: {{http: {{mode: STRICT}}}}}}
+"
+        ))
+        .unwrap_err();
+        let all = errors.join("\n");
+        assert!(
+            all.contains("PeerAuthentication shop/typo: spec.mtls.mode \"STRICTT\" is not a mode"),
+            "{all}"
+        );
+        assert!(
+            all.contains("spec.portLevelMtls needs spec.selector"),
+            "{all}"
+        );
+        assert!(all.contains("key \"http\" is not a port number"), "{all}");
+    }
 }

@@ -21,6 +21,7 @@ pub enum Resource {
     WorkloadEntry(WorkloadEntry),
     VirtualService(VirtualService),
     DestinationRule(DestinationRule),
+    PeerAuthentication(crate::istio::PeerAuthentication),
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -125,7 +126,12 @@ pub fn parse_file(path: &Path, text: &str) -> Result<Vec<(Meta, Resource)>, Conf
             file: path.to_path_buf(),
         };
         let group = api.split('/').next().unwrap_or_default();
-        if group != "networking.istio.io" {
+        let handled = match group {
+            "networking.istio.io" => true,
+            "security.istio.io" => kind == "PeerAuthentication",
+            _ => false,
+        };
+        if !handled {
             tracing::info!(file = %path.display(), %api, %kind, "skipping a kind pilot does not handle yet");
             continue;
         }
@@ -146,6 +152,7 @@ pub fn parse_file(path: &Path, text: &str) -> Result<Vec<(Meta, Resource)>, Conf
                 "WorkloadEntry" => de(spec).map(Resource::WorkloadEntry),
                 "VirtualService" => de(spec).map(Resource::VirtualService),
                 "DestinationRule" => de(spec).map(Resource::DestinationRule),
+                "PeerAuthentication" => de(spec).map(Resource::PeerAuthentication),
                 other => Err(format!("kind {other} is not supported yet")),
             }
             .map_err(spec_err)

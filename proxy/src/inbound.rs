@@ -18,7 +18,11 @@ use crate::wire::{self, PeerMeta, local_reply};
 /// One inbound connection: the peer it is from, what the app is told about
 /// it, and the counters its requests have used.
 pub struct Conn {
-    pub peer: SpiffeId,
+    /// The client's identity; `None` for plaintext from a client without a
+    /// sidecar (accepted only where the workload's mode is not STRICT).
+    pub peer: Option<SpiffeId>,
+    /// Plaintext: the app port the client dialled (its original destination).
+    plain_port: Option<u32>,
     xfcc: Option<HeaderValue>,
     /// Keyed by (source metadata, app port, response code, protocol).
     series: SeriesCache<(Option<HeaderValue>, u32, u16, &'static str)>,
@@ -28,7 +32,18 @@ impl Conn {
     pub fn new(own: &SpiffeId, peer: SpiffeId) -> Self {
         Self {
             xfcc: format!("By={own};URI={peer}").parse().ok(),
-            peer,
+            peer: Some(peer),
+            plain_port: None,
+            series: SeriesCache::default(),
+        }
+    }
+
+    /// A plaintext connection to app port `port`.
+    pub fn plaintext(port: u32) -> Self {
+        Self {
+            peer: None,
+            plain_port: Some(port),
+            xfcc: None,
             series: SeriesCache::default(),
         }
     }
@@ -40,17 +55,26 @@ pub async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<Body>, std::convert::Infallible> {
     if req.method() == http::Method::CONNECT {
+        if conn.peer.is_none() {
+            return Ok(local_reply(
+                StatusCode::FORBIDDEN,
+                "CONNECT is for sidecars over mutual TLS",
+            ));
+        }
         return Ok(crate::tcp::inbound(&shared, req).await);
     }
     let protocol = wire::protocol_label(&req);
     let source = req.headers().get(wire::SOURCE).cloned();
     let snapshot = shared.snapshot.borrow().clone();
-    let port = req
-        .headers()
-        .get(wire::TARGET_PORT)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u32>().ok())
-        .and_then(|p| snapshot.inbound.get(&p).cloned());
+    let port = match conn.plain_port {
+        Some(p) => Some(p),
+        None => req
+            .headers()
+            .get(wire::TARGET_PORT)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u32>().ok()),
+    }
+    .and_then(|p| snapshot.inbound.get(&p).cloned());
     let resp = match &port {
         None if snapshot.listener.is_none() => local_reply(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -100,17 +124,31 @@ fn labels(
         destination_principal: shared.cfg.identity.to_string(),
         destination_app: own.app.clone(),
         destination_version: own.version.clone(),
-        source_principal: conn.peer.to_string(),
-        source_workload_namespace: conn.peer.namespace.clone(),
+        source_principal: conn
+            .peer
+            .as_ref()
+            .map_or_else(|| "unknown".to_string(), ToString::to_string),
+        source_workload_namespace: conn
+            .peer
+            .as_ref()
+            .map_or_else(|| "unknown".to_string(), |p| p.namespace.clone()),
+        source_workload: "unknown".to_string(),
         request_protocol: protocol,
         response_code: code,
         response_flags: if code == 503 { "UF" } else { "-" },
-        connection_security_policy: "mutual_tls",
+        connection_security_policy: if conn.peer.is_some() {
+            "mutual_tls"
+        } else {
+            "none"
+        },
         ..Default::default()
     };
-    if let Some(m) = source.and_then(|v| v.to_str().ok()).map(PeerMeta::decode) {
+    if let (Some(m), Some(peer)) = (
+        source.and_then(|v| v.to_str().ok()).map(PeerMeta::decode),
+        &conn.peer,
+    ) {
         // Only what the certificate vouches for is trusted: the namespace.
-        if m.namespace == conn.peer.namespace {
+        if m.namespace == peer.namespace {
             l.source_workload = m.workload;
             l.source_app = m.app;
             l.source_version = m.version;

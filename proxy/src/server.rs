@@ -62,6 +62,17 @@ pub async fn serve_inbound(listener: TcpListener, shared: Arc<Shared>) {
         let shared = shared.clone();
         tokio::spawn(async move {
             // Each connection uses the certificate current when it arrives.
+            // A TLS ClientHello starts with 0x16; anything else (or nothing
+            // within the sniff window: a server-first protocol) is plaintext.
+            let mut first = [0u8; 1];
+            match tokio::time::timeout(SNIFF_TIMEOUT, tcp.peek(&mut first)).await {
+                Ok(Ok(1)) if first[0] == 0x16 => {}
+                Ok(Ok(0) | Err(_)) => return,
+                _ => {
+                    let dst = shared.sockets.original_dst(&tcp);
+                    return plaintext_inbound(shared, tcp, peer_addr, dst).await;
+                }
+            }
             let Some(tls) = shared.tls.borrow().clone() else {
                 tracing::debug!(%peer_addr, "refusing inbound connection: no certificate yet");
                 return;
@@ -93,6 +104,51 @@ pub async fn serve_inbound(listener: TcpListener, shared: Arc<Shared>) {
             shared.drain.serve(conn);
         });
     }
+}
+
+/// How long an inbound connection may stay silent before it is taken for
+/// plaintext whose server speaks first.
+const SNIFF_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Plaintext arriving on the inbound port: a client without a sidecar,
+/// redirected by the pod's capture rules. Served only where the workload's
+/// PeerAuthentication mode for that port is not STRICT; HTTP goes through
+/// the inbound path (no client identity), declared TCP is spliced as is.
+async fn plaintext_inbound(
+    shared: Arc<Shared>,
+    tcp: TcpStream,
+    peer_addr: SocketAddr,
+    original_dst: Option<SocketAddr>,
+) {
+    let Some(dst) = original_dst else {
+        tracing::warn!(%peer_addr, "plaintext to the inbound port refused: only mutual TLS is accepted here");
+        return;
+    };
+    let port = u32::from(dst.port());
+    let snapshot = shared.snapshot.borrow().clone();
+    if !snapshot.accepts_plaintext(port) {
+        tracing::warn!(%peer_addr, port, "plaintext refused: the workload's mTLS mode is STRICT");
+        return;
+    }
+    if snapshot.inbound.get(&port).is_some_and(|p| p.tcp) {
+        let app = shared.cfg.app_addr(dst.port());
+        let Ok(app_tcp) = mesh_identity::grpc::dial(app, shared.cfg.socket_mark).await else {
+            tracing::warn!(%peer_addr, %app, "plaintext TCP: the app does not answer");
+            return;
+        };
+        shared.drain.track(async move {
+            let (mut a, mut b) = (tcp, app_tcp);
+            let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+        });
+        return;
+    }
+    let conn = Arc::new(inbound::Conn::plaintext(port));
+    let s = shared.clone();
+    let svc = service_fn(move |req| inbound::handle(s.clone(), conn.clone(), req));
+    let conn = auto::Builder::new(TokioExecutor::new())
+        .serve_connection(TokioIo::new(tcp), svc)
+        .into_owned();
+    shared.drain.serve(conn);
 }
 
 /// Admin, readiness and stats: served until the proxy stops.

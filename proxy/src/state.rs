@@ -49,6 +49,8 @@ pub struct InboundPort {
     /// The same on loopback, for pods whose traffic is captured.
     pub app_loopback: Authority,
     pub h2: bool,
+    /// Declared TCP: opaque bytes, never parsed as HTTP.
+    pub tcp: bool,
     pub service: String,
 }
 
@@ -214,6 +216,7 @@ impl Resources {
                         pb::Protocol::try_from(p.protocol),
                         Ok(pb::Protocol::Http2 | pb::Protocol::Grpc)
                     ),
+                    tcp: pb::Protocol::try_from(p.protocol) == Ok(pb::Protocol::Tcp),
                     service: p.services.first().cloned().unwrap_or_default(),
                 };
                 Some((p.port, Arc::new(port)))
@@ -228,6 +231,16 @@ impl Resources {
 }
 
 impl Snapshot {
+    /// Whether the workload takes plaintext (from a client without a
+    /// sidecar) on app port `port`: its mode there is not STRICT.
+    pub fn accepts_plaintext(&self, port: u32) -> bool {
+        let Some(l) = &self.listener else {
+            return false;
+        };
+        let mode = l.port_mtls.get(&port).copied().unwrap_or(l.mtls);
+        mode != pb::MtlsMode::Strict as i32
+    }
+
     /// True once pilot has answered every type the proxy subscribes to.
     pub fn complete(&self) -> bool {
         self.answered >= mesh_proto::type_url::ALL.len()

@@ -208,7 +208,11 @@ impl App {
 }
 
 /// The sample's config directory, embedded so the demo runs from anywhere.
-pub const CONFIG: [(&str, &str); 3] = [
+pub const CONFIG: [(&str, &str); 4] = [
+    (
+        "peer-authentication.yaml",
+        include_str!("../config/peer-authentication.yaml"),
+    ),
     ("services.yaml", include_str!("../config/services.yaml")),
     ("workloads.yaml", include_str!("../config/workloads.yaml")),
     (

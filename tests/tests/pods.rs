@@ -289,3 +289,144 @@ fn grpc_and_a_server_first_protocol_cross_captured_pods() {
     .join()
     .unwrap();
 }
+
+/// Lets productpage take plaintext from clients without a sidecar.
+const PRODUCTPAGE_PERMISSIVE: &str = "apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: productpage, namespace: default}
+spec:
+  selector: {matchLabels: {app: productpage}}
+  mtls: {mode: PERMISSIVE}
+";
+
+#[test]
+fn a_pod_without_a_sidecar_is_refused_under_strict_and_served_under_permissive() {
+    if let Some(why) = pods::skip_reason() {
+        eprintln!("SKIPPED: {why}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config_dir = dir.path().join("config");
+    std::fs::create_dir_all(&config_dir).unwrap();
+    for (name, text) in mesh_samples::CONFIG {
+        std::fs::write(config_dir.join(name), pods::pod_config(text)).unwrap();
+    }
+    let node = Node::new().unwrap();
+    let node_ns = node.namespace();
+    std::thread::spawn(move || {
+        pods::enter(&node_ns).unwrap();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async move {
+            let mut mesh = PodMesh::start(node, dir.path(), &config_dir, Path::new(POD), None)
+                .await
+                .unwrap();
+            mesh.wait_ready(Duration::from_secs(20), |_, _, _| {})
+                .await
+                .unwrap();
+            // A pod with no sidecar and no capture rules.
+            mesh.node
+                .add_pod("legacy", Ipv4Addr::new(10, 244, 0, 50))
+                .unwrap();
+            let productpage = "http://10.244.0.12:9080/productpage";
+            let curl = |mesh: &PodMesh| {
+                let out = mesh
+                    .node
+                    .run(
+                        "legacy",
+                        &[
+                            "curl",
+                            "-sS",
+                            "-m",
+                            "3",
+                            "-w",
+                            "\n%{http_code}",
+                            productpage,
+                        ],
+                    )
+                    .unwrap();
+                String::from_utf8_lossy(&out.stdout).into_owned()
+            };
+            // The sample's mesh-wide PeerAuthentication is STRICT.
+            let refused = curl(&mesh);
+            assert!(
+                refused.ends_with("000"),
+                "plaintext got an answer under STRICT: {refused}"
+            );
+
+            // PERMISSIVE for productpage: the same plaintext request is served.
+            std::fs::write(
+                config_dir.join("productpage-permissive.yaml"),
+                PRODUCTPAGE_PERMISSIVE,
+            )
+            .unwrap();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let answer = loop {
+                let answer = curl(&mesh);
+                if answer.ends_with("200") {
+                    break answer;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "still refused under PERMISSIVE: {answer}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            };
+            // productpage was told of no client identity; its own calls onward
+            // still went over mutual TLS.
+            let body: serde_json::Value =
+                serde_json::from_str(answer.rsplit_once('\n').unwrap().0).unwrap();
+            let hops = body["hops"].as_array().unwrap();
+            let pp = hops.iter().find(|h| h["service"] == "productpage").unwrap();
+            assert!(pp["xfcc"].is_null(), "{pp}");
+            let reviews = hops.iter().find(|h| h["service"] == "reviews").unwrap();
+            assert!(
+                reviews["xfcc"]
+                    .as_str()
+                    .is_some_and(|x| x.contains("sa/bookinfo-productpage")),
+                "{reviews}"
+            );
+            // Other workloads stay STRICT.
+            let out = mesh
+                .node
+                .run(
+                    "legacy",
+                    &[
+                        "curl",
+                        "-sS",
+                        "-m",
+                        "3",
+                        "-o",
+                        "/dev/null",
+                        "-w",
+                        "%{http_code}",
+                        "http://10.244.0.13:9080/details/0",
+                    ],
+                )
+                .unwrap();
+            assert_eq!(String::from_utf8_lossy(&out.stdout), "000");
+            // productpage's sidecar counted the request as plaintext.
+            let stats = reqwest::Client::builder()
+                .no_proxy()
+                .build()
+                .unwrap()
+                .get("http://10.244.0.12:15090/stats/prometheus")
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            assert!(
+                stats
+                    .lines()
+                    .any(|l| l.contains("connection_security_policy=\"none\"")
+                        && l.contains("source_principal=\"unknown\"")
+                        && l.contains("response_code=\"200\"")),
+                "{stats}"
+            );
+            mesh.stop().await;
+        });
+    })
+    .join()
+    .unwrap();
+}
