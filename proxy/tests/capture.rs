@@ -12,7 +12,7 @@ fn skip_reason() -> Option<String> {
     if !nix::unistd::Uid::effective().is_root() {
         return Some("needs root (network namespace and iptables)".into());
     }
-    for tool in ["iptables", "ip", "setpriv", "timeout", "bash"] {
+    for tool in ["iptables", "ip6tables", "ip", "setpriv", "timeout", "bash"] {
         let found = Command::new("sh")
             .args(["-c", &format!("command -v {tool}")])
             .output()
@@ -88,6 +88,54 @@ fn capture_redirects_the_app_but_not_the_proxy_and_cleans_up() {
         let rules = sh("iptables -t nat -S");
         assert!(!rules.contains("MESH_"), "left behind:\n{rules}");
         capture::cleanup(Family::V4).expect("cleaning up twice is harmless");
+    })
+    .join()
+    .unwrap();
+}
+
+#[test]
+fn ipv6_capture_and_a_marked_proxy_socket() {
+    if let Some(why) = skip_reason() {
+        eprintln!("SKIPPED: {why}");
+        return;
+    }
+    std::thread::spawn(|| {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET)");
+        sh("ip link set lo up && ip link add v0 type veth peer name v1 && ip -6 addr add 2001:db8::1/64 dev v0 nodad && ip link set v0 up && ip link set v1 up");
+        // Rootless pods tell the proxy by its socket mark alone.
+        let cfg = CaptureConfig {
+            proxy_mark: Some(1337),
+            mark_only: true,
+            ..Default::default()
+        };
+        capture::apply(&cfg, Family::V6).unwrap();
+        let rules = sh("ip6tables -t nat -S");
+        assert!(rules.contains("-A MESH_REDIRECT -p tcp -j REDIRECT --to-ports 15001"), "{rules}");
+        assert!(!rules.contains("uid-owner"), "{rules}");
+
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let sidecar = tokio::net::TcpListener::bind("[::]:15001").await.unwrap();
+            let dst: std::net::SocketAddr = "[2001:db8::2]:8080".parse().unwrap();
+            let _app = tokio::net::TcpStream::connect(dst).await.unwrap();
+            let (conn, _) = tokio::time::timeout(Duration::from_secs(2), sidecar.accept())
+                .await
+                .expect("the app's IPv6 connection is captured")
+                .unwrap();
+            assert_eq!(Linux.original_dst(&conn), Some(dst));
+            // The proxy's own socket, marked, goes where it was sent (nowhere
+            // here: no one answers on 2001:db8::2).
+            let marked = tokio::time::timeout(
+                Duration::from_millis(500),
+                mesh_identity::grpc::dial(dst, Some(1337)),
+            )
+            .await;
+            assert!(!matches!(marked, Ok(Ok(_))), "the marked connection was captured");
+            let seen = tokio::time::timeout(Duration::from_millis(300), sidecar.accept()).await;
+            assert!(seen.is_err(), "the sidecar saw the proxy's marked connection");
+        });
+        capture::cleanup(Family::V6).unwrap();
+        assert!(!sh("ip6tables -t nat -S").contains("MESH_"));
     })
     .join()
     .unwrap();
