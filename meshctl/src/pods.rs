@@ -23,16 +23,18 @@ pub fn skip_reason() -> Option<String> {
     if !nix::unistd::Uid::effective().is_root() {
         return Some("needs root (network namespaces, veth, iptables)".into());
     }
-    for tool in ["ip", "iptables", "setpriv", "curl"] {
+    missing_tool(&["ip", "iptables", "setpriv", "curl"])
+}
+
+/// `needs <tool>` for the first of `tools` not on the PATH.
+fn missing_tool(tools: &[&str]) -> Option<String> {
+    tools.iter().find_map(|tool| {
         let found = Command::new("sh")
             .args(["-c", &format!("command -v {tool}")])
             .output()
             .is_ok_and(|o| o.status.success());
-        if !found {
-            return Some(format!("needs {tool}"));
-        }
-    }
-    None
+        (!found).then(|| format!("needs {tool}"))
+    })
 }
 
 /// Set for a meshctl re-run as root of its own user, network and mount
@@ -51,14 +53,8 @@ pub fn rootless() -> bool {
 /// normal user needs unprivileged user namespaces, iproute2, iptables and
 /// curl.
 pub fn rootless_skip_reason() -> Option<String> {
-    for tool in ["unshare", "ip", "iptables", "curl"] {
-        let found = Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if !found {
-            return Some(format!("needs {tool}"));
-        }
+    if let Some(missing) = missing_tool(&["unshare", "ip", "iptables", "curl"]) {
+        return Some(missing);
     }
     let userns = Command::new("unshare")
         .args(["--user", "--map-root-user", "--net", "--mount", "true"])

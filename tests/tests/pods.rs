@@ -11,6 +11,43 @@ use meshctl::pods::{self, Node, PodMesh};
 
 const POD: &str = env!("CARGO_BIN_EXE_mesh-pod");
 
+/// Runs `test` against the bookinfo pod mesh (plus `extra` config files)
+/// once every sidecar is ready, on a thread in the node's namespace, where
+/// the control plane lives; stops the mesh afterwards. `test` gets the
+/// config directory too, to change the config while it runs.
+fn with_pod_mesh<F>(extra: &[(&str, &str)], test: F)
+where
+    F: AsyncFnOnce(&mut PodMesh, std::path::PathBuf) + Send + 'static,
+{
+    let dir = tempfile::tempdir().unwrap();
+    let config_dir = dir.path().join("config");
+    std::fs::create_dir_all(&config_dir).unwrap();
+    for (name, text) in mesh_samples::CONFIG {
+        std::fs::write(config_dir.join(name), pods::pod_config(text)).unwrap();
+    }
+    for (name, text) in extra {
+        std::fs::write(config_dir.join(name), text).unwrap();
+    }
+    let node = Node::new().unwrap();
+    let node_ns = node.namespace();
+    std::thread::spawn(move || {
+        pods::enter(&node_ns).unwrap();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async move {
+            let mut mesh = PodMesh::start(node, dir.path(), &config_dir, Path::new(POD), None)
+                .await
+                .unwrap();
+            mesh.wait_ready(Duration::from_secs(20), |_, _, _| {})
+                .await
+                .unwrap();
+            test(&mut mesh, config_dir).await;
+            mesh.stop().await;
+        });
+    })
+    .join()
+    .unwrap();
+}
+
 #[test]
 fn pods_talk_over_mtls_through_captured_sidecars_with_apps_unaware() {
     if let Some(why) = pods::skip_reason() {
@@ -178,116 +215,92 @@ fn grpc_and_a_server_first_protocol_cross_captured_pods() {
         return;
     }
     let apps = concat!(env!("CARGO_MANIFEST_DIR"), "/py/pod_apps.py");
-    let dir = tempfile::tempdir().unwrap();
-    let config_dir = dir.path().join("config");
-    std::fs::create_dir_all(&config_dir).unwrap();
-    for (name, text) in mesh_samples::CONFIG {
-        std::fs::write(config_dir.join(name), pods::pod_config(text)).unwrap();
-    }
-    std::fs::write(config_dir.join("echo.yaml"), ECHO).unwrap();
-    let node = Node::new().unwrap();
-    let node_ns = node.namespace();
-    std::thread::spawn(move || {
-        pods::enter(&node_ns).unwrap();
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        rt.block_on(async move {
-            let mut mesh = PodMesh::start(node, dir.path(), &config_dir, Path::new(POD), None)
-                .await
-                .unwrap();
-            mesh.wait_ready(Duration::from_secs(20), |_, _, _| {})
-                .await
-                .unwrap();
-            let logs = mesh.logs.clone();
-            mesh.node
-                .spawn(
-                    "echo-v1",
-                    &["python3", apps, "grpc-server", "50051"],
-                    &logs.join("grpc.log"),
+    with_pod_mesh(&[("echo.yaml", ECHO)], async move |mesh, _| {
+        let logs = mesh.logs.clone();
+        mesh.node
+            .spawn(
+                "echo-v1",
+                &["python3", apps, "grpc-server", "50051"],
+                &logs.join("grpc.log"),
+            )
+            .unwrap();
+        mesh.node
+            .spawn(
+                "echo-v1",
+                &["python3", apps, "greeter", "7000"],
+                &logs.join("greeter.log"),
+            )
+            .unwrap();
+
+        // gRPC (HTTP/2) from an unmodified grpcio client, to the VIP.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let answers = loop {
+            let out = mesh
+                .node
+                .run(
+                    "client",
+                    &["python3", apps, "grpc-client", "240.240.0.9:50051", "5"],
                 )
                 .unwrap();
-            mesh.node
-                .spawn(
-                    "echo-v1",
-                    &["python3", apps, "greeter", "7000"],
-                    &logs.join("greeter.log"),
-                )
-                .unwrap();
-
-            // gRPC (HTTP/2) from an unmodified grpcio client, to the VIP.
-            let deadline = Instant::now() + Duration::from_secs(20);
-            let answers = loop {
-                let out = mesh
-                    .node
-                    .run(
-                        "client",
-                        &["python3", apps, "grpc-client", "240.240.0.9:50051", "5"],
-                    )
-                    .unwrap();
-                if out.status.success() {
-                    break String::from_utf8_lossy(&out.stdout).into_owned();
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "gRPC through the mesh failed: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-                tokio::time::sleep(Duration::from_millis(300)).await;
-            };
-            let expected: Vec<String> = (0..5).map(|i| format!("echo: hello {i}")).collect();
-            assert_eq!(answers.lines().collect::<Vec<_>>(), expected);
-            // It went over mutual TLS between the two sidecars: the echo
-            // pod's sidecar counted the calls as gRPC from the client.
-            let stats = reqwest::Client::builder()
-                .no_proxy()
-                .build()
-                .unwrap()
-                .get("http://10.244.1.18:15090/stats/prometheus")
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
-            let counted = stats.lines().any(|l| {
-                l.starts_with("istio_requests_total{")
-                    && l.contains("reporter=\"destination\"")
-                    && l.contains("destination_service_name=\"echo\"")
-                    && l.contains(
-                        "source_principal=\"spiffe://cluster.local/ns/default/sa/client\"",
-                    )
-                    && l.contains("connection_security_policy=\"mutual_tls\"")
-                    && l.contains("request_protocol=\"grpc\"")
-            });
-            assert!(
-                counted,
-                "the echo sidecar did not count mTLS gRPC calls:\n{stats}"
-            );
-
-            // A protocol whose server speaks first, on a TCP port of the VIP.
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                let out = mesh
-                    .node
-                    .run(
-                        "client",
-                        &["python3", apps, "greeter-client", "240.240.0.9:7000"],
-                    )
-                    .unwrap();
-                if out.status.success() {
-                    break;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "server-first TCP through the mesh failed: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-                tokio::time::sleep(Duration::from_millis(300)).await;
+            if out.status.success() {
+                break String::from_utf8_lossy(&out.stdout).into_owned();
             }
-            mesh.stop().await;
+            assert!(
+                Instant::now() < deadline,
+                "gRPC through the mesh failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        };
+        let expected: Vec<String> = (0..5).map(|i| format!("echo: hello {i}")).collect();
+        assert_eq!(answers.lines().collect::<Vec<_>>(), expected);
+        // It went over mutual TLS between the two sidecars: the echo
+        // pod's sidecar counted the calls as gRPC from the client.
+        let stats = reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .unwrap()
+            .get("http://10.244.1.18:15090/stats/prometheus")
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let counted = stats.lines().any(|l| {
+            l.starts_with("istio_requests_total{")
+                && l.contains("reporter=\"destination\"")
+                && l.contains("destination_service_name=\"echo\"")
+                && l.contains("source_principal=\"spiffe://cluster.local/ns/default/sa/client\"")
+                && l.contains("connection_security_policy=\"mutual_tls\"")
+                && l.contains("request_protocol=\"grpc\"")
         });
-    })
-    .join()
-    .unwrap();
+        assert!(
+            counted,
+            "the echo sidecar did not count mTLS gRPC calls:\n{stats}"
+        );
+
+        // A protocol whose server speaks first, on a TCP port of the VIP.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let out = mesh
+                .node
+                .run(
+                    "client",
+                    &["python3", apps, "greeter-client", "240.240.0.9:7000"],
+                )
+                .unwrap();
+            if out.status.success() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "server-first TCP through the mesh failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    });
 }
 
 /// Lets productpage take plaintext from clients without a sidecar.
@@ -305,87 +318,13 @@ fn a_pod_without_a_sidecar_is_refused_under_strict_and_served_under_permissive()
         eprintln!("SKIPPED: {why}");
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let config_dir = dir.path().join("config");
-    std::fs::create_dir_all(&config_dir).unwrap();
-    for (name, text) in mesh_samples::CONFIG {
-        std::fs::write(config_dir.join(name), pods::pod_config(text)).unwrap();
-    }
-    let node = Node::new().unwrap();
-    let node_ns = node.namespace();
-    std::thread::spawn(move || {
-        pods::enter(&node_ns).unwrap();
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        rt.block_on(async move {
-            let mut mesh = PodMesh::start(node, dir.path(), &config_dir, Path::new(POD), None)
-                .await
-                .unwrap();
-            mesh.wait_ready(Duration::from_secs(20), |_, _, _| {})
-                .await
-                .unwrap();
-            // A pod with no sidecar and no capture rules.
-            mesh.node
-                .add_pod("legacy", Ipv4Addr::new(10, 244, 0, 50))
-                .unwrap();
-            let productpage = "http://10.244.0.12:9080/productpage";
-            let curl = |mesh: &PodMesh| {
-                let out = mesh
-                    .node
-                    .run(
-                        "legacy",
-                        &[
-                            "curl",
-                            "-sS",
-                            "-m",
-                            "3",
-                            "-w",
-                            "\n%{http_code}",
-                            productpage,
-                        ],
-                    )
-                    .unwrap();
-                String::from_utf8_lossy(&out.stdout).into_owned()
-            };
-            // The sample's mesh-wide PeerAuthentication is STRICT.
-            let refused = curl(&mesh);
-            assert!(
-                refused.ends_with("000"),
-                "plaintext got an answer under STRICT: {refused}"
-            );
-
-            // PERMISSIVE for productpage: the same plaintext request is served.
-            std::fs::write(
-                config_dir.join("productpage-permissive.yaml"),
-                PRODUCTPAGE_PERMISSIVE,
-            )
+    with_pod_mesh(&[], async move |mesh, config_dir| {
+        // A pod with no sidecar and no capture rules.
+        mesh.node
+            .add_pod("legacy", Ipv4Addr::new(10, 244, 0, 50))
             .unwrap();
-            let deadline = Instant::now() + Duration::from_secs(10);
-            let answer = loop {
-                let answer = curl(&mesh);
-                if answer.ends_with("200") {
-                    break answer;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "still refused under PERMISSIVE: {answer}"
-                );
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            };
-            // productpage was told of no client identity; its own calls onward
-            // still went over mutual TLS.
-            let body: serde_json::Value =
-                serde_json::from_str(answer.rsplit_once('\n').unwrap().0).unwrap();
-            let hops = body["hops"].as_array().unwrap();
-            let pp = hops.iter().find(|h| h["service"] == "productpage").unwrap();
-            assert!(pp["xfcc"].is_null(), "{pp}");
-            let reviews = hops.iter().find(|h| h["service"] == "reviews").unwrap();
-            assert!(
-                reviews["xfcc"]
-                    .as_str()
-                    .is_some_and(|x| x.contains("sa/bookinfo-productpage")),
-                "{reviews}"
-            );
-            // Other workloads stay STRICT.
+        let productpage = "http://10.244.0.12:9080/productpage";
+        let curl = |mesh: &PodMesh| {
             let out = mesh
                 .node
                 .run(
@@ -395,38 +334,91 @@ fn a_pod_without_a_sidecar_is_refused_under_strict_and_served_under_permissive()
                         "-sS",
                         "-m",
                         "3",
-                        "-o",
-                        "/dev/null",
                         "-w",
-                        "%{http_code}",
-                        "http://10.244.0.13:9080/details/0",
+                        "\n%{http_code}",
+                        productpage,
                     ],
                 )
                 .unwrap();
-            assert_eq!(String::from_utf8_lossy(&out.stdout), "000");
-            // productpage's sidecar counted the request as plaintext.
-            let stats = reqwest::Client::builder()
-                .no_proxy()
-                .build()
-                .unwrap()
-                .get("http://10.244.0.12:15090/stats/prometheus")
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        // The sample's mesh-wide PeerAuthentication is STRICT.
+        let refused = curl(mesh);
+        assert!(
+            refused.ends_with("000"),
+            "plaintext got an answer under STRICT: {refused}"
+        );
+
+        // PERMISSIVE for productpage: the same plaintext request is served.
+        std::fs::write(
+            config_dir.join("productpage-permissive.yaml"),
+            PRODUCTPAGE_PERMISSIVE,
+        )
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let answer = loop {
+            let answer = curl(mesh);
+            if answer.ends_with("200") {
+                break answer;
+            }
             assert!(
-                stats
-                    .lines()
-                    .any(|l| l.contains("connection_security_policy=\"none\"")
-                        && l.contains("source_principal=\"unknown\"")
-                        && l.contains("response_code=\"200\"")),
-                "{stats}"
+                Instant::now() < deadline,
+                "still refused under PERMISSIVE: {answer}"
             );
-            mesh.stop().await;
-        });
-    })
-    .join()
-    .unwrap();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        // productpage was told of no client identity; its own calls onward
+        // still went over mutual TLS.
+        let body: serde_json::Value =
+            serde_json::from_str(answer.rsplit_once('\n').unwrap().0).unwrap();
+        let hops = body["hops"].as_array().unwrap();
+        let pp = hops.iter().find(|h| h["service"] == "productpage").unwrap();
+        assert!(pp["xfcc"].is_null(), "{pp}");
+        let reviews = hops.iter().find(|h| h["service"] == "reviews").unwrap();
+        assert!(
+            reviews["xfcc"]
+                .as_str()
+                .is_some_and(|x| x.contains("sa/bookinfo-productpage")),
+            "{reviews}"
+        );
+        // Other workloads stay STRICT.
+        let out = mesh
+            .node
+            .run(
+                "legacy",
+                &[
+                    "curl",
+                    "-sS",
+                    "-m",
+                    "3",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code}",
+                    "http://10.244.0.13:9080/details/0",
+                ],
+            )
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "000");
+        // productpage's sidecar counted the request as plaintext.
+        let stats = reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .unwrap()
+            .get("http://10.244.0.12:15090/stats/prometheus")
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(
+            stats
+                .lines()
+                .any(|l| l.contains("connection_security_policy=\"none\"")
+                    && l.contains("source_principal=\"unknown\"")
+                    && l.contains("response_code=\"200\"")),
+            "{stats}"
+        );
+    });
 }
