@@ -109,6 +109,9 @@ pub struct Node {
     /// Nodes made so far (node 0 always).
     nodes: Vec<u8>,
     pods: Vec<String>,
+    /// veth pairs made so far: names are never reused, since a deleted
+    /// pod's veth vanishes asynchronously and may still hold its name.
+    links: usize,
     children: Vec<Child>,
 }
 
@@ -166,6 +169,7 @@ impl Node {
             tag,
             nodes: vec![],
             pods: vec![],
+            links: 0,
             children: vec![],
         };
         node.add_node(0)?;
@@ -228,7 +232,8 @@ impl Node {
         }
         let gateway = node_ip(n);
         let (ns, node) = (self.pod_namespace(pod), self.node_namespace(n));
-        let i = self.pods.len();
+        let i = self.links;
+        self.links += 1;
         let (host, peer) = (format!("mh{}{i}", self.tag), format!("mp{}{i}", self.tag));
         // Registered first, so that a half-made pod is deleted too.
         self.pods.push(ns.clone());
