@@ -306,6 +306,12 @@ fn listener(model: &Model, w: &Workload) -> pb::Listener {
             .into_iter()
             .map(|(p, m)| (p, wire_mode(m) as i32))
             .collect(),
+        policies: model
+            .authz
+            .iter()
+            .filter(|a| a.applies_to(w))
+            .map(|a| a.policy.clone())
+            .collect(),
     }
 }
 

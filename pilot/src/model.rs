@@ -54,6 +54,63 @@ pub struct Model {
     pub subsets: BTreeMap<String, BTreeMap<String, Labels>>,
     /// PeerAuthentications, checked: (namespace, name, selector, mode, port modes).
     pub peer_auth: Vec<PeerAuth>,
+    /// AuthorizationPolicies, checked and in the proxies' form.
+    pub authz: Vec<Authz>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Authz {
+    pub namespace: String,
+    pub selector: Option<Labels>,
+    pub policy: mesh_proto::resources::AuthorizationPolicy,
+}
+
+impl Authz {
+    /// Whether the policy covers `w`: from the root namespace, every
+    /// workload (its selector, if any, still applies); otherwise those in
+    /// its namespace.
+    pub fn applies_to(&self, w: &Workload) -> bool {
+        (self.namespace == ROOT_NAMESPACE || self.namespace == w.namespace)
+            && self
+                .selector
+                .as_ref()
+                .is_none_or(|sel| sel.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
+    }
+}
+
+const CONDITION_KEYS: [&str; 6] = [
+    "source.ip",
+    "remote.ip",
+    "source.namespace",
+    "source.principal",
+    "destination.port",
+    "connection.sni",
+];
+
+fn check_cidrs(list: &[String], at: &str, errors: &mut Vec<String>) {
+    for c in list {
+        let (addr, bits) = c
+            .split_once('/')
+            .map_or((c.as_str(), None), |(a, b)| (a, Some(b)));
+        let ok = match addr.parse::<std::net::IpAddr>() {
+            Err(_) => false,
+            Ok(ip) => {
+                let max = if ip.is_ipv4() { 32 } else { 128 };
+                bits.is_none_or(|b| b.parse::<u8>().is_ok_and(|b| b <= max))
+            }
+        };
+        if !ok {
+            errors.push(format!("{at}: {c:?} is not an IP address or CIDR"));
+        }
+    }
+}
+
+fn check_ports(list: &[String], at: &str, errors: &mut Vec<String>) {
+    for p in list {
+        if p.parse::<u16>().is_err() {
+            errors.push(format!("{at}: {p:?} is not a port number"));
+        }
+    }
 }
 
 /// Istio's root namespace: a PeerAuthentication there without a selector
@@ -117,6 +174,137 @@ impl Model {
             .unwrap_or(MtlsMode::Permissive);
         let ports = workload.map(|p| p.ports.clone()).unwrap_or_default();
         (mode, ports)
+    }
+
+    fn add_authz(
+        &mut self,
+        meta: &Meta,
+        ap: &crate::istio::AuthorizationPolicy,
+        errors: &mut Vec<String>,
+    ) {
+        use mesh_proto::resources as pb;
+        let ctx = at(meta, "AuthorizationPolicy");
+        let action = match ap.action.as_deref().unwrap_or("ALLOW") {
+            "ALLOW" => pb::authorization_policy::Action::Allow,
+            "DENY" => pb::authorization_policy::Action::Deny,
+            "AUDIT" => pb::authorization_policy::Action::Audit,
+            "CUSTOM" => {
+                errors.push(format!(
+                    "{ctx}: spec.action CUSTOM (external authorization) is not supported; use ALLOW or DENY"
+                ));
+                return;
+            }
+            other => {
+                errors.push(format!(
+                    "{ctx}: spec.action {other:?} is not ALLOW, DENY, AUDIT or CUSTOM"
+                ));
+                return;
+            }
+        };
+        if ap.target_ref.is_some() || !ap.target_refs.is_empty() {
+            errors.push(format!(
+                "{ctx}: spec.targetRef(s) is not supported (it names Gateway API objects); use spec.selector"
+            ));
+        }
+        if ap.provider.is_some() {
+            errors.push(format!(
+                "{ctx}: spec.provider is only for action CUSTOM, which is not supported"
+            ));
+        }
+        let selector = match &ap.selector {
+            Some(s) if s.match_labels.is_empty() => {
+                errors.push(format!(
+                    "{ctx}: spec.selector.matchLabels is empty; remove spec.selector to cover the whole namespace"
+                ));
+                return;
+            }
+            Some(s) => Some(s.match_labels.clone()),
+            None => None,
+        };
+        let mut rules = Vec::new();
+        for (i, r) in ap.rules.iter().enumerate() {
+            let mut from = Vec::new();
+            for (j, f) in r.from.iter().enumerate() {
+                let s = &f.source;
+                let at = format!("{ctx}: spec.rules[{i}].from[{j}].source");
+                check_cidrs(&s.ip_blocks, &format!("{at}.ipBlocks"), errors);
+                check_cidrs(&s.not_ip_blocks, &format!("{at}.notIpBlocks"), errors);
+                check_cidrs(&s.remote_ip_blocks, &format!("{at}.remoteIpBlocks"), errors);
+                check_cidrs(
+                    &s.not_remote_ip_blocks,
+                    &format!("{at}.notRemoteIpBlocks"),
+                    errors,
+                );
+                from.push(pb::AuthzSource {
+                    principals: s.principals.clone(),
+                    not_principals: s.not_principals.clone(),
+                    request_principals: s.request_principals.clone(),
+                    not_request_principals: s.not_request_principals.clone(),
+                    namespaces: s.namespaces.clone(),
+                    not_namespaces: s.not_namespaces.clone(),
+                    ip_blocks: s.ip_blocks.clone(),
+                    not_ip_blocks: s.not_ip_blocks.clone(),
+                    remote_ip_blocks: s.remote_ip_blocks.clone(),
+                    not_remote_ip_blocks: s.not_remote_ip_blocks.clone(),
+                });
+            }
+            let mut to = Vec::new();
+            for (j, t) in r.to.iter().enumerate() {
+                let o = &t.operation;
+                let at = format!("{ctx}: spec.rules[{i}].to[{j}].operation");
+                check_ports(&o.ports, &format!("{at}.ports"), errors);
+                check_ports(&o.not_ports, &format!("{at}.notPorts"), errors);
+                to.push(pb::AuthzOperation {
+                    hosts: o.hosts.clone(),
+                    not_hosts: o.not_hosts.clone(),
+                    ports: o.ports.clone(),
+                    not_ports: o.not_ports.clone(),
+                    methods: o.methods.clone(),
+                    not_methods: o.not_methods.clone(),
+                    paths: o.paths.clone(),
+                    not_paths: o.not_paths.clone(),
+                });
+            }
+            let mut when = Vec::new();
+            for (j, c) in r.when.iter().enumerate() {
+                let at = format!("{ctx}: spec.rules[{i}].when[{j}]");
+                let known = CONDITION_KEYS.contains(&c.key.as_str())
+                    || c.key.starts_with("request.auth.")
+                    || (c.key.starts_with("request.headers[") && c.key.ends_with(']'));
+                if !known {
+                    errors.push(format!(
+                        "{at}.key {:?} is not supported; use request.headers[...], source.ip, remote.ip, source.namespace, source.principal, destination.port, connection.sni or request.auth.*",
+                        c.key
+                    ));
+                }
+                if matches!(c.key.as_str(), "source.ip" | "remote.ip") {
+                    check_cidrs(&c.values, &format!("{at}.values"), errors);
+                    check_cidrs(&c.not_values, &format!("{at}.notValues"), errors);
+                }
+                if c.key == "destination.port" {
+                    check_ports(&c.values, &format!("{at}.values"), errors);
+                    check_ports(&c.not_values, &format!("{at}.notValues"), errors);
+                }
+                if c.values.is_empty() && c.not_values.is_empty() {
+                    errors.push(format!("{at}: needs values or notValues"));
+                }
+                when.push(pb::AuthzCondition {
+                    key: c.key.clone(),
+                    values: c.values.clone(),
+                    not_values: c.not_values.clone(),
+                });
+            }
+            rules.push(pb::AuthzRule { from, to, when });
+        }
+        self.authz.push(Authz {
+            namespace: meta.namespace.clone(),
+            selector,
+            policy: pb::AuthorizationPolicy {
+                name: format!("{}/{}", meta.namespace, meta.name),
+                action: action as i32,
+                rules,
+            },
+        });
     }
 
     fn add_peer_auth(
@@ -234,6 +422,7 @@ impl Model {
                 Resource::DestinationRule(dr) => m.add_subsets(meta, dr),
                 Resource::VirtualService(_) => {}
                 Resource::PeerAuthentication(pa) => m.add_peer_auth(meta, pa, &mut errors),
+                Resource::AuthorizationPolicy(ap) => m.add_authz(meta, ap, &mut errors),
             }
         }
         for (meta, res) in &set.resources {

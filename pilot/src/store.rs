@@ -22,6 +22,7 @@ pub enum Resource {
     VirtualService(VirtualService),
     DestinationRule(DestinationRule),
     PeerAuthentication(crate::istio::PeerAuthentication),
+    AuthorizationPolicy(crate::istio::AuthorizationPolicy),
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -128,7 +129,7 @@ pub fn parse_file(path: &Path, text: &str) -> Result<Vec<(Meta, Resource)>, Conf
         let group = api.split('/').next().unwrap_or_default();
         let handled = match group {
             "networking.istio.io" => true,
-            "security.istio.io" => kind == "PeerAuthentication",
+            "security.istio.io" => kind == "PeerAuthentication" || kind == "AuthorizationPolicy",
             _ => false,
         };
         if !handled {
@@ -153,6 +154,7 @@ pub fn parse_file(path: &Path, text: &str) -> Result<Vec<(Meta, Resource)>, Conf
                 "VirtualService" => de(spec).map(Resource::VirtualService),
                 "DestinationRule" => de(spec).map(Resource::DestinationRule),
                 "PeerAuthentication" => de(spec).map(Resource::PeerAuthentication),
+                "AuthorizationPolicy" => de(spec).map(Resource::AuthorizationPolicy),
                 other => Err(format!("kind {other} is not supported yet")),
             }
             .map_err(spec_err)

@@ -523,6 +523,7 @@ impl Condition {
 #[cfg(test)]
 mod tests {
     //! Cases from Istio's AuthorizationPolicy reference and security tasks.
+    #![allow(clippy::cloned_ref_to_slice_refs, clippy::type_complexity)]
     use super::*;
     use pb::authorization_policy::Action;
 

@@ -23,28 +23,56 @@ pub struct Conn {
     pub peer: Option<SpiffeId>,
     /// Plaintext: the app port the client dialled (its original destination).
     plain_port: Option<u32>,
+    /// The peer's SPIFFE ID without `spiffe://`, as policies name principals.
+    principal: Option<String>,
+    pub peer_ip: Option<std::net::IpAddr>,
     xfcc: Option<HeaderValue>,
     /// Keyed by (source metadata, app port, response code, protocol).
     series: SeriesCache<(Option<HeaderValue>, u32, u16, &'static str)>,
 }
 
 impl Conn {
-    pub fn new(own: &SpiffeId, peer: SpiffeId) -> Self {
+    pub fn new(own: &SpiffeId, peer: SpiffeId, peer_ip: std::net::IpAddr) -> Self {
+        let principal = peer.to_string();
         Self {
             xfcc: format!("By={own};URI={peer}").parse().ok(),
+            principal: Some(
+                principal
+                    .strip_prefix("spiffe://")
+                    .unwrap_or(&principal)
+                    .to_string(),
+            ),
             peer: Some(peer),
             plain_port: None,
+            peer_ip: Some(peer_ip),
             series: SeriesCache::default(),
         }
     }
 
     /// A plaintext connection to app port `port`.
-    pub fn plaintext(port: u32) -> Self {
+    pub fn plaintext(port: u32, peer_ip: std::net::IpAddr) -> Self {
         Self {
             peer: None,
             plain_port: Some(port),
+            principal: None,
+            peer_ip: Some(peer_ip),
             xfcc: None,
             series: SeriesCache::default(),
+        }
+    }
+
+    /// What authorization knows of this connection, for a request to `port`.
+    pub fn authz_request<'a>(
+        &'a self,
+        port: u32,
+        http: Option<crate::authz::HttpParts<'a>>,
+    ) -> crate::authz::Request<'a> {
+        crate::authz::Request {
+            principal: self.principal.as_deref(),
+            namespace: self.peer.as_ref().map(|p| p.namespace.as_str()),
+            source_ip: self.peer_ip,
+            port,
+            http,
         }
     }
 }
@@ -61,7 +89,7 @@ pub async fn handle(
                 "CONNECT is for sidecars over mutual TLS",
             ));
         }
-        return Ok(crate::tcp::inbound(&shared, req).await);
+        return Ok(crate::tcp::inbound(&shared, &conn, req).await);
     }
     let protocol = wire::protocol_label(&req);
     let source = req.headers().get(wire::SOURCE).cloned();
@@ -84,7 +112,10 @@ pub async fn handle(
             StatusCode::NOT_FOUND,
             "request names no port this workload serves",
         ),
-        Some(port) => forward(&shared, &conn, port, req).await,
+        Some(port) => match authorize(&snapshot, &conn, port.port, &req) {
+            Some(denied) => denied,
+            None => forward(&shared, &conn, port, req).await,
+        },
     };
     let code = resp.status().as_u16();
     let key = (
@@ -105,6 +136,53 @@ pub async fn handle(
         )
     });
     Ok(resp)
+}
+
+/// Istio's answer to a request its policies deny.
+pub const RBAC_DENIED: &str = "RBAC: access denied";
+
+/// `Some(403)` if the workload's AuthorizationPolicies deny `req`.
+fn authorize(
+    snapshot: &crate::state::Snapshot,
+    conn: &Conn,
+    port: u32,
+    req: &Request<Incoming>,
+) -> Option<Response<Body>> {
+    if snapshot.authz.is_empty() {
+        return None;
+    }
+    let host = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| {
+            req.headers()
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+        })
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    let parts = crate::authz::HttpParts {
+        host: &host,
+        method: req.method().as_str(),
+        path: req.uri().path(),
+        headers: req.headers(),
+    };
+    let decision = snapshot
+        .authz
+        .decide(&conn.authz_request(port, Some(parts)));
+    if decision.allowed() {
+        return None;
+    }
+    tracing::warn!(
+        peer = conn.principal.as_deref().unwrap_or("(plaintext)"),
+        method = %req.method(),
+        path = req.uri().path(),
+        port,
+        "request {}",
+        decision.reason()
+    );
+    Some(local_reply(StatusCode::FORBIDDEN, RBAC_DENIED))
 }
 
 fn labels(

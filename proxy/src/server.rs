@@ -89,7 +89,7 @@ pub async fn serve_inbound(listener: TcpListener, shared: Arc<Shared>) {
             };
             let conn = match mesh_identity::peer_identity(stream.get_ref().1.peer_certificates()) {
                 mesh_identity::PeerIdentity::Mesh(id) => {
-                    Arc::new(inbound::Conn::new(&shared.cfg.identity, id))
+                    Arc::new(inbound::Conn::new(&shared.cfg.identity, id, peer_addr.ip()))
                 }
                 mesh_identity::PeerIdentity::Unauthenticated => {
                     tracing::warn!(%peer_addr, "inbound peer has no SPIFFE identity");
@@ -130,7 +130,13 @@ async fn plaintext_inbound(
         tracing::warn!(%peer_addr, port, "plaintext refused: the workload's mTLS mode is STRICT");
         return;
     }
+    let conn = inbound::Conn::plaintext(port, peer_addr.ip());
     if snapshot.inbound.get(&port).is_some_and(|p| p.tcp) {
+        let decision = snapshot.authz.decide(&conn.authz_request(port, None));
+        if !decision.allowed() {
+            tracing::warn!(%peer_addr, port, "plaintext TCP connection {}", decision.reason());
+            return;
+        }
         let app = shared.cfg.app_addr(dst.port());
         let Ok(app_tcp) = mesh_identity::grpc::dial(app, shared.cfg.socket_mark).await else {
             tracing::warn!(%peer_addr, %app, "plaintext TCP: the app does not answer");
@@ -142,7 +148,7 @@ async fn plaintext_inbound(
         });
         return;
     }
-    let conn = Arc::new(inbound::Conn::plaintext(port));
+    let conn = Arc::new(conn);
     let s = shared.clone();
     let svc = service_fn(move |req| inbound::handle(s.clone(), conn.clone(), req));
     let conn = auto::Builder::new(TokioExecutor::new())

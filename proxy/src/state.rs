@@ -30,6 +30,8 @@ pub struct Snapshot {
     domains: HashMap<String, Vec<Arc<pb::RouteConfig>>>,
     /// Which types pilot has answered at least once.
     pub answered: usize,
+    /// The workload's AuthorizationPolicies, compiled.
+    pub authz: Arc<crate::authz::Policies>,
 }
 
 /// What this pod tells its peers about itself, and how it labels metrics.
@@ -183,6 +185,17 @@ impl Resources {
             tcp,
             domains,
             answered: self.answered.len(),
+            // Checked when the listener arrived (a bad one is NACKed), so
+            // this cannot fail; were it to, nothing is allowed.
+            authz: Arc::new(
+                self.listener
+                    .as_ref()
+                    .map(|l| {
+                        crate::authz::Policies::compile(&l.policies)
+                            .unwrap_or_else(|_| crate::authz::Policies::deny_all())
+                    })
+                    .unwrap_or_default(),
+            ),
         }
     }
 

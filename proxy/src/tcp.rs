@@ -62,7 +62,11 @@ pub async fn outbound(shared: Arc<Shared>, mut client: TcpStream, cluster: Arc<C
 
 /// Answers a CONNECT from a peer sidecar: connects to the app port it
 /// names and splices the stream to it.
-pub async fn inbound(shared: &Shared, mut req: Request<Incoming>) -> Response<Body> {
+pub async fn inbound(
+    shared: &Shared,
+    conn: &crate::inbound::Conn,
+    mut req: Request<Incoming>,
+) -> Response<Body> {
     let port = req.uri().authority().and_then(|a| a.port_u16());
     let served = port.filter(|p| {
         shared
@@ -77,6 +81,16 @@ pub async fn inbound(shared: &Shared, mut req: Request<Incoming>) -> Response<Bo
             "CONNECT names no port this workload serves",
         );
     };
+    // TCP: the policies decide on the connection alone.
+    let decision = shared
+        .snapshot
+        .borrow()
+        .authz
+        .decide(&conn.authz_request(u32::from(port), None));
+    if !decision.allowed() {
+        tracing::warn!(port, "TCP connection {}", decision.reason());
+        return local_reply(StatusCode::FORBIDDEN, crate::inbound::RBAC_DENIED);
+    }
     let app = shared.cfg.app_addr(port);
     let mut app_tcp = match mesh_identity::grpc::dial(app, shared.cfg.socket_mark).await {
         Ok(s) => s,

@@ -190,6 +190,7 @@ fn decode_into(next: &mut Resources, t: &str, name: &str, bytes: &[u8]) -> Resul
             if let Some(p) = l.ports.iter().find(|p| p.port == 0 || p.port > 65535) {
                 return Err(format!("inbound port {} is not a valid port", p.port));
             }
+            crate::authz::Policies::compile(&l.policies)?;
             next.listener = Some(l);
         }
         type_url::ROUTE => {
