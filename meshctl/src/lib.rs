@@ -3,6 +3,7 @@
 //! end-to-end tests share.
 #![forbid(unsafe_code)]
 
+pub mod authz;
 pub mod ca;
 pub mod controlplane;
 pub mod demo;

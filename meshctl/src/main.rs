@@ -72,6 +72,12 @@ enum Command {
         #[arg(long, global = true, env = "MESH_STATE_DIR")]
         state_dir: Option<PathBuf>,
     },
+    /// AuthorizationPolicy: which apply to a workload, and whether a request
+    /// is allowed (exit 0 yes, 1 no, 2 could not decide).
+    Authz {
+        #[command(subcommand)]
+        command: AuthzCommand,
+    },
     /// Load a pod's capture rules (used by `demo --transparent` in each pod).
     #[command(hide = true)]
     Capture(mesh_proxy::capture::CaptureConfig),
@@ -104,6 +110,54 @@ enum CaCommand {
         #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
         timeout: std::time::Duration,
     },
+}
+
+#[derive(Subcommand)]
+enum AuthzCommand {
+    /// Lists the policies that apply to WORKLOAD; with a request described
+    /// (--from, --method, --path, --header, --port, --tcp, --source-ip),
+    /// prints `yes` or `no` and the deciding policy and rule.
+    Check {
+        /// Workload name (reviews-v1) or name.namespace.
+        workload: String,
+        /// Config directories or files (default: the running demo's config
+        /// in --state-dir / MESH_STATE_DIR).
+        #[arg(long, num_args = 1..)]
+        config: Vec<PathBuf>,
+        #[arg(long, env = "MESH_STATE_DIR")]
+        state_dir: Option<PathBuf>,
+        /// The caller's principal (cluster.local/ns/NS/sa/SA); without it,
+        /// a plaintext caller with no sidecar.
+        #[arg(long)]
+        from: Option<String>,
+        #[arg(long)]
+        source_ip: Option<std::net::IpAddr>,
+        #[arg(long, default_value = "GET")]
+        method: String,
+        #[arg(long, default_value = "/")]
+        path: String,
+        #[arg(long)]
+        host: Option<String>,
+        /// A request header, `name=value`; repeatable.
+        #[arg(long, value_parser = parse_header)]
+        header: Vec<(String, String)>,
+        /// The app port (default: the workload's first service port).
+        #[arg(long)]
+        port: Option<u32>,
+        /// A TCP connection instead of an HTTP request.
+        #[arg(long)]
+        tcp: bool,
+        /// JWT claims of the request (RequestAuthentication is not
+        /// implemented yet: refused with exit 2).
+        #[arg(long)]
+        jwt_claims: Option<String>,
+    },
+}
+
+fn parse_header(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .ok_or_else(|| format!("{s:?} is not name=value"))
 }
 
 /// The demo's citadel.
@@ -148,6 +202,16 @@ fn main() {
             init_logs("info");
             mesh_proxy::cli::run_process(args).map_err(|e| anyhow::anyhow!("{e}"))
         }
+        Command::Authz { command } => {
+            // Exit 0 allow, 1 deny, 2 could not decide.
+            match authz(command) {
+                Ok(code) => std::process::exit(code),
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    std::process::exit(2);
+                }
+            }
+        }
         command => tokio::runtime::Runtime::new()
             .map_err(anyhow::Error::from)
             .and_then(|rt| rt.block_on(run(command))),
@@ -157,6 +221,58 @@ fn main() {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
+}
+
+fn authz(command: AuthzCommand) -> anyhow::Result<i32> {
+    let AuthzCommand::Check {
+        workload,
+        config,
+        state_dir,
+        from,
+        source_ip,
+        method,
+        path,
+        host,
+        header,
+        port,
+        tcp,
+        jwt_claims,
+    } = command;
+    if jwt_claims.is_some() {
+        anyhow::bail!("--jwt-claims: JWT RequestAuthentication is not implemented yet");
+    }
+    let config = match (config.is_empty(), state_dir) {
+        (false, _) => config,
+        (true, Some(dir)) => vec![dir.join("config")],
+        (true, None) => anyhow::bail!(
+            "give --config DIR|FILE..., or --state-dir (MESH_STATE_DIR) of a running demo"
+        ),
+    };
+    let model = meshctl::authz::load(&config)?;
+    let described = from.is_some()
+        || source_ip.is_some()
+        || tcp
+        || port.is_some()
+        || !header.is_empty()
+        || method != "GET"
+        || path != "/"
+        || host.is_some();
+    let req = meshctl::authz::Check {
+        from,
+        source_ip,
+        method,
+        path,
+        host,
+        headers: header,
+        port,
+        tcp,
+    };
+    let outcome = meshctl::authz::check(&model, &workload, described.then_some(&req))?;
+    print!("{}", meshctl::authz::render(&outcome));
+    Ok(match &outcome.decision {
+        Some(d) if !d.allowed() => 1,
+        _ => 0,
+    })
 }
 
 async fn run(command: Command) -> anyhow::Result<()> {
@@ -241,6 +357,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 }
             }
         }
+        Command::Authz { .. } => unreachable!("handled before the runtime starts"),
         Command::Capture(cfg) => mesh_proxy::capture::apply(&cfg, mesh_proxy::capture::Family::V4)?,
         Command::Proxy(_) => unreachable!("handled before the runtime starts"),
         Command::App(app) => {
