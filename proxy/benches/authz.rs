@@ -8,7 +8,9 @@
 //! one denied because no ALLOW matches (everything is tried), one denied
 //! by the first DENY.
 
-use criterion::{Criterion, black_box, criterion_group, criterion_main};
+use std::hint::black_box;
+
+use criterion::{Criterion, criterion_group, criterion_main};
 use mesh_proto::resources as pb;
 use mesh_proxy::authz::{HttpParts, Policies, Request};
 
