@@ -142,10 +142,14 @@ async fn plaintext_inbound(
             tracing::warn!(%peer_addr, %app, "plaintext TCP: the app does not answer");
             return;
         };
-        shared.drain.track(async move {
-            let (mut a, mut b) = (tcp, app_tcp);
-            let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
-        });
+        let snapshots = shared.snapshot.clone();
+        shared.drain.track(crate::tcp::splice_while_allowed(
+            tcp,
+            app_tcp,
+            snapshots,
+            Arc::new(conn),
+            port,
+        ));
         return;
     }
     let conn = Arc::new(conn);

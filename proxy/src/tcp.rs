@@ -64,7 +64,7 @@ pub async fn outbound(shared: Arc<Shared>, mut client: TcpStream, cluster: Arc<C
 /// names and splices the stream to it.
 pub async fn inbound(
     shared: &Shared,
-    conn: &crate::inbound::Conn,
+    conn: &Arc<crate::inbound::Conn>,
     mut req: Request<Incoming>,
 ) -> Response<Body> {
     let port = req.uri().authority().and_then(|a| a.port_u16());
@@ -92,7 +92,7 @@ pub async fn inbound(
         return local_reply(StatusCode::FORBIDDEN, crate::inbound::RBAC_DENIED);
     }
     let app = shared.cfg.app_addr(port);
-    let mut app_tcp = match mesh_identity::grpc::dial(app, shared.cfg.socket_mark).await {
+    let app_tcp = match mesh_identity::grpc::dial(app, shared.cfg.socket_mark).await {
         Ok(s) => s,
         Err(e) => {
             return local_reply(
@@ -103,14 +103,58 @@ pub async fn inbound(
     };
     let _ = app_tcp.set_nodelay(true);
     let upgrade = hyper::upgrade::on(&mut req);
+    let snapshots = shared.snapshot.clone();
+    let conn = conn.clone();
     tokio::spawn(async move {
         match upgrade.await {
             Ok(upgraded) => {
-                let _ =
-                    tokio::io::copy_bidirectional(&mut TokioIo::new(upgraded), &mut app_tcp).await;
+                splice_while_allowed(
+                    TokioIo::new(upgraded),
+                    app_tcp,
+                    snapshots,
+                    conn,
+                    u32::from(port),
+                )
+                .await;
             }
             Err(e) => tracing::warn!(%app, error = %e, "TCP tunnel upgrade failed"),
         }
     });
     Response::new(Empty::new().map_err(|never| match never {}).boxed())
+}
+
+/// Splices `a` and `b` until either side closes, or until a new config's
+/// AuthorizationPolicies no longer allow the connection (checked on every
+/// config change): a policy change reaches connections already open.
+pub async fn splice_while_allowed<A, B>(
+    mut a: A,
+    mut b: B,
+    mut snapshots: tokio::sync::watch::Receiver<Arc<crate::state::Snapshot>>,
+    conn: Arc<crate::inbound::Conn>,
+    port: u32,
+) where
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    snapshots.borrow_and_update();
+    let copy = tokio::io::copy_bidirectional(&mut a, &mut b);
+    tokio::pin!(copy);
+    loop {
+        tokio::select! {
+            _ = &mut copy => return,
+            changed = snapshots.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let decision = snapshots
+                    .borrow_and_update()
+                    .authz
+                    .decide(&conn.authz_request(port, None));
+                if !decision.allowed() {
+                    tracing::warn!(port, "closing an open TCP connection: {}", decision.reason());
+                    return;
+                }
+            }
+        }
+    }
 }

@@ -255,3 +255,68 @@ async fn raw_tcp_to_a_server_that_speaks_first_crosses_the_mesh() {
     drop(tcp);
     mesh.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_policy_change_closes_an_open_tcp_connection_it_no_longer_allows() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mesh = Mesh::start().await;
+    let ratings = mesh.workload("ratings-v1").address;
+    greeting_echo_server(SocketAddr::new(ratings, 7000)).await;
+    mesh.write_config("echo.yaml", ECHO_SERVICE);
+    let block = match ratings {
+        IpAddr::V4(v4) => v4.octets(),
+        _ => unreachable!(),
+    };
+    let pod = IpAddr::from([block[0], block[1], block[2], 101]);
+    let dst = Arc::new(Mutex::new(Some("240.240.1.1:7000".parse().unwrap())));
+    captured_sidecar(&mesh, pod, OutboundPolicy::RegistryOnly, dst).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut tcp = loop {
+        let mut tcp = tokio::net::TcpStream::connect(SocketAddr::new(pod, 15001))
+            .await
+            .unwrap();
+        let mut greeting = [0u8; 20];
+        let read =
+            tokio::time::timeout(Duration::from_secs(1), tcp.read_exact(&mut greeting)).await;
+        if matches!(read, Ok(Ok(_))) {
+            break tcp;
+        }
+        assert!(Instant::now() < deadline, "no greeting through the mesh");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    tcp.write_all(b"before policy\n").await.unwrap();
+    let mut echoed = [0u8; 14];
+    tcp.read_exact(&mut echoed).await.unwrap();
+    // Now only reviews may reach ratings: the client's open connection goes.
+    mesh.write_config(
+        "authz.yaml",
+        "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: ratings-only-reviews, namespace: default}
+spec:
+  selector: {matchLabels: {app: ratings}}
+  rules:
+  - from:
+    - source: {principals: [cluster.local/ns/default/sa/bookinfo-reviews]}
+",
+    );
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut rest)).await;
+    assert!(
+        matches!(closed, Ok(_)),
+        "the connection stayed open after the policy denied it"
+    );
+    // And a new one is refused.
+    let mut again = tokio::net::TcpStream::connect(SocketAddr::new(pod, 15001))
+        .await
+        .unwrap();
+    let mut greeting = [0u8; 20];
+    let read = tokio::time::timeout(Duration::from_secs(2), again.read_exact(&mut greeting)).await;
+    assert!(
+        !matches!(read, Ok(Ok(_))),
+        "a denied TCP connection was greeted"
+    );
+    drop(again);
+    drop(tcp);
+    mesh.stop().await;
+}
