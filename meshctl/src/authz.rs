@@ -24,6 +24,8 @@ pub struct Check {
     pub port: Option<u32>,
     /// A TCP connection rather than an HTTP request.
     pub tcp: bool,
+    /// The claims of a JWT the request carries, taken as verified.
+    pub jwt_claims: Option<serde_json::Value>,
 }
 
 pub struct Outcome {
@@ -120,12 +122,33 @@ pub fn check(model: &Model, workload: &str, req: Option<&Check>) -> anyhow::Resu
         path: &req.path,
         headers: &headers,
     });
+    let auth = req.jwt_claims.as_ref().map(|claims| {
+        let s = |k: &str| claims.get(k).and_then(|v| v.as_str()).map(str::to_string);
+        mesh_proxy::jwt::Verified {
+            principal: format!(
+                "{}/{}",
+                s("iss").unwrap_or_default(),
+                s("sub").unwrap_or_default()
+            ),
+            audiences: match claims.get("aud") {
+                Some(serde_json::Value::String(a)) => vec![a.clone()],
+                Some(serde_json::Value::Array(a)) => a
+                    .iter()
+                    .filter_map(|v| v.as_str().map(str::to_string))
+                    .collect(),
+                _ => vec![],
+            },
+            presenter: s("azp"),
+            claims: claims.clone(),
+        }
+    });
     let decision = compiled.decide(&mesh_proxy::authz::Request {
         principal: principal.as_deref(),
         namespace: namespace.as_deref(),
         source_ip: req.source_ip,
         port,
         http,
+        auth: auth.as_ref(),
     });
     Ok(Outcome {
         policies,

@@ -147,8 +147,8 @@ enum AuthzCommand {
         /// A TCP connection instead of an HTTP request.
         #[arg(long)]
         tcp: bool,
-        /// JWT claims of the request (RequestAuthentication is not
-        /// implemented yet: refused with exit 2).
+        /// The claims of a JWT the request carries (JSON), taken as
+        /// verified: `request.auth.*` and requestPrincipals (`iss/sub`).
         #[arg(long)]
         jwt_claims: Option<String>,
     },
@@ -238,9 +238,14 @@ fn authz(command: AuthzCommand) -> anyhow::Result<i32> {
         tcp,
         jwt_claims,
     } = command;
-    if jwt_claims.is_some() {
-        anyhow::bail!("--jwt-claims: JWT RequestAuthentication is not implemented yet");
-    }
+    let jwt_claims = jwt_claims
+        .map(|j| {
+            serde_json::from_str::<serde_json::Value>(&j)
+                .ok()
+                .filter(|v| v.is_object())
+                .ok_or_else(|| anyhow::anyhow!("--jwt-claims {j:?} is not a JSON object"))
+        })
+        .transpose()?;
     let config = match (config.is_empty(), state_dir) {
         (false, _) => config,
         (true, Some(dir)) => vec![dir.join("config")],
@@ -254,6 +259,7 @@ fn authz(command: AuthzCommand) -> anyhow::Result<i32> {
         || tcp
         || port.is_some()
         || !header.is_empty()
+        || jwt_claims.is_some()
         || method != "GET"
         || path != "/"
         || host.is_some();
@@ -266,6 +272,7 @@ fn authz(command: AuthzCommand) -> anyhow::Result<i32> {
         headers: header,
         port,
         tcp,
+        jwt_claims,
     };
     let outcome = meshctl::authz::check(&model, &workload, described.then_some(&req))?;
     print!("{}", meshctl::authz::render(&outcome));

@@ -312,6 +312,12 @@ fn listener(model: &Model, w: &Workload) -> pb::Listener {
             .filter(|a| a.applies_to(w))
             .map(|a| a.policy.clone())
             .collect(),
+        jwt_rules: model
+            .jwt
+            .iter()
+            .filter(|j| j.applies_to(w))
+            .flat_map(|j| j.rules.iter().cloned())
+            .collect(),
     }
 }
 

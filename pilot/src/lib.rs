@@ -5,6 +5,7 @@
 mod debug;
 pub mod generate;
 pub mod istio;
+pub mod jwks;
 pub mod model;
 pub mod status;
 pub mod store;

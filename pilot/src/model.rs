@@ -56,6 +56,26 @@ pub struct Model {
     pub peer_auth: Vec<PeerAuth>,
     /// AuthorizationPolicies, checked and in the proxies' form.
     pub authz: Vec<Authz>,
+    /// RequestAuthentications: their JWT rules in the proxies' form.
+    pub jwt: Vec<Jwt>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Jwt {
+    pub namespace: String,
+    pub selector: Option<Labels>,
+    pub rules: Vec<mesh_proto::resources::JwtRule>,
+}
+
+impl Jwt {
+    /// As for AuthorizationPolicy: root namespace, own namespace, selector.
+    pub fn applies_to(&self, w: &Workload) -> bool {
+        (self.namespace == ROOT_NAMESPACE || self.namespace == w.namespace)
+            && self
+                .selector
+                .as_ref()
+                .is_none_or(|sel| sel.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -307,6 +327,97 @@ impl Model {
         });
     }
 
+    fn add_request_authn(
+        &mut self,
+        meta: &Meta,
+        ra: &crate::istio::RequestAuthentication,
+        errors: &mut Vec<String>,
+    ) {
+        use mesh_proto::resources as pb;
+        let ctx = at(meta, "RequestAuthentication");
+        if ra.target_ref.is_some() || !ra.target_refs.is_empty() {
+            errors.push(format!(
+                "{ctx}: spec.targetRef(s) is not supported; use spec.selector"
+            ));
+        }
+        let selector = match &ra.selector {
+            Some(s) if s.match_labels.is_empty() => {
+                errors.push(format!(
+                    "{ctx}: spec.selector.matchLabels is empty; remove spec.selector to cover the whole namespace"
+                ));
+                return;
+            }
+            Some(s) => Some(s.match_labels.clone()),
+            None => None,
+        };
+        let mut rules = Vec::new();
+        for (i, r) in ra.jwt_rules.iter().enumerate() {
+            let at = format!("{ctx}: spec.jwtRules[{i}]");
+            if r.issuer.is_empty() {
+                errors.push(format!("{at}.issuer is required"));
+            }
+            if !r.from_cookies.is_empty() {
+                errors.push(format!(
+                    "{at}.fromCookies is not supported; use fromHeaders or fromParams"
+                ));
+            }
+            let jwks = match (&r.jwks, &r.jwks_uri) {
+                (Some(j), _) => {
+                    let ok = serde_json::from_str::<serde_json::Value>(j)
+                        .ok()
+                        .is_some_and(|v| v.get("keys").is_some_and(|k| k.is_array()));
+                    if !ok {
+                        errors.push(format!(
+                            "{at}.jwks is not a JWKS document (JSON with a \"keys\" array)"
+                        ));
+                    }
+                    j.clone()
+                }
+                (None, Some(uri)) => {
+                    if !(uri.starts_with("https://") || uri.starts_with("http://")) {
+                        errors.push(format!("{at}.jwksUri {uri:?} is not an http(s) URL"));
+                    }
+                    crate::jwks::cached(uri).unwrap_or_default()
+                }
+                (None, None) => {
+                    errors.push(format!("{at}: give jwks or jwksUri"));
+                    String::new()
+                }
+            };
+            rules.push(pb::JwtRule {
+                source: format!("{}/{}", meta.namespace, meta.name),
+                issuer: r.issuer.clone(),
+                audiences: r.audiences.clone(),
+                jwks,
+                jwks_uri: r.jwks_uri.clone().unwrap_or_default(),
+                from_headers: r
+                    .from_headers
+                    .iter()
+                    .map(|h| pb::JwtHeader {
+                        name: h.name.clone(),
+                        prefix: h.prefix.clone().unwrap_or_default(),
+                    })
+                    .collect(),
+                from_params: r.from_params.clone(),
+                forward_original_token: r.forward_original_token,
+                output_payload_to_header: r.output_payload_to_header.clone().unwrap_or_default(),
+                output_claim_to_headers: r
+                    .output_claim_to_headers
+                    .iter()
+                    .map(|c| pb::ClaimToHeader {
+                        header: c.header.clone(),
+                        claim: c.claim.clone(),
+                    })
+                    .collect(),
+            });
+        }
+        self.jwt.push(Jwt {
+            namespace: meta.namespace.clone(),
+            selector,
+            rules,
+        });
+    }
+
     fn add_peer_auth(
         &mut self,
         meta: &Meta,
@@ -423,6 +534,7 @@ impl Model {
                 Resource::VirtualService(_) => {}
                 Resource::PeerAuthentication(pa) => m.add_peer_auth(meta, pa, &mut errors),
                 Resource::AuthorizationPolicy(ap) => m.add_authz(meta, ap, &mut errors),
+                Resource::RequestAuthentication(ra) => m.add_request_authn(meta, ra, &mut errors),
             }
         }
         for (meta, res) in &set.resources {
@@ -646,6 +758,53 @@ spec:
         );
         // Another namespace gets the mesh-wide mode.
         assert_eq!(mode(&m, "c.other").0, MtlsMode::Strict);
+    }
+
+    #[test]
+    fn bad_request_authentications_are_reported_with_the_field() {
+        let errors = model(&format!(
+            "{WORKLOADS}---
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {{name: jwt, namespace: shop}}
+spec:
+  jwtRules:
+  - jwks: 'not json'
+  - issuer: https://a.test
+    jwksUri: ftp://a.test/keys
+    fromCookies: [session]
+  - issuer: https://b.test
+"
+        ))
+        .unwrap_err();
+        let all = errors.join("\n");
+        for want in [
+            "spec.jwtRules[0].issuer is required",
+            "spec.jwtRules[0].jwks is not a JWKS document",
+            "spec.jwtRules[1].jwksUri \"ftp://a.test/keys\" is not an http(s) URL",
+            "spec.jwtRules[1].fromCookies is not supported",
+            "spec.jwtRules[2]: give jwks or jwksUri",
+        ] {
+            assert!(all.contains(want), "missing {want:?} in:\n{all}");
+        }
+        // A misspelt field is refused when the file is read, naming it.
+        let typo = crate::store::parse_file(
+            std::path::Path::new("ra.yaml"),
+            "apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {name: typo, namespace: shop}
+spec:
+  jwtRule: []
+",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            typo.contains("ra.yaml")
+                && typo.contains("shop/typo")
+                && typo.contains("unknown field `jwtRule`"),
+            "{typo}"
+        );
     }
 
     #[test]

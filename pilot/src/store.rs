@@ -23,6 +23,7 @@ pub enum Resource {
     DestinationRule(DestinationRule),
     PeerAuthentication(crate::istio::PeerAuthentication),
     AuthorizationPolicy(crate::istio::AuthorizationPolicy),
+    RequestAuthentication(crate::istio::RequestAuthentication),
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -129,7 +130,10 @@ pub fn parse_file(path: &Path, text: &str) -> Result<Vec<(Meta, Resource)>, Conf
         let group = api.split('/').next().unwrap_or_default();
         let handled = match group {
             "networking.istio.io" => true,
-            "security.istio.io" => kind == "PeerAuthentication" || kind == "AuthorizationPolicy",
+            "security.istio.io" => matches!(
+                kind.as_str(),
+                "PeerAuthentication" | "AuthorizationPolicy" | "RequestAuthentication"
+            ),
             _ => false,
         };
         if !handled {
@@ -155,6 +159,7 @@ pub fn parse_file(path: &Path, text: &str) -> Result<Vec<(Meta, Resource)>, Conf
                 "DestinationRule" => de(spec).map(Resource::DestinationRule),
                 "PeerAuthentication" => de(spec).map(Resource::PeerAuthentication),
                 "AuthorizationPolicy" => de(spec).map(Resource::AuthorizationPolicy),
+                "RequestAuthentication" => de(spec).map(Resource::RequestAuthentication),
                 other => Err(format!("kind {other} is not supported yet")),
             }
             .map_err(spec_err)

@@ -76,6 +76,7 @@ fn bench(c: &mut Criterion) {
             path,
             headers: &headers,
         }),
+        auth: None,
     };
     let last = req("cluster.local/ns/team-89/sa/app-2", "/api/v89/items");
     assert!(compiled.decide(&last).allowed());

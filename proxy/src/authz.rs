@@ -35,6 +35,8 @@ pub struct Request<'a> {
     pub port: u32,
     /// `None` for TCP: HTTP-only fields cannot be checked.
     pub http: Option<HttpParts<'a>>,
+    /// A JWT that RequestAuthentication verified, if the request had one.
+    pub auth: Option<&'a crate::jwt::Verified>,
 }
 
 #[derive(Debug)]
@@ -256,13 +258,25 @@ enum Key {
     SourcePrincipal,
     DestinationPort,
     Sni,
-    /// request.auth.*: needs a JWT, which nothing has validated here yet.
-    Auth,
+    /// request.auth.principal / audiences / presenter.
+    AuthPrincipal,
+    AuthAudiences,
+    AuthPresenter,
+    /// request.auth.claims[a][b]...: a (nested) claim.
+    AuthClaim(Vec<String>),
 }
 
 impl Key {
     fn http_only(&self) -> bool {
-        matches!(self, Key::Header(_) | Key::Auth)
+        !matches!(
+            self,
+            Key::SourceIp
+                | Key::RemoteIp
+                | Key::SourceNamespace
+                | Key::SourcePrincipal
+                | Key::DestinationPort
+                | Key::Sni
+        )
     }
 }
 
@@ -455,7 +469,17 @@ fn parse_key(key: &str) -> Result<Key, String> {
         "source.principal" => Key::SourcePrincipal,
         "destination.port" => Key::DestinationPort,
         "connection.sni" => Key::Sni,
-        k if k.starts_with("request.auth.") => Key::Auth,
+        "request.auth.principal" => Key::AuthPrincipal,
+        "request.auth.audiences" => Key::AuthAudiences,
+        "request.auth.presenter" => Key::AuthPresenter,
+        k if k.starts_with("request.auth.claims[") && k.ends_with(']') => {
+            let inner = &k["request.auth.claims[".len()..k.len() - 1];
+            let path: Vec<String> = inner.split("][").map(str::to_string).collect();
+            if path.iter().any(String::is_empty) {
+                return Err(format!("{k:?} names an empty claim"));
+            }
+            Key::AuthClaim(path)
+        }
         other => return Err(format!("{other:?} is not a supported condition key")),
     })
 }
@@ -478,9 +502,12 @@ impl Source {
             && self.namespaces.matches(req.namespace)
             && self.ip_blocks.matches(req.source_ip)
             && self.remote_ip_blocks.matches(req.source_ip)
-            // No JWT is validated yet: no request principal. For TCP the
-            // field is ignored (DENY) or the rule never gets here (ALLOW).
-            && (req.http.is_none() || self.request_principals.matches(None))
+            // For TCP the field is ignored (DENY) or the rule never gets
+            // here (ALLOW).
+            && (req.http.is_none()
+                || self
+                    .request_principals
+                    .matches(req.auth.map(|a| a.principal.as_str())))
     }
 }
 
@@ -498,6 +525,19 @@ impl Operation {
 }
 
 impl Condition {
+    /// A list-valued attribute (audiences, a list claim): matches if any
+    /// element does, and none is in `not_values`.
+    fn any_of(&self, values: Vec<&str>) -> bool {
+        let is = self.values.is.is_empty()
+            || values
+                .iter()
+                .any(|v| self.values.is.iter().any(|p| p.matches(v)));
+        let not = values
+            .iter()
+            .any(|v| self.values.not.iter().any(|p| p.matches(v)));
+        is && !not
+    }
+
     fn matches(&self, req: &Request<'_>) -> bool {
         match &self.key {
             Key::SourceIp | Key::RemoteIp => {
@@ -515,7 +555,31 @@ impl Condition {
                     self.values.matches(v)
                 }
             },
-            Key::Auth => req.http.is_none() || self.values.matches(None),
+            // TCP: ignored in a DENY rule (an ALLOW one never gets here).
+            _ if req.http.is_none() => true,
+            Key::AuthPrincipal => self.values.matches(req.auth.map(|a| a.principal.as_str())),
+            Key::AuthPresenter => self
+                .values
+                .matches(req.auth.and_then(|a| a.presenter.as_deref())),
+            Key::AuthAudiences => self.any_of(
+                req.auth
+                    .map(|a| a.audiences.iter().map(String::as_str).collect())
+                    .unwrap_or_default(),
+            ),
+            Key::AuthClaim(path) => {
+                let mut v = req.auth.map(|a| &a.claims);
+                for p in path {
+                    v = v.and_then(|v| v.get(p));
+                }
+                let values: Vec<&str> = match v {
+                    Some(serde_json::Value::String(s)) => vec![s.as_str()],
+                    Some(serde_json::Value::Array(a)) => {
+                        a.iter().filter_map(|v| v.as_str()).collect()
+                    }
+                    _ => vec![],
+                };
+                self.any_of(values)
+            }
         }
     }
 }
@@ -600,6 +664,7 @@ mod tests {
                 path,
                 headers: &headers,
             }),
+            auth: None,
         };
         Policies::compile(policies).unwrap().decide(&req)
     }

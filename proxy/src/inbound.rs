@@ -66,6 +66,7 @@ impl Conn {
         &'a self,
         port: u32,
         http: Option<crate::authz::HttpParts<'a>>,
+        auth: Option<&'a crate::jwt::Verified>,
     ) -> crate::authz::Request<'a> {
         crate::authz::Request {
             principal: self.principal.as_deref(),
@@ -73,6 +74,7 @@ impl Conn {
             source_ip: self.peer_ip,
             port,
             http,
+            auth,
         }
     }
 }
@@ -112,10 +114,16 @@ pub async fn handle(
             StatusCode::NOT_FOUND,
             "request names no port this workload serves",
         ),
-        Some(port) => match authorize(&snapshot, &conn, port.port, &req) {
-            Some(denied) => denied,
-            None => forward(&shared, &conn, port, req).await,
-        },
+        Some(port) => {
+            let mut req = req;
+            match authenticate(&snapshot, &mut req) {
+                Err(_) => jwt_refused(),
+                Ok(auth) => match authorize(&snapshot, &conn, port.port, &req, auth.as_ref()) {
+                    Some(denied) => denied,
+                    None => forward(&shared, &conn, port, req).await,
+                },
+            }
+        }
     };
     let code = resp.status().as_u16();
     let key = (
@@ -141,12 +149,46 @@ pub async fn handle(
 /// Istio's answer to a request its policies deny.
 pub const RBAC_DENIED: &str = "RBAC: access denied";
 
+/// Envoy's answer to a request whose JWT does not verify.
+pub const JWT_REFUSED: &str = "Jwt verification fails";
+
+/// RequestAuthentication: `Ok(Some(..))` for a request with a valid JWT,
+/// `Ok(None)` without one, `Err(reason)` with an invalid one.
+fn authenticate(
+    snapshot: &crate::state::Snapshot,
+    req: &mut Request<Incoming>,
+) -> Result<Option<crate::jwt::Verified>, String> {
+    if snapshot.jwt.is_empty() {
+        return Ok(None);
+    }
+    let uri = req.uri().clone();
+    match snapshot.jwt.check(&uri, req.headers_mut()) {
+        crate::jwt::Outcome::Absent => Ok(None),
+        crate::jwt::Outcome::Valid(v) => Ok(Some(v)),
+        crate::jwt::Outcome::Invalid(why) => {
+            tracing::warn!(path = uri.path(), "JWT refused: {why}");
+            Err(why)
+        }
+    }
+}
+
+/// The 401 for a refused token.
+fn jwt_refused() -> Response<Body> {
+    let mut resp = local_reply(StatusCode::UNAUTHORIZED, JWT_REFUSED);
+    resp.headers_mut().insert(
+        http::header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Bearer realm=\"mesh\", error=\"invalid_token\""),
+    );
+    resp
+}
+
 /// `Some(403)` if the workload's AuthorizationPolicies deny `req`.
 fn authorize(
     snapshot: &crate::state::Snapshot,
     conn: &Conn,
     port: u32,
     req: &Request<Incoming>,
+    auth: Option<&crate::jwt::Verified>,
 ) -> Option<Response<Body>> {
     if snapshot.authz.is_empty() {
         return None;
@@ -170,7 +212,7 @@ fn authorize(
     };
     let decision = snapshot
         .authz
-        .decide(&conn.authz_request(port, Some(parts)));
+        .decide(&conn.authz_request(port, Some(parts), auth));
     if decision.allowed() {
         return None;
     }

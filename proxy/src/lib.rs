@@ -11,6 +11,7 @@ pub mod config;
 pub mod drain;
 pub mod identity;
 pub mod inbound;
+pub mod jwt;
 pub mod metrics;
 pub mod outbound;
 pub mod platform;

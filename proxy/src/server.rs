@@ -132,7 +132,7 @@ async fn plaintext_inbound(
     }
     let conn = inbound::Conn::plaintext(port, peer_addr.ip());
     if snapshot.inbound.get(&port).is_some_and(|p| p.tcp) {
-        let decision = snapshot.authz.decide(&conn.authz_request(port, None));
+        let decision = snapshot.authz.decide(&conn.authz_request(port, None, None));
         if !decision.allowed() {
             tracing::warn!(%peer_addr, port, "plaintext TCP connection {}", decision.reason());
             return;

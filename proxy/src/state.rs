@@ -32,6 +32,8 @@ pub struct Snapshot {
     pub answered: usize,
     /// The workload's AuthorizationPolicies, compiled.
     pub authz: Arc<crate::authz::Policies>,
+    /// The workload's RequestAuthentication JWT rules, compiled.
+    pub jwt: Arc<crate::jwt::Rules>,
 }
 
 /// What this pod tells its peers about itself, and how it labels metrics.
@@ -194,6 +196,12 @@ impl Resources {
                         crate::authz::Policies::compile(&l.policies)
                             .unwrap_or_else(|_| crate::authz::Policies::deny_all())
                     })
+                    .unwrap_or_default(),
+            ),
+            jwt: Arc::new(
+                self.listener
+                    .as_ref()
+                    .and_then(|l| crate::jwt::Rules::compile(&l.jwt_rules).ok())
                     .unwrap_or_default(),
             ),
         }

@@ -82,11 +82,12 @@ pub async fn inbound(
         );
     };
     // TCP: the policies decide on the connection alone.
-    let decision = shared
-        .snapshot
-        .borrow()
-        .authz
-        .decide(&conn.authz_request(u32::from(port), None));
+    let decision =
+        shared
+            .snapshot
+            .borrow()
+            .authz
+            .decide(&conn.authz_request(u32::from(port), None, None));
     if !decision.allowed() {
         tracing::warn!(port, "TCP connection {}", decision.reason());
         return local_reply(StatusCode::FORBIDDEN, crate::inbound::RBAC_DENIED);
@@ -149,7 +150,7 @@ pub async fn splice_while_allowed<A, B>(
                 let decision = snapshots
                     .borrow_and_update()
                     .authz
-                    .decide(&conn.authz_request(port, None));
+                    .decide(&conn.authz_request(port, None, None));
                 if !decision.allowed() {
                     tracing::warn!(port, "closing an open TCP connection: {}", decision.reason());
                     return;

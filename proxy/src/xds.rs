@@ -191,6 +191,7 @@ fn decode_into(next: &mut Resources, t: &str, name: &str, bytes: &[u8]) -> Resul
                 return Err(format!("inbound port {} is not a valid port", p.port));
             }
             crate::authz::Policies::compile(&l.policies)?;
+            crate::jwt::Rules::compile(&l.jwt_rules)?;
             next.listener = Some(l);
         }
         type_url::ROUTE => {

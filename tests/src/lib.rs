@@ -200,3 +200,53 @@ pub async fn handshake(
         Err(_) => Err(std::io::Error::other("no answer")),
     }
 }
+
+/// A JWT issuer for tests: a P-256 key, its JWKS, and tokens it signs.
+pub struct Issuer {
+    pub iss: String,
+    pub kid: String,
+    key: jsonwebtoken::EncodingKey,
+    public: Vec<u8>,
+}
+
+impl Issuer {
+    pub fn new(iss: &str, kid: &str) -> Self {
+        let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        Self {
+            iss: iss.to_string(),
+            kid: kid.to_string(),
+            key: jsonwebtoken::EncodingKey::from_ec_pem(pair.serialize_pem().as_bytes()).unwrap(),
+            public: rcgen::PublicKeyData::der_bytes(&pair).to_vec(),
+        }
+    }
+
+    /// The JWKS document with this issuer's public key.
+    pub fn jwks(&self) -> String {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        // An uncompressed P-256 point: 0x04, x (32 bytes), y (32 bytes).
+        let point = &self.public[self.public.len() - 65..];
+        serde_json::json!({"keys": [{
+            "kty": "EC", "crv": "P-256", "alg": "ES256", "use": "sig", "kid": self.kid,
+            "x": b64.encode(&point[1..33]), "y": b64.encode(&point[33..]),
+        }]})
+        .to_string()
+    }
+
+    /// A token for `sub` with extra `claims`, expiring `exp_in` seconds from
+    /// now (negative: already expired).
+    pub fn token(&self, sub: &str, exp_in: i64, claims: serde_json::Value) -> String {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let mut body =
+            serde_json::json!({"iss": self.iss, "sub": sub, "iat": now, "exp": now + exp_in});
+        if let (Some(b), Some(extra)) = (body.as_object_mut(), claims.as_object()) {
+            b.extend(extra.clone());
+        }
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        header.kid = Some(self.kid.clone());
+        jsonwebtoken::encode(&header, &body, &self.key).unwrap()
+    }
+}

@@ -124,3 +124,122 @@ async fn policies_allow_deny_survive_a_bad_update_and_lift() {
     wait_for(&http, health, 200).await;
     mesh.stop().await;
 }
+
+/// RequestAuthentication for ratings with `jwks`, and a policy requiring a
+/// token from the issuer on /ratings/*.
+fn jwt_config(jwks: &str) -> String {
+    format!(
+        "apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {{name: ratings-jwt, namespace: default}}
+spec:
+  selector: {{matchLabels: {{app: ratings}}}}
+  jwtRules:
+  - issuer: https://issuer.test
+    audiences: [ratings]
+    jwks: '{jwks}'
+    outputClaimToHeaders:
+    - {{header: x-jwt-group, claim: group}}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: ratings-require-jwt, namespace: default}}
+spec:
+  selector: {{matchLabels: {{app: ratings}}}}
+  rules:
+  - from:
+    - source: {{requestPrincipals: [https://issuer.test/*]}}
+    to:
+    - operation: {{paths: [/ratings/*]}}
+    when:
+    - key: request.auth.claims[group]
+      values: [reviewers]
+"
+    )
+}
+
+async fn get_with(http: &reqwest::Client, url: &str, token: &str) -> (u16, String) {
+    let resp = http
+        .get(url)
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("the client's sidecar answers");
+    (resp.status().as_u16(), resp.text().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_jwt_required_path_takes_valid_tokens_only() {
+    use mesh_tests::Issuer;
+    use serde_json::json;
+    let mesh = Mesh::start().await;
+    let http = mesh.client();
+    let ratings = "http://ratings:9080/ratings/0";
+    let issuer = Issuer::new("https://issuer.test", "k1");
+    mesh.write_config("jwt.yaml", &jwt_config(&issuer.jwks()));
+    let good = issuer.token(
+        "alice",
+        300,
+        json!({"aud": "ratings", "group": "reviewers"}),
+    );
+    // No token: allowed past authentication, then denied by the policy.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (code, body) = get(&http, ratings).await;
+        if code == 403 {
+            assert_eq!(body.trim(), "RBAC: access denied");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the policy never applied ({code}); pilot says {:?}",
+            mesh.cp.pilot().unwrap().errors()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A valid token from the issuer, in the accepted group.
+    let (code, body) = get_with(&http, ratings, &good).await;
+    assert_eq!(code, 200, "{body}");
+    // A claim the policy does not accept.
+    let outsider = issuer.token("bob", 300, json!({"aud": "ratings", "group": "guests"}));
+    assert_eq!(get_with(&http, ratings, &outsider).await.0, 403);
+    // Expired, for another audience, forged (same kid, another key), from
+    // an unknown issuer: 401, the token refused.
+    let expired = issuer.token(
+        "alice",
+        -120,
+        json!({"aud": "ratings", "group": "reviewers"}),
+    );
+    let other_aud = issuer.token(
+        "alice",
+        300,
+        json!({"aud": "details", "group": "reviewers"}),
+    );
+    let forger = Issuer::new("https://issuer.test", "k1");
+    let forged = forger.token(
+        "alice",
+        300,
+        json!({"aud": "ratings", "group": "reviewers"}),
+    );
+    let stranger = Issuer::new("https://elsewhere.test", "k1");
+    let foreign = stranger.token(
+        "alice",
+        300,
+        json!({"aud": "ratings", "group": "reviewers"}),
+    );
+    for (what, token) in [
+        ("expired", &expired),
+        ("other audience", &other_aud),
+        ("forged", &forged),
+        ("unknown issuer", &foreign),
+        ("garbage", &"not.a.jwt".to_string()),
+    ] {
+        let (code, body) = get_with(&http, ratings, token).await;
+        assert_eq!(
+            (code, body.trim()),
+            (401, "Jwt verification fails"),
+            "{what}"
+        );
+    }
+    mesh.stop().await;
+}
