@@ -146,6 +146,11 @@ impl Pilot {
         DirWatcher::start(self.clone(), &self.config.config_dir)
     }
 
+    /// Every new snapshot, as it is made.
+    pub fn subscribe(&self) -> tokio_watch::Receiver<Arc<Snapshot>> {
+        self.snapshots.subscribe()
+    }
+
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.snapshots.borrow().clone()
     }
@@ -163,12 +168,14 @@ impl Pilot {
     /// each new connection uses the newest config in `tls` (see
     /// [`mesh_identity::renew::rotating_server_config`]).
     pub async fn serve(
-        &self,
+        self: &Arc<Self>,
         listener: TcpListener,
         tls: tokio_watch::Receiver<Arc<rustls::ServerConfig>>,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), ServeError> {
         let (closing_tx, closing) = tokio_watch::channel(false);
+        // JWKS named by jwksUri are fetched for as long as pilot serves.
+        let jwks = tokio::spawn(jwks::refresh_forever(self.clone()));
         let ads = xds::Ads {
             snapshots: self.snapshots.subscribe(),
             status: self.status.clone(),
@@ -179,13 +186,15 @@ impl Pilot {
             closing_tx.send_replace(true);
         };
         tracing::info!(addr = ?listener.local_addr().ok(), "pilot serving delta xDS over mTLS");
-        tonic::transport::Server::builder()
+        let served = tonic::transport::Server::builder()
             .add_service(AggregatedDiscoveryServiceServer::new(ads))
             .serve_with_incoming_shutdown(
                 mesh_identity::grpc::tls_incoming(listener, tls),
                 shutdown,
             )
-            .await?;
+            .await;
+        jwks.abort();
+        served?;
         Ok(())
     }
 }

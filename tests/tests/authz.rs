@@ -243,3 +243,123 @@ async fn a_jwt_required_path_takes_valid_tokens_only() {
     }
     mesh.stop().await;
 }
+
+/// Serves `jwks` at https://127.0.0.1:PORT/keys with a certificate from a
+/// CA of its own; returns the URL and the CA's PEM.
+async fn jwks_server(jwks: String) -> (String, String) {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca = rcgen::CertificateParams::default();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::from_ca_cert_der(ca_cert.der(), ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut leaf = rcgen::CertificateParams::default();
+    leaf.subject_alt_names = vec![rcgen::SanType::IpAddress("127.0.0.1".parse().unwrap())];
+    let cert = leaf.signed_by(&key, &issuer).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![cert.der().clone()],
+        rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
+    )
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!(
+        "https://127.0.0.1:{}/keys",
+        listener.local_addr().unwrap().port()
+    );
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let (acceptor, jwks) = (acceptor.clone(), jwks.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let svc = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let jwks = jwks.clone();
+                        async move {
+                            let body = if req.uri().path() == "/keys" {
+                                jwks
+                            } else {
+                                String::new()
+                            };
+                            Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                                http_body_util::Full::new(hyper::body::Bytes::from(body)),
+                            ))
+                        }
+                    },
+                );
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    (url, ca_cert.pem())
+}
+
+#[test]
+fn jwks_from_a_jwks_uri_over_https() {
+    use mesh_tests::Issuer;
+    use serde_json::json;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let issuer = Issuer::new("https://issuer.test", "k1");
+    let (url, ca_pem) = rt.block_on(jwks_server(issuer.jwks()));
+    let ca_file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(ca_file.path(), ca_pem).unwrap();
+    // pilot trusts the JWKS server through this CA bundle (the env knob
+    // users have too); set while no other thread reads the environment.
+    // SAFETY: nextest runs each test in its own process, and the runtime's
+    // threads do not read the environment until pilot starts below.
+    unsafe { std::env::set_var("MESH_JWKS_CA_FILE", ca_file.path()) };
+    rt.block_on(async {
+        let mesh = Mesh::start().await;
+        let http = mesh.client();
+        let ratings = "http://ratings:9080/ratings/0";
+        let config = jwt_config(&issuer.jwks()).replace(
+            &format!("    jwks: '{}'\n", issuer.jwks()),
+            &format!("    jwksUri: {url}\n"),
+        );
+        assert!(config.contains("jwksUri"), "{config}");
+        mesh.write_config("jwt.yaml", &config);
+        let good = issuer.token(
+            "alice",
+            300,
+            json!({"aud": "ratings", "group": "reviewers"}),
+        );
+        // The policy is in force once a request without a token is denied.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while get(&http, ratings).await.0 != 403 {
+            assert!(Instant::now() < deadline, "the policy never applied");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Once pilot has fetched the keys, a valid token passes.
+        loop {
+            let (code, body) = get_with(&http, ratings, &good).await;
+            if code == 200 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "a valid token is still refused ({code} {body}); pilot says {:?}",
+                mesh.cp.pilot().unwrap().errors()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let forged = Issuer::new("https://issuer.test", "k1").token(
+            "alice",
+            300,
+            json!({"aud": "ratings", "group": "reviewers"}),
+        );
+        assert_eq!(get_with(&http, ratings, &forged).await.0, 401);
+        mesh.stop().await;
+    });
+}
