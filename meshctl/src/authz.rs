@@ -69,7 +69,7 @@ pub fn check(model: &Model, workload: &str, req: Option<&Check>) -> anyhow::Resu
     let policies: Vec<pb::AuthorizationPolicy> = model
         .authz
         .iter()
-        .filter(|a| a.applies_to(w))
+        .filter(|a| a.scope.applies_to(w))
         .map(|a| a.policy.clone())
         .collect();
     let Some(req) = req else {

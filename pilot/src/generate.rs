@@ -309,13 +309,13 @@ fn listener(model: &Model, w: &Workload) -> pb::Listener {
         policies: model
             .authz
             .iter()
-            .filter(|a| a.applies_to(w))
+            .filter(|a| a.scope.applies_to(w))
             .map(|a| a.policy.clone())
             .collect(),
         jwt_rules: model
             .jwt
             .iter()
-            .filter(|j| j.applies_to(w))
+            .filter(|j| j.scope.applies_to(w))
             .flat_map(|j| j.rules.iter().cloned())
             .collect(),
     }

@@ -62,40 +62,58 @@ pub struct Model {
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Jwt {
-    pub namespace: String,
-    pub selector: Option<Labels>,
+    pub scope: Scope,
     pub rules: Vec<mesh_proto::resources::JwtRule>,
 }
 
-impl Jwt {
-    /// As for AuthorizationPolicy: root namespace, own namespace, selector.
+/// Which workloads a security policy covers: from the root namespace,
+/// every workload; otherwise those in its namespace; in both cases only
+/// those its selector (if any) picks.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Scope {
+    pub namespace: String,
+    pub selector: Option<Labels>,
+}
+
+impl Scope {
     pub fn applies_to(&self, w: &Workload) -> bool {
         (self.namespace == ROOT_NAMESPACE || self.namespace == w.namespace)
             && self
                 .selector
                 .as_ref()
                 .is_none_or(|sel| sel.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
+    }
+
+    /// The scope of a policy in `meta`'s namespace with `selector`; an
+    /// empty selector is refused (it would select nothing in Istio, which
+    /// is never what was meant).
+    fn of(
+        meta: &Meta,
+        selector: Option<&crate::istio::MatchLabels>,
+        ctx: &str,
+        errors: &mut Vec<String>,
+    ) -> Option<Self> {
+        let selector = match selector {
+            Some(s) if s.match_labels.is_empty() => {
+                errors.push(format!(
+                    "{ctx}: spec.selector.matchLabels is empty; remove spec.selector to cover the whole namespace"
+                ));
+                return None;
+            }
+            Some(s) => Some(s.match_labels.clone()),
+            None => None,
+        };
+        Some(Self {
+            namespace: meta.namespace.clone(),
+            selector,
+        })
     }
 }
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Authz {
-    pub namespace: String,
-    pub selector: Option<Labels>,
+    pub scope: Scope,
     pub policy: mesh_proto::resources::AuthorizationPolicy,
-}
-
-impl Authz {
-    /// Whether the policy covers `w`: from the root namespace, every
-    /// workload (its selector, if any, still applies); otherwise those in
-    /// its namespace.
-    pub fn applies_to(&self, w: &Workload) -> bool {
-        (self.namespace == ROOT_NAMESPACE || self.namespace == w.namespace)
-            && self
-                .selector
-                .as_ref()
-                .is_none_or(|sel| sel.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
-    }
 }
 
 const CONDITION_KEYS: [&str; 6] = [
@@ -231,15 +249,8 @@ impl Model {
                 "{ctx}: spec.provider is only for action CUSTOM, which is not supported"
             ));
         }
-        let selector = match &ap.selector {
-            Some(s) if s.match_labels.is_empty() => {
-                errors.push(format!(
-                    "{ctx}: spec.selector.matchLabels is empty; remove spec.selector to cover the whole namespace"
-                ));
-                return;
-            }
-            Some(s) => Some(s.match_labels.clone()),
-            None => None,
+        let Some(scope) = Scope::of(meta, ap.selector.as_ref(), &ctx, errors) else {
+            return;
         };
         let mut rules = Vec::new();
         for (i, r) in ap.rules.iter().enumerate() {
@@ -317,8 +328,7 @@ impl Model {
             rules.push(pb::AuthzRule { from, to, when });
         }
         self.authz.push(Authz {
-            namespace: meta.namespace.clone(),
-            selector,
+            scope,
             policy: pb::AuthorizationPolicy {
                 name: format!("{}/{}", meta.namespace, meta.name),
                 action: action as i32,
@@ -340,15 +350,8 @@ impl Model {
                 "{ctx}: spec.targetRef(s) is not supported; use spec.selector"
             ));
         }
-        let selector = match &ra.selector {
-            Some(s) if s.match_labels.is_empty() => {
-                errors.push(format!(
-                    "{ctx}: spec.selector.matchLabels is empty; remove spec.selector to cover the whole namespace"
-                ));
-                return;
-            }
-            Some(s) => Some(s.match_labels.clone()),
-            None => None,
+        let Some(scope) = Scope::of(meta, ra.selector.as_ref(), &ctx, errors) else {
+            return;
         };
         let mut rules = Vec::new();
         for (i, r) in ra.jwt_rules.iter().enumerate() {
@@ -411,11 +414,7 @@ impl Model {
                     .collect(),
             });
         }
-        self.jwt.push(Jwt {
-            namespace: meta.namespace.clone(),
-            selector,
-            rules,
-        });
+        self.jwt.push(Jwt { scope, rules });
     }
 
     fn add_peer_auth(

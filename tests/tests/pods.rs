@@ -54,80 +54,102 @@ fn pods_talk_over_mtls_through_captured_sidecars_with_apps_unaware() {
         eprintln!("SKIPPED: {why}");
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let config_dir = dir.path().join("config");
-    std::fs::create_dir_all(&config_dir).unwrap();
-    for (name, text) in mesh_samples::CONFIG {
-        std::fs::write(config_dir.join(name), pods::pod_config(text)).unwrap();
-    }
-    let mut node = Node::new().unwrap();
-
-    // The cost of one pod, made and deleted.
-    let t = Instant::now();
-    node.add_pod("probe", Ipv4Addr::new(10, 244, 0, 99))
-        .unwrap();
-    let made = t.elapsed();
-    let t = Instant::now();
-    node.delete_pod("probe").unwrap();
-    eprintln!("one pod: created in {made:?}, deleted in {:?}", t.elapsed());
-    assert!(
-        made + t.elapsed() < Duration::from_millis(500),
-        "pod set-up is too slow"
-    );
-
-    let node_ns = node.namespace();
-    std::thread::spawn(move || {
-        // This thread, and the control plane it runs, live in the node's namespace.
-        pods::enter(&node_ns).unwrap();
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        rt.block_on(async move {
-            let mesh = PodMesh::start(node, dir.path(), &config_dir, Path::new(POD), None).await.unwrap();
-            mesh.wait_ready(Duration::from_secs(20), |_, _, _| {}).await.unwrap();
-            // The user: plain curl in the client pod, by service name.
-            let mut versions = std::collections::BTreeMap::new();
-            let deadline = Instant::now() + Duration::from_secs(15);
-            let mut ok = 0;
-            while ok < 10 {
-                match mesh.request(&[]) {
-                    Ok((version, hops)) => {
-                        assert!(hops.len() >= 3, "{hops:?}");
-                        *versions.entry(version).or_insert(0) += 1;
-                        ok += 1;
-                    }
-                    Err(e) => {
-                        assert!(ok == 0 && Instant::now() < deadline, "request failed after the mesh was up: {e}");
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                    }
+    with_pod_mesh(&[], async move |mesh, _| {
+        // The cost of one pod, made and deleted.
+        let t = Instant::now();
+        mesh.node
+            .add_pod("probe", Ipv4Addr::new(10, 244, 0, 99))
+            .unwrap();
+        let made = t.elapsed();
+        let t = Instant::now();
+        mesh.node.delete_pod("probe").unwrap();
+        eprintln!("one pod: created in {made:?}, deleted in {:?}", t.elapsed());
+        assert!(
+            made + t.elapsed() < Duration::from_millis(500),
+            "pod set-up is too slow"
+        );
+        // The user: plain curl in the client pod, by service name.
+        let mut versions = std::collections::BTreeMap::new();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let mut ok = 0;
+        while ok < 10 {
+            match mesh.request(&[]) {
+                Ok((version, hops)) => {
+                    assert!(hops.len() >= 3, "{hops:?}");
+                    *versions.entry(version).or_insert(0) += 1;
+                    ok += 1;
+                }
+                Err(e) => {
+                    assert!(
+                        ok == 0 && Instant::now() < deadline,
+                        "request failed after the mesh was up: {e}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(200)).await;
                 }
             }
-            eprintln!("10 requests from curl through captured sidecars, every hop over mTLS; reviews versions {versions:?}");
-            // Across nodes too: ratings lives on node 1; make sure a hop to it was taken.
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                let (_, hops) = mesh.request(&[]).expect("request succeeds");
-                if hops.iter().any(|h| h.1 == "ratings") {
-                    break;
-                }
-                assert!(Instant::now() < deadline, "no request reached ratings on node 1");
+        }
+        eprintln!(
+            "10 requests from curl through captured sidecars, every hop over mTLS; reviews versions {versions:?}"
+        );
+        // Across nodes too: ratings lives on node 1; make sure a hop to it was taken.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (_, hops) = mesh.request(&[]).expect("request succeeds");
+            if hops.iter().any(|h| h.1 == "ratings") {
+                break;
             }
-            // HTTP/2 from an app that knows nothing of the mesh either.
-            mesh.request(&["--http2-prior-knowledge"]).expect("HTTP/2 request crossed the mesh over mTLS");
-            // Port 9080 excluded from the client's capture (re-applying the
-            // rules in place): its plaintext connection no longer goes through
-            // the client's sidecar, so productpage's pod, which accepts only
-            // mutual TLS inbound, refuses it. Were the exclusion ignored, the
-            // client's sidecar would carry it over mTLS and it would get 200.
-            let out = mesh.node.run("client", &[POD, "capture", "--exclude-outbound-ports=9080"]).unwrap();
-            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-            let pp = mesh.specs.iter().find(|w| w.name == "productpage-v1").unwrap().address;
-            let direct = format!("http://{pp}:9080/health");
-            let out = mesh.node.run("client", &["curl", "-sS", "-m", "5", "-o", "/dev/null", "-w", "%{http_code}", &direct]).unwrap();
-            assert_ne!(String::from_utf8_lossy(&out.stdout), "200", "plaintext reached a STRICT pod's app");
-            mesh.stop().await;
-        });
-    })
-    .join()
-    .unwrap();
+            assert!(
+                Instant::now() < deadline,
+                "no request reached ratings on node 1"
+            );
+        }
+        // HTTP/2 from an app that knows nothing of the mesh either.
+        mesh.request(&["--http2-prior-knowledge"])
+            .expect("HTTP/2 request crossed the mesh over mTLS");
+        // Port 9080 excluded from the client's capture (re-applying the
+        // rules in place): its plaintext connection no longer goes through
+        // the client's sidecar, so productpage's pod, which accepts only
+        // mutual TLS inbound, refuses it. Were the exclusion ignored, the
+        // client's sidecar would carry it over mTLS and it would get 200.
+        let out = mesh
+            .node
+            .run("client", &[POD, "capture", "--exclude-outbound-ports=9080"])
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let pp = mesh
+            .specs
+            .iter()
+            .find(|w| w.name == "productpage-v1")
+            .unwrap()
+            .address;
+        let direct = format!("http://{pp}:9080/health");
+        let out = mesh
+            .node
+            .run(
+                "client",
+                &[
+                    "curl",
+                    "-sS",
+                    "-m",
+                    "5",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code}",
+                    &direct,
+                ],
+            )
+            .unwrap();
+        assert_ne!(
+            String::from_utf8_lossy(&out.stdout),
+            "200",
+            "plaintext reached a STRICT pod's app"
+        );
+    });
 }
 
 #[test]

@@ -216,10 +216,11 @@ spec:
   workloadSelector: {labels: {app: ratings}}
 ";
 
-#[tokio::test(flavor = "multi_thread")]
-async fn raw_tcp_to_a_server_that_speaks_first_crosses_the_mesh() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mesh = Mesh::start().await;
+/// Starts the greeting echo server on ratings' pod behind the echo VIP, a
+/// captured sidecar for the client on 127.A.B.`octet`, and returns the
+/// pod and an app connection through it that has heard the greeting.
+async fn echo_tunnel(mesh: &Mesh, octet: u8) -> (IpAddr, tokio::net::TcpStream) {
+    use tokio::io::AsyncReadExt;
     let ratings = mesh.workload("ratings-v1").address;
     greeting_echo_server(SocketAddr::new(ratings, 7000)).await;
     mesh.write_config("echo.yaml", ECHO_SERVICE);
@@ -227,12 +228,12 @@ async fn raw_tcp_to_a_server_that_speaks_first_crosses_the_mesh() {
         IpAddr::V4(v4) => v4.octets(),
         _ => unreachable!(),
     };
-    let pod = IpAddr::from([block[0], block[1], block[2], 100]);
+    let pod = IpAddr::from([block[0], block[1], block[2], octet]);
     let dst = Arc::new(Mutex::new(Some("240.240.1.1:7000".parse().unwrap())));
-    captured_sidecar(&mesh, pod, OutboundPolicy::RegistryOnly, dst).await;
+    captured_sidecar(mesh, pod, OutboundPolicy::RegistryOnly, dst).await;
     // The app connects and, without sending anything, hears the server first.
     let deadline = Instant::now() + Duration::from_secs(5);
-    let mut tcp = loop {
+    loop {
         let mut tcp = tokio::net::TcpStream::connect(SocketAddr::new(pod, 15001))
             .await
             .unwrap();
@@ -241,12 +242,19 @@ async fn raw_tcp_to_a_server_that_speaks_first_crosses_the_mesh() {
             tokio::time::timeout(Duration::from_secs(1), tcp.read_exact(&mut greeting)).await;
         if matches!(read, Ok(Ok(_))) {
             assert_eq!(&greeting, b"220 hello from echo\n");
-            break tcp;
+            return (pod, tcp);
         }
         // The echo service may not have reached the sidecar yet.
         assert!(Instant::now() < deadline, "no greeting through the mesh");
         tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn raw_tcp_to_a_server_that_speaks_first_crosses_the_mesh() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mesh = Mesh::start().await;
+    let (_, mut tcp) = echo_tunnel(&mesh, 100).await;
     tcp.write_all(b"ping over mTLS\n").await.unwrap();
     let mut echoed = [0u8; 15];
     tcp.read_exact(&mut echoed).await.unwrap();
@@ -260,30 +268,7 @@ async fn raw_tcp_to_a_server_that_speaks_first_crosses_the_mesh() {
 async fn a_policy_change_closes_an_open_tcp_connection_it_no_longer_allows() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mesh = Mesh::start().await;
-    let ratings = mesh.workload("ratings-v1").address;
-    greeting_echo_server(SocketAddr::new(ratings, 7000)).await;
-    mesh.write_config("echo.yaml", ECHO_SERVICE);
-    let block = match ratings {
-        IpAddr::V4(v4) => v4.octets(),
-        _ => unreachable!(),
-    };
-    let pod = IpAddr::from([block[0], block[1], block[2], 101]);
-    let dst = Arc::new(Mutex::new(Some("240.240.1.1:7000".parse().unwrap())));
-    captured_sidecar(&mesh, pod, OutboundPolicy::RegistryOnly, dst).await;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let mut tcp = loop {
-        let mut tcp = tokio::net::TcpStream::connect(SocketAddr::new(pod, 15001))
-            .await
-            .unwrap();
-        let mut greeting = [0u8; 20];
-        let read =
-            tokio::time::timeout(Duration::from_secs(1), tcp.read_exact(&mut greeting)).await;
-        if matches!(read, Ok(Ok(_))) {
-            break tcp;
-        }
-        assert!(Instant::now() < deadline, "no greeting through the mesh");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let (pod, mut tcp) = echo_tunnel(&mesh, 101).await;
     tcp.write_all(b"before policy\n").await.unwrap();
     let mut echoed = [0u8; 14];
     tcp.read_exact(&mut echoed).await.unwrap();
