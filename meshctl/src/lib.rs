@@ -3,6 +3,7 @@
 //! end-to-end tests share.
 #![forbid(unsafe_code)]
 
+pub mod analyze;
 pub mod authz;
 pub mod ca;
 pub mod controlplane;

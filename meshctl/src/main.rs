@@ -72,6 +72,16 @@ enum Command {
         #[arg(long, global = true, env = "MESH_STATE_DIR")]
         state_dir: Option<PathBuf>,
     },
+    /// Check Istio YAML as pilot would: errors (exit 1) name the file, the
+    /// resource and the field; warnings (selectors that select nothing,
+    /// routes shadowed by a catch-all) do not fail.
+    Analyze {
+        /// Config directories or files.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: Output,
+    },
     /// AuthorizationPolicy: which apply to a workload, and whether a request
     /// is allowed (exit 0 yes, 1 no, 2 could not decide).
     Authz {
@@ -201,6 +211,17 @@ fn main() {
         Command::Proxy(args) => {
             init_logs("info");
             mesh_proxy::cli::run_process(args).map_err(|e| anyhow::anyhow!("{e}"))
+        }
+        Command::Analyze { paths, output } => {
+            let report = meshctl::analyze::analyze(&paths);
+            match output {
+                Output::Table => print!("{}", meshctl::analyze::render(&report)),
+                Output::Json => match serde_json::to_string_pretty(&report) {
+                    Ok(j) => println!("{j}"),
+                    Err(e) => eprintln!("error: {e}"),
+                },
+            }
+            std::process::exit(i32::from(report.errors > 0));
         }
         Command::Authz { command } => {
             // Exit 0 allow, 1 deny, 2 could not decide.
@@ -364,7 +385,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Authz { .. } => unreachable!("handled before the runtime starts"),
+        Command::Authz { .. } | Command::Analyze { .. } => {
+            unreachable!("handled before the runtime starts")
+        }
         Command::Capture(cfg) => mesh_proxy::capture::apply(&cfg, mesh_proxy::capture::Family::V4)?,
         Command::Proxy(_) => unreachable!("handled before the runtime starts"),
         Command::App(app) => {

@@ -1,0 +1,198 @@
+//! `meshctl analyze DIR|FILE...`: what pilot would refuse in a config, and
+//! what it would accept but is probably not what was meant.
+//!
+//! Errors are exactly pilot's: a file it cannot read or parse (unknown
+//! fields included, for the kinds that refuse them), and every reference
+//! or value the model rejects, each naming the file, the resource and the
+//! field. Warnings need the config to build: selectors that select no
+//! workload, and HTTP routes that can never match because an earlier
+//! route matches every request.
+
+use std::path::PathBuf;
+
+use mesh_pilot::istio::Labels;
+use mesh_pilot::model::{Model, ROOT_NAMESPACE};
+use mesh_pilot::store::{ConfigSet, Meta, Resource};
+use serde::Serialize;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Level {
+    Error,
+    Warning,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Finding {
+    pub level: Level,
+    pub message: String,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Report {
+    pub findings: Vec<Finding>,
+    pub errors: usize,
+    pub warnings: usize,
+}
+
+impl Report {
+    fn push(&mut self, level: Level, message: String) {
+        match level {
+            Level::Error => self.errors += 1,
+            Level::Warning => self.warnings += 1,
+        }
+        self.findings.push(Finding { level, message });
+    }
+}
+
+/// The YAML files named: a directory's `*.yaml`/`*.yml`, or files as given.
+fn files(paths: &[PathBuf]) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for p in paths {
+        if p.is_dir() {
+            let mut in_dir: Vec<PathBuf> = std::fs::read_dir(p)
+                .map(|d| {
+                    d.filter_map(|e| e.ok().map(|e| e.path()))
+                        .filter(|f| {
+                            matches!(f.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            in_dir.sort();
+            out.extend(in_dir);
+        } else {
+            out.push(p.clone());
+        }
+    }
+    out
+}
+
+pub fn analyze(paths: &[PathBuf]) -> Report {
+    let mut report = Report::default();
+    let mut set = ConfigSet::default();
+    for p in paths.iter().filter(|p| !p.exists()) {
+        report.push(
+            Level::Error,
+            format!("{}: no such file or directory", p.display()),
+        );
+    }
+    for file in files(paths) {
+        match std::fs::read_to_string(&file)
+            .map_err(|e| format!("{}: cannot read: {e}", file.display()))
+            .and_then(|text| mesh_pilot::store::parse_file(&file, &text).map_err(|e| e.to_string()))
+        {
+            Ok(resources) => set.resources.extend(resources),
+            Err(e) => report.push(Level::Error, e),
+        }
+    }
+    match Model::build(&set, mesh_identity::DEFAULT_TRUST_DOMAIN) {
+        Err(errors) => {
+            for e in errors {
+                report.push(Level::Error, e);
+            }
+        }
+        Ok(model) => warnings(&set, &model, &mut report),
+    }
+    report
+}
+
+fn warnings(set: &ConfigSet, model: &Model, report: &mut Report) {
+    let selects = |meta: &Meta, labels: &Labels| {
+        model.workloads.values().any(|w| {
+            (meta.namespace == ROOT_NAMESPACE || w.namespace == meta.namespace)
+                && labels.iter().all(|(k, v)| w.labels.get(k) == Some(v))
+        })
+    };
+    for (meta, res) in &set.resources {
+        let (kind, selector, field) = match res {
+            Resource::PeerAuthentication(p) => (
+                "PeerAuthentication",
+                p.selector.as_ref().map(|s| &s.match_labels),
+                "spec.selector.matchLabels",
+            ),
+            Resource::AuthorizationPolicy(p) => (
+                "AuthorizationPolicy",
+                p.selector.as_ref().map(|s| &s.match_labels),
+                "spec.selector.matchLabels",
+            ),
+            Resource::RequestAuthentication(p) => (
+                "RequestAuthentication",
+                p.selector.as_ref().map(|s| &s.match_labels),
+                "spec.selector.matchLabels",
+            ),
+            Resource::ServiceEntry(se) => (
+                "ServiceEntry",
+                se.workload_selector.as_ref().map(|s| &s.labels),
+                "spec.workloadSelector.labels",
+            ),
+            Resource::VirtualService(vs) => {
+                shadowed(meta, vs, report);
+                continue;
+            }
+            _ => continue,
+        };
+        if let Some(labels) = selector.filter(|l| !l.is_empty())
+            && !selects(meta, labels)
+        {
+            report.push(
+                Level::Warning,
+                format!(
+                    "{}: {kind} {}/{}: {field} {} selects no workload in {}; check the labels",
+                    meta.file.display(),
+                    meta.namespace,
+                    meta.name,
+                    render_labels(labels),
+                    if meta.namespace == ROOT_NAMESPACE {
+                        "the mesh".to_string()
+                    } else {
+                        format!("namespace {}", meta.namespace)
+                    }
+                ),
+            );
+        }
+    }
+}
+
+/// Routes after one that matches everything (no `match`, or a match with
+/// no conditions) can never be reached.
+fn shadowed(meta: &Meta, vs: &mesh_pilot::istio::VirtualService, report: &mut Report) {
+    let catch_all = |r: &mesh_pilot::istio::HttpRoute| {
+        r.matches.is_empty()
+            || r.matches
+                .iter()
+                .any(|m| m.uri.is_none() && m.headers.is_empty())
+    };
+    if let Some(first) = vs.http.iter().position(catch_all) {
+        for later in first + 1..vs.http.len() {
+            report.push(
+                Level::Warning,
+                format!(
+                    "{}: VirtualService {}/{}: spec.http[{later}] can never match: spec.http[{first}] before it matches every request; move it up or narrow spec.http[{first}]",
+                    meta.file.display(),
+                    meta.namespace,
+                    meta.name
+                ),
+            );
+        }
+    }
+}
+
+fn render_labels(labels: &Labels) -> String {
+    let inner: Vec<String> = labels.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+    format!("{{{}}}", inner.join(", "))
+}
+
+/// For people: one line per finding, then a count.
+pub fn render(r: &Report) -> String {
+    let mut out = String::new();
+    for f in &r.findings {
+        let level = match f.level {
+            Level::Error => "error",
+            Level::Warning => "warning",
+        };
+        out.push_str(&format!("{level}: {}\n", f.message));
+    }
+    out.push_str(&format!("{} errors, {} warnings\n", r.errors, r.warnings));
+    out
+}
