@@ -237,7 +237,7 @@ impl TrustBundleService for Services {
         let bundles = tokio_stream::wrappers::WatchStream::new(shared.authority.watch());
         // The guard lives as long as the outbound stream: when the workload
         // goes, its row goes, and the report reader stops with it.
-        let abort = AbortOnDrop(reader);
+        let abort = tokio_util::task::AbortOnDropHandle::new(reader);
         let mut closing = shared.closing.clone();
         let out = bundles
             .map(move |b| {
@@ -248,14 +248,6 @@ impl TrustBundleService for Services {
                 let _ = closing.wait_for(|c| *c).await;
             });
         Ok(Response::new(Box::pin(out)))
-    }
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 

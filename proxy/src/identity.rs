@@ -69,7 +69,7 @@ pub async fn run(cfg: Arc<Config>, tx: watch::Sender<Option<Arc<Tls>>>) {
             return;
         }
     };
-    let _task = AbortOnDrop(task);
+    let _task = tokio_util::task::AbortOnDropHandle::new(task);
     while creds.changed().await.is_ok() {
         let next = creds.borrow_and_update().clone();
         let Some(next) = next else { continue };
@@ -79,13 +79,5 @@ pub async fn run(cfg: Arc<Config>, tx: watch::Sender<Option<Arc<Tls>>>) {
             }
             Err(e) => tracing::error!(error = %e, "certificate unusable"),
         }
-    }
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }

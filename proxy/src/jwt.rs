@@ -9,8 +9,6 @@
 //! request is refused with 401. A valid token gives the request principal
 //! `<iss>/<sub>` and its claims for AuthorizationPolicy conditions.
 
-use std::collections::HashMap;
-
 use base64::Engine;
 use http::{HeaderMap, HeaderName, HeaderValue, Uri};
 use jsonwebtoken::jwk::JwkSet;
@@ -186,15 +184,13 @@ impl Rules {
     }
 
     fn find_token(&self, uri: &Uri, headers: &HeaderMap) -> Option<String> {
-        let params: HashMap<String, String> = uri
-            .query()
-            .map(|q| {
-                q.split('&')
-                    .filter_map(|kv| kv.split_once('='))
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let param = |name: &str| {
+            uri.query()?
+                .split('&')
+                .filter_map(|kv| kv.split_once('='))
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.to_string())
+        };
         for r in &self.rules {
             for loc in &r.locations {
                 let found = match loc {
@@ -203,7 +199,7 @@ impl Rules {
                         .and_then(|v| v.to_str().ok())
                         .and_then(|v| v.strip_prefix(prefix.as_str()))
                         .map(|t| t.trim().to_string()),
-                    Location::Param(p) => params.get(p).cloned(),
+                    Location::Param(p) => param(p),
                 };
                 if let Some(t) = found.filter(|t| !t.is_empty()) {
                     return Some(t);
