@@ -16,6 +16,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for f in &files {
         println!("cargo:rerun-if-changed={f}");
     }
-    tonic_prost_build::configure().compile_protos(&files, &["proto"])?;
+    // The mesh's own resources serialize to JSON for the admin config dump.
+    tonic_prost_build::configure()
+        .type_attribute(".mesh.v1", "#[derive(serde::Serialize)]")
+        .compile_protos(&files, &["proto"])?;
     Ok(())
 }

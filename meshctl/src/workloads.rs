@@ -151,6 +151,9 @@ fn proxy_args(cp: &ControlPlane, w: &WorkloadSpec, token_file: PathBuf) -> Proxy
         outbound_traffic_policy: Default::default(),
         capture: false,
         proxy_mark: None,
+        retry_budget_percent: 20.0,
+        retry_budget_min_per_sec: 10,
+        retry_buffer_bytes: mesh_proxy::replay::DEFAULT_LIMIT,
     }
 }
 

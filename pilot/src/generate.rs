@@ -10,7 +10,7 @@ use mesh_proto::resources as pb;
 use mesh_proto::type_url;
 use prost::Message;
 
-use crate::istio::{ServicePort, StringMatch};
+use crate::istio::ServicePort;
 use crate::model::{Model, Service, Workload};
 
 /// One resource as it goes on the wire, with a version that changes exactly
@@ -197,71 +197,35 @@ fn domains(host: &str) -> Vec<String> {
     out
 }
 
-fn string_match(m: &StringMatch) -> Option<pb::http_match::Path> {
-    match m {
-        StringMatch::Exact(s) => Some(pb::http_match::Path::Exact(s.clone())),
-        StringMatch::Prefix(s) => Some(pb::http_match::Path::Prefix(s.clone())),
-        StringMatch::Regex(_) => None, // refused when the model is built
-    }
-}
-
-fn header_match(name: &str, m: &StringMatch) -> pb::HeaderMatch {
-    let value = match m {
-        StringMatch::Exact(s) => Some(pb::header_match::Value::Exact(s.clone())),
-        StringMatch::Prefix(s) => Some(pb::header_match::Value::Prefix(s.clone())),
-        StringMatch::Regex(_) => None,
-    };
-    pb::HeaderMatch {
-        name: name.to_ascii_lowercase(),
-        value,
-    }
-}
-
 fn route_config(model: &Model, svc: &Service, port: &ServicePort) -> pb::RouteConfig {
-    let default_route = || pb::HttpRoute {
-        name: "default".to_string(),
-        matches: vec![],
-        clusters: vec![pb::WeightedCluster {
-            cluster: cluster_name(port.number, None, &svc.host),
-            weight: 100,
-        }],
-    };
     let routes = match model.routes.get(&svc.host) {
-        None => vec![default_route()],
-        Some(r) => r
-            .http
-            .iter()
-            .enumerate()
-            .map(|(i, h)| pb::HttpRoute {
-                name: h.name.clone().unwrap_or_else(|| format!("route-{i}")),
-                matches: h
-                    .matches
-                    .iter()
-                    .map(|m| pb::HttpMatch {
-                        path: m.uri.as_ref().and_then(string_match),
-                        headers: m.headers.iter().map(|(k, v)| header_match(k, v)).collect(),
-                    })
-                    .collect(),
-                clusters: h
-                    .route
-                    .iter()
-                    .map(|d| {
-                        let dest = &d.destination;
-                        let dest_port = dest.port.as_ref().map(|p| p.number).unwrap_or_else(|| {
-                            if dest.host == svc.host {
-                                port.number
-                            } else {
-                                model.services[&dest.host].ports[0].number
-                            }
-                        });
-                        pb::WeightedCluster {
-                            cluster: cluster_name(dest_port, dest.subset.as_deref(), &dest.host),
-                            weight: d.weight.unwrap_or(100),
-                        }
-                    })
-                    .collect(),
-            })
-            .collect(),
+        None => vec![crate::vs::default_route(cluster_name(
+            port.number,
+            None,
+            &svc.host,
+        ))],
+        Some(r) => {
+            // A destination without a port: this port for the service itself,
+            // else the other service's first port.
+            let cluster_of = |dest: &crate::istio::Destination| {
+                let dest_port = dest.port.as_ref().map(|p| p.number).unwrap_or_else(|| {
+                    if dest.host == svc.host {
+                        port.number
+                    } else {
+                        model.services[&dest.host].ports[0].number
+                    }
+                });
+                cluster_name(dest_port, dest.subset.as_deref(), &dest.host)
+            };
+            r.http
+                .iter()
+                .enumerate()
+                .map(|(i, h)| {
+                    let name = h.name.clone().unwrap_or_else(|| format!("route-{i}"));
+                    crate::vs::to_wire(name, h, &cluster_of)
+                })
+                .collect()
+        }
     };
     let mut domains = domains(&svc.host);
     domains.extend(svc.vips.iter().map(|ip| ip.to_string()));

@@ -56,15 +56,28 @@ pub struct WorkloadEntry {
     pub service_account: Option<String>,
 }
 
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+/// networking.istio.io VirtualService. Unknown fields are refused, so a
+/// misspelt field is an error rather than a route that silently differs.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct VirtualService {
     #[serde(default)]
     pub hosts: Vec<String>,
     #[serde(default)]
+    pub gateways: Vec<String>,
+    #[serde(default)]
+    pub export_to: Vec<String>,
+    #[serde(default)]
     pub http: Vec<HttpRoute>,
+    /// TCP and TLS routes are parsed loosely and reported as unsupported.
+    #[serde(default)]
+    pub tcp: Vec<serde_json::Value>,
+    #[serde(default)]
+    pub tls: Vec<serde_json::Value>,
 }
 
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpRoute {
     #[serde(default)]
     pub name: Option<String>,
@@ -72,33 +85,119 @@ pub struct HttpRoute {
     pub matches: Vec<HttpMatchRequest>,
     #[serde(default)]
     pub route: Vec<HttpRouteDestination>,
+    #[serde(default)]
+    pub redirect: Option<HttpRedirect>,
+    #[serde(default)]
+    pub direct_response: Option<HttpDirectResponse>,
+    #[serde(default)]
+    pub delegate: Option<serde_json::Value>,
+    #[serde(default)]
+    pub rewrite: Option<HttpRewrite>,
+    #[serde(default)]
+    pub timeout: Option<String>,
+    #[serde(default)]
+    pub retries: Option<HttpRetry>,
+    #[serde(default)]
+    pub fault: Option<HttpFault>,
+    #[serde(default)]
+    pub mirror: Option<Destination>,
+    #[serde(default)]
+    pub mirror_percentage: Option<Percent>,
+    #[serde(default)]
+    pub mirror_percent: Option<u32>,
+    #[serde(default)]
+    pub mirrors: Vec<HttpMirrorPolicy>,
+    #[serde(default)]
+    pub cors_policy: Option<CorsPolicy>,
+    #[serde(default)]
+    pub headers: Option<Headers>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpMatchRequest {
+    #[serde(default)]
+    pub name: Option<String>,
     #[serde(default)]
     pub uri: Option<StringMatch>,
     #[serde(default)]
+    pub scheme: Option<StringMatch>,
+    #[serde(default)]
+    pub method: Option<StringMatch>,
+    #[serde(default)]
+    pub authority: Option<StringMatch>,
+    #[serde(default)]
     pub headers: BTreeMap<String, StringMatch>,
+    #[serde(default)]
+    pub without_headers: BTreeMap<String, StringMatch>,
+    #[serde(default)]
+    pub query_params: BTreeMap<String, StringMatch>,
+    #[serde(default)]
+    pub port: Option<u32>,
+    #[serde(default)]
+    pub source_labels: Labels,
+    #[serde(default)]
+    pub source_namespace: Option<String>,
+    #[serde(default)]
+    pub gateways: Vec<String>,
+    #[serde(default)]
+    pub ignore_uri_case: bool,
+    #[serde(default)]
+    pub stat_prefix: Option<String>,
 }
 
-/// Istio's StringMatch: exactly one of exact, prefix, regex.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
-#[serde(rename_all = "lowercase")]
-pub enum StringMatch {
-    Exact(String),
-    Prefix(String),
-    Regex(String),
+/// Istio's StringMatch: at most one of exact, prefix, regex. Empty (`{}`)
+/// is allowed for headers and query parameters, where it means "present".
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct StringMatch {
+    #[serde(default)]
+    pub exact: Option<String>,
+    #[serde(default)]
+    pub prefix: Option<String>,
+    #[serde(default)]
+    pub regex: Option<String>,
 }
 
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+/// One kind of string match.
+#[derive(Clone, Debug, PartialEq)]
+pub enum MatchKind<'a> {
+    Exact(&'a str),
+    Prefix(&'a str),
+    Regex(&'a str),
+}
+
+impl StringMatch {
+    /// The one kind set, `None` for `{}`, or an error when several are set.
+    pub fn kind(&self) -> Result<Option<MatchKind<'_>>, String> {
+        let set: Vec<MatchKind<'_>> = [
+            self.exact.as_deref().map(MatchKind::Exact),
+            self.prefix.as_deref().map(MatchKind::Prefix),
+            self.regex.as_deref().map(MatchKind::Regex),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        match set.len() {
+            0 => Ok(None),
+            1 => Ok(set.into_iter().next()),
+            _ => Err("sets more than one of exact, prefix and regex".into()),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpRouteDestination {
     pub destination: Destination,
     #[serde(default)]
     pub weight: Option<u32>,
+    #[serde(default)]
+    pub headers: Option<Headers>,
 }
 
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
 pub struct Destination {
     pub host: String,
     #[serde(default)]
@@ -107,9 +206,205 @@ pub struct Destination {
     pub port: Option<PortSelector>,
 }
 
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
 pub struct PortSelector {
     pub number: u32,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpRedirect {
+    #[serde(default)]
+    pub uri: Option<String>,
+    #[serde(default)]
+    pub authority: Option<String>,
+    #[serde(default)]
+    pub port: Option<u32>,
+    #[serde(default)]
+    pub derive_port: Option<String>,
+    #[serde(default)]
+    pub scheme: Option<String>,
+    #[serde(default)]
+    pub redirect_code: Option<u32>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpDirectResponse {
+    pub status: u32,
+    #[serde(default)]
+    pub body: Option<HttpBody>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HttpBody {
+    #[serde(default)]
+    pub string: Option<String>,
+    /// Base64, as in Istio's API.
+    #[serde(default)]
+    pub bytes: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpRewrite {
+    #[serde(default)]
+    pub uri: Option<String>,
+    #[serde(default)]
+    pub authority: Option<String>,
+    #[serde(default)]
+    pub uri_regex_rewrite: Option<RegexRewrite>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RegexRewrite {
+    #[serde(rename = "match")]
+    pub pattern: String,
+    pub rewrite: String,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpRetry {
+    #[serde(default)]
+    pub attempts: Option<u32>,
+    #[serde(default)]
+    pub per_try_timeout: Option<String>,
+    #[serde(default)]
+    pub retry_on: Option<String>,
+    #[serde(default)]
+    pub retry_remote_localities: Option<bool>,
+    #[serde(default)]
+    pub retry_ignore_previous_hosts: Option<bool>,
+    #[serde(default)]
+    pub backoff: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HttpFault {
+    #[serde(default)]
+    pub delay: Option<FaultDelay>,
+    #[serde(default)]
+    pub abort: Option<FaultAbort>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FaultDelay {
+    #[serde(default)]
+    pub fixed_delay: Option<String>,
+    #[serde(default)]
+    pub exponential_delay: Option<String>,
+    #[serde(default)]
+    pub percentage: Option<Percent>,
+    #[serde(default)]
+    pub percent: Option<u32>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FaultAbort {
+    #[serde(default)]
+    pub http_status: Option<u32>,
+    #[serde(default)]
+    pub grpc_status: Option<String>,
+    #[serde(default)]
+    pub http2_error: Option<String>,
+    #[serde(default)]
+    pub percentage: Option<Percent>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Percent {
+    #[serde(default)]
+    pub value: f64,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HttpMirrorPolicy {
+    pub destination: Destination,
+    #[serde(default)]
+    pub percentage: Option<Percent>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CorsPolicy {
+    #[serde(default)]
+    pub allow_origins: Vec<StringMatch>,
+    #[serde(default)]
+    pub allow_origin: Vec<String>,
+    #[serde(default)]
+    pub allow_methods: Vec<String>,
+    #[serde(default)]
+    pub allow_headers: Vec<String>,
+    #[serde(default)]
+    pub expose_headers: Vec<String>,
+    #[serde(default)]
+    pub max_age: Option<String>,
+    #[serde(default)]
+    pub allow_credentials: Option<bool>,
+    #[serde(default)]
+    pub unmatched_preflights: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Headers {
+    #[serde(default)]
+    pub request: Option<HeaderOperations>,
+    #[serde(default)]
+    pub response: Option<HeaderOperations>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderOperations {
+    #[serde(default)]
+    pub set: BTreeMap<String, String>,
+    #[serde(default)]
+    pub add: BTreeMap<String, String>,
+    #[serde(default)]
+    pub remove: Vec<String>,
+}
+
+/// Parses a duration as Istio accepts it: one or more `<number><unit>`
+/// (`h`, `m`, `s`, `ms`, `us`, `ns`), e.g. `0.5s`, `1m30s`, `250ms`.
+pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let bad = || format!("{text:?} is not a duration (write it like 0.5s, 250ms or 1m30s)");
+    let mut rest = text.trim();
+    if rest.is_empty() {
+        return Err(bad());
+    }
+    let mut total = 0f64;
+    while !rest.is_empty() {
+        let num_end = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(bad)?;
+        let n: f64 = rest[..num_end].parse().map_err(|_| bad())?;
+        let tail = &rest[num_end..];
+        let unit_end = tail
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(tail.len());
+        let scale = match &tail[..unit_end] {
+            "h" => 3600.0,
+            "m" => 60.0,
+            "s" => 1.0,
+            "ms" => 1e-3,
+            "us" | "µs" => 1e-6,
+            "ns" => 1e-9,
+            _ => return Err(bad()),
+        };
+        total += n * scale;
+        rest = &tail[unit_end..];
+    }
+    Ok(std::time::Duration::from_secs_f64(total))
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]

@@ -9,6 +9,7 @@ pub mod jwks;
 pub mod model;
 pub mod status;
 pub mod store;
+pub mod vs;
 mod watch;
 pub mod xds;
 

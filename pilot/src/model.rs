@@ -598,60 +598,40 @@ impl Model {
 
     fn add_routes(&mut self, meta: &Meta, vs: &VirtualService, errors: &mut Vec<String>) {
         let ctx = at(meta, "VirtualService");
+        // Bound only to gateways: nothing for sidecars.
+        if !vs.gateways.is_empty() && !vs.gateways.iter().any(|g| g == "mesh") {
+            return;
+        }
+        for (kind, list) in [("tcp", &vs.tcp), ("tls", &vs.tls)] {
+            if !list.is_empty() {
+                errors.push(format!(
+                    "{ctx}: spec.{kind}: {kind} routes are not supported yet; use http routes, or a ServiceEntry port with protocol TCP"
+                ));
+            }
+        }
         let mut http = vs.http.clone();
         for (i, route) in http.iter_mut().enumerate() {
             let field = format!("spec.http[{i}]");
-            if route.route.is_empty() {
-                errors.push(format!("{ctx}: {field}.route is empty"));
-            }
-            let weights: u32 = route.route.iter().map(|d| d.weight.unwrap_or(0)).sum();
-            if route.route.len() > 1 && weights != 100 {
-                errors.push(format!(
-                    "{ctx}: {field}.route weights add up to {weights}, not 100"
-                ));
-            }
-            for (j, m) in route.matches.iter().enumerate() {
-                let regex = matches!(m.uri, Some(crate::istio::StringMatch::Regex(_)))
-                    || m.headers
-                        .values()
-                        .any(|h| matches!(h, crate::istio::StringMatch::Regex(_)));
-                if regex {
-                    errors.push(format!(
-                        "{ctx}: {field}.match[{j}]: regex matches are not supported yet; use exact or prefix"
-                    ));
-                }
-            }
-            for (j, d) in route.route.iter_mut().enumerate() {
-                d.destination.host = fqdn(&d.destination.host, &meta.namespace);
-                let dest = &d.destination;
-                let where_ = format!("{field}.route[{j}].destination");
-                let Some(svc) = self.services.get(&dest.host) else {
-                    errors.push(format!(
-                        "{ctx}: {where_}.host {} is not a known service; add a ServiceEntry for it",
-                        dest.host
-                    ));
-                    continue;
-                };
-                if let Some(p) = &dest.port
-                    && !svc.ports.iter().any(|sp| sp.number == p.number)
-                {
-                    errors.push(format!(
-                        "{ctx}: {where_}.port {} is not a port of {}",
-                        p.number, dest.host
-                    ));
-                }
-                if let Some(subset) = &dest.subset {
-                    let known = self
-                        .subsets
-                        .get(&dest.host)
-                        .is_some_and(|s| s.contains_key(subset));
-                    if !known {
-                        errors.push(format!(
-                            "{ctx}: {where_}.subset {subset:?} is not defined by any DestinationRule for {}",
-                            dest.host
-                        ));
-                    }
-                }
+            crate::vs::check(&format!("{ctx}: {field}"), route, errors);
+            let mirrors = route
+                .mirror
+                .iter_mut()
+                .map(|d| (format!("{field}.mirror"), d))
+                .chain(
+                    route
+                        .mirrors
+                        .iter_mut()
+                        .enumerate()
+                        .map(|(j, m)| (format!("{field}.mirrors[{j}].destination"), &mut m.destination)),
+                );
+            let routes = route
+                .route
+                .iter_mut()
+                .enumerate()
+                .map(|(j, d)| (format!("{field}.route[{j}].destination"), &mut d.destination));
+            for (where_, dest) in routes.chain(mirrors) {
+                dest.host = fqdn(&dest.host, &meta.namespace);
+                self.check_destination(&ctx, &where_, dest, errors);
             }
         }
         for host in &vs.hosts {
@@ -666,6 +646,42 @@ impl Model {
                 namespace: meta.namespace.clone(),
                 http: http.clone(),
             });
+        }
+    }
+
+    fn check_destination(
+        &self,
+        ctx: &str,
+        where_: &str,
+        dest: &crate::istio::Destination,
+        errors: &mut Vec<String>,
+    ) {
+        let Some(svc) = self.services.get(&dest.host) else {
+            errors.push(format!(
+                "{ctx}: {where_}.host {} is not a known service; add a ServiceEntry for it",
+                dest.host
+            ));
+            return;
+        };
+        if let Some(p) = &dest.port
+            && !svc.ports.iter().any(|sp| sp.number == p.number)
+        {
+            errors.push(format!(
+                "{ctx}: {where_}.port {} is not a port of {}",
+                p.number, dest.host
+            ));
+        }
+        if let Some(subset) = &dest.subset {
+            let known = self
+                .subsets
+                .get(&dest.host)
+                .is_some_and(|s| s.contains_key(subset));
+            if !known {
+                errors.push(format!(
+                    "{ctx}: {where_}.subset {subset:?} is not defined by any DestinationRule for {}",
+                    dest.host
+                ));
+            }
         }
     }
 

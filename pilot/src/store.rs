@@ -207,7 +207,10 @@ spec:
         };
         assert_eq!(
             vs.http[0].matches[0].uri,
-            Some(crate::istio::StringMatch::Prefix("/reviews".into()))
+            Some(crate::istio::StringMatch {
+                prefix: Some("/reviews".into()),
+                ..Default::default()
+            })
         );
         assert_eq!(res[1].0.namespace, "default");
     }

@@ -80,7 +80,7 @@ fn config_dump(shared: &Shared) -> Value {
         })
     });
     let mut routes: Vec<_> = snapshot.routes.values().collect();
-    routes.sort_by(|a, b| a.name.cmp(&b.name));
+    routes.sort_by(|a, b| a.config.name.cmp(&b.config.name));
     let mut clusters: Vec<_> = snapshot.clusters.values().collect();
     clusters.sort_by(|a, b| a.config.name.cmp(&b.config.name));
     json!({
@@ -89,29 +89,7 @@ fn config_dump(shared: &Shared) -> Value {
         "certificate": cert,
         "xds": *shared.xds_status.borrow(),
         "listener": listener,
-        "routes": routes.iter().map(|r| json!({
-            "name": r.name,
-            "domains": r.domains,
-            "routes": r.routes.iter().map(|h| json!({
-                "name": h.name,
-                "matches": h.matches.iter().map(|m| json!({
-                    "path": match &m.path {
-                        Some(pb::http_match::Path::Exact(p)) => json!({"exact": p}),
-                        Some(pb::http_match::Path::Prefix(p)) => json!({"prefix": p}),
-                        None => Value::Null,
-                    },
-                    "headers": m.headers.iter().map(|h| json!({
-                        "name": h.name,
-                        "value": match &h.value {
-                            Some(pb::header_match::Value::Exact(v)) => json!({"exact": v}),
-                            Some(pb::header_match::Value::Prefix(v)) => json!({"prefix": v}),
-                            None => Value::Null,
-                        },
-                    })).collect::<Vec<_>>(),
-                })).collect::<Vec<_>>(),
-                "clusters": h.clusters.iter().map(|c| json!({"cluster": c.cluster, "weight": c.weight})).collect::<Vec<_>>(),
-            })).collect::<Vec<_>>(),
-        })).collect::<Vec<_>>(),
+        "routes": routes.iter().map(|r| &r.config).collect::<Vec<_>>(),
         "clusters": clusters.iter().map(|c| json!({
             "name": c.config.name,
             "protocol": protocol(c.config.protocol),

@@ -61,6 +61,17 @@ pub struct ProxyArgs {
     /// with no cross-thread wake-ups: a sidecar serves one pod.
     #[arg(long, env = "MESH_PROXY_THREADS", default_value_t = DEFAULT_THREADS)]
     pub threads: usize,
+    /// Retries to a destination may add at most this percentage of its
+    /// requests (over a 10 s window), beyond the floor below.
+    #[arg(long, env = "MESH_RETRY_BUDGET_PERCENT", default_value_t = 20.0)]
+    pub retry_budget_percent: f64,
+    /// Retries to a destination always allowed per second.
+    #[arg(long, env = "MESH_RETRY_BUDGET_MIN_PER_SEC", default_value_t = 10)]
+    pub retry_budget_min_per_sec: u32,
+    /// Request bodies up to this size are kept for retries and mirrors;
+    /// larger ones stream once and are not retried.
+    #[arg(long, env = "MESH_RETRY_BUFFER_BYTES", default_value_t = crate::replay::DEFAULT_LIMIT)]
+    pub retry_buffer_bytes: usize,
 }
 
 pub const DEFAULT_THREADS: usize = 1;
@@ -96,6 +107,11 @@ impl ProxyArgs {
             capture: self.capture,
             socket_mark: self.proxy_mark,
             ports: Ports::default(),
+            retry_budget: crate::budget::BudgetConfig {
+                ratio: (self.retry_budget_percent / 100.0).max(0.0),
+                min_per_sec: self.retry_budget_min_per_sec,
+            },
+            retry_buffer_bytes: self.retry_buffer_bytes,
         })
     }
 }

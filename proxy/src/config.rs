@@ -34,6 +34,10 @@ pub struct Config {
     /// rules that cannot tell the proxy by its UID (rootless pods).
     pub socket_mark: Option<u32>,
     pub ports: Ports,
+    /// How many retries each destination may take (`budget.rs`).
+    pub retry_budget: crate::budget::BudgetConfig,
+    /// How much of a request body is kept so it can be retried or mirrored.
+    pub retry_buffer_bytes: usize,
 }
 
 /// Istio's outboundTrafficPolicy modes.

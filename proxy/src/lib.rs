@@ -5,10 +5,13 @@
 
 pub mod admin;
 pub mod authz;
+pub mod budget;
 pub mod capture;
 pub mod cli;
 pub mod config;
 pub mod drain;
+pub mod flags;
+mod http_extra;
 pub mod identity;
 pub mod inbound;
 pub mod jwt;
@@ -16,6 +19,7 @@ pub mod metrics;
 pub mod outbound;
 pub mod platform;
 pub mod pool;
+pub mod replay;
 pub mod route;
 mod server;
 pub mod state;

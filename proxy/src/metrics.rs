@@ -31,6 +31,10 @@ pub struct RequestLabels {
 pub struct Metrics {
     pub registry: Registry,
     pub requests: Family<RequestLabels, Counter>,
+    /// Retries sent (attempts after the first).
+    pub retries: Counter,
+    /// Retries the policy wanted but the retry budget refused.
+    pub retries_over_budget: Counter,
 }
 
 impl Default for Metrics {
@@ -43,7 +47,24 @@ impl Default for Metrics {
             "Requests handled by the proxy",
             requests.clone(),
         );
-        Self { registry, requests }
+        let retries = Counter::default();
+        registry.register(
+            "mesh_retries",
+            "Retries the sidecar sent",
+            retries.clone(),
+        );
+        let retries_over_budget = Counter::default();
+        registry.register(
+            "mesh_retries_over_budget",
+            "Retries not sent because the destination's retry budget was spent",
+            retries_over_budget.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            retries,
+            retries_over_budget,
+        }
     }
 }
 

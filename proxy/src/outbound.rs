@@ -9,28 +9,23 @@ use http::{Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
+use crate::flags::Flags;
 use crate::metrics::RequestLabels;
 use crate::pool::Body;
+use crate::replay::Replay;
+use crate::route::{self, Action, Failure, RequestView};
 use crate::state::{Cluster, Endpoint, Snapshot};
 use crate::wire::{self, local_reply};
 use crate::{OutboundPolicy, Shared};
 
-/// Istio's response flags for what the proxy itself answered.
-mod flags {
-    pub const NO_ROUTE: &str = "NR";
-    pub const NO_HEALTHY_UPSTREAM: &str = "UH";
-    pub const UPSTREAM_FAILURE: &str = "UF";
-    pub const NONE: &str = "-";
-}
-
 /// Why the proxy answered a request itself.
 struct Refusal {
     status: StatusCode,
-    flags: &'static str,
+    flags: Flags,
     message: String,
 }
 
-fn refuse(status: StatusCode, flags: &'static str, message: String) -> Refusal {
+fn refuse(status: StatusCode, flags: Flags, message: String) -> Refusal {
     Refusal {
         status,
         flags,
@@ -52,12 +47,17 @@ pub async fn handle(
     let protocol = wire::protocol_label(&req);
     let snapshot = shared.snapshot.borrow().clone();
     let mut chosen = Chosen::Nothing;
-    let result = forward(&shared, &snapshot, &conn, req, &mut chosen).await;
-    let (resp, flags) = match result {
-        Ok(resp) => (resp, flags::NONE),
-        Err(r) => (local_reply(r.status, r.message), r.flags),
+    let mut flags = Flags::NONE;
+    let result = forward(&shared, &snapshot, &conn, req, &mut chosen, &mut flags).await;
+    let resp = match result {
+        Ok(resp) => resp,
+        Err(r) => {
+            flags |= r.flags;
+            local_reply(r.status, r.message)
+        }
     };
     let code = resp.status().as_u16();
+    let flags = flags.as_str();
     let labels = |cluster: Option<&Cluster>, endpoint: Option<&Endpoint>| {
         let mut l = source_labels(&shared, &snapshot);
         l.request_protocol = protocol;
@@ -68,9 +68,7 @@ pub async fn handle(
         }
         if let Some(e) = endpoint {
             e.labels(&mut l);
-            if flags == flags::NONE {
-                l.connection_security_policy = "mutual_tls";
-            }
+            l.connection_security_policy = "mutual_tls";
         }
         l
     };
@@ -81,6 +79,9 @@ pub async fn handle(
             .inc((code, flags, protocol), family, || labels(Some(c), Some(e))),
         Chosen::Nothing => {
             family.get_or_create(&labels(None, None)).inc();
+        }
+        Chosen::Cluster(c) => {
+            family.get_or_create(&labels(Some(c), None)).inc();
         }
         Chosen::Outside(name) => {
             let mut l = labels(None, None);
@@ -117,22 +118,25 @@ fn authority(req: &Request<Incoming>) -> Option<&str> {
 /// What a request was sent to, for its metrics.
 enum Chosen {
     Nothing,
+    /// A destination service, before (or without) an endpoint.
+    Cluster(Arc<Cluster>),
     Mesh(Arc<Cluster>, Arc<Endpoint>),
     /// Istio's names for outside the mesh: `PassthroughCluster`, `BlackHoleCluster`.
     Outside(&'static str),
 }
 
 async fn forward(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     snapshot: &Snapshot,
     conn: &Conn,
     req: Request<Incoming>,
     chosen: &mut Chosen,
+    flags: &mut Flags,
 ) -> Result<Response<Body>, Refusal> {
     if let Some(dst) = conn.original_dst.filter(|d| shared.cfg.is_own_listener(*d)) {
         return Err(refuse(
             StatusCode::LOOP_DETECTED,
-            flags::NONE,
+            Flags::NONE,
             format!("{dst} is this sidecar's own listener: refusing to loop"),
         ));
     }
@@ -145,73 +149,381 @@ async fn forward(
         snapshot.route_config(&d.ip().to_string(), d.port())
     };
     let Some(rc) = by_host.or_else(by_dst) else {
-        return outside_the_mesh(shared, conn, req, chosen).await;
+        // Boxed: keeps the mesh path's future small.
+        return Box::pin(outside_the_mesh(shared, conn, req, chosen)).await;
     };
     let authority_str = match authority(&req) {
         Some(a) => a.to_string(),
         None => conn.original_dst.map(|d| d.to_string()).unwrap_or_default(),
     };
-    let authority_str = authority_str.as_str();
-    let path = req.uri().path();
-    let Some(route) = crate::route::select(rc, path, req.headers()) else {
+    let (mut parts, body) = req.into_parts();
+    let view = RequestView {
+        path: parts.uri.path(),
+        query: parts.uri.query(),
+        method: parts.method.as_str(),
+        scheme: parts.uri.scheme_str().unwrap_or("http"),
+        authority: &authority_str,
+        headers: &parts.headers,
+        port: rc.config.port,
+    };
+    let Some((route, matched)) = rc.select(&view) else {
         return Err(refuse(
             StatusCode::NOT_FOUND,
-            flags::NO_ROUTE,
-            format!("no route of {} matches {path}", rc.name),
+            Flags::NR,
+            format!("no route of {} matches {}", rc.config.name, view.path),
         ));
     };
-    let Some(cluster) = crate::route::pick_cluster(route).and_then(|c| snapshot.clusters.get(c))
-    else {
+    let origin = route
+        .cors
+        .as_ref()
+        .and_then(|c| Some((c, parts.headers.get(http::header::ORIGIN)?.clone())))
+        .filter(|(c, o)| o.to_str().is_ok_and(|o| c.allows(o)));
+    if let Some((cors, origin)) = &origin
+        && parts.method == http::Method::OPTIONS
+        && parts
+            .headers
+            .contains_key(http::header::ACCESS_CONTROL_REQUEST_METHOD)
+    {
+        return Ok(crate::http_extra::cors_preflight(cors, origin));
+    }
+    let new_path = route.rewritten_path(matched, parts.uri.path(), parts.uri.query());
+    match &route.action {
+        Action::Forward => {}
+        Action::Redirect(rd) => {
+            let path = new_path.as_deref().unwrap_or_else(|| {
+                parts.uri.path_and_query().map_or("/", |p| p.as_str())
+            });
+            return Ok(crate::http_extra::redirect(rd, &authority_str, path));
+        }
+        Action::Direct(status, body) => {
+            let mut resp = Response::new(wire::full(body.clone()));
+            *resp.status_mut() = *status;
+            route.response_headers.apply(resp.headers_mut());
+            return Ok(resp);
+        }
+    }
+    if let Some(fault) = &route.fault {
+        if let Some((delay, pct)) = fault.delay
+            && route::roll(pct)
+        {
+            *flags |= Flags::DI;
+            Box::pin(tokio::time::sleep(delay)).await;
+        }
+        if let Some(abort) = &fault.abort
+            && route::roll(abort.percentage)
+        {
+            *flags |= Flags::FI;
+            return Ok(match abort.grpc {
+                Some(code) => wire::grpc_reply(code, "fault filter abort"),
+                None => local_reply(abort.status, "fault filter abort"),
+            });
+        }
+    }
+    let Some(dest) = route.pick() else {
         return Err(refuse(
             StatusCode::SERVICE_UNAVAILABLE,
-            flags::NO_HEALTHY_UPSTREAM,
-            format!("route {} has no known destination", route.name),
+            Flags::NR,
+            format!("route {} has no destination", route.name),
         ));
     };
-    let Some(endpoint) = cluster.pick().cloned() else {
+    let Some(cluster) = snapshot.clusters.get(&dest.cluster) else {
         return Err(refuse(
             StatusCode::SERVICE_UNAVAILABLE,
-            flags::NO_HEALTHY_UPSTREAM,
-            format!("no endpoints for {}", cluster.config.name),
+            Flags::NR,
+            format!("route {} names cluster {}, which this proxy does not have", route.name, dest.cluster),
         ));
     };
-    let authority: Authority = authority_str.parse().map_err(|e| {
-        refuse(
-            StatusCode::BAD_REQUEST,
-            flags::NONE,
-            format!("bad host {authority_str:?}: {e}"),
-        )
-    })?;
-    *chosen = Chosen::Mesh(cluster.clone(), endpoint.clone());
+    *chosen = Chosen::Cluster(cluster.clone());
     let Some(tls) = shared.tls.borrow().clone() else {
         return Err(refuse(
             StatusCode::SERVICE_UNAVAILABLE,
-            flags::UPSTREAM_FAILURE,
+            Flags::UF,
             "proxy has no certificate yet".into(),
         ));
     };
-    let upstream = upstream_request(req, authority, &endpoint, snapshot)
-        .map_err(|m| refuse(StatusCode::BAD_REQUEST, flags::NONE, m))?;
-    match shared
-        .pool
-        .send(&tls, endpoint.tunnel, &endpoint.identity, upstream)
-        .await
-    {
-        Ok(resp) => {
-            let (mut parts, body) = resp.into_parts();
-            parts.version = http::Version::HTTP_11;
-            Ok(Response::from_parts(parts, body.boxed()))
+    // The request as every attempt sends it.
+    let host = route
+        .rewrite
+        .as_ref()
+        .and_then(|r| r.authority.clone())
+        .map_or(Ok(None), |a| Ok(Some(a)))
+        .and_then(|a: Option<Authority>| match a {
+            Some(a) => Ok(a),
+            None => authority_str.parse::<Authority>(),
+        })
+        .map_err(|e| {
+            refuse(
+                StatusCode::BAD_REQUEST,
+                Flags::NONE,
+                format!("bad host {authority_str:?}: {e}"),
+            )
+        })?;
+    prepare(&mut parts, host, new_path.as_deref(), snapshot)
+        .map_err(|m| refuse(StatusCode::BAD_REQUEST, Flags::NONE, m))?;
+    route.request_headers.apply(&mut parts.headers);
+    dest.request_headers.apply(&mut parts.headers);
+
+    let attempts = Attempts {
+        shared,
+        tls: &tls,
+        cluster,
+        retry: route.retry.as_ref(),
+        deadline: route.timeout.map(|t| tokio::time::Instant::now() + t),
+    };
+    let (replay, body) = if http_body::Body::is_end_stream(&body) {
+        // Nothing to keep: every attempt (and mirror) sends an empty body.
+        (None, Sent::Empty)
+    } else if route.retry.is_some() || !route.mirrors.is_empty() {
+        let r = Replay::new(body, shared.cfg.retry_buffer_bytes);
+        (Some(r.clone()), Sent::Replay(r))
+    } else {
+        (None, Sent::Once(Some(body)))
+    };
+    for m in &route.mirrors {
+        if route::roll(m.percentage)
+            && let Some(c) = snapshot.clusters.get(&m.cluster)
+            && (replay.is_some() || matches!(body, Sent::Empty))
+        {
+            mirror(shared, &tls, c.clone(), &parts, replay.clone());
         }
-        Err(e) => {
-            tracing::warn!(endpoint = %endpoint.tunnel, error = %e, "upstream request failed");
-            Err(refuse(
-                StatusCode::SERVICE_UNAVAILABLE,
-                flags::UPSTREAM_FAILURE,
-                format!("upstream connect error: {e}"),
-            ))
+    }
+    // Boxed: the attempts' future (sends, timeouts) is allocated once in
+    // place rather than growing every request's future.
+    let mut resp = Box::pin(attempts.run(parts, body, chosen, flags)).await?;
+    route.response_headers.apply(resp.headers_mut());
+    dest.response_headers.apply(resp.headers_mut());
+    if let Some((cors, origin)) = origin {
+        crate::http_extra::cors_response(cors, origin, resp.headers_mut());
+    }
+    Ok(resp)
+}
+
+/// The body each attempt sends.
+enum Sent {
+    Empty,
+    Once(Option<Incoming>),
+    Replay(Replay),
+}
+
+impl Sent {
+    fn next(&mut self) -> Option<Body> {
+        match self {
+            Sent::Empty => Some(wire::empty()),
+            Sent::Once(b) => b.take().map(|b| b.boxed()),
+            Sent::Replay(r) => r.can_replay().then(|| r.body().boxed()),
         }
     }
 }
+
+/// A request's attempts at one destination, under its retry policy, the
+/// route's timeout and the destination's retry budget.
+struct Attempts<'a> {
+    shared: &'a Shared,
+    tls: &'a crate::identity::Tls,
+    cluster: &'a Arc<Cluster>,
+    retry: Option<&'a route::Retry>,
+    deadline: Option<tokio::time::Instant>,
+}
+
+/// One attempt's result.
+enum Tried {
+    Answered(Response<Body>),
+    Failed(Failure, String),
+}
+
+impl Attempts<'_> {
+    async fn run(
+        &self,
+        parts: http::request::Parts,
+        mut body: Sent,
+        chosen: &mut Chosen,
+        flags: &mut Flags,
+    ) -> Result<Response<Body>, Refusal> {
+        let max = self.retry.map_or(0, |r| r.attempts);
+        self.cluster.budget.deposit();
+        let mut attempt = 0;
+        loop {
+            let Some(endpoint) = self.cluster.pick().cloned() else {
+                return Err(refuse(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    Flags::UH,
+                    format!("no healthy endpoints for {}", self.cluster.config.name),
+                ));
+            };
+            *chosen = Chosen::Mesh(self.cluster.clone(), endpoint.clone());
+            let Some(b) = body.next() else {
+                return Err(refuse(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    Flags::URX,
+                    "request body too large to retry".into(),
+                ));
+            };
+            let mut p = parts.clone();
+            p.headers
+                .insert(wire::TARGET_PORT, endpoint.target_port.clone());
+            let req = Request::from_parts(p, b);
+            let tried = self.attempt(&endpoint, req).await;
+            let timed_out_overall = self
+                .deadline
+                .is_some_and(|d| tokio::time::Instant::now() >= d);
+            let failure = match &tried {
+                Tried::Answered(resp) => Failure::Status(resp.status().as_u16(), grpc_status(resp)),
+                Tried::Failed(f, _) => *f,
+            };
+            let retriable = self.retry.is_some_and(|r| r.retries(failure));
+            let again = retriable
+                && !timed_out_overall
+                && attempt < max
+                && match &body {
+                    Sent::Empty => true,
+                    Sent::Replay(r) => r.can_replay(),
+                    Sent::Once(_) => false,
+                }
+                && self.cluster.budget.withdraw(&self.shared.cfg.retry_budget);
+            if again {
+                if let Tried::Failed(_, e) = &tried {
+                    tracing::debug!(endpoint = %endpoint.tunnel, error = %e, attempt, "retrying");
+                }
+                self.shared.metrics.retries.inc();
+                attempt += 1;
+                continue;
+            }
+            if retriable && attempt >= max && max > 0 {
+                *flags |= Flags::URX;
+            }
+            if retriable && attempt < max && !timed_out_overall {
+                self.shared.metrics.retries_over_budget.inc();
+            }
+            return match tried {
+                Tried::Answered(resp) => Ok(resp),
+                Tried::Failed(Failure::Timeout, _) => Err(refuse(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    Flags::UT,
+                    "upstream request timeout".into(),
+                )),
+                Tried::Failed(Failure::Reset, e) => {
+                    tracing::warn!(endpoint = %endpoint.tunnel, error = %e, "upstream request failed");
+                    Err(refuse(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        Flags::UC,
+                        format!("upstream connect error or disconnect/reset before headers: {e}"),
+                    ))
+                }
+                Tried::Failed(_, e) => {
+                    tracing::warn!(endpoint = %endpoint.tunnel, error = %e, "upstream request failed");
+                    Err(refuse(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        Flags::UF,
+                        format!("upstream connect error: {e}"),
+                    ))
+                }
+            };
+        }
+    }
+
+    async fn attempt(&self, endpoint: &Endpoint, req: Request<Body>) -> Tried {
+        let send = self
+            .shared
+            .pool
+            .send(self.tls, endpoint.tunnel, &endpoint.identity, req);
+        let per_try = self
+            .retry
+            .and_then(|r| r.per_try_timeout)
+            .map(|t| tokio::time::Instant::now() + t);
+        let limit = match (per_try, self.deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let result = match limit {
+            Some(at) => match tokio::time::timeout_at(at, send).await {
+                Ok(r) => r,
+                Err(_) => return Tried::Failed(Failure::Timeout, "timed out".into()),
+            },
+            None => send.await,
+        };
+        match result {
+            Ok(resp) => {
+                let (mut parts, body) = resp.into_parts();
+                parts.version = http::Version::HTTP_11;
+                Tried::Answered(Response::from_parts(parts, body.boxed()))
+            }
+            Err(e) => Tried::Failed(classify(&e), e.to_string()),
+        }
+    }
+}
+
+/// A gRPC status in the response headers (a trailers-only answer).
+fn grpc_status<B>(resp: &Response<B>) -> Option<u8> {
+    resp.headers()
+        .get("grpc-status")?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+fn classify(e: &crate::pool::PoolError) -> Failure {
+    use std::error::Error;
+    if e.is_connect() {
+        return Failure::Connect;
+    }
+    let mut source = e.source();
+    while let Some(s) = source {
+        if let Some(h2) = s.downcast_ref::<h2::Error>()
+            && h2.reason() == Some(h2::Reason::REFUSED_STREAM)
+        {
+            return Failure::Refused;
+        }
+        source = s.source();
+    }
+    Failure::Reset
+}
+
+/// Sends a copy of the request to a mirror cluster once the body is whole,
+/// and forgets it: the answer is dropped and nothing waits for it.
+fn mirror(
+    shared: &Arc<Shared>,
+    tls: &Arc<crate::identity::Tls>,
+    cluster: Arc<Cluster>,
+    parts: &http::request::Parts,
+    body: Option<Replay>,
+) {
+    let Some(endpoint) = cluster.pick().cloned() else {
+        return;
+    };
+    let mut parts = parts.clone();
+    // Envoy's convention: the mirror sees the host with "-shadow".
+    if let Some(a) = parts.uri.authority() {
+        let (host, port) = crate::state::split_authority(a.as_str());
+        let shadow = match port {
+            Some(p) => format!("{host}-shadow:{p}"),
+            None => format!("{host}-shadow"),
+        };
+        let mut uri = std::mem::take(&mut parts.uri).into_parts();
+        uri.authority = shadow.parse().ok();
+        parts.uri = Uri::from_parts(uri).unwrap_or_default();
+    }
+    parts.headers.insert(wire::TARGET_PORT, endpoint.target_port.clone());
+    let shared = shared.clone();
+    let tls = tls.clone();
+    tokio::spawn(async move {
+        let send = async {
+            let body = match body {
+                None => wire::empty(),
+                Some(b) if b.whole().await => b.body().boxed(),
+                Some(_) => return,
+            };
+            let req = Request::from_parts(parts, body);
+            if let Ok(resp) = shared.pool.send(&tls, endpoint.tunnel, &endpoint.identity, req).await {
+                let _ = resp.into_body().collect().await;
+            }
+        };
+        let _ = tokio::time::timeout(MIRROR_TIMEOUT, send).await;
+    });
+}
+
+/// How long a mirrored request may take before it is dropped.
+const MIRROR_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// A request for no mesh service: with an original destination (captured
 /// traffic) it passes through to it under ALLOW_ANY and is refused under
@@ -226,7 +538,7 @@ async fn outside_the_mesh(
         let what = authority(&req).unwrap_or("(no host)").to_string();
         return Err(refuse(
             StatusCode::NOT_FOUND,
-            flags::NO_ROUTE,
+            Flags::NR,
             format!("no route to {what}: not a mesh service"),
         ));
     };
@@ -234,7 +546,7 @@ async fn outside_the_mesh(
         *chosen = Chosen::Outside("BlackHoleCluster");
         return Err(refuse(
             StatusCode::BAD_GATEWAY,
-            flags::NO_ROUTE,
+            Flags::NR,
             format!(
                 "{dst} is outside the mesh and the outbound traffic policy is REGISTRY_ONLY (BlackHoleCluster)"
             ),
@@ -252,7 +564,7 @@ async fn outside_the_mesh(
     parts.uri = Uri::from_parts(uri).map_err(|e| {
         refuse(
             StatusCode::BAD_REQUEST,
-            flags::NONE,
+            Flags::NONE,
             format!("bad request target: {e}"),
         )
     })?;
@@ -275,22 +587,27 @@ async fn outside_the_mesh(
         }
         Err(e) => Err(refuse(
             StatusCode::SERVICE_UNAVAILABLE,
-            flags::UPSTREAM_FAILURE,
+            Flags::UF,
             format!("passthrough to {dst} failed: {e}"),
         )),
     }
 }
 
-fn upstream_request(
-    req: Request<Incoming>,
+/// Turns the app's request into the one sent to the peer sidecar:
+/// absolute URI with the (possibly rewritten) authority and path, HTTP/2,
+/// no hop-by-hop headers, and the mesh's own headers.
+fn prepare(
+    parts: &mut http::request::Parts,
     authority: Authority,
-    ep: &Endpoint,
+    new_path: Option<&str>,
     snapshot: &Snapshot,
-) -> Result<Request<Body>, String> {
-    let (mut parts, body) = req.into_parts();
+) -> Result<(), String> {
     let mut uri = std::mem::take(&mut parts.uri).into_parts();
     uri.scheme = Some(Scheme::HTTP);
     uri.authority = Some(authority);
+    if let Some(p) = new_path {
+        uri.path_and_query = Some(p.parse().map_err(|e| format!("rewritten path {p:?}: {e}"))?);
+    }
     if uri.path_and_query.is_none() {
         uri.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
     }
@@ -300,11 +617,8 @@ fn upstream_request(
         parts.headers.remove(http::header::HOST);
     }
     parts.version = http::Version::HTTP_2;
-    parts
-        .headers
-        .insert(wire::TARGET_PORT, ep.target_port.clone());
     if let Some(src) = &snapshot.own.source_header {
         parts.headers.insert(wire::SOURCE, src.clone());
     }
-    Ok(Request::from_parts(parts, body.boxed()))
+    Ok(())
 }

@@ -13,6 +13,7 @@ use mesh_identity::SpiffeId;
 use mesh_proto::resources as pb;
 
 use crate::metrics::{RequestLabels, SeriesCache, service_name_namespace};
+use crate::route::RouteTable;
 use crate::wire::PeerMeta;
 
 #[derive(Debug, Default)]
@@ -22,12 +23,13 @@ pub struct Snapshot {
     pub own: Own,
     /// Inbound app ports by number.
     pub inbound: HashMap<u32, Arc<InboundPort>>,
-    pub routes: HashMap<String, Arc<pb::RouteConfig>>,
+    /// Route configs by name, compiled.
+    pub routes: HashMap<String, Arc<RouteTable>>,
     pub clusters: HashMap<String, Arc<Cluster>>,
     /// Opaque TCP services by VIP and port.
     pub tcp: HashMap<SocketAddr, Arc<Cluster>>,
     /// Domain (host without port) -> route configs by port.
-    domains: HashMap<String, Vec<Arc<pb::RouteConfig>>>,
+    domains: HashMap<String, Vec<Arc<RouteTable>>>,
     /// Which types pilot has answered at least once.
     pub answered: usize,
     /// The workload's AuthorizationPolicies, compiled.
@@ -64,6 +66,8 @@ pub struct Cluster {
     pub config: pb::Cluster,
     pub endpoints: Vec<Arc<Endpoint>>,
     next: AtomicUsize,
+    /// Counts requests and retries to this destination.
+    pub budget: crate::budget::RetryBudget,
 }
 
 /// An endpoint, parsed once: where its sidecar listens, what identity it must
@@ -132,14 +136,16 @@ pub struct Resources {
 
 impl Resources {
     pub fn snapshot(&self) -> Snapshot {
+        let own_workload = self.listener.as_ref().and_then(|l| l.workload.as_ref());
+        // Checked when each arrived (a bad one is NACKed), so none is skipped.
         let routes: HashMap<_, _> = self
             .routes
             .iter()
-            .map(|(k, v)| (k.clone(), Arc::new(v.clone())))
+            .filter_map(|(k, v)| Some((k.clone(), Arc::new(RouteTable::compile(v, own_workload).ok()?))))
             .collect();
-        let mut domains: HashMap<String, Vec<Arc<pb::RouteConfig>>> = HashMap::new();
+        let mut domains: HashMap<String, Vec<Arc<RouteTable>>> = HashMap::new();
         for rc in routes.values() {
-            for d in &rc.domains {
+            for d in &rc.config.domains {
                 domains.entry(d.clone()).or_default().push(rc.clone());
             }
         }
@@ -163,6 +169,7 @@ impl Resources {
                     config: c.clone(),
                     endpoints,
                     next: AtomicUsize::new(0),
+                    budget: Default::default(),
                 };
                 (name.clone(), Arc::new(cluster))
             })
@@ -273,7 +280,7 @@ impl Snapshot {
         &self,
         authority: &str,
         default_port: u16,
-    ) -> Option<&Arc<pb::RouteConfig>> {
+    ) -> Option<&Arc<RouteTable>> {
         let (host, port) = split_authority(authority);
         let configs = match self.domains.get(host) {
             Some(c) => c,
@@ -282,7 +289,7 @@ impl Snapshot {
         let port = port.unwrap_or(default_port) as u32;
         configs
             .iter()
-            .find(|rc| rc.port == port)
+            .find(|rc| rc.config.port == port)
             .or_else(|| (configs.len() == 1).then(|| &configs[0]))
     }
 }

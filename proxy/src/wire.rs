@@ -64,6 +64,27 @@ pub fn local_reply(status: http::StatusCode, msg: impl Into<String>) -> http::Re
         .expect("static parts are valid")
 }
 
+/// A gRPC trailers-only answer made by the proxy itself.
+pub fn grpc_reply(code: u32, msg: &str) -> http::Response<Body> {
+    let mut resp = http::Response::new(full(""));
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/grpc"),
+    );
+    h.insert("grpc-status", header::HeaderValue::from(code));
+    if let Ok(m) = header::HeaderValue::from_str(msg) {
+        h.insert("grpc-message", m);
+    }
+    resp
+}
+
+pub fn empty() -> Body {
+    http_body_util::Empty::new()
+        .map_err(|never| match never {})
+        .boxed()
+}
+
 pub fn full(b: impl Into<Bytes>) -> Body {
     Full::new(b.into()).map_err(|never| match never {}).boxed()
 }

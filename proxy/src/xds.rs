@@ -196,6 +196,7 @@ fn decode_into(next: &mut Resources, t: &str, name: &str, bytes: &[u8]) -> Resul
         }
         type_url::ROUTE => {
             let rc = pb::RouteConfig::decode(bytes).map_err(bad)?;
+            crate::route::RouteTable::compile(&rc, None)?;
             next.routes.insert(name.to_string(), rc);
         }
         type_url::CLUSTER => {
@@ -238,6 +239,8 @@ mod tests {
             outbound_policy: Default::default(),
             capture: false,
             socket_mark: None,
+            retry_budget: Default::default(),
+            retry_buffer_bytes: crate::replay::DEFAULT_LIMIT,
             ports: Default::default(),
         });
         let (snap_tx, snap_rx) = watch::channel(Arc::new(Snapshot::default()));
