@@ -3,8 +3,11 @@
 //! red). The apps know nothing of the mesh: they call each other by service
 //! name through `HTTP_PROXY` (their sidecar in local mode), and each reports
 //! who called it, as its sidecar told it (`x-forwarded-client-cert`), so the
-//! demo can show every hop's identities. Every service also answers
-//! `/health` and `/delay/<ms>` (after that many milliseconds, at most 10 s).
+//! demo can show every hop's identities. Every service also answers, as
+//! httpbin does, `/health`, `/delay/<ms>` (after that many milliseconds, at
+//! most 10 s), `/status/<code>`, `/echo` (the request's method, path and
+//! headers as the app received them) and `/flaky/<n>/<key>` (503 for the
+//! first n calls with that key, then 200: a failure a retry can mend).
 #![forbid(unsafe_code)]
 
 use std::convert::Infallible;
@@ -49,6 +52,8 @@ struct App {
     service: Service,
     version: String,
     http: reqwest::Client,
+    /// Calls so far per `/flaky/<n>/<key>` key.
+    flaky: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, u32>>>,
 }
 
 /// Serves one sample service on `listen` until `shutdown`. Outgoing calls go
@@ -75,6 +80,7 @@ pub async fn serve(
         service,
         version: version.to_string(),
         http: http.build().map_err(std::io::Error::other)?,
+        flaky: Default::default(),
     };
     let listener = tokio::net::TcpListener::bind(listen).await?;
     tokio::pin!(shutdown);
@@ -124,6 +130,44 @@ impl App {
                 let ms: u64 = p["/delay/".len()..].parse().unwrap_or(0).min(10_000);
                 tokio::time::sleep(Duration::from_millis(ms)).await;
                 Ok(json!({"delayed_ms": ms, "hops": [hop]}))
+            }
+            (_, p) if p.starts_with("/status/") => {
+                let code = p["/status/".len()..]
+                    .parse()
+                    .ok()
+                    .and_then(|c| StatusCode::from_u16(c).ok())
+                    .unwrap_or(StatusCode::BAD_REQUEST);
+                return reply(code, &json!({"status": code.as_u16(), "hops": [hop]}));
+            }
+            (_, "/echo") => {
+                let headers: serde_json::Map<String, Value> = req
+                    .headers()
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), json!(v.to_str().unwrap_or("?"))))
+                    .collect();
+                Ok(json!({
+                    "method": req.method().as_str(),
+                    "path": req.uri().path_and_query().map_or("/", |p| p.as_str()),
+                    "headers": headers,
+                    "hops": [hop],
+                }))
+            }
+            (_, p) if p.starts_with("/flaky/") => {
+                let mut it = p["/flaky/".len()..].splitn(2, '/');
+                let fail: u32 = it.next().and_then(|n| n.parse().ok()).unwrap_or(0);
+                let key = it.next().unwrap_or("").to_string();
+                let calls = {
+                    let mut m = self.flaky.lock().unwrap();
+                    let c = m.entry(key).or_default();
+                    *c += 1;
+                    *c
+                };
+                let status = if calls <= fail {
+                    StatusCode::SERVICE_UNAVAILABLE
+                } else {
+                    StatusCode::OK
+                };
+                return reply(status, &json!({"calls": calls, "hops": [hop]}));
             }
             (Service::Productpage, "/productpage") => self.productpage(hop.clone()).await,
             (Service::Details, p) if p.starts_with("/details/") => Ok(json!({

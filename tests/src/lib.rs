@@ -148,6 +148,39 @@ impl Mesh {
         write_atomically(&self.config_dir.join(name), text);
     }
 
+    /// Writes a config file and waits until `workload`'s sidecar holds a
+    /// route named `route`; panics with pilot's errors if it never does.
+    pub async fn apply(&self, file: &str, yaml: &str, workload: &str, route: &str) {
+        self.write_config(file, yaml);
+        let url = format!("http://{}:15000/config_dump", self.workload(workload).address);
+        let marker = format!("\"{route}\"");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let dump = match reqwest::get(&url).await {
+                Ok(r) => r.text().await.unwrap_or_default(),
+                Err(_) => String::new(),
+            };
+            if dump.contains(&marker) {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{workload} never got route {route}; pilot says: {:?}",
+                self.cp.pilot().expect("pilot runs").errors()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The Prometheus text of `workload`'s sidecar.
+    pub async fn stats(&self, workload: &str) -> String {
+        let url = format!(
+            "http://{}:15090/stats/prometheus",
+            self.workload(workload).address
+        );
+        reqwest::get(url).await.unwrap().text().await.unwrap()
+    }
+
     pub async fn stop(mut self) {
         if let Some(p) = self.pods.take() {
             p.stop().await;

@@ -1,0 +1,417 @@
+//! Traffic management end to end, following Istio's task guides (request
+//! routing, traffic shifting, fault injection, timeouts, retries, mirroring)
+//! on the bookinfo mesh: the config is Istio's YAML, the user is an HTTP
+//! client behind the `client` workload's sidecar.
+
+use std::time::{Duration, Instant};
+
+use mesh_tests::Mesh;
+use serde_json::Value;
+
+const SUBSETS: &str = "
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews-subsets, namespace: default}
+spec:
+  host: reviews
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+  - {name: v3, labels: {version: v3}}
+---
+";
+
+/// A client through `client`'s sidecar that does not follow redirects.
+fn client(mesh: &Mesh) -> reqwest::Client {
+    let proxy = format!("http://{}", mesh.workload("client").outbound());
+    reqwest::Client::builder()
+        .proxy(reqwest::Proxy::http(proxy).unwrap())
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap()
+}
+
+async fn get(http: &reqwest::Client, url: &str, headers: &[(&str, &str)]) -> (u16, String) {
+    let mut req = http.get(url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = req.send().await.unwrap_or_else(|e| panic!("{url}: {e}"));
+    (resp.status().as_u16(), resp.text().await.unwrap())
+}
+
+/// The version of the first hop in a sample app's answer.
+fn version(body: &str) -> String {
+    let v: Value = serde_json::from_str(body).unwrap_or_else(|_| panic!("not JSON: {body}"));
+    v["hops"][0]["version"].as_str().unwrap_or("?").to_string()
+}
+
+/// Sum of a Prometheus counter over the series whose labels contain all of `with`.
+fn counter(stats: &str, name: &str, with: &[&str]) -> f64 {
+    stats
+        .lines()
+        .filter(|l| l.starts_with(name) && with.iter().all(|w| l.contains(w)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn routes_by_end_user_header_and_shifts_traffic_by_weight() {
+    let mesh = Mesh::start().await;
+    let vs = format!(
+        "{SUBSETS}
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: reviews, namespace: default}}
+spec:
+  hosts: [reviews]
+  http:
+  - name: jason-to-v2
+    match:
+    - headers:
+        end-user: {{exact: jason}}
+    route:
+    - destination: {{host: reviews, subset: v2}}
+  - name: half-v1-half-v3
+    route:
+    - destination: {{host: reviews, subset: v1}}
+      weight: 50
+    - destination: {{host: reviews, subset: v3}}
+      weight: 50
+"
+    );
+    mesh.apply("reviews-routing.yaml", &vs, "client", "half-v1-half-v3")
+        .await;
+    let http = client(&mesh);
+    for _ in 0..20 {
+        let (code, body) = get(&http, "http://reviews:9080/delay/0", &[("end-user", "jason")]).await;
+        assert_eq!(code, 200, "{body}");
+        assert_eq!(version(&body), "v2", "jason always sees v2");
+    }
+    let mut v1 = 0;
+    for _ in 0..1000 {
+        let (code, body) = get(&http, "http://reviews:9080/delay/0", &[]).await;
+        assert_eq!(code, 200, "{body}");
+        match version(&body).as_str() {
+            "v1" => v1 += 1,
+            "v3" => {}
+            other => panic!("{other} is in neither half of the split"),
+        }
+    }
+    // 50/50 over 1,000 requests: the standard deviation is about 16.
+    assert!((430..=570).contains(&v1), "{v1} of 1000 went to v1");
+    mesh.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn injects_a_delay_and_an_abort_for_one_user_and_aborts_by_percentage() {
+    let mesh = Mesh::start().await;
+    let vs = "
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: ratings, namespace: default}
+spec:
+  hosts: [ratings]
+  http:
+  - name: jason-delayed
+    match:
+    - headers:
+        end-user: {exact: jason}
+    fault:
+      delay:
+        percentage: {value: 100.0}
+        fixedDelay: 7s
+    route:
+    - destination: {host: ratings}
+  - name: ann-aborted
+    match:
+    - headers:
+        end-user: {exact: ann}
+    fault:
+      abort:
+        percentage: {value: 100.0}
+        httpStatus: 500
+    route:
+    - destination: {host: ratings}
+  - name: half-aborted
+    match:
+    - headers:
+        x-test: {exact: half}
+    fault:
+      abort:
+        percentage: {value: 50}
+        httpStatus: 503
+    route:
+    - destination: {host: ratings}
+  - name: everyone-else
+    route:
+    - destination: {host: ratings}
+";
+    mesh.apply("ratings-faults.yaml", vs, "client", "everyone-else")
+        .await;
+    let http = client(&mesh);
+    let url = "http://ratings:9080/ratings/0";
+
+    let start = Instant::now();
+    let (code, body) = get(&http, url, &[]).await;
+    assert_eq!(code, 200, "{body}");
+    assert!(start.elapsed() < Duration::from_secs(2), "others are not delayed");
+
+    let start = Instant::now();
+    let (code, _) = get(&http, url, &[("end-user", "jason")]).await;
+    let took = start.elapsed();
+    assert_eq!(code, 200);
+    assert!(
+        took >= Duration::from_secs(7) && took < Duration::from_secs(10),
+        "jason's request took {took:?}"
+    );
+
+    let (code, body) = get(&http, url, &[("end-user", "ann")]).await;
+    assert_eq!((code, body.trim()), (500, "fault filter abort"));
+
+    let mut aborted = 0;
+    for _ in 0..1000 {
+        match get(&http, url, &[("x-test", "half")]).await.0 {
+            503 => aborted += 1,
+            200 => {}
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert!((430..=570).contains(&aborted), "{aborted} of 1000 aborted at 50 %");
+
+    // The client's sidecar recorded why, as Istio's response flags.
+    let stats = mesh.stats("client").await;
+    let with = |flag: &str, code: &str| {
+        counter(
+            &stats,
+            "istio_requests_total",
+            &[
+                "reporter=\"source\"",
+                &format!("response_flags=\"{flag}\""),
+                &format!("response_code=\"{code}\""),
+            ],
+        )
+    };
+    assert_eq!(with("DI", "200"), 1.0, "{stats}");
+    assert_eq!(with("FI", "500"), 1.0);
+    assert_eq!(with("FI", "503"), aborted as f64);
+    mesh.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn times_out_slow_upstreams_and_retries_failed_attempts() {
+    let mesh = Mesh::start().await;
+    let vs = format!(
+        "{SUBSETS}
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: reviews, namespace: default}}
+spec:
+  hosts: [reviews]
+  http:
+  - name: half-second-timeout
+    match: [{{uri: {{prefix: /delay/}}}}]
+    timeout: 0.5s
+    route:
+    - destination: {{host: reviews, subset: v1}}
+  - name: three-retries
+    match: [{{uri: {{prefix: /flaky/}}}}]
+    retries: {{attempts: 3, retryOn: 5xx, perTryTimeout: 2s}}
+    route:
+    - destination: {{host: reviews, subset: v1}}
+  - name: no-retries
+    match: [{{uri: {{prefix: /once/}}}}]
+    rewrite: {{uri: /flaky/}}
+    retries: {{attempts: 0}}
+    route:
+    - destination: {{host: reviews, subset: v1}}
+  - name: istio-default-retries
+    match: [{{uri: {{prefix: /default/}}}}]
+    rewrite: {{uri: /flaky/}}
+    route:
+    - destination: {{host: reviews, subset: v1}}
+"
+    );
+    mesh.apply("reviews-routing.yaml", &vs, "client", "istio-default-retries")
+        .await;
+    let http = client(&mesh);
+
+    let start = Instant::now();
+    let (code, body) = get(&http, "http://reviews:9080/delay/2000", &[]).await;
+    let took = start.elapsed();
+    assert_eq!((code, body.trim()), (504, "upstream request timeout"));
+    assert!(
+        took >= Duration::from_millis(450) && took < Duration::from_millis(1500),
+        "the timeout fired after {took:?}"
+    );
+    let (code, _) = get(&http, "http://reviews:9080/delay/100", &[]).await;
+    assert_eq!(code, 200, "a fast answer is within the timeout");
+
+    // Fails twice, answers on the third attempt: the user sees only the success.
+    let (code, body) = get(&http, "http://reviews:9080/flaky/2/a", &[]).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["calls"], 3);
+    // No retries: the first 503 is the answer.
+    let (code, body) = get(&http, "http://reviews:9080/once/1/b", &[]).await;
+    assert_eq!(code, 503, "{body}");
+    // Istio's default policy retries a 503 (twice at most).
+    let (code, body) = get(&http, "http://reviews:9080/default/1/c", &[]).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["calls"], 2);
+    let (code, _) = get(&http, "http://reviews:9080/default/5/d", &[]).await;
+    assert_eq!(code, 503, "three attempts, all failing");
+
+    let stats = mesh.stats("client").await;
+    let flags = |flag: &str| {
+        counter(
+            &stats,
+            "istio_requests_total",
+            &[&format!("response_flags=\"{flag}\"")],
+        )
+    };
+    assert_eq!(flags("UT"), 1.0, "{stats}");
+    assert_eq!(flags("URX"), 1.0, "retries exhausted on the last one");
+    assert_eq!(counter(&stats, "mesh_retries_total", &[]), 2.0 + 1.0 + 2.0);
+    mesh.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_retry_budget_keeps_retries_from_multiplying_an_outage() {
+    let mesh = Mesh::start().await;
+    let vs = format!(
+        "{SUBSETS}
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: reviews, namespace: default}}
+spec:
+  hosts: [reviews]
+  http:
+  - name: five-retries
+    retries: {{attempts: 5, retryOn: 5xx}}
+    route:
+    - destination: {{host: reviews, subset: v1}}
+"
+    );
+    mesh.apply("reviews-routing.yaml", &vs, "client", "five-retries")
+        .await;
+    let http = client(&mesh);
+    let requests = 300;
+    for _ in 0..requests {
+        let (code, _) = get(&http, "http://reviews:9080/status/503", &[]).await;
+        assert_eq!(code, 503);
+    }
+    let stats = mesh.stats("client").await;
+    let retries = counter(&stats, "mesh_retries_total", &[]);
+    let refused = counter(&stats, "mesh_retries_over_budget_total", &[]);
+    // Budget: 20 % of requests plus 10 a second over a 10 s window. The
+    // run may straddle two windows' worth of the floor at most.
+    let cap = 0.2 * requests as f64 + 200.0;
+    assert!(retries <= cap, "{retries} retries for {requests} requests (cap {cap})");
+    assert!(retries >= 100.0, "the floor of 10/s still allowed retries: {retries}");
+    assert!(refused >= 200.0, "budget refused only {refused} requests' retries");
+    // What reviews saw: well short of the 6x a bare attempts: 5 would send.
+    let upstream = counter(
+        &mesh.stats("reviews-v1").await,
+        "istio_requests_total",
+        &["reporter=\"destination\"", "response_code=\"503\""],
+    );
+    assert!(
+        upstream <= requests as f64 + cap,
+        "reviews-v1 got {upstream} requests for {requests}"
+    );
+    mesh.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn mirrors_rewrites_edits_headers_redirects_and_answers_directly() {
+    let mesh = Mesh::start().await;
+    let vs = format!(
+        r#"{SUBSETS}
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: reviews, namespace: default}}
+spec:
+  hosts: [reviews]
+  http:
+  - name: moved
+    match: [{{uri: {{prefix: /moved}}}}]
+    redirect: {{uri: /new, redirectCode: 302}}
+  - name: teapot
+    match: [{{uri: {{exact: /teapot}}, method: {{exact: GET}}}}]
+    directResponse:
+      status: 418
+      body: {{string: "short and stout"}}
+  - name: debug-to-v3
+    match:
+    - uri: {{regex: "/echo[0-9]*"}}
+      queryParams: {{debug: {{exact: "1"}}}}
+    route:
+    - destination: {{host: reviews, subset: v3}}
+  - name: rewritten
+    match: [{{uri: {{prefix: /OLD/}}, ignoreUriCase: true}}]
+    rewrite: {{uri: /echo}}
+    headers:
+      request:
+        set: {{x-added: "yes"}}
+        remove: [x-drop]
+      response:
+        set: {{x-route: rewritten}}
+    route:
+    - destination: {{host: reviews, subset: v1}}
+  - name: mirrored
+    route:
+    - destination: {{host: reviews, subset: v1}}
+    mirror: {{host: reviews, subset: v2}}
+    mirrorPercentage: {{value: 100.0}}
+"#
+    );
+    mesh.apply("reviews-routing.yaml", &vs, "client", "mirrored")
+        .await;
+    let http = client(&mesh);
+
+    let resp = http.get("http://reviews:9080/moved/x?a=1").send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 302);
+    assert_eq!(resp.headers()["location"], "http://reviews:9080/new?a=1");
+
+    let (code, body) = get(&http, "http://reviews:9080/teapot", &[]).await;
+    assert_eq!((code, body.as_str()), (418, "short and stout"));
+
+    let (code, body) = get(&http, "http://reviews:9080/echo?debug=1", &[]).await;
+    assert_eq!((code, version(&body)), (200, "v3".to_string()), "{body}");
+    let (_, body) = get(&http, "http://reviews:9080/echo?debug=10", &[]).await;
+    assert_eq!(version(&body), "v1", "debug=10 is not debug=1");
+
+    let resp = http
+        .get("http://reviews:9080/old/?q=2")
+        .header("x-drop", "secret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    assert_eq!(resp.headers()["x-route"], "rewritten");
+    let echo: Value = resp.json().await.unwrap();
+    assert_eq!(echo["path"], "/echo?q=2", "{echo}");
+    assert_eq!(echo["headers"]["x-added"], "yes");
+    assert!(echo["headers"].get("x-drop").is_none(), "{echo}");
+
+    // Mirrored to v2 while v1 answers.
+    for _ in 0..30 {
+        let (code, body) = get(&http, "http://reviews:9080/delay/0", &[]).await;
+        assert_eq!((code, version(&body)), (200, "v1".to_string()));
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let seen = counter(
+            &mesh.stats("reviews-v2").await,
+            "istio_requests_total",
+            &["reporter=\"destination\"", "source_workload=\"client\""],
+        );
+        if seen >= 30.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "v2 saw {seen} of 30 mirrored requests");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    mesh.stop().await;
+}
