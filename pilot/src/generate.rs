@@ -59,7 +59,8 @@ impl Snapshot {
                     subsets.extend(s.keys().map(|k| Some(k.as_str())));
                 }
                 for subset in subsets {
-                    let c = cluster(svc, port, subset);
+                    let mut c = cluster(svc, port, subset);
+                    crate::dr::apply(model.policies.get(&svc.host), subset, port.number, &mut c);
                     let eps = cluster_endpoints(&model, svc, port, subset, &c.name);
                     endpoints.insert(c.name.clone(), Versioned::new(type_url::ENDPOINTS, &eps));
                     clusters.insert(c.name.clone(), Versioned::new(type_url::CLUSTER, &c));
@@ -145,6 +146,7 @@ fn cluster(svc: &Service, port: &ServicePort, subset: Option<&str>) -> pb::Clust
         subset: subset.unwrap_or_default().to_string(),
         protocol: protocol(port) as i32,
         vips: svc.vips.iter().map(|v| v.to_string()).collect(),
+        ..Default::default()
     }
 }
 

@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod debug;
+pub mod dr;
 pub mod generate;
 pub mod istio;
 pub mod jwks;

@@ -52,6 +52,10 @@ pub struct Model {
     pub workloads: BTreeMap<String, Workload>,
     pub routes: BTreeMap<String, Routes>,
     pub subsets: BTreeMap<String, BTreeMap<String, Labels>>,
+    /// The DestinationRule setting traffic policies, by host.
+    pub policies: BTreeMap<String, DestinationRule>,
+    /// Which resource that rule is, for errors.
+    rules: BTreeMap<String, String>,
     /// PeerAuthentications, checked: (namespace, name, selector, mode, port modes).
     pub peer_auth: Vec<PeerAuth>,
     /// AuthorizationPolicies, checked and in the proxies' form.
@@ -529,7 +533,7 @@ impl Model {
                     }
                     m.workloads.insert(w.proxy_id(), w);
                 }
-                Resource::DestinationRule(dr) => m.add_subsets(meta, dr),
+                Resource::DestinationRule(dr) => m.add_subsets(meta, dr, &mut errors),
                 Resource::VirtualService(_) => {}
                 Resource::PeerAuthentication(pa) => m.add_peer_auth(meta, pa, &mut errors),
                 Resource::AuthorizationPolicy(ap) => m.add_authz(meta, ap, &mut errors),
@@ -588,11 +592,26 @@ impl Model {
         }
     }
 
-    fn add_subsets(&mut self, meta: &Meta, dr: &DestinationRule) {
+    fn add_subsets(&mut self, meta: &Meta, dr: &DestinationRule, errors: &mut Vec<String>) {
+        let ctx = at(meta, "DestinationRule");
+        crate::dr::check(&ctx, dr, errors);
         let host = fqdn(&dr.host, &meta.namespace);
-        let entry = self.subsets.entry(host).or_default();
+        let entry = self.subsets.entry(host.clone()).or_default();
         for s in &dr.subsets {
             entry.insert(s.name.clone(), s.labels.clone());
+        }
+        // Several rules may name subsets of one host; only one may set policies.
+        let has_policy =
+            dr.traffic_policy.is_some() || dr.subsets.iter().any(|s| s.traffic_policy.is_some());
+        match self.rules.get(&host) {
+            Some(other) if has_policy => errors.push(format!(
+                "{ctx}: spec.trafficPolicy: {other} already sets traffic policies for {host}; merge them into one DestinationRule"
+            )),
+            _ if has_policy => {
+                self.rules.insert(host.clone(), ctx.clone());
+                self.policies.insert(host, dr.clone());
+            }
+            _ => {}
         }
     }
 
@@ -617,18 +636,18 @@ impl Model {
                 .mirror
                 .iter_mut()
                 .map(|d| (format!("{field}.mirror"), d))
-                .chain(
-                    route
-                        .mirrors
-                        .iter_mut()
-                        .enumerate()
-                        .map(|(j, m)| (format!("{field}.mirrors[{j}].destination"), &mut m.destination)),
-                );
-            let routes = route
-                .route
-                .iter_mut()
-                .enumerate()
-                .map(|(j, d)| (format!("{field}.route[{j}].destination"), &mut d.destination));
+                .chain(route.mirrors.iter_mut().enumerate().map(|(j, m)| {
+                    (
+                        format!("{field}.mirrors[{j}].destination"),
+                        &mut m.destination,
+                    )
+                }));
+            let routes = route.route.iter_mut().enumerate().map(|(j, d)| {
+                (
+                    format!("{field}.route[{j}].destination"),
+                    &mut d.destination,
+                )
+            });
             for (where_, dest) in routes.chain(mirrors) {
                 dest.host = fqdn(&dest.host, &meta.namespace);
                 self.check_destination(&ctx, &where_, dest, errors);

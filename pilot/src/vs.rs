@@ -80,14 +80,14 @@ pub fn check(at: &str, r: &HttpRoute, errors: &mut Vec<String>) {
         ),
     }
     if r.delegate.is_some() {
-        err(".delegate", "delegate VirtualServices are not supported".into());
+        err(
+            ".delegate",
+            "delegate VirtualServices are not supported".into(),
+        );
     }
     let weights: u32 = r.route.iter().map(|d| d.weight.unwrap_or(0)).sum();
     if r.route.len() > 1 && weights != 100 {
-        err(
-            ".route",
-            format!("weights add up to {weights}, not 100"),
-        );
+        err(".route", format!("weights add up to {weights}, not 100"));
     }
     for (j, m) in r.matches.iter().enumerate() {
         let f = format!(".match[{j}]");
@@ -119,7 +119,10 @@ pub fn check(at: &str, r: &HttpRoute, errors: &mut Vec<String>) {
                     );
                 }
                 if list != "queryParams" && http::HeaderName::from_bytes(k.as_bytes()).is_err() {
-                    err(&format!("{f}.{list}"), format!("{k:?} is not a header name"));
+                    err(
+                        &format!("{f}.{list}"),
+                        format!("{k:?} is not a header name"),
+                    );
                 }
             }
         }
@@ -193,10 +196,7 @@ pub fn check(at: &str, r: &HttpRoute, errors: &mut Vec<String>) {
                     ".fault.abort.grpcStatus",
                     format!("{g:?} is not a gRPC status name (like UNAVAILABLE)"),
                 ),
-                (None, None) => err(
-                    ".fault.abort",
-                    "needs httpStatus or grpcStatus".into(),
-                ),
+                (None, None) => err(".fault.abort", "needs httpStatus or grpcStatus".into()),
                 _ => {}
             }
             check_percent(".fault.abort.percentage", a.percentage.as_ref(), &mut err);
@@ -297,7 +297,10 @@ fn check_percent(field: &str, p: Option<&Percent>, err: &mut impl FnMut(&str, St
     if let Some(p) = p
         && !(0.0..=100.0).contains(&p.value)
     {
-        err(field, format!("{} is not a percentage from 0 to 100", p.value));
+        err(
+            field,
+            format!("{} is not a percentage from 0 to 100", p.value),
+        );
     }
 }
 
@@ -324,7 +327,9 @@ pub fn anchored(r: &str) -> String {
 
 fn base64_decode(s: &str) -> Option<Vec<u8>> {
     use base64::Engine;
-    base64::engine::general_purpose::STANDARD.decode(s.trim()).ok()
+    base64::engine::general_purpose::STANDARD
+        .decode(s.trim())
+        .ok()
 }
 
 fn ms(d: Option<&String>) -> u64 {
@@ -349,7 +354,11 @@ fn wire_match(m: &StringMatch) -> Option<pb::StringMatch> {
 fn wire_headers(map: &BTreeMap<String, StringMatch>, lower: bool) -> Vec<pb::HeaderMatch> {
     map.iter()
         .map(|(k, v)| pb::HeaderMatch {
-            name: if lower { k.to_ascii_lowercase() } else { k.clone() },
+            name: if lower {
+                k.to_ascii_lowercase()
+            } else {
+                k.clone()
+            },
             value: wire_match(v),
         })
         .collect()
@@ -371,7 +380,11 @@ fn wire_ops(ops: Option<&HeaderOperations>) -> Option<pb::HeaderOps> {
 
 fn side(h: Option<&Headers>, response: bool) -> Option<pb::HeaderOps> {
     let h = h?;
-    wire_ops(if response { h.response.as_ref() } else { h.request.as_ref() })
+    wire_ops(if response {
+        h.response.as_ref()
+    } else {
+        h.request.as_ref()
+    })
 }
 
 /// Istio's `retries` as the proxy takes it; the default policy when unset.
@@ -392,7 +405,11 @@ fn retries(r: &HttpRoute) -> Option<pb::RetryPolicy> {
     let mut codes = Vec::new();
     let conditions = rt.retry_on.as_deref().map_or_else(
         || DEFAULT_RETRY_ON.iter().map(|s| s.to_string()).collect(),
-        |s| s.split(',').map(|c| c.trim().to_string()).collect::<Vec<_>>(),
+        |s| {
+            s.split(',')
+                .map(|c| c.trim().to_string())
+                .collect::<Vec<_>>()
+        },
     );
     for c in conditions.into_iter().filter(|c| !c.is_empty()) {
         match c.parse::<u32>() {
@@ -641,14 +658,20 @@ fault:
         assert_eq!(r.per_try_timeout_ms, 500);
         assert_eq!(r.retry_on, vec!["gateway-error", "retriable-status-codes"]);
         assert_eq!(r.retriable_status_codes, vec![409]);
-        assert!(w("route: [{destination: {host: a}}]\nretries: {attempts: 0}").retries.is_none());
+        assert!(
+            w("route: [{destination: {host: a}}]\nretries: {attempts: 0}")
+                .retries
+                .is_none()
+        );
     }
 
     #[test]
     fn faults_default_to_every_request() {
         let r = to_wire(
             "r".into(),
-            &route("route: [{destination: {host: a}}]\nfault: {abort: {grpcStatus: UNAVAILABLE}, delay: {fixedDelay: 1m30s}}"),
+            &route(
+                "route: [{destination: {host: a}}]\nfault: {abort: {grpcStatus: UNAVAILABLE}, delay: {fixedDelay: 1m30s}}",
+            ),
             &|d| d.host.clone(),
         );
         let f = r.fault.unwrap();

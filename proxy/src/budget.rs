@@ -82,7 +82,8 @@ impl RetryBudget {
         let sec = now_secs(epoch(), now);
         let mut w = self.0.lock().unwrap();
         let (requests, retries) = w.totals(sec);
-        let allowed = cfg.ratio * requests as f64 + (cfg.min_per_sec as u64 * BUCKETS as u64) as f64;
+        let allowed =
+            cfg.ratio * requests as f64 + (cfg.min_per_sec as u64 * BUCKETS as u64) as f64;
         if (retries as f64) < allowed {
             w.bucket(sec).2 += 1;
             true

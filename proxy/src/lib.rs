@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod authz;
+pub mod balance;
 pub mod budget;
 pub mod capture;
 pub mod cli;

@@ -48,11 +48,7 @@ impl Default for Metrics {
             requests.clone(),
         );
         let retries = Counter::default();
-        registry.register(
-            "mesh_retries",
-            "Retries the sidecar sent",
-            retries.clone(),
-        );
+        registry.register("mesh_retries", "Retries the sidecar sent", retries.clone());
         let retries_over_budget = Counter::default();
         registry.register(
             "mesh_retries_over_budget",

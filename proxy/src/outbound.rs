@@ -9,6 +9,9 @@ use http::{Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
+use std::sync::atomic::Ordering;
+
+use crate::balance::{HashKey, Outcome};
 use crate::flags::Flags;
 use crate::metrics::RequestLabels;
 use crate::pool::Body;
@@ -37,6 +40,8 @@ fn refuse(status: StatusCode, flags: Flags, message: String) -> Refusal {
 pub struct Conn {
     /// Where the app was connecting to, when interception redirected it here.
     pub original_dst: Option<std::net::SocketAddr>,
+    /// The app's address, for hashing on the source IP.
+    pub peer: std::net::IpAddr,
 }
 
 pub async fn handle(
@@ -190,9 +195,9 @@ async fn forward(
     match &route.action {
         Action::Forward => {}
         Action::Redirect(rd) => {
-            let path = new_path.as_deref().unwrap_or_else(|| {
-                parts.uri.path_and_query().map_or("/", |p| p.as_str())
-            });
+            let path = new_path
+                .as_deref()
+                .unwrap_or_else(|| parts.uri.path_and_query().map_or("/", |p| p.as_str()));
             return Ok(crate::http_extra::redirect(rd, &authority_str, path));
         }
         Action::Direct(status, body) => {
@@ -230,7 +235,10 @@ async fn forward(
         return Err(refuse(
             StatusCode::SERVICE_UNAVAILABLE,
             Flags::NR,
-            format!("route {} names cluster {}, which this proxy does not have", route.name, dest.cluster),
+            format!(
+                "route {} names cluster {}, which this proxy does not have",
+                route.name, dest.cluster
+            ),
         ));
     };
     *chosen = Chosen::Cluster(cluster.clone());
@@ -263,12 +271,17 @@ async fn forward(
     route.request_headers.apply(&mut parts.headers);
     dest.request_headers.apply(&mut parts.headers);
 
+    let (hash, set_cookie) = match cluster.balancer.hash_key() {
+        Some(k) => hash_of(k, &parts, conn),
+        None => (None, None),
+    };
     let attempts = Attempts {
         shared,
         tls: &tls,
         cluster,
         retry: route.retry.as_ref(),
         deadline: route.timeout.map(|t| tokio::time::Instant::now() + t),
+        hash,
     };
     let (replay, body) = if http_body::Body::is_end_stream(&body) {
         // Nothing to keep: every attempt (and mirror) sends an empty body.
@@ -292,6 +305,9 @@ async fn forward(
     let mut resp = Box::pin(attempts.run(parts, body, chosen, flags)).await?;
     route.response_headers.apply(resp.headers_mut());
     dest.response_headers.apply(resp.headers_mut());
+    if let Some(c) = set_cookie {
+        resp.headers_mut().append(http::header::SET_COOKIE, c);
+    }
     if let Some((cors, origin)) = origin {
         crate::http_extra::cors_response(cors, origin, resp.headers_mut());
     }
@@ -323,6 +339,8 @@ struct Attempts<'a> {
     cluster: &'a Arc<Cluster>,
     retry: Option<&'a route::Retry>,
     deadline: Option<tokio::time::Instant>,
+    /// The request's consistent-hash key.
+    hash: Option<u64>,
 }
 
 /// One attempt's result.
@@ -340,10 +358,23 @@ impl Attempts<'_> {
         flags: &mut Flags,
     ) -> Result<Response<Body>, Refusal> {
         let max = self.retry.map_or(0, |r| r.attempts);
+        let permit = match &self.cluster.balancer.breaker {
+            None => None,
+            Some(b) => match b.acquire().await {
+                Some(p) => Some(p),
+                None => {
+                    return Err(refuse(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        Flags::UO,
+                        "upstream connect error or disconnect/reset before headers. reset reason: overflow".into(),
+                    ));
+                }
+            },
+        };
         self.cluster.budget.deposit();
         let mut attempt = 0;
         loop {
-            let Some(endpoint) = self.cluster.pick().cloned() else {
+            let Some(endpoint) = self.cluster.pick(self.hash).cloned() else {
                 return Err(refuse(
                     StatusCode::SERVICE_UNAVAILABLE,
                     Flags::UH,
@@ -370,6 +401,15 @@ impl Attempts<'_> {
                 Tried::Answered(resp) => Failure::Status(resp.status().as_u16(), grpc_status(resp)),
                 Tried::Failed(f, _) => *f,
             };
+            let outcome = match failure {
+                Failure::Status(502..=504, _) => Outcome::GatewayError,
+                Failure::Status(code, _) if code >= 500 => Outcome::ServerError,
+                Failure::Status(..) => Outcome::Success,
+                _ => Outcome::GatewayError,
+            };
+            self.cluster
+                .balancer
+                .record(&self.cluster.endpoints, &endpoint, outcome);
             let retriable = self.retry.is_some_and(|r| r.retries(failure));
             let again = retriable
                 && !timed_out_overall
@@ -395,7 +435,14 @@ impl Attempts<'_> {
                 self.shared.metrics.retries_over_budget.inc();
             }
             return match tried {
-                Tried::Answered(resp) => Ok(resp),
+                Tried::Answered(resp) => Ok(match permit {
+                    // The slot is held until the answer has been read.
+                    Some(p) => {
+                        let (parts, body) = resp.into_parts();
+                        Response::from_parts(parts, crate::balance::Held::new(body, p).boxed())
+                    }
+                    None => resp,
+                }),
                 Tried::Failed(Failure::Timeout, _) => Err(refuse(
                     StatusCode::GATEWAY_TIMEOUT,
                     Flags::UT,
@@ -422,10 +469,21 @@ impl Attempts<'_> {
     }
 
     async fn attempt(&self, endpoint: &Endpoint, req: Request<Body>) -> Tried {
-        let send = self
-            .shared
-            .pool
-            .send(self.tls, endpoint.tunnel, &endpoint.identity, req);
+        let started = std::time::Instant::now();
+        endpoint.stats.active.fetch_add(1, Ordering::Relaxed);
+        let _done = scopeguard(|| {
+            endpoint.stats.active.fetch_sub(1, Ordering::Relaxed);
+        });
+        let send = self.shared.pool.send_within(
+            self.tls,
+            endpoint.tunnel,
+            &endpoint.identity,
+            req,
+            self.cluster
+                .balancer
+                .connect_timeout
+                .unwrap_or(crate::pool::CONNECT_TIMEOUT),
+        );
         let per_try = self
             .retry
             .and_then(|r| r.per_try_timeout)
@@ -441,6 +499,7 @@ impl Attempts<'_> {
             },
             None => send.await,
         };
+        endpoint.stats.observe_latency(started.elapsed());
         match result {
             Ok(resp) => {
                 let (mut parts, body) = resp.into_parts();
@@ -448,6 +507,73 @@ impl Attempts<'_> {
                 Tried::Answered(Response::from_parts(parts, body.boxed()))
             }
             Err(e) => Tried::Failed(classify(&e), e.to_string()),
+        }
+    }
+}
+
+/// Runs `f` when dropped (also when the future holding it is).
+fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    Guard(Some(f))
+}
+
+/// The consistent-hash key of a request, and the cookie to set when the
+/// key is a cookie the request did not carry.
+fn hash_of(
+    key: &HashKey,
+    parts: &http::request::Parts,
+    conn: &Conn,
+) -> (Option<u64>, Option<http::HeaderValue>) {
+    use crate::balance::hash;
+    match key {
+        HashKey::Header(name) => (parts.headers.get(name).map(|v| hash(v.as_bytes())), None),
+        HashKey::SourceIp => (Some(hash(conn.peer.to_string().as_bytes())), None),
+        HashKey::Query(name) => (
+            parts.uri.query().and_then(|q| {
+                q.split('&').find_map(|pair| {
+                    let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+                    (k == name).then(|| hash(v.as_bytes()))
+                })
+            }),
+            None,
+        ),
+        HashKey::Cookie { name, path, ttl } => {
+            let found = parts
+                .headers
+                .get_all(http::header::COOKIE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(';'))
+                .find_map(|c| {
+                    let (k, v) = c.trim().split_once('=')?;
+                    (k == name).then(|| v.to_string())
+                });
+            match found {
+                Some(v) => (Some(hash(v.as_bytes())), None),
+                None => {
+                    // Like Envoy: a new cookie, so this client sticks from now on.
+                    let value = format!("{:016x}", rand::random::<u64>());
+                    let mut cookie = format!("{name}={value}");
+                    if !path.is_empty() {
+                        cookie.push_str(&format!("; Path={path}"));
+                    }
+                    if !ttl.is_zero() {
+                        cookie.push_str(&format!("; Max-Age={}", ttl.as_secs().max(1)));
+                    }
+                    cookie.push_str("; HttpOnly");
+                    (
+                        Some(hash(value.as_bytes())),
+                        http::HeaderValue::from_str(&cookie).ok(),
+                    )
+                }
+            }
         }
     }
 }
@@ -488,7 +614,7 @@ fn mirror(
     parts: &http::request::Parts,
     body: Option<Replay>,
 ) {
-    let Some(endpoint) = cluster.pick().cloned() else {
+    let Some(endpoint) = cluster.pick(None).cloned() else {
         return;
     };
     let mut parts = parts.clone();
@@ -503,7 +629,9 @@ fn mirror(
         uri.authority = shadow.parse().ok();
         parts.uri = Uri::from_parts(uri).unwrap_or_default();
     }
-    parts.headers.insert(wire::TARGET_PORT, endpoint.target_port.clone());
+    parts
+        .headers
+        .insert(wire::TARGET_PORT, endpoint.target_port.clone());
     let shared = shared.clone();
     let tls = tls.clone();
     tokio::spawn(async move {
@@ -514,7 +642,11 @@ fn mirror(
                 Some(_) => return,
             };
             let req = Request::from_parts(parts, body);
-            if let Ok(resp) = shared.pool.send(&tls, endpoint.tunnel, &endpoint.identity, req).await {
+            if let Ok(resp) = shared
+                .pool
+                .send(&tls, endpoint.tunnel, &endpoint.identity, req)
+                .await
+            {
                 let _ = resp.into_body().collect().await;
             }
         };
@@ -606,7 +738,10 @@ fn prepare(
     uri.scheme = Some(Scheme::HTTP);
     uri.authority = Some(authority);
     if let Some(p) = new_path {
-        uri.path_and_query = Some(p.parse().map_err(|e| format!("rewritten path {p:?}: {e}"))?);
+        uri.path_and_query = Some(
+            p.parse()
+                .map_err(|e| format!("rewritten path {p:?}: {e}"))?,
+        );
     }
     if uri.path_and_query.is_none() {
         uri.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));

@@ -18,7 +18,7 @@ use crate::identity::Tls;
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
@@ -67,6 +67,19 @@ impl Pool {
         expected: &SpiffeId,
         req: http::Request<Body>,
     ) -> Result<http::Response<Incoming>, PoolError> {
+        self.send_within(tls, addr, expected, req, CONNECT_TIMEOUT)
+            .await
+    }
+
+    /// As `send`, connecting (when no connection is open) within `connect_timeout`.
+    pub async fn send_within(
+        &self,
+        tls: &Tls,
+        addr: SocketAddr,
+        expected: &SpiffeId,
+        req: http::Request<Body>,
+        connect_timeout: Duration,
+    ) -> Result<http::Response<Incoming>, PoolError> {
         let key = (addr, expected.clone());
         let existing = self
             .conns
@@ -80,7 +93,7 @@ impl Pool {
             None => {
                 // Boxed: connecting is rare, and inlined it would make every
                 // request's future several kilobytes larger.
-                let s = Box::pin(connect(tls, addr, expected, self.mark)).await?;
+                let s = Box::pin(connect(tls, addr, expected, self.mark, connect_timeout)).await?;
                 self.conns.lock().unwrap().insert(key, s.clone());
                 s
             }
@@ -97,9 +110,10 @@ async fn connect(
     addr: SocketAddr,
     expected: &SpiffeId,
     mark: Option<u32>,
+    connect_timeout: Duration,
 ) -> Result<SendRequest<Body>, PoolError> {
     let config = tls.client_for(expected)?;
-    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, mesh_identity::grpc::dial(addr, mark))
+    let tcp = tokio::time::timeout(connect_timeout, mesh_identity::grpc::dial(addr, mark))
         .await
         .map_err(|_| PoolError::Timeout(addr))?
         .map_err(|e| PoolError::Connect(addr, e))?;

@@ -141,7 +141,10 @@ impl Match {
             && (self.port == 0 || self.port == r.port)
             && self.method.as_ref().is_none_or(|m| m.matches(r.method))
             && self.scheme.as_ref().is_none_or(|m| m.matches(r.scheme))
-            && self.authority.as_ref().is_none_or(|m| m.matches(r.authority))
+            && self
+                .authority
+                .as_ref()
+                .is_none_or(|m| m.matches(r.authority))
             && self
                 .headers
                 .iter()
@@ -460,7 +463,9 @@ impl Route {
             let from_source = match own {
                 None => true,
                 Some(w) => {
-                    m.source_labels.iter().all(|(k, v)| w.labels.get(k) == Some(v))
+                    m.source_labels
+                        .iter()
+                        .all(|(k, v)| w.labels.get(k) == Some(v))
                         && (m.source_namespace.is_empty() || m.source_namespace == w.namespace)
                 }
             };
@@ -592,7 +597,12 @@ impl Route {
     }
 
     /// The path (with query) after this route's rewrite, if it changes it.
-    pub fn rewritten_path(&self, m: Option<&Match>, path: &str, query: Option<&str>) -> Option<String> {
+    pub fn rewritten_path(
+        &self,
+        m: Option<&Match>,
+        path: &str,
+        query: Option<&str>,
+    ) -> Option<String> {
         let new_path = match self.rewrite.as_ref()?.uri.as_ref()? {
             UriRewrite::Regex(re, sub) => re.replace_all(path, sub.as_str()).into_owned(),
             UriRewrite::Replace(to) => match m.and_then(|m| m.uri.as_ref()) {
@@ -827,7 +837,9 @@ mod tests {
         });
         let t = table(vec![r]);
         assert_eq!(
-            t.routes[0].rewritten_path(None, "/service/foo/v1/api", None).as_deref(),
+            t.routes[0]
+                .rewritten_path(None, "/service/foo/v1/api", None)
+                .as_deref(),
             Some("/v1/api/instance/foo")
         );
     }

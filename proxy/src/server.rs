@@ -35,7 +35,7 @@ async fn accept(listener: &TcpListener, shared: &Shared) -> Option<(TcpStream, S
 /// an explicit proxy (local mode) or reached through interception, in which
 /// case the connection's original destination is known.
 pub async fn serve_outbound(listener: TcpListener, shared: Arc<Shared>) {
-    while let Some((tcp, _)) = accept(&listener, &shared).await {
+    while let Some((tcp, peer)) = accept(&listener, &shared).await {
         let original_dst = shared.sockets.original_dst(&tcp);
         // A declared TCP service is tunnelled as it is: no HTTP parsing,
         // no waiting for the client to speak first.
@@ -46,7 +46,10 @@ pub async fn serve_outbound(listener: TcpListener, shared: Arc<Shared>) {
                 .track(crate::tcp::outbound(shared.clone(), tcp, cluster));
             continue;
         }
-        let conn = Arc::new(outbound::Conn { original_dst });
+        let conn = Arc::new(outbound::Conn {
+            original_dst,
+            peer: peer.ip(),
+        });
         let s = shared.clone();
         let svc = service_fn(move |req| outbound::handle(s.clone(), conn.clone(), req));
         let conn = auto::Builder::new(TokioExecutor::new())

@@ -5,7 +5,6 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use http::HeaderValue;
 use http::uri::Authority;
@@ -65,7 +64,8 @@ pub struct InboundPort {
 pub struct Cluster {
     pub config: pb::Cluster,
     pub endpoints: Vec<Arc<Endpoint>>,
-    next: AtomicUsize,
+    /// Load balancing, outlier detection and the circuit breaker.
+    pub balancer: crate::balance::Balancer,
     /// Counts requests and retries to this destination.
     pub budget: crate::budget::RetryBudget,
 }
@@ -81,16 +81,19 @@ pub struct Endpoint {
     pub target_port: HeaderValue,
     /// Outbound request counters by (response code, flags, protocol).
     pub series: SeriesCache<(u16, &'static str, &'static str)>,
+    /// Load and health, for balancing and outlier detection.
+    pub stats: crate::balance::EndpointStats,
 }
 
 impl Endpoint {
-    fn new(pb: pb::Endpoint) -> Option<Self> {
+    pub fn new(pb: pb::Endpoint) -> Option<Self> {
         let ip = pb.address.parse().ok()?;
         Some(Self {
             tunnel: SocketAddr::new(ip, pb.tunnel_port as u16),
             identity: pb.identity.parse().ok()?,
             target_port: HeaderValue::from(pb.port),
             series: SeriesCache::default(),
+            stats: Default::default(),
             pb,
         })
     }
@@ -106,12 +109,9 @@ impl Endpoint {
 }
 
 impl Cluster {
-    pub fn pick(&self) -> Option<&Arc<Endpoint>> {
-        if self.endpoints.is_empty() {
-            return None;
-        }
-        let i = self.next.fetch_add(1, Ordering::Relaxed);
-        self.endpoints.get(i % self.endpoints.len())
+    /// An endpoint for a request; `key` is its hash for consistent hashing.
+    pub fn pick(&self, key: Option<u64>) -> Option<&Arc<Endpoint>> {
+        self.balancer.pick(&self.endpoints, key)
     }
 
     /// Service labels for requests to this cluster.
@@ -141,7 +141,12 @@ impl Resources {
         let routes: HashMap<_, _> = self
             .routes
             .iter()
-            .filter_map(|(k, v)| Some((k.clone(), Arc::new(RouteTable::compile(v, own_workload).ok()?))))
+            .filter_map(|(k, v)| {
+                Some((
+                    k.clone(),
+                    Arc::new(RouteTable::compile(v, own_workload).ok()?),
+                ))
+            })
             .collect();
         let mut domains: HashMap<String, Vec<Arc<RouteTable>>> = HashMap::new();
         for rc in routes.values() {
@@ -153,7 +158,7 @@ impl Resources {
             .clusters
             .iter()
             .map(|(name, c)| {
-                let endpoints = self
+                let endpoints: Vec<Arc<Endpoint>> = self
                     .endpoints
                     .get(name)
                     .map(|e| {
@@ -166,9 +171,9 @@ impl Resources {
                     })
                     .unwrap_or_default();
                 let cluster = Cluster {
+                    balancer: crate::balance::Balancer::new(c, &endpoints),
                     config: c.clone(),
                     endpoints,
-                    next: AtomicUsize::new(0),
                     budget: Default::default(),
                 };
                 (name.clone(), Arc::new(cluster))
@@ -276,11 +281,7 @@ impl Snapshot {
 
     /// The route config for an authority (`host` or `host:port`). Without a
     /// port, a host with a single port matches it; `default_port` breaks ties.
-    pub fn route_config(
-        &self,
-        authority: &str,
-        default_port: u16,
-    ) -> Option<&Arc<RouteTable>> {
+    pub fn route_config(&self, authority: &str, default_port: u16) -> Option<&Arc<RouteTable>> {
         let (host, port) = split_authority(authority);
         let configs = match self.domains.get(host) {
             Some(c) => c,

@@ -20,7 +20,7 @@ use crate::wire::{self, local_reply};
 /// Carries one captured connection to a TCP service's endpoint.
 pub async fn outbound(shared: Arc<Shared>, mut client: TcpStream, cluster: Arc<Cluster>) {
     let name = &cluster.config.name;
-    let Some(ep) = cluster.pick().cloned() else {
+    let Some(ep) = cluster.pick(None).cloned() else {
         tracing::warn!(cluster = %name, "no endpoints: closing the TCP connection");
         return;
     };

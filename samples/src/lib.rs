@@ -6,8 +6,9 @@
 //! demo can show every hop's identities. Every service also answers, as
 //! httpbin does, `/health`, `/delay/<ms>` (after that many milliseconds, at
 //! most 10 s), `/status/<code>`, `/echo` (the request's method, path and
-//! headers as the app received them) and `/flaky/<n>/<key>` (503 for the
-//! first n calls with that key, then 200: a failure a retry can mend).
+//! headers as the app received them), `/flaky/<n>/<key>` (503 for the
+//! first n calls with that key, then 200: a failure a retry can mend) and
+//! `/fail-on/<version>` (503 from that version only: a bad endpoint).
 #![forbid(unsafe_code)]
 
 use std::convert::Infallible;
@@ -151,6 +152,14 @@ impl App {
                     "headers": headers,
                     "hops": [hop],
                 }))
+            }
+            (_, p) if p.starts_with("/fail-on/") => {
+                let status = if p["/fail-on/".len()..] == *self.version {
+                    StatusCode::SERVICE_UNAVAILABLE
+                } else {
+                    StatusCode::OK
+                };
+                return reply(status, &json!({"hops": [hop]}));
             }
             (_, p) if p.starts_with("/flaky/") => {
                 let mut it = p["/flaky/".len()..].splitn(2, '/');

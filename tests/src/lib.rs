@@ -152,7 +152,10 @@ impl Mesh {
     /// route named `route`; panics with pilot's errors if it never does.
     pub async fn apply(&self, file: &str, yaml: &str, workload: &str, route: &str) {
         self.write_config(file, yaml);
-        let url = format!("http://{}:15000/config_dump", self.workload(workload).address);
+        let url = format!(
+            "http://{}:15000/config_dump",
+            self.workload(workload).address
+        );
         let marker = format!("\"{route}\"");
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         loop {

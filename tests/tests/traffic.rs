@@ -85,7 +85,12 @@ spec:
         .await;
     let http = client(&mesh);
     for _ in 0..20 {
-        let (code, body) = get(&http, "http://reviews:9080/delay/0", &[("end-user", "jason")]).await;
+        let (code, body) = get(
+            &http,
+            "http://reviews:9080/delay/0",
+            &[("end-user", "jason")],
+        )
+        .await;
         assert_eq!(code, 200, "{body}");
         assert_eq!(version(&body), "v2", "jason always sees v2");
     }
@@ -156,7 +161,10 @@ spec:
     let start = Instant::now();
     let (code, body) = get(&http, url, &[]).await;
     assert_eq!(code, 200, "{body}");
-    assert!(start.elapsed() < Duration::from_secs(2), "others are not delayed");
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "others are not delayed"
+    );
 
     let start = Instant::now();
     let (code, _) = get(&http, url, &[("end-user", "jason")]).await;
@@ -178,7 +186,10 @@ spec:
             other => panic!("unexpected {other}"),
         }
     }
-    assert!((430..=570).contains(&aborted), "{aborted} of 1000 aborted at 50 %");
+    assert!(
+        (430..=570).contains(&aborted),
+        "{aborted} of 1000 aborted at 50 %"
+    );
 
     // The client's sidecar recorded why, as Istio's response flags.
     let stats = mesh.stats("client").await;
@@ -233,8 +244,13 @@ spec:
     - destination: {{host: reviews, subset: v1}}
 "
     );
-    mesh.apply("reviews-routing.yaml", &vs, "client", "istio-default-retries")
-        .await;
+    mesh.apply(
+        "reviews-routing.yaml",
+        &vs,
+        "client",
+        "istio-default-retries",
+    )
+    .await;
     let http = client(&mesh);
 
     let start = Instant::now();
@@ -307,9 +323,18 @@ spec:
     // Budget: 20 % of requests plus 10 a second over a 10 s window. The
     // run may straddle two windows' worth of the floor at most.
     let cap = 0.2 * requests as f64 + 200.0;
-    assert!(retries <= cap, "{retries} retries for {requests} requests (cap {cap})");
-    assert!(retries >= 100.0, "the floor of 10/s still allowed retries: {retries}");
-    assert!(refused >= 200.0, "budget refused only {refused} requests' retries");
+    assert!(
+        retries <= cap,
+        "{retries} retries for {requests} requests (cap {cap})"
+    );
+    assert!(
+        retries >= 100.0,
+        "the floor of 10/s still allowed retries: {retries}"
+    );
+    assert!(
+        refused >= 200.0,
+        "budget refused only {refused} requests' retries"
+    );
     // What reviews saw: well short of the 6x a bare attempts: 5 would send.
     let upstream = counter(
         &mesh.stats("reviews-v1").await,
@@ -370,7 +395,11 @@ spec:
         .await;
     let http = client(&mesh);
 
-    let resp = http.get("http://reviews:9080/moved/x?a=1").send().await.unwrap();
+    let resp = http
+        .get("http://reviews:9080/moved/x?a=1")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status().as_u16(), 302);
     assert_eq!(resp.headers()["location"], "http://reviews:9080/new?a=1");
 
@@ -410,8 +439,203 @@ spec:
         if seen >= 30.0 {
             break;
         }
-        assert!(Instant::now() < deadline, "v2 saw {seen} of 30 mirrored requests");
+        assert!(
+            Instant::now() < deadline,
+            "v2 saw {seen} of 30 mirrored requests"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    mesh.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_burst_trips_the_circuit_breaker() {
+    let mesh = Mesh::start().await;
+    // Istio's circuit-breaking task: one connection, one pending request.
+    let config = "
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: default}
+spec:
+  host: reviews
+  trafficPolicy:
+    connectionPool:
+      tcp: {maxConnections: 1}
+      http: {http1MaxPendingRequests: 1, maxRequestsPerConnection: 1}
+  subsets:
+  - {name: v1, labels: {version: v1}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: default}
+spec:
+  hosts: [reviews]
+  http:
+  - name: breaker
+    route:
+    - destination: {host: reviews, subset: v1}
+";
+    mesh.apply("reviews-routing.yaml", config, "client", "breaker")
+        .await;
+    let http = client(&mesh);
+    let burst: Vec<_> = (0..20)
+        .map(|_| {
+            let http = http.clone();
+            tokio::spawn(async move { get(&http, "http://reviews:9080/delay/300", &[]).await })
+        })
+        .collect();
+    let mut codes = Vec::new();
+    for b in burst {
+        codes.push(b.await.unwrap());
+    }
+    let ok = codes.iter().filter(|(c, _)| *c == 200).count();
+    let overflow: Vec<_> = codes.iter().filter(|(c, _)| *c == 503).collect();
+    assert!(
+        ok >= 2,
+        "the active and the pending request are served: {codes:?}"
+    );
+    assert!(overflow.len() >= 10, "{codes:?}");
+    assert!(overflow[0].1.contains("overflow"), "{}", overflow[0].1);
+    let stats = mesh.stats("client").await;
+    assert_eq!(
+        counter(&stats, "istio_requests_total", &["response_flags=\"UO\""]),
+        overflow.len() as f64
+    );
+    // Once the burst is over, requests flow again.
+    assert_eq!(get(&http, "http://reviews:9080/delay/0", &[]).await.0, 200);
+    mesh.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_endpoint_is_ejected_and_comes_back() {
+    let mesh = Mesh::start().await;
+    let config = "
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: default}
+spec:
+  host: reviews
+  trafficPolicy:
+    outlierDetection:
+      consecutive5xxErrors: 2
+      interval: 1s
+      baseEjectionTime: 2s
+      maxEjectionPercent: 50
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: default}
+spec:
+  hosts: [reviews]
+  http:
+  - name: all-versions-no-retries
+    retries: {attempts: 0}
+    route:
+    - destination: {host: reviews}
+";
+    mesh.apply(
+        "reviews-routing.yaml",
+        config,
+        "client",
+        "all-versions-no-retries",
+    )
+    .await;
+    let http = client(&mesh);
+    let mut failed = 0;
+    for _ in 0..30 {
+        if get(&http, "http://reviews:9080/fail-on/v2", &[]).await.0 == 503 {
+            failed += 1;
+        }
+    }
+    assert_eq!(failed, 2, "v2 is ejected after two consecutive 5xx");
+    let ejected_at = Instant::now();
+    for _ in 0..10 {
+        let (_, body) = get(&http, "http://reviews:9080/delay/0", &[]).await;
+        assert_ne!(version(&body), "v2", "v2 is out while ejected");
+    }
+    // Back after the ejection time.
+    tokio::time::sleep(Duration::from_secs(2).saturating_sub(ejected_at.elapsed())).await;
+    let mut back = false;
+    for _ in 0..10 {
+        let (_, body) = get(&http, "http://reviews:9080/delay/0", &[]).await;
+        back |= version(&body) == "v2";
+    }
+    assert!(back, "v2 serves again after its ejection");
+    mesh.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn consistent_hashing_keeps_a_user_on_one_endpoint() {
+    let mesh = Mesh::start().await;
+    let config = "
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: default}
+spec:
+  host: reviews
+  trafficPolicy:
+    loadBalancer:
+      consistentHash: {httpHeaderName: x-user}
+  subsets:
+  - name: by-cookie
+    labels: {app: reviews}
+    trafficPolicy:
+      loadBalancer:
+        consistentHash:
+          httpCookie: {name: session, ttl: 60s, path: /}
+          maglev: {}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: default}
+spec:
+  hosts: [reviews]
+  http:
+  - name: cookie-sticky
+    match: [{uri: {prefix: /cookie/}}]
+    rewrite: {uri: /delay/}
+    route:
+    - destination: {host: reviews, subset: by-cookie}
+  - name: header-sticky
+    route:
+    - destination: {host: reviews}
+";
+    mesh.apply("reviews-routing.yaml", config, "client", "header-sticky")
+        .await;
+    let http = client(&mesh);
+    let mut seen = std::collections::BTreeSet::new();
+    for user in [
+        "alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi",
+    ] {
+        let first = version(
+            &get(&http, "http://reviews:9080/delay/0", &[("x-user", user)])
+                .await
+                .1,
+        );
+        for _ in 0..10 {
+            let (_, body) = get(&http, "http://reviews:9080/delay/0", &[("x-user", user)]).await;
+            assert_eq!(version(&body), first, "{user} moved");
+        }
+        seen.insert(first);
+    }
+    assert!(seen.len() >= 2, "eight users all hashed to {seen:?}");
+
+    // Without the cookie the sidecar sets one; with it the client sticks.
+    let resp = http
+        .get("http://reviews:9080/cookie/0")
+        .send()
+        .await
+        .unwrap();
+    let cookie = resp.headers()["set-cookie"].to_str().unwrap().to_string();
+    assert!(
+        cookie.starts_with("session=") && cookie.contains("Max-Age=60"),
+        "{cookie}"
+    );
+    let pair = cookie.split(';').next().unwrap().to_string();
+    let first = version(&resp.text().await.unwrap());
+    for _ in 0..10 {
+        let (_, body) = get(&http, "http://reviews:9080/cookie/0", &[("cookie", &pair)]).await;
+        assert_eq!(version(&body), first);
     }
     mesh.stop().await;
 }

@@ -41,8 +41,8 @@ async fn captured_sidecar(
         outbound_policy: policy,
         capture: false,
         socket_mark: None,
-            retry_budget: Default::default(),
-            retry_buffer_bytes: mesh_proxy::replay::DEFAULT_LIMIT,
+        retry_budget: Default::default(),
+        retry_buffer_bytes: mesh_proxy::replay::DEFAULT_LIMIT,
         ports: Default::default(),
     };
     tokio::spawn(mesh_proxy::run_with_sockets(

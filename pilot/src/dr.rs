@@ -1,0 +1,373 @@
+//! DestinationRule traffic policies: checked when the model is built, and
+//! resolved per cluster (a subset's settings over port-level ones over the
+//! rule's own, field by field, as Istio merges them).
+
+use mesh_proto::resources as pb;
+
+use crate::istio::{
+    ConnectionPoolSettings, DestinationRule, LoadBalancerSettings, OutlierDetection, TrafficPolicy,
+    parse_duration,
+};
+
+/// Checks a rule's policies. `at` names the resource.
+pub fn check(at: &str, dr: &DestinationRule, errors: &mut Vec<String>) {
+    if let Some(p) = &dr.traffic_policy {
+        check_policy(at, "spec.trafficPolicy", p, errors);
+    }
+    for (i, s) in dr.subsets.iter().enumerate() {
+        if let Some(p) = &s.traffic_policy {
+            check_policy(at, &format!("spec.subsets[{i}].trafficPolicy"), p, errors);
+        }
+    }
+    if dr.workload_selector.is_some() {
+        errors.push(format!(
+            "{at}: spec.workloadSelector: DestinationRules for selected workloads are not supported; drop it to apply the rule to every client"
+        ));
+    }
+}
+
+fn check_policy(at: &str, field: &str, p: &TrafficPolicy, errors: &mut Vec<String>) {
+    let mut err = |f: String, what: String| errors.push(format!("{at}: {field}{f}: {what}"));
+    let parts = std::iter::once((
+        String::new(),
+        p.load_balancer.as_ref(),
+        p.connection_pool.as_ref(),
+        p.outlier_detection.as_ref(),
+        p.tls.as_ref(),
+    ))
+    .chain(p.port_level_settings.iter().enumerate().map(|(i, s)| {
+        (
+            format!(".portLevelSettings[{i}]"),
+            s.load_balancer.as_ref(),
+            s.connection_pool.as_ref(),
+            s.outlier_detection.as_ref(),
+            s.tls.as_ref(),
+        )
+    }));
+    for (f, lb, pool, od, tls) in parts {
+        if let Some(lb) = lb {
+            check_lb(&f, lb, &mut err);
+        }
+        if let Some(pool) = pool {
+            let durations = [
+                (
+                    "tcp.connectTimeout",
+                    pool.tcp.as_ref().and_then(|t| t.connect_timeout.as_ref()),
+                ),
+                (
+                    "tcp.idleTimeout",
+                    pool.tcp.as_ref().and_then(|t| t.idle_timeout.as_ref()),
+                ),
+                (
+                    "tcp.maxConnectionDuration",
+                    pool.tcp
+                        .as_ref()
+                        .and_then(|t| t.max_connection_duration.as_ref()),
+                ),
+                (
+                    "http.idleTimeout",
+                    pool.http.as_ref().and_then(|h| h.idle_timeout.as_ref()),
+                ),
+            ];
+            for (name, d) in durations {
+                if let Some(d) = d
+                    && let Err(e) = parse_duration(d)
+                {
+                    err(format!("{f}.connectionPool.{name}"), e);
+                }
+            }
+        }
+        if let Some(od) = od {
+            for (name, d) in [
+                ("interval", &od.interval),
+                ("baseEjectionTime", &od.base_ejection_time),
+            ] {
+                if let Some(d) = d
+                    && let Err(e) = parse_duration(d)
+                {
+                    err(format!("{f}.outlierDetection.{name}"), e);
+                }
+            }
+            for (name, v) in [
+                ("maxEjectionPercent", od.max_ejection_percent),
+                ("minHealthPercent", od.min_health_percent),
+            ] {
+                if let Some(v) = v
+                    && v > 100
+                {
+                    err(
+                        format!("{f}.outlierDetection.{name}"),
+                        format!("{v} is not a percentage from 0 to 100"),
+                    );
+                }
+            }
+        }
+        if let Some(tls) = tls {
+            let mode = tls.mode.as_deref().unwrap_or("DISABLE");
+            if mode != "ISTIO_MUTUAL" {
+                err(
+                    format!("{f}.tls.mode"),
+                    format!(
+                        "{mode} is not supported; sidecars always use ISTIO_MUTUAL between them"
+                    ),
+                );
+            }
+        }
+    }
+    if p.tunnel.is_some() {
+        err(".tunnel".into(), "tunnel settings are not supported".into());
+    }
+    if p.proxy_protocol.is_some() {
+        err(
+            ".proxyProtocol".into(),
+            "PROXY protocol is not supported".into(),
+        );
+    }
+}
+
+fn check_lb(f: &str, lb: &LoadBalancerSettings, err: &mut impl FnMut(String, String)) {
+    if let Some(s) = &lb.simple
+        && simple(s).is_none()
+    {
+        err(
+            format!("{f}.loadBalancer.simple"),
+            format!("{s:?} is not supported; use ROUND_ROBIN, LEAST_REQUEST, RANDOM or PEAK_EWMA"),
+        );
+    }
+    if lb.simple.is_some() && lb.consistent_hash.is_some() {
+        err(
+            format!("{f}.loadBalancer"),
+            "sets both simple and consistentHash; keep one".into(),
+        );
+    }
+    if lb.locality_lb_setting.is_some() {
+        err(
+            format!("{f}.loadBalancer.localityLbSetting"),
+            "locality-aware load balancing is not supported yet".into(),
+        );
+    }
+    if let Some(h) = &lb.consistent_hash {
+        let keys = [
+            h.http_header_name.is_some(),
+            h.http_cookie.is_some(),
+            h.use_source_ip.unwrap_or(false),
+            h.http_query_parameter_name.is_some(),
+        ];
+        if keys.iter().filter(|k| **k).count() != 1 {
+            err(
+                format!("{f}.loadBalancer.consistentHash"),
+                "needs exactly one of httpHeaderName, httpCookie, useSourceIp and httpQueryParameterName".into(),
+            );
+        }
+        if let Some(c) = &h.http_cookie
+            && let Some(ttl) = &c.ttl
+            && let Err(e) = parse_duration(ttl)
+        {
+            err(format!("{f}.loadBalancer.consistentHash.httpCookie.ttl"), e);
+        }
+    }
+}
+
+fn simple(s: &str) -> Option<pb::load_balancer::Simple> {
+    use pb::load_balancer::Simple;
+    Some(match s {
+        "ROUND_ROBIN" | "UNSPECIFIED" => Simple::RoundRobin,
+        "LEAST_REQUEST" | "LEAST_CONN" => Simple::LeastRequest,
+        "RANDOM" => Simple::Random,
+        "PEAK_EWMA" => Simple::PeakEwma,
+        _ => return None,
+    })
+}
+
+fn ms(d: Option<&String>) -> u64 {
+    d.and_then(|d| parse_duration(d).ok())
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn wire_lb(lb: &LoadBalancerSettings) -> pb::LoadBalancer {
+    use pb::consistent_hash::Key;
+    let hash = lb.consistent_hash.as_ref().map(|h| {
+        let key = if let Some(name) = &h.http_header_name {
+            Key::Header(name.to_ascii_lowercase())
+        } else if let Some(c) = &h.http_cookie {
+            Key::Cookie(pb::HashCookie {
+                name: c.name.clone(),
+                path: c.path.clone().unwrap_or_default(),
+                ttl_ms: ms(c.ttl.as_ref()),
+            })
+        } else if let Some(q) = &h.http_query_parameter_name {
+            Key::QueryParameter(q.clone())
+        } else {
+            Key::SourceIp(true)
+        };
+        pb::ConsistentHash {
+            key: Some(key),
+            maglev: h.maglev.is_some(),
+            size: h
+                .maglev
+                .as_ref()
+                .and_then(|m| m.table_size)
+                .or(h.ring_hash.as_ref().and_then(|r| r.minimum_ring_size))
+                .or(h.minimum_ring_size)
+                .unwrap_or(0),
+        }
+    });
+    pb::LoadBalancer {
+        simple: lb.simple.as_deref().and_then(simple).unwrap_or_default() as i32,
+        hash,
+    }
+}
+
+fn wire_pool(p: &ConnectionPoolSettings) -> pb::ConnectionPool {
+    let tcp = p.tcp.clone().unwrap_or_default();
+    let http = p.http.clone().unwrap_or_default();
+    pb::ConnectionPool {
+        max_connections: tcp.max_connections.unwrap_or(0),
+        connect_timeout_ms: ms(tcp.connect_timeout.as_ref()),
+        http1_max_pending_requests: http.http1_max_pending_requests.unwrap_or(0),
+        http2_max_requests: http.http2_max_requests.unwrap_or(0),
+        max_requests_per_connection: http.max_requests_per_connection.unwrap_or(0),
+        max_retries: http.max_retries.unwrap_or(0),
+        idle_timeout_ms: ms(http.idle_timeout.as_ref().or(tcp.idle_timeout.as_ref())),
+    }
+}
+
+/// Istio's defaults for what an `outlierDetection` leaves out.
+fn wire_outlier(o: &OutlierDetection) -> pb::OutlierDetection {
+    pb::OutlierDetection {
+        consecutive_5xx_errors: o.consecutive_5xx_errors.unwrap_or(5),
+        consecutive_gateway_errors: o.consecutive_gateway_errors.unwrap_or(0),
+        interval_ms: o.interval.as_ref().map_or(10_000, |d| ms(Some(d))),
+        base_ejection_time_ms: o
+            .base_ejection_time
+            .as_ref()
+            .map_or(30_000, |d| ms(Some(d))),
+        max_ejection_percent: o.max_ejection_percent.unwrap_or(10),
+        min_health_percent: o.min_health_percent.unwrap_or(0),
+    }
+}
+
+/// The settings of one policy for one port: port-level ones first.
+type Resolved<'a> = (
+    Option<&'a LoadBalancerSettings>,
+    Option<&'a ConnectionPoolSettings>,
+    Option<&'a OutlierDetection>,
+);
+
+fn resolve(p: Option<&TrafficPolicy>, port: u32) -> Resolved<'_> {
+    let Some(p) = p else {
+        return (None, None, None);
+    };
+    let at_port = p
+        .port_level_settings
+        .iter()
+        .find(|s| s.port.as_ref().is_some_and(|sel| sel.number == port));
+    (
+        at_port
+            .and_then(|s| s.load_balancer.as_ref())
+            .or(p.load_balancer.as_ref()),
+        at_port
+            .and_then(|s| s.connection_pool.as_ref())
+            .or(p.connection_pool.as_ref()),
+        at_port
+            .and_then(|s| s.outlier_detection.as_ref())
+            .or(p.outlier_detection.as_ref()),
+    )
+}
+
+/// Fills a cluster's policy fields from the rule for its host.
+pub fn apply(dr: Option<&DestinationRule>, subset: Option<&str>, port: u32, c: &mut pb::Cluster) {
+    let Some(dr) = dr else { return };
+    let top = resolve(dr.traffic_policy.as_ref(), port);
+    let sub = subset
+        .and_then(|name| dr.subsets.iter().find(|s| s.name == name))
+        .map(|s| resolve(s.traffic_policy.as_ref(), port))
+        .unwrap_or((None, None, None));
+    c.lb = sub.0.or(top.0).map(wire_lb);
+    c.pool = sub.1.or(top.1).map(wire_pool);
+    c.outlier = sub.2.or(top.2).map(wire_outlier);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dr(yaml: &str) -> DestinationRule {
+        serde_saphyr::from_str(yaml).unwrap()
+    }
+
+    #[test]
+    fn subset_settings_override_port_settings_override_the_rules_own() {
+        let rule = dr("
+host: reviews
+trafficPolicy:
+  loadBalancer: {simple: RANDOM}
+  connectionPool: {http: {http1MaxPendingRequests: 1}}
+  portLevelSettings:
+  - port: {number: 9080}
+    loadBalancer: {simple: LEAST_REQUEST}
+subsets:
+- name: v1
+  labels: {version: v1}
+  trafficPolicy:
+    outlierDetection: {consecutive5xxErrors: 1, baseEjectionTime: 1s}
+- name: v2
+  labels: {version: v2}
+  trafficPolicy:
+    loadBalancer:
+      consistentHash: {httpCookie: {name: user, ttl: 60s}}
+");
+        let mut c = pb::Cluster::default();
+        apply(Some(&rule), Some("v1"), 9080, &mut c);
+        assert_eq!(
+            c.lb.as_ref().unwrap().simple,
+            pb::load_balancer::Simple::LeastRequest as i32
+        );
+        assert_eq!(c.pool.as_ref().unwrap().http1_max_pending_requests, 1);
+        let od = c.outlier.unwrap();
+        assert_eq!(
+            (
+                od.consecutive_5xx_errors,
+                od.base_ejection_time_ms,
+                od.max_ejection_percent
+            ),
+            (1, 1000, 10)
+        );
+        let mut c = pb::Cluster::default();
+        apply(Some(&rule), Some("v2"), 9000, &mut c);
+        let hash = c.lb.unwrap().hash.unwrap();
+        assert!(
+            matches!(hash.key, Some(pb::consistent_hash::Key::Cookie(ref k)) if k.ttl_ms == 60_000)
+        );
+        assert!(c.outlier.is_none());
+    }
+
+    #[test]
+    fn unsupported_and_malformed_settings_are_named() {
+        let mut errors = Vec::new();
+        check(
+            "dr",
+            &dr("
+host: reviews
+trafficPolicy:
+  loadBalancer: {simple: PASSTHROUGH}
+  tls: {mode: SIMPLE}
+  outlierDetection: {interval: soon, maxEjectionPercent: 150}
+  portLevelSettings:
+  - port: {number: 9080}
+    loadBalancer: {consistentHash: {httpHeaderName: x, useSourceIp: true}}
+"),
+            &mut errors,
+        );
+        let all = errors.join("\n");
+        for want in [
+            "spec.trafficPolicy.loadBalancer.simple: \"PASSTHROUGH\" is not supported",
+            "spec.trafficPolicy.tls.mode: SIMPLE is not supported",
+            "spec.trafficPolicy.outlierDetection.interval: \"soon\" is not a duration",
+            "spec.trafficPolicy.outlierDetection.maxEjectionPercent: 150",
+            "spec.trafficPolicy.portLevelSettings[0].loadBalancer.consistentHash: needs exactly one",
+        ] {
+            assert!(all.contains(want), "missing {want:?} in\n{all}");
+        }
+    }
+}
