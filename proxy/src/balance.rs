@@ -78,6 +78,12 @@ struct OutlierState {
     times_ejected: u32,
 }
 
+fn since_epoch(t: Instant) -> u64 {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let epoch = *EPOCH.get_or_init(Instant::now);
+    t.saturating_duration_since(epoch).as_nanos() as u64
+}
+
 /// How long latencies are remembered (Linkerd's default decay).
 const EWMA_DECAY: Duration = Duration::from_secs(10);
 /// A latency to assume for endpoints never measured.
@@ -208,7 +214,10 @@ pub struct Balancer {
     policy: Policy,
     next: AtomicUsize,
     pub outlier: Option<Outlier>,
-    pub breaker: Option<Breaker>,
+    /// Until when (ns since `since_epoch`'s start) some endpoint may be
+    /// ejected: picks before then check each endpoint, later ones need not.
+    ejected_until: std::sync::atomic::AtomicU64,
+    pub breaker: Option<Arc<Breaker>>,
     pub connect_timeout: Option<Duration>,
 }
 
@@ -218,6 +227,7 @@ impl Default for Balancer {
             policy: Policy::RoundRobin,
             next: AtomicUsize::new(0),
             outlier: None,
+            ejected_until: Default::default(),
             breaker: None,
             connect_timeout: None,
         }
@@ -277,7 +287,12 @@ fn maglev(endpoints: &[Arc<Endpoint>], size: u64) -> Table {
 }
 
 impl Balancer {
-    pub fn new(c: &pb::Cluster, endpoints: &[Arc<Endpoint>]) -> Self {
+    /// `breaker`: the previous snapshot's, when the limits are unchanged.
+    pub fn new(
+        c: &pb::Cluster,
+        endpoints: &[Arc<Endpoint>],
+        breaker: Option<Arc<Breaker>>,
+    ) -> Self {
         use pb::consistent_hash::Key;
         use pb::load_balancer::Simple;
         let policy = match &c.lb {
@@ -313,28 +328,38 @@ impl Balancer {
             pb::Protocol::try_from(c.protocol),
             Ok(pb::Protocol::Http2 | pb::Protocol::Grpc)
         );
-        let breaker = c.pool.as_ref().and_then(|p| {
-            let limit = |v: u32| if v == 0 { u32::MAX } else { v };
-            // HTTP/1.1 apps take one request per connection at a time.
-            let active = if h2 {
-                limit(p.http2_max_requests)
-            } else {
-                limit(p.max_connections).min(limit(p.http2_max_requests))
-            };
-            let pending = if h2 {
-                0
-            } else {
-                limit(p.http1_max_pending_requests)
-            };
-            (active != u32::MAX).then(|| Breaker {
-                active: Arc::new(Semaphore::new(active as usize)),
-                pending: AtomicU32::new(0),
-                max_pending: pending,
+        let breaker = breaker.or_else(|| {
+            c.pool.as_ref().and_then(|p| {
+                let limit = |v: u32| if v == 0 { u32::MAX } else { v };
+                // HTTP/1.1 apps take one request per connection at a time.
+                let active = if h2 {
+                    limit(p.http2_max_requests)
+                } else {
+                    limit(p.max_connections).min(limit(p.http2_max_requests))
+                };
+                let pending = if h2 {
+                    0
+                } else {
+                    limit(p.http1_max_pending_requests)
+                };
+                (active != u32::MAX).then(|| {
+                    Arc::new(Breaker {
+                        active: Arc::new(Semaphore::new(active as usize)),
+                        pending: AtomicU32::new(0),
+                        max_pending: pending,
+                    })
+                })
             })
         });
         Self {
             policy,
             next: AtomicUsize::new(0),
+            ejected_until: endpoints
+                .iter()
+                .filter_map(|e| e.stats.outlier.lock().unwrap().ejected_until)
+                .max()
+                .map_or(0, since_epoch)
+                .into(),
             outlier: c.outlier.as_ref().map(|o| Outlier {
                 consecutive_5xx: o.consecutive_5xx_errors,
                 consecutive_gateway: o.consecutive_gateway_errors,
@@ -349,6 +374,11 @@ impl Balancer {
                 .filter(|p| p.connect_timeout_ms > 0)
                 .map(|p| Duration::from_millis(p.connect_timeout_ms)),
         }
+    }
+
+    /// Whether picks weigh latency (only then is it measured).
+    pub fn wants_latency(&self) -> bool {
+        matches!(self.policy, Policy::PeakEwma)
     }
 
     pub fn hash_key(&self) -> Option<&HashKey> {
@@ -369,7 +399,11 @@ impl Balancer {
             return None;
         }
         // Ejected endpoints are skipped, unless too few would be left.
-        let now = self.outlier.as_ref().map(|_| Instant::now());
+        let now = self
+            .outlier
+            .as_ref()
+            .map(|_| Instant::now())
+            .filter(|t| since_epoch(*t) < self.ejected_until.load(Ordering::Relaxed));
         let usable = |e: &Endpoint| now.is_none_or(|t| !e.stats.ejected(t));
         let panic_mode = match (&self.outlier, now) {
             (Some(o), Some(t)) => {
@@ -463,6 +497,8 @@ impl Balancer {
         s.times_ejected += 1;
         let for_ = (o.base_ejection * s.times_ejected).min(MAX_EJECTION.max(o.base_ejection));
         s.ejected_until = Some(now + for_);
+        self.ejected_until
+            .fetch_max(since_epoch(now + for_), Ordering::Relaxed);
         s.consecutive_5xx = 0;
         s.consecutive_gateway = 0;
         tracing::info!(endpoint = %e.tunnel, for_ = ?for_, "ejecting endpoint (outlier detection)");
@@ -513,7 +549,7 @@ mod tests {
     fn consistent_hashing_is_sticky_spreads_and_moves_few_keys() {
         for maglev in [false, true] {
             let eps = endpoints(4);
-            let b = Balancer::new(&cluster(Some(hashed(maglev)), None), &eps);
+            let b = Balancer::new(&cluster(Some(hashed(maglev)), None), &eps, None);
             let pick =
                 |b: &Balancer, eps: &[Arc<Endpoint>], k: u64| b.pick(eps, Some(k)).unwrap().tunnel;
             let keys: Vec<u64> = (0..2000u32).map(|k| hash(&k.to_be_bytes())).collect();
@@ -531,7 +567,7 @@ mod tests {
             }
             // Dropping one endpoint moves (mostly) only its keys.
             let fewer = eps[..3].to_vec();
-            let b2 = Balancer::new(&cluster(Some(hashed(maglev)), None), &fewer);
+            let b2 = Balancer::new(&cluster(Some(hashed(maglev)), None), &fewer, None);
             let moved = keys
                 .iter()
                 .zip(&first)
@@ -551,7 +587,7 @@ mod tests {
             simple: pb::load_balancer::Simple::LeastRequest as i32,
             ..Default::default()
         };
-        let b = Balancer::new(&cluster(Some(lb), None), &eps);
+        let b = Balancer::new(&cluster(Some(lb), None), &eps, None);
         eps[0].stats.active.store(10, Ordering::Relaxed);
         let to_idle = (0..1000)
             .filter(|_| b.pick(&eps, None).unwrap().tunnel == eps[1].tunnel)
@@ -569,7 +605,7 @@ mod tests {
             max_ejection_percent: 10,
             ..Default::default()
         };
-        let b = Balancer::new(&cluster(None, Some(od)), &eps);
+        let b = Balancer::new(&cluster(None, Some(od)), &eps, None);
         b.record(&eps, &eps[0], Outcome::ServerError);
         b.record(&eps, &eps[0], Outcome::Success);
         b.record(&eps, &eps[0], Outcome::ServerError);

@@ -499,7 +499,9 @@ impl Attempts<'_> {
             },
             None => send.await,
         };
-        endpoint.stats.observe_latency(started.elapsed());
+        if self.cluster.balancer.wants_latency() {
+            endpoint.stats.observe_latency(started.elapsed());
+        }
         match result {
             Ok(resp) => {
                 let (mut parts, body) = resp.into_parts();

@@ -67,7 +67,7 @@ pub struct Cluster {
     /// Load balancing, outlier detection and the circuit breaker.
     pub balancer: crate::balance::Balancer,
     /// Counts requests and retries to this destination.
-    pub budget: crate::budget::RetryBudget,
+    pub budget: Arc<crate::budget::RetryBudget>,
 }
 
 /// An endpoint, parsed once: where its sidecar listens, what identity it must
@@ -136,6 +136,12 @@ pub struct Resources {
 
 impl Resources {
     pub fn snapshot(&self) -> Snapshot {
+        self.snapshot_after(None)
+    }
+
+    /// A snapshot that keeps the request-path state (load, ejections,
+    /// budgets, breakers) of `prev` for whatever did not change.
+    pub fn snapshot_after(&self, prev: Option<&Snapshot>) -> Snapshot {
         let own_workload = self.listener.as_ref().and_then(|l| l.workload.as_ref());
         // Checked when each arrived (a bad one is NACKed), so none is skipped.
         let routes: HashMap<_, _> = self
@@ -158,23 +164,33 @@ impl Resources {
             .clusters
             .iter()
             .map(|(name, c)| {
+                // What the previous snapshot knew of this cluster carries
+                // over: an endpoint's load, latency and ejection, the
+                // cluster's retry budget and (same limits) breaker.
+                let before = prev.and_then(|p| p.clusters.get(name));
                 let endpoints: Vec<Arc<Endpoint>> = self
                     .endpoints
                     .get(name)
                     .map(|e| {
                         e.endpoints
                             .iter()
-                            .cloned()
-                            .filter_map(Endpoint::new)
-                            .map(Arc::new)
+                            .filter_map(|pb| {
+                                let same = before.and_then(|b| {
+                                    b.endpoints.iter().find(|old| old.pb == *pb).cloned()
+                                });
+                                same.or_else(|| Endpoint::new(pb.clone()).map(Arc::new))
+                            })
                             .collect()
                     })
                     .unwrap_or_default();
+                let breaker = before
+                    .filter(|b| b.config.pool == c.pool && b.config.protocol == c.protocol)
+                    .and_then(|b| b.balancer.breaker.clone());
                 let cluster = Cluster {
-                    balancer: crate::balance::Balancer::new(c, &endpoints),
+                    balancer: crate::balance::Balancer::new(c, &endpoints, breaker),
                     config: c.clone(),
                     endpoints,
-                    budget: Default::default(),
+                    budget: before.map(|b| b.budget.clone()).unwrap_or_default(),
                 };
                 (name.clone(), Arc::new(cluster))
             })
@@ -308,5 +324,59 @@ pub fn split_authority(authority: &str) -> (&str, Option<u16>) {
             Err(_) => (authority, None),
         },
         _ => (authority, None),
+    }
+}
+
+#[cfg(test)]
+mod carry_over {
+    use super::*;
+
+    fn resources(clusters: &[&str]) -> Resources {
+        let mut r = Resources::default();
+        for name in clusters {
+            r.clusters.insert(
+                name.to_string(),
+                pb::Cluster {
+                    name: name.to_string(),
+                    ..Default::default()
+                },
+            );
+            r.endpoints.insert(
+                name.to_string(),
+                pb::ClusterEndpoints {
+                    cluster: name.to_string(),
+                    endpoints: vec![pb::Endpoint {
+                        address: "127.0.0.9".into(),
+                        port: 9080,
+                        identity: "spiffe://cluster.local/ns/default/sa/x".into(),
+                        tunnel_port: 15006,
+                        ..Default::default()
+                    }],
+                },
+            );
+        }
+        r
+    }
+
+    #[test]
+    fn an_unrelated_change_keeps_endpoint_load_and_the_retry_budget() {
+        let first = resources(&["a"]).snapshot();
+        let a = &first.clusters["a"];
+        a.endpoints[0]
+            .stats
+            .active
+            .store(5, std::sync::atomic::Ordering::Relaxed);
+        let next = resources(&["a", "b"]).snapshot_after(Some(&first));
+        let a2 = &next.clusters["a"];
+        assert!(Arc::ptr_eq(&a.endpoints[0], &a2.endpoints[0]));
+        assert!(Arc::ptr_eq(&a.budget, &a2.budget));
+        // A changed endpoint starts afresh.
+        let mut changed = resources(&["a"]);
+        changed.endpoints.get_mut("a").unwrap().endpoints[0].port = 9081;
+        let moved = changed.snapshot_after(Some(&next));
+        assert!(!Arc::ptr_eq(
+            &a.endpoints[0],
+            &moved.clusters["a"].endpoints[0]
+        ));
     }
 }

@@ -172,7 +172,8 @@ impl Client {
         for r in &resp.resources {
             versions.insert(r.name.clone(), r.version.clone());
         }
-        self.snapshot_tx.send_replace(Arc::new(next.snapshot()));
+        let snapshot = next.snapshot_after(Some(&self.snapshot_tx.borrow()));
+        self.snapshot_tx.send_replace(Arc::new(snapshot));
         self.resources = next;
         Ok(())
     }

@@ -26,6 +26,53 @@ struct Cli {
     /// measuring (for profiling by hand).
     #[arg(long)]
     hold: bool,
+    /// Also measure `mesh_routes`: the mesh path through a VirtualService of
+    /// this many routes (the matching one last) and a DestinationRule with
+    /// outlier detection and a connection pool.
+    #[arg(long, default_value_t = 0)]
+    routes: usize,
+}
+
+/// A second service on the same upstream, behind `n` routes of which only
+/// the last matches the benchmark's requests.
+fn routes_config(n: usize) -> String {
+    let mut out = String::from(
+        r#"
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: bench-routes, namespace: default}
+spec:
+  hosts: [bench-routes.default.svc.cluster.local]
+  ports: [{number: 8080, name: http, protocol: HTTP}]
+  workloadSelector: {labels: {app: bench-upstream}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: bench-routes, namespace: default}
+spec:
+  host: bench-routes
+  trafficPolicy:
+    connectionPool:
+      tcp: {maxConnections: 10000, connectTimeout: 1s}
+      http: {http1MaxPendingRequests: 10000, http2MaxRequests: 10000}
+    outlierDetection: {consecutive5xxErrors: 5, interval: 10s, baseEjectionTime: 30s}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: bench-routes, namespace: default}
+spec:
+  hosts: [bench-routes]
+  http:
+"#,
+    );
+    for i in 0..n.saturating_sub(1) {
+        out.push_str(&format!(
+            "  - name: r{i}\n    match:\n    - uri: {{prefix: /r{i}/}}\n      headers: {{x-route: {{exact: r{i}}}}}\n    route: [{{destination: {{host: bench-routes}}}}]\n"
+        ));
+    }
+    out.push_str("  - name: last\n    route: [{destination: {host: bench-routes}}]\n");
+    out
 }
 
 const FIXED_RPS: u32 = 1000;
@@ -88,7 +135,11 @@ fn main() -> anyhow::Result<()> {
     // processes), with the sidecar binary as deployed.
     let config_dir = dir.path().join("config");
     std::fs::create_dir_all(&config_dir)?;
-    std::fs::write(config_dir.join("bench.yaml"), MESH_CONFIG)?;
+    let mut config = MESH_CONFIG.to_string();
+    if cli.routes > 0 {
+        config.push_str(&routes_config(cli.routes));
+    }
+    std::fs::write(config_dir.join("bench.yaml"), config)?;
     let specs = workloads::from_config(&config_dir)?;
     let cp = rt.block_on(meshctl::controlplane::ControlPlane::start(
         dir.path(),
@@ -129,6 +180,15 @@ fn main() -> anyhow::Result<()> {
             h1: true,
         },
     ];
+    if cli.routes > 0 {
+        paths.push(Path {
+            name: "mesh_routes",
+            url: format!("http://{}:15001/", ip(1)),
+            host: "bench-routes:8080".into(),
+            pids: mesh_pids.clone(),
+            h1: true,
+        });
+    }
     let wanted = |name: &str| cli.paths.is_empty() || cli.paths.iter().any(|p| p == name);
     for (name, front, back, l4) in [
         ("haproxy", 3, 4, false),
@@ -331,9 +391,21 @@ fn report(results: &BTreeMap<&str, Vec<Round>>) {
     println!(
         "\nmesh adds {mesh_added_p90:.3} ms p90 and {mesh_added_p99:.3} ms p99 over direct; the best peer adds {best_peer:.3} ms p90"
     );
+    // The routed path against the single-route one, same run.
+    let routes_ratio = results.contains_key("mesh_routes").then(|| {
+        (
+            med("mesh_routes", |r| r.p90) / med("mesh", |r| r.p90),
+            med("mesh_routes", |r| r.cpu_per_1k) / med("mesh", |r| r.cpu_per_1k),
+        )
+    });
+    if let Some((p90, cpu)) = routes_ratio {
+        println!("mesh_routes / mesh: p90 x{p90:.3}, cpu s/1k x{cpu:.3} (target: within 1.10)");
+    }
     println!(
         "{}",
         json!({
+            "routes_p90_ratio": routes_ratio.map(|r| round3(r.0)),
+            "routes_cpu_ratio": routes_ratio.map(|r| round3(r.1)),
             "paths": paths,
             "mesh_added_p90_ms": round3(mesh_added_p90),
             "mesh_added_p99_ms": round3(mesh_added_p99),
