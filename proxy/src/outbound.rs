@@ -469,7 +469,11 @@ impl Attempts<'_> {
     }
 
     async fn attempt(&self, endpoint: &Endpoint, req: Request<Body>) -> Tried {
-        let started = std::time::Instant::now();
+        let started = self
+            .cluster
+            .balancer
+            .wants_latency()
+            .then(std::time::Instant::now);
         endpoint.stats.active.fetch_add(1, Ordering::Relaxed);
         let _done = scopeguard(|| {
             endpoint.stats.active.fetch_sub(1, Ordering::Relaxed);
@@ -499,8 +503,8 @@ impl Attempts<'_> {
             },
             None => send.await,
         };
-        if self.cluster.balancer.wants_latency() {
-            endpoint.stats.observe_latency(started.elapsed());
+        if let Some(t) = started {
+            endpoint.stats.observe_latency(t.elapsed());
         }
         match result {
             Ok(resp) => {
