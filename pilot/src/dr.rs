@@ -179,10 +179,7 @@ fn simple(s: &str) -> Option<pb::load_balancer::Simple> {
     })
 }
 
-fn ms(d: Option<&String>) -> u64 {
-    d.and_then(|d| parse_duration(d).ok())
-        .map_or(0, |d| d.as_millis() as u64)
-}
+use crate::istio::duration_ms as ms;
 
 fn wire_lb(lb: &LoadBalancerSettings) -> pb::LoadBalancer {
     use pb::consistent_hash::Key;

@@ -374,6 +374,12 @@ pub struct HeaderOperations {
     pub remove: Vec<String>,
 }
 
+/// Milliseconds of an optional duration already checked; 0 when absent.
+pub fn duration_ms(d: Option<&String>) -> u64 {
+    d.and_then(|t| parse_duration(t).ok())
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// Parses a duration as Istio accepts it: one or more `<number><unit>`
 /// (`h`, `m`, `s`, `ms`, `us`, `ns`), e.g. `0.5s`, `1m30s`, `250ms`.
 pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {

@@ -332,10 +332,7 @@ fn base64_decode(s: &str) -> Option<Vec<u8>> {
         .ok()
 }
 
-fn ms(d: Option<&String>) -> u64 {
-    d.and_then(|t| parse_duration(t).ok())
-        .map_or(0, |d| d.as_millis() as u64)
-}
+use crate::istio::duration_ms as ms;
 
 fn percent(p: Option<&Percent>) -> f64 {
     p.map_or(100.0, |p| p.value)

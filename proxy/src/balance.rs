@@ -79,9 +79,7 @@ struct OutlierState {
 }
 
 fn since_epoch(t: Instant) -> u64 {
-    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    let epoch = *EPOCH.get_or_init(Instant::now);
-    t.saturating_duration_since(epoch).as_nanos() as u64
+    crate::wire::since_start(t).as_nanos() as u64
 }
 
 /// How long latencies are remembered (Linkerd's default decay).

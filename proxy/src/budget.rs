@@ -36,13 +36,8 @@ struct Window {
     buckets: [(u64, u32, u32); BUCKETS],
 }
 
-fn now_secs(epoch: Instant, now: Instant) -> u64 {
-    now.duration_since(epoch).as_secs() / BUCKET.as_secs()
-}
-
-fn epoch() -> Instant {
-    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    *EPOCH.get_or_init(Instant::now)
+fn now_secs(now: Instant) -> u64 {
+    crate::wire::since_start(now).as_secs() / BUCKET.as_secs()
 }
 
 impl Window {
@@ -74,12 +69,12 @@ impl RetryBudget {
     }
 
     fn deposit_at(&self, now: Instant) {
-        let sec = now_secs(epoch(), now);
+        let sec = now_secs(now);
         self.0.lock().unwrap().bucket(sec).1 += 1;
     }
 
     fn withdraw_at(&self, cfg: &BudgetConfig, now: Instant) -> bool {
-        let sec = now_secs(epoch(), now);
+        let sec = now_secs(now);
         let mut w = self.0.lock().unwrap();
         let (requests, retries) = w.totals(sec);
         let allowed =
@@ -104,7 +99,7 @@ mod tests {
             ratio: 0.2,
             min_per_sec: 1,
         };
-        let t0 = epoch() + Duration::from_secs(100);
+        let t0 = std::time::Instant::now() + Duration::from_secs(100);
         for _ in 0..1000 {
             b.deposit_at(t0);
         }

@@ -184,13 +184,7 @@ impl Rules {
     }
 
     fn find_token(&self, uri: &Uri, headers: &HeaderMap) -> Option<String> {
-        let param = |name: &str| {
-            uri.query()?
-                .split('&')
-                .filter_map(|kv| kv.split_once('='))
-                .find(|(k, _)| *k == name)
-                .map(|(_, v)| v.to_string())
-        };
+        let param = |name: &str| crate::wire::query_param(uri.query(), name).map(str::to_string);
         for r in &self.rules {
             for loc in &r.locations {
                 let found = match loc {

@@ -542,12 +542,7 @@ fn hash_of(
         HashKey::Header(name) => (parts.headers.get(name).map(|v| hash(v.as_bytes())), None),
         HashKey::SourceIp => (Some(hash(conn.peer.to_string().as_bytes())), None),
         HashKey::Query(name) => (
-            parts.uri.query().and_then(|q| {
-                q.split('&').find_map(|pair| {
-                    let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-                    (k == name).then(|| hash(v.as_bytes()))
-                })
-            }),
+            wire::query_param(parts.uri.query(), name).map(|v| hash(v.as_bytes())),
             None,
         ),
         HashKey::Cookie { name, path, ttl } => {

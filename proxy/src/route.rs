@@ -96,12 +96,7 @@ fn header_matches(headers: &HeaderMap, name: &HeaderName, m: &Option<Str>) -> bo
     }
 }
 
-fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
-    query?.split('&').find_map(|pair| {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        (k == name).then_some(v)
-    })
-}
+use crate::wire::query_param;
 
 impl Match {
     fn compile(m: &pb::HttpMatch, at: &str) -> Result<Self, String> {

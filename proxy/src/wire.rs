@@ -28,6 +28,20 @@ pub fn protocol_label<B>(req: &http::Request<B>) -> &'static str {
     }
 }
 
+/// The value of query parameter `name` (the first, raw), if present.
+pub fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
+    query?.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (k == name).then_some(v)
+    })
+}
+
+/// Time since the process first asked: a monotonic clock that fits an atomic.
+pub fn since_start(t: std::time::Instant) -> std::time::Duration {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    t.saturating_duration_since(*START.get_or_init(std::time::Instant::now))
+}
+
 /// Removes hop-by-hop headers, including those named in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers
