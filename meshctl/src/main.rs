@@ -1,5 +1,5 @@
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Parser, Subcommand};
 
@@ -87,6 +87,17 @@ enum Command {
     Authz {
         #[command(subcommand)]
         command: AuthzCommand,
+    },
+    /// Add the sidecar to workload manifests (Pod, Deployment, StatefulSet,
+    /// DaemonSet, ReplicaSet, Job, CronJob, List; multi-document YAML) as
+    /// the admission webhook would, printing them to stdout; what was left
+    /// alone, and why, goes to stderr.
+    KubeInject {
+        /// Manifest file, or - for stdin.
+        #[arg(short = 'f', long = "filename")]
+        filename: PathBuf,
+        #[command(flatten)]
+        config: mesh_injector::ConfigArgs,
     },
     /// Load a pod's capture rules (used by `demo --transparent` in each pod).
     #[command(hide = true)]
@@ -203,7 +214,10 @@ fn main() {
     let cli = Cli::parse();
     if matches!(
         cli.command,
-        Command::Ca { .. } | Command::ProxyStatus { .. } | Command::ProxyConfig { .. }
+        Command::Ca { .. }
+            | Command::ProxyStatus { .. }
+            | Command::ProxyConfig { .. }
+            | Command::KubeInject { .. }
     ) {
         die_on_closed_stdout();
     }
@@ -212,6 +226,7 @@ fn main() {
             init_logs("info");
             mesh_proxy::cli::run_process(args).map_err(|e| anyhow::anyhow!("{e}"))
         }
+        Command::KubeInject { filename, config } => kube_inject(&filename, config.into()),
         Command::Analyze { paths, output } => {
             let report = meshctl::analyze::analyze(&paths);
             match output {
@@ -242,6 +257,28 @@ fn main() {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
+}
+
+fn kube_inject(file: &Path, cfg: mesh_injector::Config) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use std::io::Read;
+    let mut text = String::new();
+    if file == Path::new("-") {
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .context("reading stdin")?;
+    } else {
+        text =
+            std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    }
+    let (yaml, notes) = mesh_injector::workloads::inject_yaml(&text, &cfg)?;
+    for note in notes {
+        if let Some(why) = note.skipped {
+            eprintln!("{}: not injected: {why}", note.workload);
+        }
+    }
+    print!("{yaml}");
+    Ok(())
 }
 
 fn authz(command: AuthzCommand) -> anyhow::Result<i32> {
@@ -385,7 +422,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Authz { .. } | Command::Analyze { .. } => {
+        Command::Authz { .. } | Command::Analyze { .. } | Command::KubeInject { .. } => {
             unreachable!("handled before the runtime starts")
         }
         Command::Capture(cfg) => mesh_proxy::capture::apply(&cfg, mesh_proxy::capture::Family::V4)?,

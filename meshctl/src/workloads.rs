@@ -154,7 +154,44 @@ fn proxy_args(cp: &ControlPlane, w: &WorkloadSpec, token_file: PathBuf) -> Proxy
         retry_budget_percent: 20.0,
         retry_budget_min_per_sec: 10,
         retry_buffer_bytes: mesh_proxy::replay::DEFAULT_LIMIT,
+        app_probers: Some(app_probers(w)),
     }
+}
+
+/// The probes kubelet would run on the sample app, moved onto the
+/// sidecar's agent port as the injector moves them: readiness is
+/// `GET /health`, liveness a TCP connect.
+fn app_probers(w: &WorkloadSpec) -> mesh_proto::probers::Probers {
+    use mesh_proto::probers::{HttpGet, Prober, TcpSocket};
+    if w.app.is_none() {
+        return Default::default();
+    }
+    let prober = |http_get, tcp_socket| Prober {
+        http_get,
+        tcp_socket,
+        timeout_seconds: 1,
+    };
+    let get = HttpGet {
+        path: "/health".into(),
+        port: mesh_samples::PORT,
+        scheme: "HTTP".into(),
+        host: None,
+        http_headers: vec![],
+    };
+    let tcp = TcpSocket {
+        port: mesh_samples::PORT,
+    };
+    [
+        (
+            format!("/app-health/{}/readyz", w.name),
+            prober(Some(get), None),
+        ),
+        (
+            format!("/app-health/{}/livez", w.name),
+            prober(None, Some(tcp)),
+        ),
+    ]
+    .into()
 }
 
 fn proxy_cmdline(a: &ProxyArgs) -> Vec<String> {
@@ -168,6 +205,11 @@ fn proxy_cmdline(a: &ProxyArgs) -> Vec<String> {
         format!("--ca-addr={}", a.ca_addr),
         format!("--ca-root-file={}", a.ca_root_file.display()),
         format!("--token-file={}", a.token_file.display()),
+        format!(
+            "--app-probers={}",
+            serde_json::to_string(a.app_probers.as_ref().unwrap_or(&Default::default()))
+                .expect("probers serialize")
+        ),
     ]
 }
 

@@ -68,4 +68,57 @@ pub mod ports {
     pub const CA: u16 = 15011;
     pub const XDS: u16 = 15012;
     pub const CONTROL_PLANE_MONITORING: u16 = 15014;
+    /// The proxy's agent: rewritten app probes, `/quitquitquit`.
+    pub const AGENT: u16 = 15020;
+    /// The injector's admission webhook (HTTPS).
+    pub const WEBHOOK: u16 = 15017;
+}
+
+/// The app probes the injector moved onto the proxy's agent port: it
+/// writes them (JSON) into the sidecar's `MESH_APP_PROBERS`, keyed by the
+/// path kubelet now asks (`/app-health/<container>/livez|readyz|startupz`),
+/// and the proxy runs the original check against the app when kubelet
+/// asks. Field names follow the Kubernetes probe they came from.
+pub mod probers {
+    use std::collections::BTreeMap;
+
+    pub const ENV: &str = "MESH_APP_PROBERS";
+
+    pub type Probers = BTreeMap<String, Prober>;
+
+    #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+    #[serde(rename_all = "camelCase", deny_unknown_fields)]
+    pub struct Prober {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub http_get: Option<HttpGet>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub tcp_socket: Option<TcpSocket>,
+        pub timeout_seconds: u32,
+    }
+
+    #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+    #[serde(rename_all = "camelCase", deny_unknown_fields)]
+    pub struct HttpGet {
+        pub path: String,
+        pub port: u16,
+        /// `HTTP` (HTTPS probes are not moved).
+        pub scheme: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub host: Option<String>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        pub http_headers: Vec<Header>,
+    }
+
+    #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Header {
+        pub name: String,
+        pub value: String,
+    }
+
+    #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct TcpSocket {
+        pub port: u16,
+    }
 }

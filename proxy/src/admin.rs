@@ -1,4 +1,5 @@
-//! Admin (15000), readiness (15021) and Prometheus (15090) endpoints.
+//! Admin (15000), readiness (15021), Prometheus (15090) and agent (15020)
+//! endpoints.
 
 use std::sync::Arc;
 
@@ -19,6 +20,10 @@ pub enum Endpoints {
     Health,
     /// Only `/stats/prometheus`.
     Stats,
+    /// Kubelet's side: `/healthz/ready`, the app's own probes
+    /// (`/app-health/<container>/livez|readyz|startupz`) and
+    /// `POST /quitquitquit` (drain and exit, for Jobs in legacy mode).
+    Agent,
 }
 
 pub async fn handle(
@@ -27,18 +32,27 @@ pub async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<Body>, std::convert::Infallible> {
     use Endpoints::*;
-    if let (Admin, &Method::POST, "/drain") = (which, req.method(), req.uri().path()) {
-        shared.drain.start();
-        return Ok(local_reply(StatusCode::OK, "draining"));
+    match (which, req.method(), req.uri().path()) {
+        (Admin, &Method::POST, "/drain") | (Agent, &Method::POST, "/quitquitquit") => {
+            shared.drain.start();
+            return Ok(local_reply(StatusCode::OK, "draining"));
+        }
+        (Agent, &Method::GET, path) if path.starts_with("/app-health/") => {
+            return Ok(match shared.cfg.app_probers.get(path) {
+                Some(prober) => crate::probe::run(&shared, prober).await,
+                None => local_reply(StatusCode::NOT_FOUND, "no such app probe"),
+            });
+        }
+        _ => {}
     }
     if req.method() != Method::GET {
         return Ok(local_reply(
             StatusCode::METHOD_NOT_ALLOWED,
-            "GET only (POST only for /drain)",
+            "GET only (POST only for /drain and /quitquitquit)",
         ));
     }
     Ok(match (which, req.uri().path()) {
-        (Admin | Health, "/healthz/ready") => match shared.not_ready() {
+        (Admin | Health | Agent, "/healthz/ready") => match shared.not_ready() {
             None => local_reply(StatusCode::OK, "ready"),
             Some(why) => local_reply(StatusCode::SERVICE_UNAVAILABLE, why),
         },

@@ -23,9 +23,12 @@ pub struct ProxyArgs {
     /// The pod's address: listeners bind here and the app is reached here.
     #[arg(long, env = "MESH_POD_IP")]
     pub pod_ip: IpAddr,
-    #[arg(long, env = "PILOT_ADDR", default_value = "127.0.0.1:15012")]
+    /// pilot: `ip:port` or `host:port` (looked up once, at start: a
+    /// Kubernetes Service's cluster IP does not move).
+    #[arg(long, env = "PILOT_ADDR", default_value = "127.0.0.1:15012", value_parser = resolve)]
     pub pilot_addr: SocketAddr,
-    #[arg(long, env = "CA_ADDR", default_value = "127.0.0.1:15011")]
+    /// citadel: `ip:port` or `host:port`, looked up as pilot's is.
+    #[arg(long, env = "CA_ADDR", default_value = "127.0.0.1:15011", value_parser = resolve)]
     pub ca_addr: SocketAddr,
     /// PEM file with the mesh's trusted roots.
     #[arg(long, env = "CA_ROOT_FILE")]
@@ -72,9 +75,32 @@ pub struct ProxyArgs {
     /// larger ones stream once and are not retried.
     #[arg(long, env = "MESH_RETRY_BUFFER_BYTES", default_value_t = crate::replay::DEFAULT_LIMIT)]
     pub retry_buffer_bytes: usize,
+    /// The app's probes the injector moved onto the agent port (JSON, as
+    /// `mesh_proto::probers` describes).
+    #[arg(long, env = mesh_proto::probers::ENV, value_parser = parse_probers)]
+    pub app_probers: Option<mesh_proto::probers::Probers>,
 }
 
 pub const DEFAULT_THREADS: usize = 1;
+
+fn parse_probers(s: &str) -> Result<mesh_proto::probers::Probers, String> {
+    serde_json::from_str(s).map_err(|e| format!("not the injector's probe JSON: {e}"))
+}
+
+/// A socket address, or a name and port looked up through the system's
+/// resolver (the first address it gives).
+fn resolve(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = s.parse() {
+        return Ok(addr);
+    }
+    use std::net::ToSocketAddrs;
+    match s.to_socket_addrs() {
+        Ok(mut addrs) => addrs
+            .next()
+            .ok_or_else(|| format!("{s} resolves to no address")),
+        Err(e) => Err(format!("{s} is not ip:port, and looking it up failed: {e}")),
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 #[error("reading {flag} {}: {source}", path.display())]
@@ -112,6 +138,7 @@ impl ProxyArgs {
                 min_per_sec: self.retry_budget_min_per_sec,
             },
             retry_buffer_bytes: self.retry_buffer_bytes,
+            app_probers: self.app_probers.unwrap_or_default(),
         })
     }
 }
@@ -135,6 +162,42 @@ pub fn run_process(args: ProxyArgs) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
+/// Polls the readiness endpoint at `health` until it answers 200; an
+/// error once `timeout` passed, naming the last answer.
+pub fn wait_ready(health: SocketAddr, timeout: Duration) -> Result<(), String> {
+    use std::io::{Read, Write};
+    let deadline = std::time::Instant::now() + timeout;
+    let mut last;
+    loop {
+        let attempt = (|| -> std::io::Result<String> {
+            let mut tcp = std::net::TcpStream::connect_timeout(&health, Duration::from_secs(1))?;
+            tcp.set_read_timeout(Some(Duration::from_secs(2)))?;
+            write!(
+                tcp,
+                "GET /healthz/ready HTTP/1.1\r\nHost: {health}\r\nConnection: close\r\n\r\n"
+            )?;
+            let mut answer = String::new();
+            tcp.read_to_string(&mut answer)?;
+            Ok(answer)
+        })();
+        match attempt {
+            Ok(a) if a.starts_with("HTTP/1.1 200") => {
+                eprintln!("proxy ready");
+                return Ok(());
+            }
+            Ok(a) => last = a.lines().last().unwrap_or_default().to_string(),
+            Err(e) => last = e.to_string(),
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(format!(
+                "the proxy was not ready within {}: {last}",
+                humantime::format_duration(timeout)
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
 /// Resolves on SIGTERM or Ctrl-C: the one drain trigger of a proxy process.
 pub async fn shutdown_signal() {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -142,5 +205,23 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn control_plane_addresses_may_be_names() {
+        assert_eq!(
+            super::resolve("10.0.0.7:15012").unwrap().to_string(),
+            "10.0.0.7:15012"
+        );
+        let local = super::resolve("localhost:15011").unwrap();
+        assert!(local.ip().is_loopback() && local.port() == 15011, "{local}");
+        let err = super::resolve("no-such-host.invalid:15012").unwrap_err();
+        assert!(
+            err.starts_with("no-such-host.invalid:15012 is not ip:port"),
+            "{err}"
+        );
     }
 }

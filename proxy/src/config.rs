@@ -38,6 +38,9 @@ pub struct Config {
     pub retry_budget: crate::budget::BudgetConfig,
     /// How much of a request body is kept so it can be retried or mirrored.
     pub retry_buffer_bytes: usize,
+    /// The app's own probes, run when kubelet asks the agent port for
+    /// `/app-health/...` (written by the injector).
+    pub app_probers: mesh_proto::probers::Probers,
 }
 
 /// Istio's outboundTrafficPolicy modes.
@@ -58,6 +61,7 @@ pub struct Ports {
     pub admin: u16,
     pub stats: u16,
     pub health: u16,
+    pub agent: u16,
 }
 
 impl Default for Ports {
@@ -69,6 +73,7 @@ impl Default for Ports {
             admin: ADMIN,
             stats: STATS,
             health: HEALTH,
+            agent: AGENT,
         }
     }
 }

@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod outbound;
 pub mod platform;
 pub mod pool;
+pub mod probe;
 pub mod replay;
 pub mod route;
 mod server;
@@ -118,6 +119,7 @@ pub async fn run_with_sockets(
     let admin = bind(cfg.addr(p.admin)).await?;
     let stats = bind(cfg.addr(p.stats)).await?;
     let health = bind(cfg.addr(p.health)).await?;
+    let agent = bind(cfg.addr(p.agent)).await?;
 
     let (tls_tx, tls_rx) = watch::channel(None);
     let (snap_tx, snap_rx) = watch::channel(Arc::new(Snapshot::default()));
@@ -146,6 +148,7 @@ pub async fn run_with_sockets(
         (admin, admin::Endpoints::Admin),
         (stats, admin::Endpoints::Stats),
         (health, admin::Endpoints::Health),
+        (agent, admin::Endpoints::Agent),
     ] {
         tasks.spawn(server::serve_admin(listener, shared.clone(), which));
     }

@@ -242,6 +242,7 @@ mod tests {
             socket_mark: None,
             retry_budget: Default::default(),
             retry_buffer_bytes: crate::replay::DEFAULT_LIMIT,
+            app_probers: Default::default(),
             ports: Default::default(),
         });
         let (snap_tx, snap_rx) = watch::channel(Arc::new(Snapshot::default()));

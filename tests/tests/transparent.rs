@@ -43,6 +43,7 @@ async fn captured_sidecar(
         socket_mark: None,
         retry_budget: Default::default(),
         retry_buffer_bytes: mesh_proxy::replay::DEFAULT_LIMIT,
+        app_probers: Default::default(),
         ports: Default::default(),
     };
     tokio::spawn(mesh_proxy::run_with_sockets(

@@ -1,0 +1,353 @@
+//! The admission webhook over real HTTPS: curl posts AdmissionReviews as
+//! the API server would, and the returned JSON Patch, applied to the pod
+//! that was sent, must give exactly the injected pod. Bad requests get a
+//! clear answer and the server keeps serving.
+
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use base64::Engine;
+use mesh_injector::server::{Counts, serve, tls_from_files};
+use mesh_injector::{Config, NamespacePolicy, Outcome};
+use serde_json::{Value, json};
+
+struct Webhook {
+    url: String,
+    ca: tempfile::NamedTempFile,
+    counts: Arc<Counts>,
+    _dir: tempfile::TempDir,
+}
+
+/// A CA and a serving certificate for the webhook's Service name and
+/// 127.0.0.1, as the control plane issues them.
+async fn start() -> Webhook {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(vec![]).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "mesh test CA");
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec![
+        "mesh-control-plane.mesh-system.svc".into(),
+        "127.0.0.1".into(),
+    ])
+    .unwrap();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "mesh-control-plane");
+    let leaf = params.signed_by(&key, &issuer).unwrap();
+    let (cert_path, key_path) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    std::fs::write(&cert_path, leaf.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    let ca = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(ca.path(), ca_cert.pem()).unwrap();
+
+    let tls = tls_from_files(&cert_path, &key_path).unwrap();
+    let (_tx, rx) = tokio::sync::watch::channel(tls);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!(
+        "https://127.0.0.1:{}",
+        listener.local_addr().unwrap().port()
+    );
+    let counts = Arc::new(Counts::default());
+    tokio::spawn({
+        let counts = counts.clone();
+        async move {
+            let _tx = _tx;
+            serve(
+                listener,
+                rx,
+                Arc::new(Config::default()),
+                counts,
+                std::future::pending(),
+            )
+            .await
+        }
+    });
+    Webhook {
+        url,
+        ca,
+        counts,
+        _dir: dir,
+    }
+}
+
+impl Webhook {
+    /// curl's answer: (HTTP status, body).
+    async fn post(&self, body: &[u8]) -> (u16, String) {
+        let body_file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(body_file.path(), body).unwrap();
+        let mut cmd = Command::new("curl");
+        cmd.args([
+            "-sS",
+            "--http1.1",
+            "-o",
+            "-",
+            "-w",
+            "\n%{http_code}",
+            "--cacert",
+        ])
+        .arg(self.ca.path())
+        .args(["-H", "Content-Type: application/json", "--data-binary"])
+        .arg(format!("@{}", body_file.path().display()))
+        .arg(format!("{}/inject", self.url));
+        let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+            .await
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "curl: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8(out.stdout).unwrap();
+        let (body, code) = text.rsplit_once('\n').unwrap();
+        (code.parse().unwrap(), body.to_string())
+    }
+}
+
+fn review(uid: &str, object: Value, dry_run: bool) -> Value {
+    json!({
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": uid,
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "requestKind": {"group": "", "version": "v1", "kind": "Pod"},
+            "namespace": "bookinfo",
+            "operation": "CREATE",
+            "userInfo": {"username": "system:serviceaccount:kube-system:replicaset-controller"},
+            "object": object,
+            "oldObject": null,
+            "dryRun": dry_run,
+            "options": {"apiVersion": "meta.k8s.io/v1", "kind": "CreateOptions"}
+        }
+    })
+}
+
+/// A pod as the ReplicaSet controller creates it.
+fn pod() -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "generateName": "reviews-v1-5f8b9c7d4-",
+            "namespace": "bookinfo",
+            "labels": {"app": "reviews", "version": "v1", "pod-template-hash": "5f8b9c7d4"},
+            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
+                "name": "reviews-v1-5f8b9c7d4", "uid": "0d9c1c7e-5c1e-4a57-9d1c-2f4f3f0e6a11",
+                "controller": true, "blockOwnerDeletion": true}]
+        },
+        "spec": {
+            "serviceAccountName": "bookinfo-reviews",
+            "containers": [{
+                "name": "reviews",
+                "image": "bookinfo/reviews:1.0",
+                "ports": [{"name": "http", "containerPort": 9080, "protocol": "TCP"}],
+                "readinessProbe": {"httpGet": {"path": "/health", "port": "http", "scheme": "HTTP"},
+                    "periodSeconds": 5, "timeoutSeconds": 1, "successThreshold": 1, "failureThreshold": 3},
+                "resources": {},
+                "terminationMessagePath": "/dev/termination-log",
+                "terminationMessagePolicy": "File",
+                "imagePullPolicy": "IfNotPresent"
+            }],
+            "restartPolicy": "Always",
+            "terminationGracePeriodSeconds": 30,
+            "dnsPolicy": "ClusterFirst",
+            "securityContext": {},
+            "schedulerName": "default-scheduler"
+        }
+    })
+}
+
+fn response(body: &str) -> Value {
+    let review: Value = serde_json::from_str(body).unwrap();
+    assert_eq!(review["apiVersion"], "admission.k8s.io/v1");
+    assert_eq!(review["kind"], "AdmissionReview");
+    review["response"].clone()
+}
+
+fn patched(original: &Value, response: &Value) -> Value {
+    assert_eq!(response["patchType"], "JSONPatch");
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(response["patch"].as_str().unwrap())
+        .unwrap();
+    let patch: json_patch::Patch = serde_json::from_slice(&bytes).unwrap();
+    let mut doc = original.clone();
+    json_patch::patch(&mut doc, &patch).unwrap();
+    doc
+}
+
+fn have_curl() -> bool {
+    if Command::new("curl").arg("--version").output().is_err() {
+        println!("SKIPPED: curl is not installed (the test posts AdmissionReviews with it)");
+        return false;
+    }
+    true
+}
+
+#[tokio::test]
+async fn a_pod_comes_back_injected_as_a_json_patch() {
+    if !have_curl() {
+        return;
+    }
+    let hook = start().await;
+    let original = pod();
+    let (status, body) = hook
+        .post(
+            review(
+                "705ab4f5-6393-11e8-b7cc-42010a800002",
+                original.clone(),
+                false,
+            )
+            .to_string()
+            .as_bytes(),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let resp = response(&body);
+    assert_eq!(resp["uid"], "705ab4f5-6393-11e8-b7cc-42010a800002");
+    assert_eq!(resp["allowed"], true);
+    let after = patched(&original, &resp);
+
+    let typed: k8s_openapi::api::core::v1::Pod = serde_json::from_value(original.clone()).unwrap();
+    let Outcome::Injected(want) = mesh_injector::inject(
+        &typed,
+        "bookinfo",
+        &NamespacePolicy::Enabled,
+        &Config::default(),
+    )
+    .unwrap() else {
+        panic!("not injected")
+    };
+    assert_eq!(after, serde_json::to_value(&*want).unwrap());
+    let inits: Vec<_> = after["spec"]["initContainers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(inits, ["mesh-init", "mesh-proxy"]);
+    assert_eq!(
+        after["spec"]["containers"][0]["readinessProbe"]["httpGet"]["path"],
+        "/app-health/reviews/readyz"
+    );
+    // Fields the pod had and the injection does not touch are kept.
+    assert_eq!(after["spec"]["schedulerName"], "default-scheduler");
+    assert_eq!(
+        after["metadata"]["labels"]["pod-template-hash"],
+        "5f8b9c7d4"
+    );
+
+    // A dry run gets the same patch and is not counted as an injection.
+    let (status, body) = hook
+        .post(review("dry", original.clone(), true).to_string().as_bytes())
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(patched(&original, &response(&body)), after);
+    assert_eq!(hook.counts.injected.load(Ordering::Relaxed), 1);
+    assert_eq!(hook.counts.dry_runs.load(Ordering::Relaxed), 1);
+
+    // The injected pod sent again (the webhook called twice) is left alone.
+    let (_, body) = hook
+        .post(review("again", after, false).to_string().as_bytes())
+        .await;
+    let resp = response(&body);
+    assert_eq!(
+        (resp["allowed"].clone(), resp.get("patch")),
+        (json!(true), None)
+    );
+
+    // A pod that opts out is allowed without a patch.
+    let mut out = original.clone();
+    out["metadata"]["annotations"] = json!({"sidecar.istio.io/inject": "false"});
+    let (_, body) = hook
+        .post(review("out", out, false).to_string().as_bytes())
+        .await;
+    let resp = response(&body);
+    assert_eq!(
+        (resp["allowed"].clone(), resp.get("patch")),
+        (json!(true), None)
+    );
+}
+
+#[tokio::test]
+async fn bad_requests_are_named_and_the_server_keeps_serving() {
+    if !have_curl() {
+        return;
+    }
+    let hook = start().await;
+    let good = review("u1", pod(), false).to_string();
+
+    // Truncated.
+    let (status, body) = hook.post(&good.as_bytes()[..good.len() / 2]).await;
+    assert_eq!(status, 400);
+    assert!(
+        body.starts_with("the body is not JSON: EOF while parsing"),
+        "{body}"
+    );
+
+    // The wrong version.
+    let mut old = review("u2", pod(), false);
+    old["apiVersion"] = json!("admission.k8s.io/v1beta1");
+    let (status, body) = hook.post(old.to_string().as_bytes()).await;
+    assert_eq!(status, 400);
+    assert_eq!(
+        body.trim(),
+        "expected an admission.k8s.io/v1 AdmissionReview, got apiVersion admission.k8s.io/v1beta1 kind AdmissionReview; \
+         the webhook configuration must list admissionReviewVersions: [v1]"
+    );
+
+    // Not a pod: refused with a reason the API server shows.
+    let mut deployment = review("u3", json!({"kind": "Deployment"}), false);
+    deployment["request"]["kind"] = json!({"group": "apps", "version": "v1", "kind": "Deployment"});
+    let (status, body) = hook.post(deployment.to_string().as_bytes()).await;
+    assert_eq!(status, 200);
+    let resp = response(&body);
+    assert_eq!(resp["uid"], "u3");
+    assert_eq!(resp["allowed"], false);
+    assert_eq!(resp["status"]["code"], 400);
+    assert_eq!(
+        resp["status"]["message"],
+        "the sidecar injector only mutates v1 Pods, not apps/v1 Deployment; the webhook's rules should select pods only"
+    );
+
+    // A pod spec that does not parse: refused, nothing half-injected.
+    let mut broken = pod();
+    broken["spec"]["containers"][0]["ports"] = json!("http");
+    let (_, body) = hook
+        .post(review("u4", broken, false).to_string().as_bytes())
+        .await;
+    let resp = response(&body);
+    assert_eq!(resp["allowed"], false);
+    assert_eq!(resp.get("patch"), None);
+    assert_eq!(
+        resp["status"]["message"],
+        "request.object is not a valid Pod: at spec.containers[0].ports: invalid type: string \"http\", expected a sequence"
+    );
+
+    // An annotation the injector cannot honour: refused, naming it.
+    let mut tproxy = pod();
+    tproxy["metadata"]["annotations"] = json!({"sidecar.istio.io/interceptionMode": "TPROXY"});
+    let (_, body) = hook
+        .post(review("u5", tproxy, false).to_string().as_bytes())
+        .await;
+    let message = response(&body)["status"]["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(message.starts_with("sidecar injection refused pod bookinfo/reviews-v1-5f8b9c7d4-: sidecar.istio.io/interceptionMode is not supported"), "{message}");
+
+    // Still serving.
+    let (status, body) = hook.post(good.as_bytes()).await;
+    assert_eq!(status, 200);
+    assert_eq!(response(&body)["allowed"], true);
+    assert_eq!(hook.counts.bad_requests.load(Ordering::Relaxed), 2);
+    assert_eq!(hook.counts.denied.load(Ordering::Relaxed), 3);
+    assert_eq!(hook.counts.injected.load(Ordering::Relaxed), 1);
+}

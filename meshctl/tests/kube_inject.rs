@@ -1,0 +1,80 @@
+//! `meshctl kube-inject` as a user runs it: a file or stdin in, injected
+//! YAML out (the injector's golden files), notes on stderr, exit 1 and
+//! nothing on stdout when a document cannot be injected.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+const MESHCTL: &str = env!("CARGO_BIN_EXE_meshctl");
+
+fn golden(name: &str) -> String {
+    format!(
+        "{}/../injector/tests/golden/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    )
+}
+
+fn run(args: &[&str], stdin: &str) -> (i32, String, String) {
+    let mut child = Command::new(MESHCTL)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+#[test]
+fn a_file_and_stdin_give_the_golden_output() {
+    let want = std::fs::read_to_string(golden("deployment.injected.yaml")).unwrap();
+    let (code, out, _) = run(&["kube-inject", "-f", &golden("deployment.yaml")], "");
+    assert_eq!((code, out.as_str()), (0, want.as_str()));
+
+    let input = std::fs::read_to_string(golden("skipped.yaml")).unwrap();
+    let (code, _, err) = run(&["kube-inject", "-f", "-"], &input);
+    assert_eq!(code, 0);
+    assert_eq!(
+        err,
+        "DaemonSet monitoring/node-exporter: not injected: the pod uses the host's network\n\
+         Pod bookinfo/debug: not injected: the pod's label sidecar.istio.io/inject is false\n"
+    );
+
+    // Flags reach the sidecar.
+    let (_, out, _) = run(
+        &[
+            "kube-inject",
+            "-f",
+            &golden("legacy-job.yaml"),
+            "--proxy-image",
+            "registry.local/proxy:1",
+            "--pilot-addr",
+            "10.96.0.20:15012",
+        ],
+        "",
+    );
+    assert!(out.contains("image: registry.local/proxy:1"), "{out}");
+    assert!(out.contains("value: 10.96.0.20:15012"), "{out}");
+}
+
+#[test]
+fn a_bad_document_fails_the_run_and_prints_nothing() {
+    let input = "kind: Service\nmetadata: {name: s}\n---\nkind: Job\nmetadata: {name: j}\nspec: {template: {spec: {containers: [{name: a, ports: [{containerPort: http}]}]}}}\n";
+    let (code, out, err) = run(&["kube-inject", "-f", "-"], input);
+    assert_eq!((code, out.as_str()), (1, ""));
+    assert_eq!(
+        err.trim(),
+        "error: document 2 (Job j): spec.template is not a valid pod: at spec.containers[0].ports[0].containerPort: invalid type: string \"http\", expected i32"
+    );
+}
