@@ -236,9 +236,35 @@ impl Authority {
         identity: &SpiffeId,
         lifetime: Duration,
     ) -> Result<Vec<String>, AuthorityError> {
+        let sans = vec![SanType::URI(identity.to_string().try_into()?)];
+        self.sign(public_key, sans, lifetime)
+    }
+
+    /// A key and certificate for a server that Kubernetes' API server calls
+    /// by DNS name (the admission webhook). Returns (chain PEM, key PEM).
+    pub fn issue_dns(
+        &self,
+        dns_names: &[String],
+        lifetime: Duration,
+    ) -> Result<(String, String), AuthorityError> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let sans = dns_names
+            .iter()
+            .map(|n| Ok(SanType::DnsName(n.clone().try_into()?)))
+            .collect::<Result<Vec<_>, rcgen::Error>>()?;
+        let chain = self.sign(&key, sans, lifetime)?;
+        Ok((chain.concat(), key.serialize_pem()))
+    }
+
+    fn sign(
+        &self,
+        public_key: &impl PublicKeyData,
+        sans: Vec<SanType>,
+        lifetime: Duration,
+    ) -> Result<Vec<String>, AuthorityError> {
         let signing = self.inner.read().unwrap().signing.clone();
         let mut params = CertificateParams::default();
-        params.subject_alt_names = vec![SanType::URI(identity.to_string().try_into()?)];
+        params.subject_alt_names = sans;
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,

@@ -9,6 +9,7 @@ pub mod ca;
 pub mod controlplane;
 pub mod demo;
 pub mod inspect;
+pub mod install;
 pub mod pods;
 pub mod traffic;
 pub mod workloads;

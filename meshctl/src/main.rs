@@ -99,6 +99,33 @@ enum Command {
         #[command(flatten)]
         config: mesh_injector::ConfigArgs,
     },
+    /// Install the control plane on a Kubernetes cluster (server-side
+    /// apply through the kubeconfig), or print its manifests (-o yaml).
+    /// Installing again keeps the mesh's CA (the cacerts Secret).
+    Install {
+        /// Print the manifests instead of applying them.
+        #[arg(short = 'o', long, value_enum)]
+        output: Option<ManifestFormat>,
+        #[command(flatten)]
+        opts: InstallArgs,
+        #[arg(long, env = "KUBECONFIG")]
+        kubeconfig: Option<PathBuf>,
+    },
+    /// Remove what install applied; the Istio CRDs (and every resource made
+    /// from them) only with --purge.
+    Uninstall {
+        #[arg(long)]
+        purge: bool,
+        #[arg(long, env = "KUBECONFIG")]
+        kubeconfig: Option<PathBuf>,
+    },
+    /// Say what the cluster lacks for install and injected pods: a
+    /// Kubernetes with native sidecars (1.29+), and permission to create
+    /// each object. Exit 0 when nothing is missing.
+    Precheck {
+        #[arg(long, env = "KUBECONFIG")]
+        kubeconfig: Option<PathBuf>,
+    },
     /// Load a pod's capture rules (used by `demo --transparent` in each pod).
     #[command(hide = true)]
     Capture(mesh_proxy::capture::CaptureConfig),
@@ -108,6 +135,42 @@ enum Command {
     /// Run a sample app (used by `demo` for each pod).
     #[command(hide = true)]
     App(mesh_samples::AppArgs),
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ManifestFormat {
+    Yaml,
+}
+
+#[derive(clap::Args)]
+struct InstallArgs {
+    /// The CA to sign with (Istio's plug-in layout: ca-cert.pem,
+    /// ca-key.pem, root-cert.pem, cert-chain.pem); default: the cluster's
+    /// cacerts Secret if there is one, else a new self-signed root.
+    #[arg(long)]
+    plugin_certs: Option<PathBuf>,
+    /// Image with mesh-citadel, mesh-pilot and mesh-injector.
+    #[arg(long, default_value_t = meshctl::install::Options::default().control_plane_image)]
+    control_plane_image: String,
+    /// Image with mesh-proxy and mesh-iptables.
+    #[arg(long, default_value_t = meshctl::install::Options::default().proxy_image)]
+    proxy_image: String,
+    #[arg(long, default_value = "default")]
+    revision: String,
+    #[arg(long, default_value_t = 2)]
+    replicas: u32,
+}
+
+impl InstallArgs {
+    fn options(&self) -> meshctl::install::Options {
+        meshctl::install::Options {
+            control_plane_image: self.control_plane_image.clone(),
+            proxy_image: self.proxy_image.clone(),
+            revision: self.revision.clone(),
+            replicas: self.replicas,
+            ..Default::default()
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -424,6 +487,72 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Authz { .. } | Command::Analyze { .. } | Command::KubeInject { .. } => {
             unreachable!("handled before the runtime starts")
+        }
+        Command::Install {
+            output,
+            opts,
+            kubeconfig,
+        } => {
+            use meshctl::install::{self, Certs};
+            let options = opts.options();
+            let (client, certs) = match (output, &opts.plugin_certs) {
+                (Some(ManifestFormat::Yaml), plugin) => {
+                    (None, Certs::new(plugin.as_deref(), &options.trust_domain)?)
+                }
+                (None, plugin) => {
+                    let client = install::client(kubeconfig.as_ref()).await?;
+                    let certs = match plugin {
+                        Some(dir) => Certs::new(Some(dir), &options.trust_domain)?,
+                        None => {
+                            match install::existing_certs(&client, &options.trust_domain).await? {
+                                Some(c) => {
+                                    eprintln!(
+                                        "keeping the mesh's CA from secret {}/{}",
+                                        install::NAMESPACE,
+                                        install::CACERTS
+                                    );
+                                    c
+                                }
+                                None => Certs::new(None, &options.trust_domain)?,
+                            }
+                        }
+                    };
+                    (Some(client), certs)
+                }
+            };
+            let objects = install::manifests(&options, &certs);
+            for obj in &objects {
+                install::check_typed(obj)?;
+            }
+            match client {
+                None => print!("{}", serde_saphyr::to_string_multiple(&objects)?),
+                Some(client) => install::apply(&client, &objects, &mut std::io::stdout()).await?,
+            }
+        }
+        Command::Uninstall { purge, kubeconfig } => {
+            use meshctl::install;
+            let client = install::client(kubeconfig.as_ref()).await?;
+            let options = install::Options::default();
+            // Names only: the objects install would write.
+            let objects =
+                install::manifests(&options, &install::Certs::new(None, &options.trust_domain)?);
+            install::uninstall(&client, &objects, purge, &mut std::io::stdout()).await?;
+        }
+        Command::Precheck { kubeconfig } => {
+            use meshctl::install;
+            let client = install::client(kubeconfig.as_ref()).await?;
+            let options = install::Options::default();
+            let objects =
+                install::manifests(&options, &install::Certs::new(None, &options.trust_domain)?);
+            let problems = install::precheck(&client, &objects).await?;
+            if problems.is_empty() {
+                println!("ready: this cluster can run the mesh");
+            } else {
+                for p in &problems {
+                    println!("missing: {p}");
+                }
+                std::process::exit(1);
+            }
         }
         Command::Capture(cfg) => mesh_proxy::capture::apply(&cfg, mesh_proxy::capture::Family::V4)?,
         Command::Proxy(_) => unreachable!("handled before the runtime starts"),
