@@ -202,6 +202,8 @@ pub enum Skip {
     NamespaceOtherRevision(String),
     #[error("neither the pod nor its namespace asks for injection")]
     NotSelected,
+    #[error("only pod creation is mutated, not {0}")]
+    NotACreate(String),
 }
 
 /// A pod the injector refuses, naming what is wrong; nothing is injected.
@@ -627,7 +629,6 @@ fn proxy_container(
                 .unwrap_or(&cfg.proxy_image)
                 .into(),
         ),
-        args: Some(vec![]),
         env: Some(envs),
         ports: Some(vec![
             port("mesh-outbound", 15001),

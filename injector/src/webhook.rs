@@ -104,9 +104,10 @@ pub fn review(body: &[u8], cfg: &Config) -> Result<Answer, BadRequest> {
             object_name,
         ));
     }
-    if field(request, "operation").as_deref() != Some("CREATE") {
+    let operation = field(request, "operation").unwrap_or_default();
+    if operation != "CREATE" {
         return Ok(answer(
-            Verdict::Skipped(Skip::NotSelected),
+            Verdict::Skipped(Skip::NotACreate(operation)),
             None,
             object_name,
         ));

@@ -263,6 +263,16 @@ async fn a_pod_comes_back_injected_as_a_json_patch() {
         (json!(true), None)
     );
 
+    // An update is not mutated.
+    let mut update = review("upd", original.clone(), false);
+    update["request"]["operation"] = json!("UPDATE");
+    let (_, body) = hook.post(update.to_string().as_bytes()).await;
+    let resp = response(&body);
+    assert_eq!(
+        (resp["allowed"].clone(), resp.get("patch")),
+        (json!(true), None)
+    );
+
     // A pod that opts out is allowed without a patch.
     let mut out = original.clone();
     out["metadata"]["annotations"] = json!({"sidecar.istio.io/inject": "false"});

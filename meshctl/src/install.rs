@@ -703,6 +703,8 @@ pub async fn precheck(client: &kube::Client, objects: &[Value]) -> anyhow::Resul
             "selfsubjectaccessreviews",
         ),
     );
+    // One question per resource type and namespace (nine CRDs, one answer).
+    let mut asked = std::collections::BTreeSet::new();
     for obj in objects {
         let (api_version, kind) = (
             obj["apiVersion"].as_str().unwrap_or_default(),
@@ -710,6 +712,9 @@ pub async fn precheck(client: &kube::Client, objects: &[Value]) -> anyhow::Resul
         );
         let group = api_version.rsplit_once('/').map(|(g, _)| g).unwrap_or("");
         let plural = plural(kind);
+        if !asked.insert((group, plural.clone(), obj["metadata"]["namespace"].as_str())) {
+            continue;
+        }
         let mut attrs = json!({"verb": "create", "group": group, "resource": plural});
         if let Some(ns) = obj["metadata"]["namespace"].as_str() {
             attrs["namespace"] = json!(ns);
@@ -738,9 +743,7 @@ pub async fn precheck(client: &kube::Client, objects: &[Value]) -> anyhow::Resul
                     format!(" ({why})")
                 }
             );
-            if !problems.contains(&problem) {
-                problems.push(problem);
-            }
+            problems.push(problem);
         }
     }
     Ok(problems)
