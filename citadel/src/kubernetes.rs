@@ -96,3 +96,79 @@ impl Authenticator for TokenReviewer {
         })
     }
 }
+
+/// The ConfigMap injected pods mount the trust bundle from.
+pub const ROOT_CONFIGMAP: &str = "mesh-ca-root-cert";
+const ROOT_KEY: &str = "root-cert.pem";
+/// Namespaces the injector never touches.
+const SKIPPED_NAMESPACES: [&str; 2] = ["kube-system", "kube-public"];
+
+/// Keeps `ROOT_CONFIGMAP` (key `root-cert.pem`) in every namespace holding
+/// the current trust bundle, as Istio's CA does for its own: namespaces are
+/// listed every `every`, and the ConfigMap is server-side applied where it
+/// is new or when the bundle changes (a root rotation), so a steady mesh
+/// costs one list per period. Failures are logged and retried next period.
+pub async fn publish_roots(
+    client: kube::Client,
+    mut bundles: tokio::sync::watch::Receiver<std::sync::Arc<crate::authority::Bundle>>,
+    every: std::time::Duration,
+) {
+    use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
+    use kube::api::{ListParams, Patch, PatchParams};
+    use std::collections::HashMap;
+
+    // Namespace → the bundle generation it holds.
+    let mut published: HashMap<String, u64> = HashMap::new();
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let params = PatchParams::apply("mesh-citadel").force();
+    loop {
+        let bundle = bundles.borrow_and_update().clone();
+        match namespaces.list(&ListParams::default()).await {
+            Ok(list) => {
+                let names: Vec<String> = list
+                    .items
+                    .into_iter()
+                    .filter_map(|ns| ns.metadata.name)
+                    .filter(|n| !SKIPPED_NAMESPACES.contains(&n.as_str()))
+                    .collect();
+                published.retain(|ns, _| names.contains(ns));
+                for ns in names {
+                    if published.get(&ns) == Some(&bundle.generation) {
+                        continue;
+                    }
+                    let cm = ConfigMap {
+                        metadata: kube::api::ObjectMeta {
+                            name: Some(ROOT_CONFIGMAP.into()),
+                            namespace: Some(ns.clone()),
+                            ..Default::default()
+                        },
+                        data: Some([(ROOT_KEY.to_string(), bundle.roots_pem())].into()),
+                        ..Default::default()
+                    };
+                    let api: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+                    let mut body = serde_json::to_value(&cm).expect("a ConfigMap serializes");
+                    body["apiVersion"] = "v1".into();
+                    body["kind"] = "ConfigMap".into();
+                    match api
+                        .patch(ROOT_CONFIGMAP, &params, &Patch::Apply(body))
+                        .await
+                    {
+                        Ok(_) => {
+                            published.insert(ns, bundle.generation);
+                        }
+                        Err(e) => {
+                            tracing::warn!(namespace = %ns, error = %e, "cannot publish the trust bundle")
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list namespaces to publish the trust bundle")
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            changed = bundles.changed() => if changed.is_err() { return },
+        }
+    }
+}

@@ -18,7 +18,8 @@ struct Args {
     plugin_certs: Option<PathBuf>,
     /// Also accept Kubernetes service-account tokens, checked by
     /// TokenReview with the API server from the in-cluster or kubeconfig
-    /// credentials.
+    /// credentials; and keep the mesh-ca-root-cert ConfigMap (the trust
+    /// bundle injected pods mount) in every namespace.
     #[arg(long, env = "CITADEL_KUBERNETES")]
     kubernetes: bool,
     /// The audience Kubernetes tokens must carry.
@@ -70,10 +71,16 @@ async fn main() -> anyhow::Result<()> {
                     .context("connecting to the Kubernetes API server for TokenReview")?;
                 extra.push(std::sync::Arc::new(
                     mesh_citadel::kubernetes::TokenReviewer::new(
-                        client,
+                        client.clone(),
                         &args.token_audience,
                         citadel.trust_domain(),
                     ),
+                ));
+                // Injected pods mount the trust bundle from their namespace.
+                tokio::spawn(mesh_citadel::kubernetes::publish_roots(
+                    client,
+                    citadel.authority().watch(),
+                    Duration::from_secs(30),
                 ));
             }
             citadel.serve_with(listener, extra, shutdown).await?;

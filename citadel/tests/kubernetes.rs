@@ -155,3 +155,117 @@ async fn an_unreachable_api_server_is_unavailable_not_a_refusal() {
         .await
         .expect("local token still accepted");
 }
+
+/// The trust bundle reaches every namespace (but kube-system and
+/// kube-public) as the ConfigMap injected pods mount; a steady mesh costs
+/// one namespace list per period, and a root rotation republishes.
+#[tokio::test]
+async fn the_trust_bundle_is_published_into_every_namespace() {
+    use std::sync::Mutex;
+    let dir = tempfile::tempdir().unwrap();
+    let authority = Arc::new(
+        mesh_citadel::authority::Authority::open(dir.path(), "cluster.local", None).unwrap(),
+    );
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let seen: Arc<Mutex<Vec<(String, String, serde_json::Value)>>> = Arc::default();
+    let log = seen.clone();
+    tokio::spawn(async move {
+        while let Some((request, send)) = handle.next_request().await {
+            let (method, path) = (
+                request.method().to_string(),
+                request.uri().path().to_string(),
+            );
+            let body = request.into_body().collect().await.unwrap().to_bytes();
+            let body: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+            let answer = if path == "/api/v1/namespaces" {
+                let items: Vec<_> = ["default", "bookinfo", "kube-system"]
+                    .iter()
+                    .map(|n| {
+                        serde_json::json!({
+                        "metadata": {"name": n, "uid": format!("uid-{n}"), "resourceVersion": "1",
+                            "labels": {"kubernetes.io/metadata.name": n}},
+                        "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}})
+                    })
+                    .collect();
+                serde_json::json!({"kind": "NamespaceList", "apiVersion": "v1",
+                    "metadata": {"resourceVersion": "5012"}, "items": items})
+            } else {
+                body.clone()
+            };
+            log.lock().unwrap().push((method, path, body));
+            send.send_response(
+                Response::builder()
+                    .status(200)
+                    .header("content-type", "application/json")
+                    .body(Body::from(serde_json::to_vec(&answer).unwrap()))
+                    .unwrap(),
+            );
+        }
+    });
+    let client = kube::Client::new(service, "default");
+    tokio::spawn(mesh_citadel::kubernetes::publish_roots(
+        client,
+        authority.watch(),
+        Duration::from_millis(100),
+    ));
+    let patches = |seen: &[(String, String, serde_json::Value)]| {
+        seen.iter()
+            .filter(|(m, _, _)| m == "PATCH")
+            .map(|(_, p, b)| {
+                (
+                    p.clone(),
+                    b["data"]["root-cert.pem"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let wait_for = |n: usize| {
+        let seen = seen.clone();
+        async move {
+            for _ in 0..100 {
+                if seen.lock().unwrap().len() >= n {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            panic!("only {} requests", seen.lock().unwrap().len());
+        }
+    };
+    // list, two patches, then at least two more lists with no patches.
+    wait_for(5).await;
+    let roots = authority.bundle().roots_pem();
+    {
+        let seen = seen.lock().unwrap();
+        assert_eq!(
+            patches(&seen),
+            [
+                (
+                    "/api/v1/namespaces/default/configmaps/mesh-ca-root-cert".to_string(),
+                    roots.clone()
+                ),
+                (
+                    "/api/v1/namespaces/bookinfo/configmaps/mesh-ca-root-cert".to_string(),
+                    roots.clone()
+                ),
+            ]
+        );
+        assert!(
+            seen[3..5]
+                .iter()
+                .all(|(m, p, _)| m == "GET" && p == "/api/v1/namespaces")
+        );
+    }
+    // A rotation's first step trusts a second root: every namespace hears.
+    authority.prepare(None).unwrap();
+    let both = authority.bundle().roots_pem();
+    assert_ne!(both, roots);
+    for _ in 0..100 {
+        if patches(&seen.lock().unwrap()).len() >= 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let after = patches(&seen.lock().unwrap());
+    assert_eq!(after.len(), 4, "{after:?}");
+    assert!(after[2..].iter().all(|(_, r)| *r == both));
+}

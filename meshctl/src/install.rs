@@ -351,7 +351,7 @@ pub fn manifests(opts: &Options, certs: &Certs) -> Vec<Value> {
              "verbs": ["get", "patch", "update"]},
             {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},
             // The trust bundle each injected namespace mounts.
-            {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list", "watch", "create", "update"]},
+            {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list", "watch", "create", "update", "patch"]},
             // Only its own webhook, to keep the CA bundle current.
             {"apiGroups": ["admissionregistration.k8s.io"], "resources": ["mutatingwebhookconfigurations"],
              "resourceNames": [WEBHOOK], "verbs": ["get", "patch", "update"]},
