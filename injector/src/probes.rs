@@ -46,7 +46,6 @@ pub fn rewrite(containers: &mut [Container]) -> Result<Probers, InjectError> {
                     http_get: Some(HttpGet {
                         path: get.path.clone().unwrap_or_else(|| "/".into()),
                         port: resolve(&get.port, "httpGet")?,
-                        scheme: "HTTP".into(),
                         host: get.host.clone(),
                         http_headers: get
                             .http_headers
@@ -169,7 +168,7 @@ mod tests {
         assert_eq!(
             serde_json::to_value(&probers).unwrap(),
             serde_json::json!({
-                "/app-health/web/livez": {"httpGet": {"path": "/live", "port": 8080, "scheme": "HTTP",
+                "/app-health/web/livez": {"httpGet": {"path": "/live", "port": 8080,
                     "httpHeaders": [{"name": "X-Probe", "value": "k"}]}, "timeoutSeconds": 3},
                 "/app-health/web/readyz": {"tcpSocket": {"port": 8080}, "timeoutSeconds": 1},
             })

@@ -154,7 +154,7 @@ fn proxy_args(cp: &ControlPlane, w: &WorkloadSpec, token_file: PathBuf) -> Proxy
         retry_budget_percent: 20.0,
         retry_budget_min_per_sec: 10,
         retry_buffer_bytes: mesh_proxy::replay::DEFAULT_LIMIT,
-        app_probers: Some(app_probers(w)),
+        app_probers: Some(app_probers(w)).filter(|p| !p.is_empty()),
     }
 }
 
@@ -174,7 +174,6 @@ fn app_probers(w: &WorkloadSpec) -> mesh_proto::probers::Probers {
     let get = HttpGet {
         path: "/health".into(),
         port: mesh_samples::PORT,
-        scheme: "HTTP".into(),
         host: None,
         http_headers: vec![],
     };
@@ -195,7 +194,7 @@ fn app_probers(w: &WorkloadSpec) -> mesh_proto::probers::Probers {
 }
 
 fn proxy_cmdline(a: &ProxyArgs) -> Vec<String> {
-    vec![
+    let mut args = vec![
         format!("--workload={}", a.workload),
         format!("--namespace={}", a.namespace),
         format!("--service-account={}", a.service_account),
@@ -205,12 +204,12 @@ fn proxy_cmdline(a: &ProxyArgs) -> Vec<String> {
         format!("--ca-addr={}", a.ca_addr),
         format!("--ca-root-file={}", a.ca_root_file.display()),
         format!("--token-file={}", a.token_file.display()),
-        format!(
-            "--app-probers={}",
-            serde_json::to_string(a.app_probers.as_ref().unwrap_or(&Default::default()))
-                .expect("probers serialize")
-        ),
-    ]
+    ];
+    if let Some(probers) = a.app_probers.as_ref().filter(|p| !p.is_empty()) {
+        let json = serde_json::to_string(probers).expect("probers serialize");
+        args.push(format!("--app-probers={json}"));
+    }
+    args
 }
 
 fn spawn_child(exe: &Path, args: &[String], log: &Path) -> anyhow::Result<tokio::process::Child> {

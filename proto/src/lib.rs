@@ -100,9 +100,8 @@ pub mod probers {
     #[serde(rename_all = "camelCase", deny_unknown_fields)]
     pub struct HttpGet {
         pub path: String,
+        /// Always plain HTTP: HTTPS probes are not moved.
         pub port: u16,
-        /// `HTTP` (HTTPS probes are not moved).
-        pub scheme: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pub host: Option<String>,
         #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -79,6 +79,36 @@ impl Default for Ports {
 }
 
 impl Config {
+    /// A sidecar for `identity` on `pod_ip` with every other setting at its
+    /// default (no capture, no mark, citadel's certificate lifetime); the
+    /// token and roots are left empty for the caller.
+    pub fn new(
+        proxy_id: impl Into<String>,
+        identity: SpiffeId,
+        pod_ip: IpAddr,
+        pilot_addr: SocketAddr,
+        ca_addr: SocketAddr,
+    ) -> Self {
+        Self {
+            proxy_id: proxy_id.into(),
+            identity,
+            pod_ip,
+            pilot_addr,
+            ca_addr,
+            ca_token: String::new(),
+            roots_pem: String::new(),
+            cert_lifetime: Duration::ZERO,
+            drain_grace: Duration::ZERO,
+            outbound_policy: OutboundPolicy::default(),
+            capture: false,
+            socket_mark: None,
+            ports: Ports::default(),
+            retry_budget: Default::default(),
+            retry_buffer_bytes: crate::replay::DEFAULT_LIMIT,
+            app_probers: Default::default(),
+        }
+    }
+
     /// The pod's address, or in capture mode the same family's `v4`/`v6`.
     fn pod_or(&self, v4: Ipv4Addr, v6: Ipv6Addr) -> IpAddr {
         match (self.capture, self.pod_ip) {

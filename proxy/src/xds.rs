@@ -227,24 +227,13 @@ mod tests {
     use mesh_proto::discovery::Resource;
 
     fn client() -> (Client, watch::Receiver<Arc<Snapshot>>) {
-        let cfg = Arc::new(Config {
-            proxy_id: "a.default".into(),
-            identity: "spiffe://cluster.local/ns/default/sa/a".parse().unwrap(),
-            pod_ip: "127.0.0.1".parse().unwrap(),
-            pilot_addr: "127.0.0.1:1".parse().unwrap(),
-            ca_addr: "127.0.0.1:1".parse().unwrap(),
-            ca_token: String::new(),
-            roots_pem: String::new(),
-            cert_lifetime: Duration::ZERO,
-            drain_grace: Duration::ZERO,
-            outbound_policy: Default::default(),
-            capture: false,
-            socket_mark: None,
-            retry_budget: Default::default(),
-            retry_buffer_bytes: crate::replay::DEFAULT_LIMIT,
-            app_probers: Default::default(),
-            ports: Default::default(),
-        });
+        let cfg = Arc::new(Config::new(
+            "a.default",
+            "spiffe://cluster.local/ns/default/sa/a".parse().unwrap(),
+            "127.0.0.1".parse().unwrap(),
+            "127.0.0.1:1".parse().unwrap(),
+            "127.0.0.1:1".parse().unwrap(),
+        ));
         let (snap_tx, snap_rx) = watch::channel(Arc::new(Snapshot::default()));
         let (status_tx, _) = watch::channel(XdsStatus::default());
         (Client::new(cfg, snap_tx, status_tx), snap_rx)

@@ -115,22 +115,14 @@ async fn kubelet_probes_reach_the_app_through_the_sidecar() {
         },
     ));
     let cfg = Config {
-        proxy_id: "details-v1-0.default".into(),
-        identity: mesh_identity::SpiffeId::new("cluster.local", "default", "default"),
-        pod_ip: ip,
-        pilot_addr: "127.0.0.1:9".parse().unwrap(),
-        ca_addr: "127.0.0.1:9".parse().unwrap(),
-        ca_token: String::new(),
-        roots_pem: String::new(),
-        cert_lifetime: Duration::ZERO,
-        drain_grace: Duration::ZERO,
-        outbound_policy: Default::default(),
-        capture: false,
-        socket_mark: None,
-        retry_budget: Default::default(),
-        retry_buffer_bytes: mesh_proxy::replay::DEFAULT_LIMIT,
         app_probers: serde_json::from_str(&sidecar_env(&pod, "MESH_APP_PROBERS")).unwrap(),
-        ports: Default::default(),
+        ..Config::new(
+            "details-v1-0.default",
+            mesh_identity::SpiffeId::new("cluster.local", "default", "default"),
+            ip,
+            "127.0.0.1:9".parse().unwrap(),
+            "127.0.0.1:9".parse().unwrap(),
+        )
     };
     let proxy = tokio::spawn(mesh_proxy::run(cfg, std::future::pending()));
 

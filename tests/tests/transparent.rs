@@ -29,22 +29,16 @@ async fn captured_sidecar(
 ) {
     let identity = mesh.identity_of("client");
     let cfg = Config {
-        proxy_id: format!("captured-{}.default", ip),
-        identity: identity.clone(),
-        pod_ip: ip,
-        pilot_addr: mesh.cp.pilot_addr,
-        ca_addr: mesh.cp.ca_addr,
         ca_token: mesh.cp.token_for(&identity),
         roots_pem: mesh.cp.citadel.roots_pem().to_string(),
-        cert_lifetime: Duration::ZERO,
-        drain_grace: Duration::ZERO,
         outbound_policy: policy,
-        capture: false,
-        socket_mark: None,
-        retry_budget: Default::default(),
-        retry_buffer_bytes: mesh_proxy::replay::DEFAULT_LIMIT,
-        app_probers: Default::default(),
-        ports: Default::default(),
+        ..Config::new(
+            format!("captured-{ip}.default"),
+            identity,
+            ip,
+            mesh.cp.pilot_addr,
+            mesh.cp.ca_addr,
+        )
     };
     tokio::spawn(mesh_proxy::run_with_sockets(
         cfg,
