@@ -177,6 +177,7 @@ fn cluster_endpoints(
             workload: w.name.clone(),
             namespace: w.namespace.clone(),
             labels: w.labels.clone().into_iter().collect(),
+            cluster: model.cluster_id.clone(),
         })
         .collect();
     pb::ClusterEndpoints {
@@ -265,6 +266,7 @@ fn listener(model: &Model, w: &Workload) -> pb::Listener {
             address: w.address.clone(),
             labels: w.labels.clone().into_iter().collect(),
             service_account: w.service_account.clone(),
+            cluster: model.cluster_id.clone(),
         }),
         ports: ports.into_values().collect(),
         mtls: wire_mode(mode) as i32,

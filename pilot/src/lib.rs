@@ -39,6 +39,9 @@ pub const NAMESPACE: &str = "mesh-system";
 pub struct Config {
     pub config_dir: PathBuf,
     pub trust_domain: String,
+    /// The cluster this pilot serves (Istio's cluster ID), stamped on
+    /// workloads and endpoints for metrics.
+    pub cluster_id: String,
 }
 
 impl Config {
@@ -46,6 +49,7 @@ impl Config {
         Self {
             config_dir: config_dir.into(),
             trust_domain: mesh_identity::DEFAULT_TRUST_DOMAIN.to_string(),
+            cluster_id: model::DEFAULT_CLUSTER_ID.to_string(),
         }
     }
 }
@@ -115,7 +119,11 @@ impl Pilot {
     pub fn reload(&self) -> bool {
         let result = store::load_dir(&self.config.config_dir)
             .map_err(|e| vec![e.to_string()])
-            .and_then(|set| Model::build(&set, &self.config.trust_domain));
+            .and_then(|set| Model::build(&set, &self.config.trust_domain))
+            .map(|mut model| {
+                model.cluster_id.clone_from(&self.config.cluster_id);
+                model
+            });
         match result {
             Err(errors) => {
                 for e in &errors {

@@ -21,6 +21,9 @@ struct Args {
     /// File holding the token that grants pilot its identity.
     #[arg(long, env = "CA_TOKEN_FILE")]
     token_file: PathBuf,
+    /// The cluster this pilot serves (Istio's cluster ID), as metrics label it.
+    #[arg(long, env = "CLUSTER_ID", default_value = mesh_pilot::model::DEFAULT_CLUSTER_ID)]
+    cluster_id: String,
 }
 
 #[tokio::main]
@@ -35,7 +38,9 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("reading --ca-root-file {}", args.ca_root_file.display()))?;
     let token = std::fs::read_to_string(&args.token_file)
         .with_context(|| format!("reading --token-file {}", args.token_file.display()))?;
-    let pilot = mesh_pilot::Pilot::new(mesh_pilot::Config::new(&args.config_dir));
+    let mut config = mesh_pilot::Config::new(&args.config_dir);
+    config.cluster_id = args.cluster_id;
+    let pilot = mesh_pilot::Pilot::new(config);
     let (tls, _renewal) = pilot
         .server_tls(args.ca_addr, token.trim().to_string(), roots)
         .await

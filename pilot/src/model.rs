@@ -17,6 +17,9 @@ pub struct Service {
     pub vips: Vec<std::net::IpAddr>,
 }
 
+/// Istio's default cluster ID.
+pub const DEFAULT_CLUSTER_ID: &str = "Kubernetes";
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct Workload {
     pub name: String,
@@ -48,6 +51,8 @@ pub struct Routes {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Model {
     pub trust_domain: String,
+    /// Istio's cluster ID for everything this model describes.
+    pub cluster_id: String,
     pub services: BTreeMap<String, Service>,
     pub workloads: BTreeMap<String, Workload>,
     pub routes: BTreeMap<String, Routes>,
@@ -506,6 +511,7 @@ impl Model {
     pub fn build(set: &ConfigSet, trust_domain: &str) -> Result<Self, Vec<String>> {
         let mut m = Model {
             trust_domain: trust_domain.to_string(),
+            cluster_id: DEFAULT_CLUSTER_ID.to_string(),
             ..Default::default()
         };
         let mut errors = Vec::new();

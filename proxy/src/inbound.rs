@@ -10,10 +10,15 @@ use hyper::body::Incoming;
 use mesh_identity::SpiffeId;
 
 use crate::Shared;
-use crate::metrics::{RequestLabels, SeriesCache, service_name_namespace};
+use crate::metrics::{Observation, Peers, RequestLabels, SeriesCache};
+use crate::observe::{self, ReqBody};
 use crate::pool::Body;
 use crate::state::{InboundPort, Snapshot};
 use crate::wire::{self, PeerMeta, local_reply};
+
+/// A connection's request series, by (source metadata, app port,
+/// response code, protocol, gRPC status).
+type SeriesKey = (Option<HeaderValue>, u32, u16, &'static str, Option<u32>);
 
 /// One inbound connection: the peer it is from, what the app is told about
 /// it, and the counters its requests have used.
@@ -27,8 +32,7 @@ pub struct Conn {
     principal: Option<String>,
     pub peer_ip: Option<std::net::IpAddr>,
     xfcc: Option<HeaderValue>,
-    /// Keyed by (source metadata, app port, response code, protocol).
-    series: SeriesCache<(Option<HeaderValue>, u32, u16, &'static str)>,
+    series: SeriesCache<SeriesKey>,
 }
 
 impl Conn {
@@ -84,6 +88,10 @@ pub async fn handle(
     conn: Arc<Conn>,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, std::convert::Infallible> {
+    let start = std::time::Instant::now();
+    let request_head = observe::request_head_bytes(&req);
+    let tally = Arc::new(observe::Tally::default());
+    let req = req.map(|b| observe::Counted::new(b, tally.clone()));
     if req.method() == http::Method::CONNECT {
         if conn.peer.is_none() {
             return Ok(local_reply(
@@ -91,9 +99,10 @@ pub async fn handle(
                 "CONNECT is for sidecars over mutual TLS",
             ));
         }
-        return Ok(crate::tcp::inbound(&shared, &conn, req).await);
+        // Boxed: a rare path, kept out of every request's future.
+        return Ok(Box::pin(crate::tcp::inbound(&shared, &conn, req)).await);
     }
-    let protocol = wire::protocol_label(&req);
+    let mut protocol = wire::protocol_label(&req);
     let source = req.headers().get(wire::SOURCE).cloned();
     let snapshot = shared.snapshot.borrow().clone();
     let port = match conn.plain_port {
@@ -105,6 +114,11 @@ pub async fn handle(
             .and_then(|v| v.parse::<u32>().ok()),
     }
     .and_then(|p| snapshot.inbound.get(&p).cloned());
+    // Sidecars speak HTTP/2 to each other whatever the app speaks: label
+    // the protocol the app port talks, as the source's sidecar does.
+    if let (Some(p), Some(_), "http2") = (&port, &conn.peer, protocol) {
+        protocol = if p.h2 { "http2" } else { "http" };
+    }
     let resp = match &port {
         None if snapshot.listener.is_none() => local_reply(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -126,24 +140,35 @@ pub async fn handle(
         }
     };
     let code = resp.status().as_u16();
-    let key = (
-        source.clone(),
-        port.as_ref().map_or(0, |p| p.port),
-        code,
-        protocol,
-    );
-    conn.series.inc(key, &shared.metrics.requests, || {
-        labels(
-            &shared,
-            &snapshot,
-            &conn,
-            source.as_ref(),
-            port.as_deref(),
+    let finish = move |done: observe::Done| {
+        let o = Observation {
+            duration: done.duration,
+            request_bytes: done.request_bytes,
+            response_bytes: done.response_bytes,
+        };
+        let key = (
+            source.clone(),
+            port.as_ref().map_or(0, |p| p.port),
             code,
             protocol,
-        )
-    });
-    Ok(resp)
+            done.grpc_status,
+        );
+        let labels = || RequestLabels {
+            peers: peers(&shared, &snapshot, &conn, source.as_ref(), port.as_deref()),
+            request_protocol: protocol,
+            response_code: code,
+            grpc_response_status: done.grpc_status.map(|s| s.to_string()).unwrap_or_default(),
+            response_flags: if code == 503 { "UF" } else { "-" },
+        };
+        conn.series.observe(key, &shared.metrics, labels, &o);
+    };
+    Ok(observe::Observed::wrap(
+        resp,
+        start,
+        request_head,
+        tally,
+        finish,
+    ))
 }
 
 /// Istio's answer to a request its policies deny.
@@ -156,7 +181,7 @@ pub const JWT_REFUSED: &str = "Jwt verification fails";
 /// `Ok(None)` without one, `Err(reason)` with an invalid one.
 fn authenticate(
     snapshot: &crate::state::Snapshot,
-    req: &mut Request<Incoming>,
+    req: &mut Request<ReqBody>,
 ) -> Result<Option<crate::jwt::Verified>, String> {
     if snapshot.jwt.is_empty() {
         return Ok(None);
@@ -187,7 +212,7 @@ fn authorize(
     snapshot: &crate::state::Snapshot,
     conn: &Conn,
     port: u32,
-    req: &Request<Incoming>,
+    req: &Request<ReqBody>,
     auth: Option<&crate::jwt::Verified>,
 ) -> Option<Response<Body>> {
     if snapshot.authz.is_empty() {
@@ -227,67 +252,41 @@ fn authorize(
     Some(local_reply(StatusCode::FORBIDDEN, RBAC_DENIED))
 }
 
-fn labels(
+/// Who a request or connection on `port` is from and to, as the
+/// destination's sidecar reports it.
+pub fn peers(
     shared: &Shared,
     snapshot: &Snapshot,
     conn: &Conn,
     source: Option<&HeaderValue>,
     port: Option<&InboundPort>,
-    code: u16,
-    protocol: &'static str,
-) -> RequestLabels {
-    let own = &snapshot.own.meta;
-    let mut l = RequestLabels {
-        reporter: "destination",
-        destination_workload: own.workload.clone(),
-        destination_workload_namespace: shared.cfg.identity.namespace.clone(),
-        destination_principal: shared.cfg.identity.to_string(),
-        destination_app: own.app.clone(),
-        destination_version: own.version.clone(),
-        source_principal: conn
-            .peer
-            .as_ref()
-            .map_or_else(|| "unknown".to_string(), ToString::to_string),
-        source_workload_namespace: conn
-            .peer
-            .as_ref()
-            .map_or_else(|| "unknown".to_string(), |p| p.namespace.clone()),
-        source_workload: "unknown".to_string(),
-        request_protocol: protocol,
-        response_code: code,
-        response_flags: if code == 503 { "UF" } else { "-" },
-        connection_security_policy: if conn.peer.is_some() {
-            "mutual_tls"
-        } else {
-            "none"
-        },
-        ..Default::default()
-    };
-    if let (Some(m), Some(peer)) = (
-        source.and_then(|v| v.to_str().ok()).map(PeerMeta::decode),
-        &conn.peer,
-    ) {
+) -> Peers {
+    let mut p = Peers::new("destination");
+    p.destination(&snapshot.own.meta, &shared.cfg.identity);
+    if let Some(peer) = &conn.peer {
+        p.source_principal = peer.to_string();
+        p.source_workload_namespace.clone_from(&peer.namespace);
+        p.connection_security_policy = "mutual_tls";
         // Only what the certificate vouches for is trusted: the namespace.
-        if m.namespace == peer.namespace {
-            l.source_workload = m.workload;
-            l.source_app = m.app;
-            l.source_version = m.version;
+        if let Some(m) = source.and_then(|v| v.to_str().ok()).map(PeerMeta::decode)
+            && m.namespace == peer.namespace
+        {
+            p.source(&m, peer);
         }
+    } else {
+        p.connection_security_policy = "none";
     }
-    if let Some(p) = port {
-        let (name, ns) = service_name_namespace(&p.service);
-        l.destination_service = p.service.clone();
-        l.destination_service_name = name;
-        l.destination_service_namespace = ns;
+    if let Some(port) = port {
+        p.service(&port.service);
     }
-    l
+    p
 }
 
 async fn forward(
     shared: &Shared,
     conn: &Conn,
     port: &InboundPort,
-    req: Request<Incoming>,
+    req: Request<ReqBody>,
 ) -> Response<Body> {
     let (mut parts, body) = req.into_parts();
     let original = parts.uri.authority().cloned();

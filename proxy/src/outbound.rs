@@ -13,7 +13,8 @@ use std::sync::atomic::Ordering;
 
 use crate::balance::{HashKey, Outcome};
 use crate::flags::Flags;
-use crate::metrics::RequestLabels;
+use crate::metrics::{Observation, Peers, RequestLabels};
+use crate::observe::{self, ReqBody};
 use crate::pool::Body;
 use crate::replay::Replay;
 use crate::route::{self, Action, Failure, RequestView};
@@ -49,7 +50,11 @@ pub async fn handle(
     conn: Arc<Conn>,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, std::convert::Infallible> {
+    let start = std::time::Instant::now();
     let protocol = wire::protocol_label(&req);
+    let request_head = observe::request_head_bytes(&req);
+    let tally = Arc::new(observe::Tally::default());
+    let req = req.map(|b| observe::Counted::new(b, tally.clone()));
     let snapshot = shared.snapshot.borrow().clone();
     let mut chosen = Chosen::Nothing;
     let mut flags = Flags::NONE;
@@ -63,57 +68,58 @@ pub async fn handle(
     };
     let code = resp.status().as_u16();
     let flags = flags.as_str();
-    let labels = |cluster: Option<&Cluster>, endpoint: Option<&Endpoint>| {
-        let mut l = source_labels(&shared, &snapshot);
-        l.request_protocol = protocol;
-        l.response_code = code;
-        l.response_flags = flags;
-        if let Some(c) = cluster {
-            c.labels(&mut l);
+    let finish = move |done: observe::Done| {
+        let o = Observation {
+            duration: done.duration,
+            request_bytes: done.request_bytes,
+            response_bytes: done.response_bytes,
+        };
+        let labels = || {
+            let mut peers = Peers::new("source");
+            peers.source(&snapshot.own.meta, &shared.cfg.identity);
+            match &chosen {
+                Chosen::Nothing => {}
+                Chosen::Cluster(c) => c.labels(&mut peers),
+                Chosen::Mesh(c, e) => {
+                    c.labels(&mut peers);
+                    e.labels(&mut peers);
+                    peers.connection_security_policy = "mutual_tls";
+                }
+                Chosen::Outside(name) => {
+                    peers.destination_service = name.to_string();
+                    peers.destination_service_name = name.to_string();
+                }
+            }
+            RequestLabels {
+                peers,
+                request_protocol: protocol,
+                response_code: code,
+                grpc_response_status: done.grpc_status.map(|s| s.to_string()).unwrap_or_default(),
+                response_flags: flags,
+            }
+        };
+        let metrics = &shared.metrics;
+        match &chosen {
+            Chosen::Mesh(_, e) => e.series.observe(
+                (code, flags, protocol, done.grpc_status),
+                metrics,
+                labels,
+                &o,
+            ),
+            _ => metrics.observe(&labels(), &o),
         }
-        if let Some(e) = endpoint {
-            e.labels(&mut l);
-            l.connection_security_policy = "mutual_tls";
-        }
-        l
     };
-    let family = &shared.metrics.requests;
-    match &chosen {
-        Chosen::Mesh(c, e) => e
-            .series
-            .inc((code, flags, protocol), family, || labels(Some(c), Some(e))),
-        Chosen::Nothing => {
-            family.get_or_create(&labels(None, None)).inc();
-        }
-        Chosen::Cluster(c) => {
-            family.get_or_create(&labels(Some(c), None)).inc();
-        }
-        Chosen::Outside(name) => {
-            let mut l = labels(None, None);
-            l.destination_service = name.to_string();
-            l.destination_service_name = name.to_string();
-            family.get_or_create(&l).inc();
-        }
-    }
-    Ok(resp)
-}
-
-fn source_labels(shared: &Shared, snapshot: &Snapshot) -> RequestLabels {
-    let m = &snapshot.own.meta;
-    RequestLabels {
-        reporter: "source",
-        source_workload: m.workload.clone(),
-        source_workload_namespace: shared.cfg.identity.namespace.clone(),
-        source_principal: shared.cfg.identity.to_string(),
-        source_app: m.app.clone(),
-        source_version: m.version.clone(),
-        connection_security_policy: "unknown",
-        ..Default::default()
-    }
+    Ok(observe::Observed::wrap(
+        resp,
+        start,
+        request_head,
+        tally,
+        finish,
+    ))
 }
 
 /// The request's authority: from an absolute-form target, else the Host header.
-fn authority(req: &Request<Incoming>) -> Option<&str> {
+fn authority(req: &Request<ReqBody>) -> Option<&str> {
     match req.uri().authority() {
         Some(a) => Some(a.as_str()),
         None => req.headers().get(http::header::HOST)?.to_str().ok(),
@@ -134,7 +140,7 @@ async fn forward(
     shared: &Arc<Shared>,
     snapshot: &Snapshot,
     conn: &Conn,
-    req: Request<Incoming>,
+    req: Request<ReqBody>,
     chosen: &mut Chosen,
     flags: &mut Flags,
 ) -> Result<Response<Body>, Refusal> {
@@ -317,7 +323,7 @@ async fn forward(
 /// The body each attempt sends.
 enum Sent {
     Empty,
-    Once(Option<Incoming>),
+    Once(Option<ReqBody>),
     Replay(Replay),
 }
 
@@ -664,7 +670,7 @@ const MIRROR_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 async fn outside_the_mesh(
     shared: &Shared,
     conn: &Conn,
-    req: Request<Incoming>,
+    req: Request<ReqBody>,
     chosen: &mut Chosen,
 ) -> Result<Response<Body>, Refusal> {
     let Some(dst) = conn.original_dst else {

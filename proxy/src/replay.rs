@@ -10,7 +10,8 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
-use hyper::body::Incoming;
+
+use crate::observe::ReqBody;
 use tokio::sync::Notify;
 
 /// How much of a request body is kept for retries and mirrors.
@@ -22,7 +23,7 @@ struct State {
     kept_bytes: usize,
     /// Frames taken from `source` so far.
     taken: usize,
-    source: Option<Incoming>,
+    source: Option<ReqBody>,
     done: bool,
     overflowed: bool,
     failed: bool,
@@ -45,7 +46,7 @@ fn copy(f: &Frame<Bytes>) -> Frame<Bytes> {
 }
 
 impl Replay {
-    pub fn new(source: Incoming, limit: usize) -> Self {
+    pub fn new(source: ReqBody, limit: usize) -> Self {
         Self {
             state: Arc::new(Mutex::new(State {
                 frames: Vec::new(),

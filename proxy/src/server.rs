@@ -145,14 +145,10 @@ async fn plaintext_inbound(
             tracing::warn!(%peer_addr, %app, "plaintext TCP: the app does not answer");
             return;
         };
-        let snapshots = shared.snapshot.clone();
-        shared.drain.track(crate::tcp::splice_while_allowed(
-            tcp,
-            app_tcp,
-            snapshots,
-            Arc::new(conn),
-            port,
-        ));
+        let s = shared.clone();
+        shared.drain.track(async move {
+            crate::tcp::splice_while_allowed(tcp, app_tcp, &s, Arc::new(conn), None, port).await;
+        });
         return;
     }
     let conn = Arc::new(conn);

@@ -11,7 +11,7 @@ use http::uri::Authority;
 use mesh_identity::SpiffeId;
 use mesh_proto::resources as pb;
 
-use crate::metrics::{RequestLabels, SeriesCache, service_name_namespace};
+use crate::metrics::{Peers, SeriesCache};
 use crate::route::RouteTable;
 use crate::wire::PeerMeta;
 
@@ -79,8 +79,10 @@ pub struct Endpoint {
     pub identity: SpiffeId,
     /// `x-mesh-target-port` value: the app port behind the sidecar.
     pub target_port: HeaderValue,
-    /// Outbound request counters by (response code, flags, protocol).
-    pub series: SeriesCache<(u16, &'static str, &'static str)>,
+    /// The endpoint's workload as metrics name it.
+    pub meta: PeerMeta,
+    /// Outbound request series by (response code, flags, protocol, gRPC status).
+    pub series: SeriesCache<(u16, &'static str, &'static str, Option<u32>)>,
     /// Load and health, for balancing and outlier detection.
     pub stats: crate::balance::EndpointStats,
 }
@@ -92,6 +94,7 @@ impl Endpoint {
             tunnel: SocketAddr::new(ip, pb.tunnel_port as u16),
             identity: pb.identity.parse().ok()?,
             target_port: HeaderValue::from(pb.port),
+            meta: PeerMeta::from_labels(&pb.workload, &pb.namespace, &pb.labels, &pb.cluster),
             series: SeriesCache::default(),
             stats: Default::default(),
             pb,
@@ -99,12 +102,8 @@ impl Endpoint {
     }
 
     /// Destination labels for requests sent to this endpoint.
-    pub fn labels(&self, into: &mut RequestLabels) {
-        into.destination_workload = self.pb.workload.clone();
-        into.destination_workload_namespace = self.pb.namespace.clone();
-        into.destination_principal = self.pb.identity.clone();
-        into.destination_app = self.pb.labels.get("app").cloned().unwrap_or_default();
-        into.destination_version = self.pb.labels.get("version").cloned().unwrap_or_default();
+    pub fn labels(&self, into: &mut Peers) {
+        into.destination(&self.meta, &self.pb.identity);
     }
 }
 
@@ -115,11 +114,8 @@ impl Cluster {
     }
 
     /// Service labels for requests to this cluster.
-    pub fn labels(&self, into: &mut RequestLabels) {
-        let (name, ns) = service_name_namespace(&self.config.service);
-        into.destination_service = self.config.service.clone();
-        into.destination_service_name = name;
-        into.destination_service_namespace = ns;
+    pub fn labels(&self, into: &mut Peers) {
+        into.service(&self.config.service);
     }
 }
 
@@ -240,12 +236,7 @@ impl Resources {
             return Default::default();
         };
         let w = l.workload.clone().unwrap_or_default();
-        let meta = PeerMeta {
-            workload: w.name.clone(),
-            namespace: w.namespace.clone(),
-            app: w.labels.get("app").cloned().unwrap_or_default(),
-            version: w.labels.get("version").cloned().unwrap_or_default(),
-        };
+        let meta = PeerMeta::from_labels(&w.name, &w.namespace, &w.labels, &w.cluster);
         let inbound = l
             .ports
             .iter()

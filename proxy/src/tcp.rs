@@ -8,11 +8,19 @@ use std::sync::Arc;
 
 use http::{Method, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Empty};
-use hyper::body::{Bytes, Incoming};
+use hyper::body::Bytes;
+
+use crate::observe::ReqBody;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
 use crate::Shared;
+use crate::metrics::{Peers, TcpLabels, TcpSeries};
 use crate::pool::Body;
 use crate::state::Cluster;
 use crate::wire::{self, local_reply};
@@ -22,6 +30,7 @@ pub async fn outbound(shared: Arc<Shared>, mut client: TcpStream, cluster: Arc<C
     let name = &cluster.config.name;
     let Some(ep) = cluster.pick(None).cloned() else {
         tracing::warn!(cluster = %name, "no endpoints: closing the TCP connection");
+        outbound_series(&shared, &cluster, None, "UH").closed(0, 0);
         return;
     };
     let Some(tls) = shared.tls.borrow().clone() else {
@@ -45,27 +54,105 @@ pub async fn outbound(shared: Arc<Shared>, mut client: TcpStream, cluster: Arc<C
         Ok(r) if r.status() == StatusCode::OK => r,
         Ok(r) => {
             tracing::warn!(%target, status = %r.status(), "peer sidecar refused the TCP tunnel");
+            outbound_series(&shared, &cluster, Some(&ep), "UF").closed(0, 0);
             return;
         }
         Err(e) => {
             tracing::warn!(%target, error = %e, "TCP tunnel failed");
+            outbound_series(&shared, &cluster, Some(&ep), "UF").closed(0, 0);
             return;
         }
     };
     match hyper::upgrade::on(resp).await {
         Ok(upgraded) => {
+            let series = outbound_series(&shared, &cluster, Some(&ep), "-");
+            let mut client = Counting::new(&mut client);
             let _ = tokio::io::copy_bidirectional(&mut client, &mut TokioIo::new(upgraded)).await;
+            series.closed(client.written, client.read);
         }
         Err(e) => tracing::warn!(%target, error = %e, "TCP tunnel upgrade failed"),
+    }
+}
+
+/// Counts a connection the source sidecar opened to `cluster`.
+fn outbound_series(
+    shared: &Shared,
+    cluster: &Cluster,
+    ep: Option<&crate::state::Endpoint>,
+    flags: &'static str,
+) -> TcpSeries {
+    let mut peers = Peers::new("source");
+    peers.source(&shared.snapshot.borrow().own.meta, &shared.cfg.identity);
+    cluster.labels(&mut peers);
+    if let Some(ep) = ep {
+        ep.labels(&mut peers);
+        peers.connection_security_policy = "mutual_tls";
+    }
+    shared.metrics.tcp_opened(&TcpLabels {
+        peers,
+        request_protocol: "tcp",
+        response_flags: flags,
+    })
+}
+
+/// A stream that counts what passes through it.
+pub struct Counting<T> {
+    inner: T,
+    pub read: u64,
+    pub written: u64,
+}
+
+impl<T> Counting<T> {
+    pub fn new(inner: T) -> Self {
+        Self {
+            inner,
+            read: 0,
+            written: 0,
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Counting<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        self.read += (buf.filled().len() - before) as u64;
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Counting<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = &r {
+            self.written += *n as u64;
+        }
+        r
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
 /// Answers a CONNECT from a peer sidecar: connects to the app port it
 /// names and splices the stream to it.
 pub async fn inbound(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     conn: &Arc<crate::inbound::Conn>,
-    mut req: Request<Incoming>,
+    mut req: Request<ReqBody>,
 ) -> Response<Body> {
     let port = req.uri().authority().and_then(|a| a.port_u16());
     let served = port.filter(|p| {
@@ -104,7 +191,8 @@ pub async fn inbound(
     };
     let _ = app_tcp.set_nodelay(true);
     let upgrade = hyper::upgrade::on(&mut req);
-    let snapshots = shared.snapshot.clone();
+    let source = req.headers().get(wire::SOURCE).cloned();
+    let shared = shared.clone();
     let conn = conn.clone();
     tokio::spawn(async move {
         match upgrade.await {
@@ -112,8 +200,9 @@ pub async fn inbound(
                 splice_while_allowed(
                     TokioIo::new(upgraded),
                     app_tcp,
-                    snapshots,
+                    &shared,
                     conn,
+                    source.as_ref(),
                     u32::from(port),
                 )
                 .await;
@@ -124,38 +213,53 @@ pub async fn inbound(
     Response::new(Empty::new().map_err(|never| match never {}).boxed())
 }
 
-/// Splices `a` and `b` until either side closes, or until a new config's
-/// AuthorizationPolicies no longer allow the connection (checked on every
-/// config change): a policy change reaches connections already open.
+/// Splices the client's stream `a` and the app's `b` until either side
+/// closes, or until a new config's AuthorizationPolicies no longer allow
+/// the connection (checked on every config change): a policy change
+/// reaches connections already open. Counted in the TCP metrics, as the
+/// destination's sidecar reports them.
 pub async fn splice_while_allowed<A, B>(
-    mut a: A,
+    a: A,
     mut b: B,
-    mut snapshots: tokio::sync::watch::Receiver<Arc<crate::state::Snapshot>>,
+    shared: &Shared,
     conn: Arc<crate::inbound::Conn>,
+    source: Option<&http::HeaderValue>,
     port: u32,
 ) where
-    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
 {
-    snapshots.borrow_and_update();
-    let copy = tokio::io::copy_bidirectional(&mut a, &mut b);
-    tokio::pin!(copy);
-    loop {
-        tokio::select! {
-            _ = &mut copy => return,
-            changed = snapshots.changed() => {
-                if changed.is_err() {
-                    return;
-                }
-                let decision = snapshots
-                    .borrow_and_update()
-                    .authz
-                    .decide(&conn.authz_request(port, None, None));
-                if !decision.allowed() {
-                    tracing::warn!(port, "closing an open TCP connection: {}", decision.reason());
-                    return;
+    let mut snapshots = shared.snapshot.clone();
+    let snapshot = snapshots.borrow_and_update().clone();
+    let served = snapshot.inbound.get(&port).map(|p| &**p);
+    let series = shared.metrics.tcp_opened(&TcpLabels {
+        peers: crate::inbound::peers(shared, &snapshot, &conn, source, served),
+        request_protocol: "tcp",
+        response_flags: "-",
+    });
+    drop(snapshot);
+    let mut a = Counting::new(a);
+    {
+        let copy = tokio::io::copy_bidirectional(&mut a, &mut b);
+        tokio::pin!(copy);
+        loop {
+            tokio::select! {
+                _ = &mut copy => break,
+                changed = snapshots.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    let decision = snapshots
+                        .borrow_and_update()
+                        .authz
+                        .decide(&conn.authz_request(port, None, None));
+                    if !decision.allowed() {
+                        tracing::warn!(port, "closing an open TCP connection: {}", decision.reason());
+                        break;
+                    }
                 }
             }
         }
     }
+    series.closed(a.written, a.read);
 }

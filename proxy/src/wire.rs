@@ -103,33 +103,89 @@ pub fn full(b: impl Into<Bytes>) -> Body {
     Full::new(b.into()).map_err(|never| match never {}).boxed()
 }
 
-/// Source metadata as `k=v;k=v` (values are label-like, no `;` or `=`).
+/// A workload as metrics name it; sent by the outbound sidecar as
+/// `k=v;k=v` (values are label-like, no `;` or `=`).
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct PeerMeta {
     pub workload: String,
     pub namespace: String,
     pub app: String,
     pub version: String,
+    pub canonical_service: String,
+    pub canonical_revision: String,
+    pub cluster: String,
 }
 
 impl PeerMeta {
+    /// From a workload's labels, as Istio derives its metric labels:
+    /// the canonical service is `service.istio.io/canonical-name`, else
+    /// `app.kubernetes.io/name`, else `app`, else the workload's name; the
+    /// canonical revision likewise from `.../canonical-revision`,
+    /// `app.kubernetes.io/version`, `version`, else `latest`.
+    pub fn from_labels(
+        workload: &str,
+        namespace: &str,
+        labels: &std::collections::HashMap<String, String>,
+        cluster: &str,
+    ) -> Self {
+        let first = |keys: &[&str]| {
+            keys.iter()
+                .find_map(|k| labels.get(*k).filter(|v| !v.is_empty()))
+                .cloned()
+        };
+        let app = first(&["app", "app.kubernetes.io/name"]).unwrap_or_default();
+        let version = first(&["version", "app.kubernetes.io/version"]).unwrap_or_default();
+        Self {
+            workload: workload.to_string(),
+            namespace: namespace.to_string(),
+            canonical_service: first(&[
+                "service.istio.io/canonical-name",
+                "app.kubernetes.io/name",
+                "app",
+            ])
+            .unwrap_or_else(|| workload.to_string()),
+            canonical_revision: first(&[
+                "service.istio.io/canonical-revision",
+                "app.kubernetes.io/version",
+                "version",
+            ])
+            .unwrap_or_else(|| "latest".to_string()),
+            cluster: cluster.to_string(),
+            app,
+            version,
+        }
+    }
+
     pub fn encode(&self) -> String {
         format!(
-            "workload={};namespace={};app={};version={}",
-            self.workload, self.namespace, self.app, self.version
+            "workload={};namespace={};app={};version={};csvc={};crev={};cluster={}",
+            self.workload,
+            self.namespace,
+            self.app,
+            self.version,
+            self.canonical_service,
+            self.canonical_revision,
+            self.cluster
         )
     }
 
     pub fn decode(s: &str) -> Self {
         let mut m = Self::default();
         for kv in s.split(';') {
-            match kv.split_once('=') {
-                Some(("workload", v)) => m.workload = v.to_string(),
-                Some(("namespace", v)) => m.namespace = v.to_string(),
-                Some(("app", v)) => m.app = v.to_string(),
-                Some(("version", v)) => m.version = v.to_string(),
-                _ => {}
-            }
+            let Some((k, v)) = kv.split_once('=') else {
+                continue;
+            };
+            let field = match k {
+                "workload" => &mut m.workload,
+                "namespace" => &mut m.namespace,
+                "app" => &mut m.app,
+                "version" => &mut m.version,
+                "csvc" => &mut m.canonical_service,
+                "crev" => &mut m.canonical_revision,
+                "cluster" => &mut m.cluster,
+                _ => continue,
+            };
+            *field = v.to_string();
         }
         m
     }

@@ -29,6 +29,9 @@ pub struct XdsStatus {
     /// pilot's snapshot version of the last accepted response.
     pub version: String,
     pub last_nack: Option<String>,
+    /// Responses applied (ACKed) and rejected (NACKed) since the proxy started.
+    pub acks: u64,
+    pub nacks: u64,
 }
 
 pub struct Client {
@@ -114,12 +117,15 @@ impl Client {
                     self.status_tx.send_modify(|s| {
                         s.version = resp.system_version_info.clone();
                         s.last_nack = None;
+                        s.acks += 1;
                     });
                 }
                 Err(message) => {
                     tracing::warn!(type_url = %resp.type_url, %message, "rejecting config from pilot (NACK); keeping the last good one");
-                    self.status_tx
-                        .send_modify(|s| s.last_nack = Some(message.clone()));
+                    self.status_tx.send_modify(|s| {
+                        s.last_nack = Some(message.clone());
+                        s.nacks += 1;
+                    });
                     ack.error_detail = Some(mesh_proto::rpc::Status {
                         code: tonic::Code::InvalidArgument as i32,
                         message,

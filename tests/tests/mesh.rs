@@ -59,14 +59,72 @@ async fn request_crosses_productpage_reviews_ratings_over_mtls() {
             panic!("no destination-reported reviews-v2 -> ratings series in:\n{stats}")
         });
     for label in [
+        "source_canonical_service=\"reviews\"",
+        "source_canonical_revision=\"v2\"",
+        "source_app=\"reviews\"",
+        "source_version=\"v2\"",
+        "source_cluster=\"Kubernetes\"",
         "destination_workload=\"ratings-v1\"",
+        "destination_canonical_service=\"ratings\"",
+        "destination_canonical_revision=\"v1\"",
+        "destination_cluster=\"Kubernetes\"",
         "destination_service=\"ratings.default.svc.cluster.local\"",
+        "destination_service_name=\"ratings\"",
+        "destination_service_namespace=\"default\"",
+        "request_protocol=\"http\"",
         "response_code=\"200\"",
+        "grpc_response_status=\"\"",
+        "response_flags=\"-\"",
         "connection_security_policy=\"mutual_tls\"",
         "source_principal=\"spiffe://cluster.local/ns/default/sa/bookinfo-reviews\"",
     ] {
         assert!(line.contains(label), "{label} missing from {line}");
     }
+    // The same series has its duration and size histograms, in Istio's
+    // buckets, with one observation per request counted.
+    let labels = &line["istio_requests_total".len()..line.rfind(' ').unwrap()];
+    let requests: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    for (histogram, le) in [
+        ("istio_request_duration_milliseconds", "0.5"),
+        ("istio_request_duration_milliseconds", "3600000.0"),
+        ("istio_request_bytes", "1.0"),
+        ("istio_response_bytes", "100000000.0"),
+    ] {
+        let bucket = format!("{histogram}_bucket{{le=\"{le}\",{}", &labels[1..]);
+        assert!(
+            stats.lines().any(|l| l.starts_with(&bucket)),
+            "no {bucket} in:\n{stats}"
+        );
+        let count = format!("{histogram}_count{labels} ");
+        let n: f64 = stats
+            .lines()
+            .find_map(|l| l.strip_prefix(&count))
+            .unwrap_or_else(|| panic!("no {count} in:\n{stats}"))
+            .parse()
+            .unwrap();
+        assert_eq!(n, requests, "{histogram} observed every request");
+    }
+    // A request's size is at least its head; the reviews page it answered is more.
+    let sum = |name: &str| -> f64 {
+        let prefix = format!("{name}_sum{labels} ");
+        stats
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert!(sum("istio_request_bytes") >= 40.0 * requests);
+    assert!(sum("istio_response_bytes") >= 40.0 * requests);
+    assert!(
+        stats.contains("mesh_proxy_control_plane_connected 1"),
+        "{stats}"
+    );
+    assert!(stats.contains("mesh_proxy_cert_expiry_seconds "), "{stats}");
+    assert!(
+        stats.contains("mesh_proxy_config_updates_total{result=\"ack\"}"),
+        "{stats}"
+    );
     mesh.stop().await;
 }
 

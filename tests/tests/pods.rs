@@ -301,6 +301,7 @@ fn grpc_and_a_server_first_protocol_cross_captured_pods() {
                 && l.contains("source_principal=\"spiffe://cluster.local/ns/default/sa/client\"")
                 && l.contains("connection_security_policy=\"mutual_tls\"")
                 && l.contains("request_protocol=\"grpc\"")
+                && l.contains("grpc_response_status=\"0\"")
         });
         assert!(
             counted,
@@ -326,6 +327,43 @@ fn grpc_and_a_server_first_protocol_cross_captured_pods() {
                 String::from_utf8_lossy(&out.stderr)
             );
             tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        // Both sidecars counted the TCP connection, its bytes both ways, and
+        // its close (the client has exited, so it is closed by now; the
+        // destination side's close follows the source's by a moment).
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for (pod, reporter) in [("10.244.1.18", "destination"), ("10.244.0.11", "source")] {
+            let value = |stats: &str, name: &str| -> f64 {
+                stats
+                    .lines()
+                    .filter(|l| {
+                        l.starts_with(&format!("{name}{{"))
+                            && l.contains(&format!("reporter=\"{reporter}\""))
+                            && l.contains("destination_service_name=\"echo\"")
+                            && l.contains("request_protocol=\"tcp\"")
+                            && l.contains("connection_security_policy=\"mutual_tls\"")
+                    })
+                    .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                    .sum()
+            };
+            loop {
+                let stats = sidecar_stats(pod).await;
+                let closed = value(&stats, "istio_tcp_connections_closed_total");
+                if closed >= 1.0 {
+                    assert!(value(&stats, "istio_tcp_connections_opened_total") >= closed);
+                    assert!(
+                        value(&stats, "istio_tcp_sent_bytes_total") > 0.0
+                            && value(&stats, "istio_tcp_received_bytes_total") > 0.0,
+                        "{reporter} counted no TCP bytes:\n{stats}"
+                    );
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "the {reporter} sidecar counted no closed TCP connection:\n{stats}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
         }
     });
 }
