@@ -121,6 +121,11 @@ fn warnings(set: &ConfigSet, model: &Model, report: &mut Report) {
                 p.selector.as_ref().map(|s| &s.match_labels),
                 "spec.selector.matchLabels",
             ),
+            Resource::Telemetry(t) => (
+                "Telemetry",
+                t.selector.as_ref().map(|s| &s.match_labels),
+                "spec.selector.matchLabels",
+            ),
             Resource::ServiceEntry(se) => (
                 "ServiceEntry",
                 se.workload_selector.as_ref().map(|s| &s.labels),

@@ -155,6 +155,7 @@ fn proxy_args(cp: &ControlPlane, w: &WorkloadSpec, token_file: PathBuf) -> Proxy
         retry_budget_min_per_sec: 10,
         retry_buffer_bytes: mesh_proxy::replay::DEFAULT_LIMIT,
         app_probers: Some(app_probers(w)).filter(|p| !p.is_empty()),
+        access_log_file: None,
     }
 }
 
@@ -282,7 +283,9 @@ pub async fn launch(
                 }
             }
             Launcher::InProcess => {
-                let cfg = pa.into_config()?;
+                let mut cfg = pa.into_config()?;
+                // Sidecars in this process share its stdout: each logs to its own file.
+                cfg.access_log_file = Some(state_dir.join(format!("{}.access.log", w.name)));
                 let (stop, stopped) = oneshot::channel::<()>();
                 let name = w.name.clone();
                 let task = tokio::spawn(async move {

@@ -286,6 +286,33 @@ fn listener(model: &Model, w: &Workload) -> pb::Listener {
             .filter(|j| j.scope.applies_to(w))
             .flat_map(|j| j.rules.iter().cloned())
             .collect(),
+        telemetry: Some(telemetry(model, w)),
+    }
+}
+
+/// A workload's Telemetry: each setting from the most specific resource
+/// that sets it (selector, then namespace, then root namespace).
+pub(crate) fn telemetry(model: &Model, w: &crate::model::Workload) -> pb::Telemetry {
+    let mut applying: Vec<_> = model
+        .telemetry
+        .iter()
+        .filter(|t| t.scope.applies_to(w))
+        .collect();
+    applying.sort_by_key(|t| t.rank());
+    let access = applying.iter().find(|t| t.access_logs.is_some());
+    let tracing = applying.iter().find(|t| t.tracing.is_some());
+    let mut sources: Vec<String> = [access, tracing]
+        .into_iter()
+        .flatten()
+        .map(|t| t.source.clone())
+        .collect();
+    sources.dedup();
+    pb::Telemetry {
+        access_logs: access
+            .and_then(|t| t.access_logs.clone())
+            .unwrap_or_default(),
+        tracing: tracing.and_then(|t| t.tracing.clone()),
+        sources,
     }
 }
 

@@ -800,3 +800,107 @@ pub struct ClaimToHeader {
     pub header: String,
     pub claim: String,
 }
+
+/// telemetry.istio.io Telemetry: what a workload's sidecars record.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Telemetry {
+    #[serde(default)]
+    pub selector: Option<MatchLabels>,
+    #[serde(default)]
+    pub target_ref: Option<serde_json::Value>,
+    #[serde(default)]
+    pub target_refs: Vec<serde_json::Value>,
+    #[serde(default)]
+    pub access_logging: Vec<AccessLogging>,
+    #[serde(default)]
+    pub tracing: Vec<TracingSpec>,
+    #[serde(default)]
+    pub metrics: Vec<MetricsSpec>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderRef {
+    pub name: String,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadMode {
+    /// CLIENT_AND_SERVER (default), CLIENT or SERVER.
+    #[serde(default)]
+    pub mode: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AccessLogging {
+    #[serde(default, rename = "match")]
+    pub match_: Option<WorkloadMode>,
+    #[serde(default)]
+    pub providers: Vec<ProviderRef>,
+    #[serde(default)]
+    pub disabled: Option<bool>,
+    #[serde(default)]
+    pub filter: Option<AccessLogFilter>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AccessLogFilter {
+    pub expression: String,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TracingSpec {
+    #[serde(default, rename = "match")]
+    pub match_: Option<WorkloadMode>,
+    #[serde(default)]
+    pub providers: Vec<ProviderRef>,
+    #[serde(default)]
+    pub random_sampling_percentage: Option<f64>,
+    #[serde(default)]
+    pub disable_span_reporting: Option<bool>,
+    #[serde(default)]
+    pub custom_tags: BTreeMap<String, CustomTag>,
+    #[serde(default)]
+    pub use_request_id_for_trace_sampling: Option<bool>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CustomTag {
+    #[serde(default)]
+    pub literal: Option<LiteralTag>,
+    #[serde(default)]
+    pub header: Option<HeaderTag>,
+    #[serde(default)]
+    pub environment: Option<serde_json::Value>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LiteralTag {
+    pub value: String,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HeaderTag {
+    pub name: String,
+    #[serde(default)]
+    pub default_value: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MetricsSpec {
+    #[serde(default)]
+    pub providers: Vec<ProviderRef>,
+    #[serde(default)]
+    pub overrides: Vec<serde_json::Value>,
+    #[serde(default)]
+    pub reporting_interval: Option<String>,
+}

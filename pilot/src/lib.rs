@@ -42,6 +42,8 @@ pub struct Config {
     /// The cluster this pilot serves (Istio's cluster ID), stamped on
     /// workloads and endpoints for metrics.
     pub cluster_id: String,
+    /// Access logs as JSON rather than Istio's text format.
+    pub access_log_json: bool,
 }
 
 impl Config {
@@ -50,6 +52,7 @@ impl Config {
             config_dir: config_dir.into(),
             trust_domain: mesh_identity::DEFAULT_TRUST_DOMAIN.to_string(),
             cluster_id: model::DEFAULT_CLUSTER_ID.to_string(),
+            access_log_json: false,
         }
     }
 }
@@ -119,10 +122,11 @@ impl Pilot {
     pub fn reload(&self) -> bool {
         let result = store::load_dir(&self.config.config_dir)
             .map_err(|e| vec![e.to_string()])
-            .and_then(|set| Model::build(&set, &self.config.trust_domain))
-            .map(|mut model| {
-                model.cluster_id.clone_from(&self.config.cluster_id);
-                model
+            .and_then(|set| {
+                Model::build_with(&set, &self.config.trust_domain, |m| {
+                    m.cluster_id.clone_from(&self.config.cluster_id);
+                    m.access_log_json = self.config.access_log_json;
+                })
             });
         match result {
             Err(errors) => {

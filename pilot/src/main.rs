@@ -24,6 +24,9 @@ struct Args {
     /// The cluster this pilot serves (Istio's cluster ID), as metrics label it.
     #[arg(long, env = "CLUSTER_ID", default_value = mesh_pilot::model::DEFAULT_CLUSTER_ID)]
     cluster_id: String,
+    /// Access logs as Istio's TEXT format or as JSON (Istio's meshConfig.accessLogEncoding).
+    #[arg(long, env = "ACCESS_LOG_ENCODING", default_value = "TEXT", value_parser = ["TEXT", "JSON"])]
+    access_log_encoding: String,
 }
 
 #[tokio::main]
@@ -40,6 +43,7 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("reading --token-file {}", args.token_file.display()))?;
     let mut config = mesh_pilot::Config::new(&args.config_dir);
     config.cluster_id = args.cluster_id;
+    config.access_log_json = args.access_log_encoding == "JSON";
     let pilot = mesh_pilot::Pilot::new(config);
     let (tls, _renewal) = pilot
         .server_tls(args.ca_addr, token.trim().to_string(), roots)

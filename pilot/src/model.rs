@@ -67,7 +67,38 @@ pub struct Model {
     pub authz: Vec<Authz>,
     /// RequestAuthentications: their JWT rules in the proxies' form.
     pub jwt: Vec<Jwt>,
+    /// Telemetry resources, checked and in the proxies' form.
+    pub telemetry: Vec<TelemetryPolicy>,
+    /// Access logs as JSON rather than Istio's text format (pilot's
+    /// `--access-log-encoding`, Istio's `meshConfig.accessLogEncoding`).
+    pub access_log_json: bool,
 }
+
+/// One Telemetry resource. `None` fields are not set by it: a workload
+/// takes each from the most specific Telemetry that sets it (selector,
+/// then namespace, then root namespace), as Istio resolves them.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TelemetryPolicy {
+    pub scope: Scope,
+    /// `<namespace>/<name>`.
+    pub source: String,
+    pub access_logs: Option<Vec<mesh_proto::resources::AccessLog>>,
+    pub tracing: Option<mesh_proto::resources::Tracing>,
+}
+
+impl TelemetryPolicy {
+    /// 0 for a selector's, 1 for a namespace's, 2 for the mesh's.
+    pub fn rank(&self) -> u8 {
+        match (&self.scope.selector, self.scope.namespace == ROOT_NAMESPACE) {
+            (Some(_), _) => 0,
+            (None, false) => 1,
+            (None, true) => 2,
+        }
+    }
+}
+
+/// The access-log provider the mesh defines (Istio's built-in name).
+pub const ACCESS_LOG_PROVIDER: &str = "envoy";
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Jwt {
@@ -346,6 +377,133 @@ impl Model {
         });
     }
 
+    fn add_telemetry(
+        &mut self,
+        meta: &Meta,
+        t: &crate::istio::Telemetry,
+        errors: &mut Vec<String>,
+    ) {
+        use mesh_proto::resources as pb;
+        let ctx = at(meta, "Telemetry");
+        if t.target_ref.is_some() || !t.target_refs.is_empty() {
+            errors.push(format!(
+                "{ctx}: spec.targetRef(s) is not supported; use spec.selector"
+            ));
+        }
+        let Some(scope) = Scope::of(meta, t.selector.as_ref(), &ctx, errors) else {
+            return;
+        };
+        let side =
+            |m: &Option<crate::istio::WorkloadMode>, at: &str, errors: &mut Vec<String>| match m
+                .as_ref()
+                .and_then(|m| m.mode.as_deref())
+            {
+                None | Some("CLIENT_AND_SERVER") => pb::TrafficSide::ClientAndServer,
+                Some("CLIENT") => pb::TrafficSide::Client,
+                Some("SERVER") => pb::TrafficSide::Server,
+                Some(other) => {
+                    errors.push(format!(
+                        "{at}.match.mode {other:?} is not one of CLIENT_AND_SERVER, CLIENT, SERVER"
+                    ));
+                    pb::TrafficSide::ClientAndServer
+                }
+            };
+        let mut access_logs = Vec::new();
+        for (i, a) in t.access_logging.iter().enumerate() {
+            let at = format!("{ctx}: spec.accessLogging[{i}]");
+            let side = side(&a.match_, &at, errors);
+            for (j, p) in a.providers.iter().enumerate() {
+                if p.name != ACCESS_LOG_PROVIDER {
+                    errors.push(format!(
+                        "{at}.providers[{j}].name {:?} is not a provider the mesh defines; use {ACCESS_LOG_PROVIDER:?}",
+                        p.name
+                    ));
+                }
+            }
+            let filter = a
+                .filter
+                .as_ref()
+                .map(|f| f.expression.clone())
+                .unwrap_or_default();
+            if !filter.is_empty()
+                && let Err(e) = mesh_proto::filter::compile(&filter)
+            {
+                errors.push(format!("{at}.filter.expression: {e}"));
+            }
+            if a.disabled != Some(true) {
+                access_logs.push(pb::AccessLog {
+                    encoding: if self.access_log_json {
+                        pb::access_log::Encoding::Json
+                    } else {
+                        pb::access_log::Encoding::Text
+                    } as i32,
+                    filter,
+                    side: side as i32,
+                });
+            }
+        }
+        let mut tracing = None;
+        for (i, tr) in t.tracing.iter().enumerate() {
+            let at = format!("{ctx}: spec.tracing[{i}]");
+            if i > 0 {
+                errors.push(format!(
+                    "{at}: only one tracing entry per Telemetry is supported"
+                ));
+                break;
+            }
+            let percent = tr.random_sampling_percentage.unwrap_or(1.0);
+            if !(0.0..=100.0).contains(&percent) {
+                errors.push(format!(
+                    "{at}.randomSamplingPercentage {percent} is not between 0 and 100"
+                ));
+            }
+            let mut out = pb::Tracing {
+                sampling_percent: percent,
+                disable_span_reporting: tr.disable_span_reporting.unwrap_or(false),
+                side: side(&tr.match_, &at, errors) as i32,
+                ..Default::default()
+            };
+            for (name, tag) in &tr.custom_tags {
+                match tag {
+                    crate::istio::CustomTag {
+                        literal: Some(l),
+                        header: None,
+                        environment: None,
+                    } => drop(out.literal_tags.insert(name.clone(), l.value.clone())),
+                    crate::istio::CustomTag {
+                        literal: None,
+                        header: Some(h),
+                        environment: None,
+                    } => drop(out.header_tags.insert(name.clone(), h.name.clone())),
+                    _ => errors.push(format!(
+                        "{at}.customTags.{name}: set exactly one of literal or header (environment is not supported)"
+                    )),
+                }
+            }
+            tracing = Some(out);
+        }
+        for (i, m) in t.metrics.iter().enumerate() {
+            let at = format!("{ctx}: spec.metrics[{i}]");
+            if !m.overrides.is_empty() || m.reporting_interval.is_some() {
+                errors.push(format!(
+                    "{at}: overrides and reportingInterval are not supported; the sidecars always report Istio's standard metrics"
+                ));
+            }
+            if let Some(p) = m.providers.iter().find(|p| p.name != "prometheus") {
+                errors.push(format!(
+                    "{at}.providers: {:?} is not a metrics provider the mesh has; use \"prometheus\"",
+                    p.name
+                ));
+            }
+        }
+        self.telemetry.push(TelemetryPolicy {
+            scope,
+            source: format!("{}/{}", meta.namespace, meta.name),
+            access_logs: (!t.access_logging.is_empty()).then_some(access_logs),
+            tracing,
+        });
+    }
+
     fn add_request_authn(
         &mut self,
         meta: &Meta,
@@ -509,11 +667,21 @@ fn at(meta: &Meta, kind: &str) -> String {
 
 impl Model {
     pub fn build(set: &ConfigSet, trust_domain: &str) -> Result<Self, Vec<String>> {
+        Self::build_with(set, trust_domain, |_| {})
+    }
+
+    /// As [`Model::build`], with mesh-wide settings applied by `mesh` first.
+    pub fn build_with(
+        set: &ConfigSet,
+        trust_domain: &str,
+        mesh: impl FnOnce(&mut Model),
+    ) -> Result<Self, Vec<String>> {
         let mut m = Model {
             trust_domain: trust_domain.to_string(),
             cluster_id: DEFAULT_CLUSTER_ID.to_string(),
             ..Default::default()
         };
+        mesh(&mut m);
         let mut errors = Vec::new();
         for (meta, res) in &set.resources {
             match res {
@@ -544,6 +712,7 @@ impl Model {
                 Resource::PeerAuthentication(pa) => m.add_peer_auth(meta, pa, &mut errors),
                 Resource::AuthorizationPolicy(ap) => m.add_authz(meta, ap, &mut errors),
                 Resource::RequestAuthentication(ra) => m.add_request_authn(meta, ra, &mut errors),
+                Resource::Telemetry(t) => m.add_telemetry(meta, t, &mut errors),
             }
         }
         for (meta, res) in &set.resources {
@@ -873,5 +1042,93 @@ spec: {{portLevelMtls: {{http: {{mode: STRICT}}}}}}
             "{all}"
         );
         assert!(all.contains("key \"http\" is not a port number"), "{all}");
+    }
+
+    #[test]
+    fn telemetry_resolves_selector_then_namespace_then_mesh_per_setting() {
+        use mesh_proto::resources as pb;
+        let m = model(&format!(
+            "{WORKLOADS}---
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {{name: mesh-default, namespace: istio-system}}
+spec:
+  accessLogging: [{{providers: [{{name: envoy}}]}}]
+  tracing: [{{randomSamplingPercentage: 10}}]
+---
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {{name: shop, namespace: shop}}
+spec:
+  accessLogging:
+  - match: {{mode: SERVER}}
+    filter: {{expression: 'response.code >= 500'}}
+---
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {{name: b-quiet, namespace: shop}}
+spec:
+  selector: {{matchLabels: {{app: b}}}}
+  accessLogging: [{{disabled: true}}]
+  tracing:
+  - randomSamplingPercentage: 100
+    customTags:
+      team: {{literal: {{value: payments}}}}
+      user: {{header: {{name: x-user}}}}
+"
+        ))
+        .unwrap();
+        let t = |w: &str| crate::generate::telemetry(&m, &m.workloads[w]);
+        // c: only the mesh's.
+        let c = t("c.other");
+        assert_eq!(c.access_logs.len(), 1);
+        assert_eq!(
+            c.access_logs[0].side,
+            pb::TrafficSide::ClientAndServer as i32
+        );
+        assert_eq!(c.tracing.as_ref().unwrap().sampling_percent, 10.0);
+        // a: its namespace's access log, the mesh's tracing.
+        let a = t("a.shop");
+        assert_eq!(a.access_logs.len(), 1);
+        assert_eq!(a.access_logs[0].filter, "response.code >= 500");
+        assert_eq!(a.access_logs[0].side, pb::TrafficSide::Server as i32);
+        assert_eq!(a.tracing.as_ref().unwrap().sampling_percent, 10.0);
+        assert_eq!(a.sources, ["shop/shop", "istio-system/mesh-default"]);
+        // b: its own: logs off, full sampling with tags.
+        let b = t("b.shop");
+        assert!(b.access_logs.is_empty());
+        let tr = b.tracing.unwrap();
+        assert_eq!(tr.sampling_percent, 100.0);
+        assert_eq!(tr.literal_tags["team"], "payments");
+        assert_eq!(tr.header_tags["user"], "x-user");
+    }
+
+    #[test]
+    fn telemetry_mistakes_are_named() {
+        let errors = model(
+            "apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: bad, namespace: shop}
+spec:
+  accessLogging:
+  - providers: [{name: stackdriver}]
+    filter: {expression: 'respnse.code >= 400'}
+    match: {mode: BOTH}
+  tracing: [{randomSamplingPercentage: 150}]
+  metrics: [{overrides: [{disabled: true}]}]
+",
+        )
+        .unwrap_err()
+        .join("\n");
+        for needle in [
+            "spec.accessLogging[0].providers[0].name \"stackdriver\" is not a provider",
+            "spec.accessLogging[0].filter.expression: unknown attribute \"respnse\"",
+            "spec.accessLogging[0].match.mode \"BOTH\"",
+            "spec.tracing[0].randomSamplingPercentage 150",
+            "spec.metrics[0]: overrides and reportingInterval are not supported",
+        ] {
+            assert!(errors.contains(needle), "{needle:?} not in:\n{errors}");
+        }
+        assert!(errors.contains("Telemetry shop/bad"), "{errors}");
     }
 }

@@ -24,6 +24,7 @@ pub enum Resource {
     PeerAuthentication(crate::istio::PeerAuthentication),
     AuthorizationPolicy(crate::istio::AuthorizationPolicy),
     RequestAuthentication(crate::istio::RequestAuthentication),
+    Telemetry(crate::istio::Telemetry),
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -134,6 +135,7 @@ pub fn parse_file(path: &Path, text: &str) -> Result<Vec<(Meta, Resource)>, Conf
                 kind.as_str(),
                 "PeerAuthentication" | "AuthorizationPolicy" | "RequestAuthentication"
             ),
+            "telemetry.istio.io" => kind == "Telemetry",
             _ => false,
         };
         if !handled {
@@ -160,6 +162,7 @@ pub fn parse_file(path: &Path, text: &str) -> Result<Vec<(Meta, Resource)>, Conf
                 "PeerAuthentication" => de(spec).map(Resource::PeerAuthentication),
                 "AuthorizationPolicy" => de(spec).map(Resource::AuthorizationPolicy),
                 "RequestAuthentication" => de(spec).map(Resource::RequestAuthentication),
+                "Telemetry" => de(spec).map(Resource::Telemetry),
                 other => Err(format!("kind {other} is not supported yet")),
             }
             .map_err(spec_err)

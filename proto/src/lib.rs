@@ -121,3 +121,50 @@ pub mod probers {
         pub port: u16,
     }
 }
+
+/// Access-log filters: a Telemetry resource's `filter.expression`, a CEL
+/// expression over Envoy's attribute names. Pilot checks it; the proxy
+/// evaluates it per request.
+pub mod filter {
+    /// The attributes a filter may read, as Envoy names them.
+    pub const ATTRIBUTES: &str = "request.{method,path,url_path,host,scheme,protocol,headers,duration,size,id,useragent}, \
+        response.{code,flags,grpc_status,size,headers}, connection.{mtls,requested_server_name}, \
+        source.{address,port,principal}, destination.{address,port,principal}, upstream.{address,cluster}";
+
+    const ROOTS: [&str; 6] = [
+        "request",
+        "response",
+        "connection",
+        "source",
+        "destination",
+        "upstream",
+    ];
+
+    /// Compiles `expr`, refusing variables outside [`ATTRIBUTES`].
+    pub fn compile(expr: &str) -> Result<cel::Program, String> {
+        let program = cel::Program::compile(expr).map_err(|e| format!("not valid CEL: {e}"))?;
+        let refs = program.references();
+        if let Some(v) = refs.variables().into_iter().find(|v| !ROOTS.contains(v)) {
+            return Err(format!(
+                "unknown attribute {v:?}; a filter can read {ATTRIBUTES}"
+            ));
+        }
+        Ok(program)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn filters_compile_or_say_why_not() {
+            assert!(super::compile("response.code >= 400").is_ok());
+            assert!(
+                super::compile("request.headers['x-debug'] == 'on' && response.code != 200")
+                    .is_ok()
+            );
+            let e = super::compile("respnse.code >= 400").unwrap_err();
+            assert!(e.contains("\"respnse\""), "{e}");
+            let e = super::compile("response.code >=").unwrap_err();
+            assert!(e.contains("not valid CEL"), "{e}");
+        }
+    }
+}

@@ -91,6 +91,21 @@ fn config_dump(shared: &Shared) -> Value {
                 "port": p.port, "protocol": protocol(p.protocol), "services": p.services,
             })).collect::<Vec<_>>(),
             "mtls": if l.mtls == pb::MtlsMode::Strict as i32 { "STRICT" } else { "PERMISSIVE" },
+            "telemetry": l.telemetry.as_ref().map(|t| json!({
+                "sources": t.sources,
+                "access_logs": t.access_logs.iter().map(|a| json!({
+                    "encoding": pb::access_log::Encoding::try_from(a.encoding).map_or("?", |e| e.as_str_name()),
+                    "filter": a.filter,
+                    "side": pb::TrafficSide::try_from(a.side).map_or("?", |s| s.as_str_name()),
+                })).collect::<Vec<_>>(),
+                "tracing": t.tracing.as_ref().map(|tr| json!({
+                    "sampling_percent": tr.sampling_percent,
+                    "disable_span_reporting": tr.disable_span_reporting,
+                    "side": pb::TrafficSide::try_from(tr.side).map_or("?", |s| s.as_str_name()),
+                    "literal_tags": tr.literal_tags,
+                    "header_tags": tr.header_tags,
+                })),
+            })),
         })
     });
     let mut routes: Vec<_> = snapshot.routes.values().collect();

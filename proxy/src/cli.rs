@@ -79,6 +79,10 @@ pub struct ProxyArgs {
     /// `mesh_proto::probers` describes).
     #[arg(long, env = mesh_proto::probers::ENV, value_parser = parse_probers)]
     pub app_probers: Option<mesh_proto::probers::Probers>,
+    /// Where access logs go, when a Telemetry resource turns them on
+    /// (default: stdout).
+    #[arg(long, env = "MESH_ACCESS_LOG_FILE")]
+    pub access_log_file: Option<PathBuf>,
 }
 
 pub const DEFAULT_THREADS: usize = 1;
@@ -139,6 +143,7 @@ impl ProxyArgs {
             },
             retry_buffer_bytes: self.retry_buffer_bytes,
             app_probers: self.app_probers.unwrap_or_default(),
+            access_log_file: self.access_log_file,
         })
     }
 }

@@ -41,6 +41,8 @@ pub struct Config {
     /// The app's own probes, run when kubelet asks the agent port for
     /// `/app-health/...` (written by the injector).
     pub app_probers: mesh_proto::probers::Probers,
+    /// Where access logs go; `None` is the proxy's stdout.
+    pub access_log_file: Option<std::path::PathBuf>,
 }
 
 /// Istio's outboundTrafficPolicy modes.
@@ -106,6 +108,7 @@ impl Config {
             retry_budget: Default::default(),
             retry_buffer_bytes: crate::replay::DEFAULT_LIMIT,
             app_probers: Default::default(),
+            access_log_file: None,
         }
     }
 

@@ -10,6 +10,7 @@ use hyper::body::Incoming;
 use mesh_identity::SpiffeId;
 
 use crate::Shared;
+use crate::accesslog::{Arrival, Entry};
 use crate::metrics::{Observation, Peers, RequestLabels, SeriesCache};
 use crate::observe::{self, ReqBody};
 use crate::pool::Body;
@@ -30,13 +31,13 @@ pub struct Conn {
     plain_port: Option<u32>,
     /// The peer's SPIFFE ID without `spiffe://`, as policies name principals.
     principal: Option<String>,
-    pub peer_ip: Option<std::net::IpAddr>,
+    pub peer_addr: Option<std::net::SocketAddr>,
     xfcc: Option<HeaderValue>,
     series: SeriesCache<SeriesKey>,
 }
 
 impl Conn {
-    pub fn new(own: &SpiffeId, peer: SpiffeId, peer_ip: std::net::IpAddr) -> Self {
+    pub fn new(own: &SpiffeId, peer: SpiffeId, peer_addr: std::net::SocketAddr) -> Self {
         let principal = peer.to_string();
         Self {
             xfcc: format!("By={own};URI={peer}").parse().ok(),
@@ -48,18 +49,18 @@ impl Conn {
             ),
             peer: Some(peer),
             plain_port: None,
-            peer_ip: Some(peer_ip),
+            peer_addr: Some(peer_addr),
             series: SeriesCache::default(),
         }
     }
 
     /// A plaintext connection to app port `port`.
-    pub fn plaintext(port: u32, peer_ip: std::net::IpAddr) -> Self {
+    pub fn plaintext(port: u32, peer_addr: std::net::SocketAddr) -> Self {
         Self {
             peer: None,
             plain_port: Some(port),
             principal: None,
-            peer_ip: Some(peer_ip),
+            peer_addr: Some(peer_addr),
             xfcc: None,
             series: SeriesCache::default(),
         }
@@ -75,7 +76,7 @@ impl Conn {
         crate::authz::Request {
             principal: self.principal.as_deref(),
             namespace: self.peer.as_ref().map(|p| p.namespace.as_str()),
-            source_ip: self.peer_ip,
+            source_ip: self.peer_addr.map(|a| a.ip()),
             port,
             http,
             auth,
@@ -114,6 +115,19 @@ pub async fn handle(
             .and_then(|v| v.parse::<u32>().ok()),
     }
     .and_then(|p| snapshot.inbound.get(&p).cloned());
+    // Kept only when an access log will want it.
+    let arrival = snapshot.access_log.server.as_ref().map(|_| {
+        let local = port
+            .as_ref()
+            .map(|p| std::net::SocketAddr::new(shared.cfg.pod_ip, p.port as u16));
+        let mut a = Arrival::of(&req, conn.peer_addr, local);
+        // As the app speaks it, not as the sidecars carried it.
+        if conn.peer.is_some() && port.as_ref().is_some_and(|p| !p.h2) {
+            a.protocol = "HTTP/1.1";
+        }
+        Box::new(a)
+    });
+    let mut details = "-";
     // Sidecars speak HTTP/2 to each other whatever the app speaks: label
     // the protocol the app port talks, as the source's sidecar does.
     if let (Some(p), Some(_), "http2") = (&port, &conn.peer, protocol) {
@@ -131,10 +145,22 @@ pub async fn handle(
         Some(port) => {
             let mut req = req;
             match authenticate(&snapshot, &mut req) {
-                Err(_) => jwt_refused(),
+                Err(_) => {
+                    details = "jwt_authn_access_denied";
+                    jwt_refused()
+                }
                 Ok(auth) => match authorize(&snapshot, &conn, port.port, &req, auth.as_ref()) {
-                    Some(denied) => denied,
-                    None => forward(&shared, &conn, port, req).await,
+                    Some(denied) => {
+                        details = "rbac_access_denied_matched_policy";
+                        denied
+                    }
+                    None => {
+                        let (resp, answered) = forward(&shared, &conn, port, req).await;
+                        if answered {
+                            details = "via_upstream";
+                        }
+                        resp
+                    }
                 },
             }
         }
@@ -161,6 +187,26 @@ pub async fn handle(
             response_flags: if code == 503 { "UF" } else { "-" },
         };
         conn.series.observe(key, &shared.metrics, labels, &o);
+        if let (Some(rule), Some(arrival)) = (&snapshot.access_log.server, &arrival) {
+            let entry = Entry {
+                arrival,
+                code,
+                flags: if code == 503 { "UF" } else { "-" },
+                details,
+                grpc_status: done.grpc_status,
+                bytes_received: done.request_body_bytes,
+                bytes_sent: done.response_body_bytes,
+                duration: done.duration,
+                upstream_host: port
+                    .as_ref()
+                    .map(|p| shared.cfg.app_addr(p.port as u16).to_string()),
+                upstream_cluster: port.as_ref().map(|p| format!("inbound|{}||", p.port)),
+                source_principal: conn.peer.as_ref().map(ToString::to_string),
+                destination_principal: Some(shared.cfg.identity.to_string()),
+                mtls: conn.peer.is_some(),
+            };
+            shared.access_log.log(rule, &entry);
+        }
     };
     Ok(observe::Observed::wrap(
         resp,
@@ -287,7 +333,7 @@ async fn forward(
     conn: &Conn,
     port: &InboundPort,
     req: Request<ReqBody>,
-) -> Response<Body> {
+) -> (Response<Body>, bool) {
     let (mut parts, body) = req.into_parts();
     let original = parts.uri.authority().cloned();
     let mut uri = std::mem::take(&mut parts.uri).into_parts();
@@ -303,7 +349,10 @@ async fn forward(
     }
     parts.uri = match Uri::from_parts(uri) {
         Ok(u) => u,
-        Err(e) => return local_reply(StatusCode::BAD_REQUEST, format!("bad request target: {e}")),
+        Err(e) => {
+            let reply = local_reply(StatusCode::BAD_REQUEST, format!("bad request target: {e}"));
+            return (reply, false);
+        }
     };
     if parts.version != http::Version::HTTP_2 {
         wire::strip_hop_by_hop(&mut parts.headers);
@@ -331,14 +380,15 @@ async fn forward(
         Ok(resp) => {
             let (mut parts, body) = resp.into_parts();
             wire::strip_hop_by_hop(&mut parts.headers);
-            Response::from_parts(parts, body.boxed())
+            (Response::from_parts(parts, body.boxed()), true)
         }
         Err(e) => {
             tracing::warn!(app = %port.app, error = %e, "app request failed");
-            local_reply(
+            let reply = local_reply(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("app at {} unreachable: {e}", port.app),
-            )
+            );
+            (reply, false)
         }
     }
 }

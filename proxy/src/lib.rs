@@ -3,6 +3,7 @@
 //! app, metrics and admin endpoints.
 #![forbid(unsafe_code)]
 
+pub mod accesslog;
 pub mod admin;
 pub mod authz;
 pub mod balance;
@@ -57,6 +58,7 @@ pub struct Shared {
     pub snapshot: watch::Receiver<Arc<Snapshot>>,
     pub xds_status: watch::Receiver<XdsStatus>,
     pub metrics: Metrics,
+    pub access_log: Arc<accesslog::Writer>,
     pub pool: Pool,
     /// Plain HTTP to the app, and to destinations outside the mesh.
     pub app_h1: Client<platform::Dialer, Body>,
@@ -127,6 +129,7 @@ pub async fn run_with_sockets(
     let (status_tx, status_rx) = watch::channel(XdsStatus::default());
     let mut h2 = Client::builder(TokioExecutor::new());
     h2.http2_only(true);
+    let access_log = Arc::new(accesslog::Writer::new(cfg.access_log_file.clone()));
     let shared = Arc::new(Shared {
         cfg: cfg.clone(),
         tls: tls_rx.clone(),
@@ -135,7 +138,9 @@ pub async fn run_with_sockets(
         metrics: Metrics::new(metrics::Health {
             xds: status_rx.clone(),
             tls: tls_rx.clone(),
+            access_log: access_log.clone(),
         }),
+        access_log,
         pool: Pool::new(cfg.socket_mark),
         app_h1: Client::builder(TokioExecutor::new()).build(platform::Dialer(cfg.socket_mark)),
         app_h2: h2.build(platform::Dialer(cfg.socket_mark)),

@@ -3,6 +3,7 @@
 //! buckets, and the proxy's own health read at each scrape.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use prometheus_client::collector::Collector;
@@ -360,6 +361,7 @@ impl<K: PartialEq> SeriesCache<K> {
 pub struct Health {
     pub xds: watch::Receiver<XdsStatus>,
     pub tls: watch::Receiver<Option<Arc<Tls>>>,
+    pub access_log: Arc<crate::accesslog::Writer>,
 }
 
 impl std::fmt::Debug for Health {
@@ -408,6 +410,14 @@ impl Collector for Health {
                 tls.creds.remaining().as_secs_f64(),
             )?;
         }
+        let c = ConstCounter::new(self.access_log.dropped.load(Ordering::Relaxed));
+        let m = encoder.encode_descriptor(
+            "mesh_proxy_access_log_lines_dropped",
+            "Access-log lines dropped because the log's output fell behind",
+            None,
+            c.metric_type(),
+        )?;
+        c.encode(m)?;
         Ok(())
     }
 }

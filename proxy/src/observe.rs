@@ -94,6 +94,9 @@ pub struct Done {
     pub request_bytes: u64,
     /// Response head and body (trailers included).
     pub response_bytes: u64,
+    /// The bodies alone (request trailers included), as access logs count them.
+    pub request_body_bytes: u64,
+    pub response_body_bytes: u64,
     pub grpc_status: Option<u32>,
     /// The response's body ended early: an error, or the client left.
     pub cut_short: bool,
@@ -107,6 +110,7 @@ pub struct Observed {
     start: Instant,
     request_head: u64,
     tally: Arc<Tally>,
+    response_head: u64,
     bytes: u64,
     grpc_status: Option<u32>,
     finish: Option<Finish>,
@@ -134,6 +138,7 @@ impl Observed {
                 start,
                 request_head,
                 tally,
+                response_head: head,
                 bytes: head,
                 grpc_status,
                 finish: Some(Box::new(finish)),
@@ -152,6 +157,8 @@ impl Observed {
                 duration: self.start.elapsed(),
                 request_bytes: self.request_head + self.tally.get(),
                 response_bytes: self.bytes,
+                request_body_bytes: self.tally.get(),
+                response_body_bytes: self.bytes - self.response_head,
                 grpc_status: self.grpc_status,
                 cut_short,
             });

@@ -11,6 +11,7 @@ use hyper::body::Incoming;
 
 use std::sync::atomic::Ordering;
 
+use crate::accesslog::{Arrival, Entry};
 use crate::balance::{HashKey, Outcome};
 use crate::flags::Flags;
 use crate::metrics::{Observation, Peers, RequestLabels};
@@ -41,8 +42,8 @@ fn refuse(status: StatusCode, flags: Flags, message: String) -> Refusal {
 pub struct Conn {
     /// Where the app was connecting to, when interception redirected it here.
     pub original_dst: Option<std::net::SocketAddr>,
-    /// The app's address, for hashing on the source IP.
-    pub peer: std::net::IpAddr,
+    /// The app's address (its IP is what consistent hashing on the source IP hashes).
+    pub peer: std::net::SocketAddr,
 }
 
 pub async fn handle(
@@ -56,6 +57,12 @@ pub async fn handle(
     let tally = Arc::new(observe::Tally::default());
     let req = req.map(|b| observe::Counted::new(b, tally.clone()));
     let snapshot = shared.snapshot.borrow().clone();
+    // Kept only when an access log will want it.
+    let arrival = snapshot
+        .access_log
+        .client
+        .as_ref()
+        .map(|_| Box::new(Arrival::of(&req, Some(conn.peer), conn.original_dst)));
     let mut chosen = Chosen::Nothing;
     let mut flags = Flags::NONE;
     let result = forward(&shared, &snapshot, &conn, req, &mut chosen, &mut flags).await;
@@ -107,6 +114,39 @@ pub async fn handle(
                 &o,
             ),
             _ => metrics.observe(&labels(), &o),
+        }
+        if let (Some(rule), Some(arrival)) = (&snapshot.access_log.client, &arrival) {
+            let (upstream_host, upstream_cluster, destination_principal) = match &chosen {
+                Chosen::Mesh(c, e) => (
+                    Some(format!("{}:{}", e.pb.address, e.pb.port)),
+                    Some(c.config.name.clone()),
+                    Some(e.pb.identity.clone()),
+                ),
+                Chosen::Cluster(c) => (None, Some(c.config.name.clone()), None),
+                Chosen::Outside(name) => (
+                    conn.original_dst.map(|d| d.to_string()),
+                    Some(name.to_string()),
+                    None,
+                ),
+                Chosen::Nothing => (None, None, None),
+            };
+            let answered = flags == "-" && upstream_host.is_some();
+            let entry = Entry {
+                arrival,
+                code,
+                flags,
+                details: if answered { "via_upstream" } else { "-" },
+                grpc_status: done.grpc_status,
+                bytes_received: done.request_body_bytes,
+                bytes_sent: done.response_body_bytes,
+                duration: done.duration,
+                upstream_host,
+                upstream_cluster,
+                source_principal: Some(shared.cfg.identity.to_string()),
+                destination_principal,
+                mtls: matches!(chosen, Chosen::Mesh(..)),
+            };
+            shared.access_log.log(rule, &entry);
         }
     };
     Ok(observe::Observed::wrap(
@@ -546,7 +586,7 @@ fn hash_of(
     use crate::balance::hash;
     match key {
         HashKey::Header(name) => (parts.headers.get(name).map(|v| hash(v.as_bytes())), None),
-        HashKey::SourceIp => (Some(hash(conn.peer.to_string().as_bytes())), None),
+        HashKey::SourceIp => (Some(hash(conn.peer.ip().to_string().as_bytes())), None),
         HashKey::Query(name) => (
             wire::query_param(parts.uri.query(), name).map(|v| hash(v.as_bytes())),
             None,

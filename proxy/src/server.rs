@@ -46,10 +46,7 @@ pub async fn serve_outbound(listener: TcpListener, shared: Arc<Shared>) {
                 .track(crate::tcp::outbound(shared.clone(), tcp, cluster));
             continue;
         }
-        let conn = Arc::new(outbound::Conn {
-            original_dst,
-            peer: peer.ip(),
-        });
+        let conn = Arc::new(outbound::Conn { original_dst, peer });
         let s = shared.clone();
         let svc = service_fn(move |req| outbound::handle(s.clone(), conn.clone(), req));
         let conn = auto::Builder::new(TokioExecutor::new())
@@ -92,7 +89,7 @@ pub async fn serve_inbound(listener: TcpListener, shared: Arc<Shared>) {
             };
             let conn = match mesh_identity::peer_identity(stream.get_ref().1.peer_certificates()) {
                 mesh_identity::PeerIdentity::Mesh(id) => {
-                    Arc::new(inbound::Conn::new(&shared.cfg.identity, id, peer_addr.ip()))
+                    Arc::new(inbound::Conn::new(&shared.cfg.identity, id, peer_addr))
                 }
                 mesh_identity::PeerIdentity::Unauthenticated => {
                     tracing::warn!(%peer_addr, "inbound peer has no SPIFFE identity");
@@ -133,7 +130,7 @@ async fn plaintext_inbound(
         tracing::warn!(%peer_addr, port, "plaintext refused: the workload's mTLS mode is STRICT");
         return;
     }
-    let conn = inbound::Conn::plaintext(port, peer_addr.ip());
+    let conn = inbound::Conn::plaintext(port, peer_addr);
     if snapshot.inbound.get(&port).is_some_and(|p| p.tcp) {
         let decision = snapshot.authz.decide(&conn.authz_request(port, None, None));
         if !decision.allowed() {

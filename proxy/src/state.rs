@@ -35,6 +35,8 @@ pub struct Snapshot {
     pub authz: Arc<crate::authz::Policies>,
     /// The workload's RequestAuthentication JWT rules, compiled.
     pub jwt: Arc<crate::jwt::Rules>,
+    /// The workload's access-log rules (from its Telemetry), compiled.
+    pub access_log: Arc<crate::accesslog::Rules>,
 }
 
 /// What this pod tells its peers about itself, and how it labels metrics.
@@ -226,6 +228,14 @@ impl Resources {
                 self.listener
                     .as_ref()
                     .and_then(|l| crate::jwt::Rules::compile(&l.jwt_rules).ok())
+                    .unwrap_or_default(),
+            ),
+            // Checked on arrival too; a filter that could not compile logs nothing.
+            access_log: Arc::new(
+                self.listener
+                    .as_ref()
+                    .and_then(|l| l.telemetry.as_ref())
+                    .and_then(|t| crate::accesslog::Rules::compile(&t.access_logs).ok())
                     .unwrap_or_default(),
             ),
         }

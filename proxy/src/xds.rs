@@ -199,6 +199,10 @@ fn decode_into(next: &mut Resources, t: &str, name: &str, bytes: &[u8]) -> Resul
             }
             crate::authz::Policies::compile(&l.policies)?;
             crate::jwt::Rules::compile(&l.jwt_rules)?;
+            if let Some(t) = &l.telemetry {
+                crate::accesslog::Rules::compile(&t.access_logs)
+                    .map_err(|e| format!("access log {e}"))?;
+            }
             next.listener = Some(l);
         }
         type_url::ROUTE => {
