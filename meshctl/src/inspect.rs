@@ -90,6 +90,13 @@ pub enum Section {
 /// A proxy's `/config_dump`, found through pilot by workload name
 /// (`reviews-v1`) or proxy id (`reviews-v1.default`).
 pub async fn config_dump(pilot_debug: SocketAddr, proxy: &str) -> anyhow::Result<Value> {
+    let admin = admin_addr(pilot_debug, proxy).await?;
+    get_json(&format!("http://{admin}/config_dump")).await
+}
+
+/// A proxy's admin address, found through pilot by workload name
+/// (`reviews-v1`) or proxy id (`reviews-v1.default`).
+pub async fn admin_addr(pilot_debug: SocketAddr, proxy: &str) -> anyhow::Result<SocketAddr> {
     let rows = syncz(pilot_debug).await?;
     let row = rows
         .iter()
@@ -108,8 +115,7 @@ pub async fn config_dump(pilot_debug: SocketAddr, proxy: &str) -> anyhow::Result
         .as_str()
         .filter(|a| !a.is_empty())
         .with_context(|| format!("pilot has no address for {proxy} (no WorkloadEntry for it)"))?;
-    let admin = SocketAddr::new(address.parse()?, mesh_proto::ports::ADMIN);
-    get_json(&format!("http://{admin}/config_dump")).await
+    Ok(SocketAddr::new(address.parse()?, mesh_proto::ports::ADMIN))
 }
 
 /// The part of a config dump a section shows, as JSON.

@@ -11,5 +11,6 @@ pub mod demo;
 pub mod inspect;
 pub mod install;
 pub mod pods;
+pub mod tap;
 pub mod traffic;
 pub mod workloads;

@@ -60,6 +60,30 @@ enum Command {
         #[arg(short = 'o', long, value_enum, default_value = "table")]
         output: Output,
     },
+    /// Stream the requests a workload's sidecar handles, live: method,
+    /// authority, path, status, latency, flags, source and destination
+    /// identities. Sensitive headers (authorization, cookies, API keys) are
+    /// redacted in -o json unless --show-sensitive.
+    Tap {
+        /// Workload name (reviews-v1) or proxy id (reviews-v1.default).
+        workload: String,
+        #[arg(long)]
+        method: Option<String>,
+        #[arg(long)]
+        authority: Option<String>,
+        /// Only requests whose path starts with this.
+        #[arg(long)]
+        path: Option<String>,
+        /// Stop after this many requests.
+        #[arg(short = 'n', long)]
+        count: Option<usize>,
+        #[arg(long)]
+        show_sensitive: bool,
+        #[arg(long, default_value = DEFAULT_PILOT_DEBUG)]
+        pilot: SocketAddr,
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: Output,
+    },
     /// The certificate authority: roots, counts, and root rotation.
     Ca {
         #[command(subcommand)]
@@ -280,6 +304,7 @@ fn main() {
         Command::Ca { .. }
             | Command::ProxyStatus { .. }
             | Command::ProxyConfig { .. }
+            | Command::Tap { .. }
             | Command::KubeInject { .. }
     ) {
         die_on_closed_stdout();
@@ -449,6 +474,37 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     serde_json::to_string_pretty(&meshctl::inspect::section(&dump, section))?
                 ),
             }
+        }
+        Command::Tap {
+            workload,
+            method,
+            authority,
+            path,
+            count,
+            show_sensitive,
+            pilot,
+            output,
+        } => {
+            let admin = meshctl::inspect::admin_addr(pilot, &workload).await?;
+            let opts = meshctl::tap::Options {
+                method,
+                authority,
+                path,
+                show_sensitive,
+            };
+            let mut left = count;
+            meshctl::tap::stream(admin, &opts, |event| {
+                match output {
+                    Output::Table => println!("{}", meshctl::tap::render(&event)),
+                    Output::Json => println!("{event}"),
+                }
+                let is_request = event.get("dropped").is_none();
+                if let Some(n) = left.as_mut().filter(|_| is_request) {
+                    *n -= 1;
+                }
+                left != Some(0)
+            })
+            .await?;
         }
         Command::Ca {
             command,

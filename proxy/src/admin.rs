@@ -63,6 +63,14 @@ pub async fn handle(
             )
             .body(full(shared.metrics.encode()))
             .expect("static parts are valid"),
+        (Admin, "/tap") => Response::builder()
+            .header(http::header::CONTENT_TYPE, "application/x-ndjson")
+            .body(
+                shared
+                    .tap
+                    .stream(crate::tap::Filter::from_query(req.uri().query())),
+            )
+            .expect("static parts are valid"),
         (Admin, "/config_dump") => Response::builder()
             .header(http::header::CONTENT_TYPE, "application/json")
             .body(full(

@@ -115,8 +115,9 @@ pub async fn handle(
             .and_then(|v| v.parse::<u32>().ok()),
     }
     .and_then(|p| snapshot.inbound.get(&p).cloned());
-    // Kept only when an access log will want it.
-    let arrival = snapshot.access_log.server.as_ref().map(|_| {
+    // Kept only when an access log or a tap will want it.
+    let wanted = snapshot.access_log.server.is_some() || shared.tap.active();
+    let arrival = wanted.then(|| {
         let local = port
             .as_ref()
             .map(|p| std::net::SocketAddr::new(shared.cfg.pod_ip, p.port as u16));
@@ -187,7 +188,7 @@ pub async fn handle(
             response_flags: if code == 503 { "UF" } else { "-" },
         };
         conn.series.observe(key, &shared.metrics, labels, &o);
-        if let (Some(rule), Some(arrival)) = (&snapshot.access_log.server, &arrival) {
+        if let Some(arrival) = &arrival {
             let entry = Entry {
                 arrival,
                 code,
@@ -205,7 +206,12 @@ pub async fn handle(
                 destination_principal: Some(shared.cfg.identity.to_string()),
                 mtls: conn.peer.is_some(),
             };
-            shared.access_log.log(rule, &entry);
+            if let Some(rule) = &snapshot.access_log.server {
+                shared.access_log.log(rule, &entry);
+            }
+            if shared.tap.active() {
+                shared.tap.publish(crate::tap::Event::of("inbound", &entry));
+            }
         }
     };
     Ok(observe::Observed::wrap(

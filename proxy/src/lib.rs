@@ -27,6 +27,7 @@ pub mod replay;
 pub mod route;
 mod server;
 pub mod state;
+pub mod tap;
 mod tcp;
 pub mod wire;
 pub mod xds;
@@ -59,6 +60,7 @@ pub struct Shared {
     pub xds_status: watch::Receiver<XdsStatus>,
     pub metrics: Metrics,
     pub access_log: Arc<accesslog::Writer>,
+    pub tap: Arc<tap::Tap>,
     pub pool: Pool,
     /// Plain HTTP to the app, and to destinations outside the mesh.
     pub app_h1: Client<platform::Dialer, Body>,
@@ -130,6 +132,7 @@ pub async fn run_with_sockets(
     let mut h2 = Client::builder(TokioExecutor::new());
     h2.http2_only(true);
     let access_log = Arc::new(accesslog::Writer::new(cfg.access_log_file.clone()));
+    let tap = Arc::new(tap::Tap::default());
     let shared = Arc::new(Shared {
         cfg: cfg.clone(),
         tls: tls_rx.clone(),
@@ -139,8 +142,10 @@ pub async fn run_with_sockets(
             xds: status_rx.clone(),
             tls: tls_rx.clone(),
             access_log: access_log.clone(),
+            tap: tap.clone(),
         }),
         access_log,
+        tap,
         pool: Pool::new(cfg.socket_mark),
         app_h1: Client::builder(TokioExecutor::new()).build(platform::Dialer(cfg.socket_mark)),
         app_h2: h2.build(platform::Dialer(cfg.socket_mark)),

@@ -362,6 +362,7 @@ pub struct Health {
     pub xds: watch::Receiver<XdsStatus>,
     pub tls: watch::Receiver<Option<Arc<Tls>>>,
     pub access_log: Arc<crate::accesslog::Writer>,
+    pub tap: Arc<crate::tap::Tap>,
 }
 
 impl std::fmt::Debug for Health {
@@ -410,14 +411,22 @@ impl Collector for Health {
                 tls.creds.remaining().as_secs_f64(),
             )?;
         }
-        let c = ConstCounter::new(self.access_log.dropped.load(Ordering::Relaxed));
-        let m = encoder.encode_descriptor(
-            "mesh_proxy_access_log_lines_dropped",
-            "Access-log lines dropped because the log's output fell behind",
-            None,
-            c.metric_type(),
-        )?;
-        c.encode(m)?;
+        for (name, help, n) in [
+            (
+                "mesh_proxy_access_log_lines_dropped",
+                "Access-log lines dropped because the log's output fell behind",
+                &self.access_log.dropped,
+            ),
+            (
+                "mesh_proxy_tap_events_dropped",
+                "Tap events a tap reader missed because it fell behind",
+                &self.tap.dropped,
+            ),
+        ] {
+            let c = ConstCounter::new(n.load(Ordering::Relaxed));
+            let m = encoder.encode_descriptor(name, help, None, c.metric_type())?;
+            c.encode(m)?;
+        }
         Ok(())
     }
 }

@@ -57,12 +57,9 @@ pub async fn handle(
     let tally = Arc::new(observe::Tally::default());
     let req = req.map(|b| observe::Counted::new(b, tally.clone()));
     let snapshot = shared.snapshot.borrow().clone();
-    // Kept only when an access log will want it.
-    let arrival = snapshot
-        .access_log
-        .client
-        .as_ref()
-        .map(|_| Box::new(Arrival::of(&req, Some(conn.peer), conn.original_dst)));
+    // Kept only when an access log or a tap will want it.
+    let arrival = (snapshot.access_log.client.is_some() || shared.tap.active())
+        .then(|| Box::new(Arrival::of(&req, Some(conn.peer), conn.original_dst)));
     let mut chosen = Chosen::Nothing;
     let mut flags = Flags::NONE;
     let result = forward(&shared, &snapshot, &conn, req, &mut chosen, &mut flags).await;
@@ -115,7 +112,7 @@ pub async fn handle(
             ),
             _ => metrics.observe(&labels(), &o),
         }
-        if let (Some(rule), Some(arrival)) = (&snapshot.access_log.client, &arrival) {
+        if let Some(arrival) = &arrival {
             let (upstream_host, upstream_cluster, destination_principal) = match &chosen {
                 Chosen::Mesh(c, e) => (
                     Some(format!("{}:{}", e.pb.address, e.pb.port)),
@@ -146,7 +143,14 @@ pub async fn handle(
                 destination_principal,
                 mtls: matches!(chosen, Chosen::Mesh(..)),
             };
-            shared.access_log.log(rule, &entry);
+            if let Some(rule) = &snapshot.access_log.client {
+                shared.access_log.log(rule, &entry);
+            }
+            if shared.tap.active() {
+                shared
+                    .tap
+                    .publish(crate::tap::Event::of("outbound", &entry));
+            }
         }
     };
     Ok(observe::Observed::wrap(

@@ -142,3 +142,167 @@ async fn telemetry_turns_access_logs_on_and_filters_them() {
     );
     mesh.stop().await;
 }
+
+/// Taps `workload` until `want` events arrived; sends requests meanwhile.
+async fn tap_while(
+    mesh: &Mesh,
+    workload: &str,
+    opts: meshctl::tap::Options,
+    want: usize,
+    send: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Vec<serde_json::Value> {
+    let admin = std::net::SocketAddr::new(mesh.workload(workload).address, 15000);
+    let mut events = Vec::new();
+    let reader = meshctl::tap::stream(admin, &opts, |e| {
+        events.push(e);
+        events.len() < want
+    });
+    let sender = tokio::spawn(async move {
+        // The tap must be listening before the traffic it should see.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        send.await;
+    });
+    tokio::time::timeout(Duration::from_secs(20), reader)
+        .await
+        .expect("tap saw the requests in time")
+        .unwrap();
+    sender.await.unwrap();
+    events
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tap_streams_live_requests_with_sensitive_headers_redacted() {
+    let mesh = Mesh::start().await;
+    let http = mesh.client();
+    let send = |http: reqwest::Client| async move {
+        for i in 0..3 {
+            let resp = http
+                .get(format!("http://productpage:9080/productpage?i={i}"))
+                .header("authorization", "Bearer s3cret")
+                .header("x-request-id", format!("tap-{i}"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 200);
+        }
+    };
+    let opts = meshctl::tap::Options {
+        path: Some("/productpage".into()),
+        ..Default::default()
+    };
+    let events = tap_while(&mesh, "productpage-v1", opts, 3, send(http.clone())).await;
+    for (i, e) in events.iter().enumerate() {
+        assert_eq!(e["direction"], "inbound", "{e}");
+        assert_eq!(e["method"], "GET");
+        assert_eq!(e["authority"], "productpage:9080");
+        assert_eq!(e["path"], format!("/productpage?i={i}"));
+        assert_eq!(e["status"], 200);
+        assert!(e["latency_ms"].as_f64().unwrap() > 0.0);
+        assert_eq!(e["source"], mesh.identity_of("client").to_string());
+        assert_eq!(
+            e["destination"],
+            mesh.identity_of("productpage-v1").to_string()
+        );
+        assert_eq!(e["request_headers"]["authorization"], "[redacted]");
+        assert_eq!(e["request_headers"]["x-request-id"], format!("tap-{i}"));
+    }
+    // Asked for, the sensitive header is shown; the client side's view
+    // carries the outbound direction.
+    let opts = meshctl::tap::Options {
+        show_sensitive: true,
+        ..Default::default()
+    };
+    let events = tap_while(&mesh, "client", opts, 1, send(http.clone())).await;
+    assert_eq!(events[0]["direction"], "outbound");
+    assert_eq!(
+        events[0]["request_headers"]["authorization"],
+        "Bearer s3cret"
+    );
+    assert_eq!(
+        events[0]["upstream"].as_str().map(|u| u.ends_with(":9080")),
+        Some(true)
+    );
+    mesh.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tap_that_stops_reading_never_holds_requests_back() {
+    let mesh = Mesh::start().await;
+    let http = mesh.client();
+    // A reader that asks for the tap, reads the answer's head, then stops
+    // reading (with a small receive buffer, so the kernel holds little).
+    let admin = std::net::SocketAddr::new(mesh.workload("details-v1").address, 15000);
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stalled = socket.connect(admin).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stalled
+        .write_all(b"GET /tap HTTP/1.1\r\nhost: details\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        stalled.read_exact(&mut byte).await.unwrap();
+        head.push(byte[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    // Far more requests than the tap keeps for a reader (1,024), each
+    // event 4 KiB larger than the kernel's and hyper's buffers absorb:
+    // every request is answered; the reader's backlog overflows instead.
+    let padding = std::sync::Arc::new("p".repeat(4096));
+    let n = 4000;
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for c in 0..8 {
+        let http = http.clone();
+        let padding = padding.clone();
+        tasks.spawn(async move {
+            for i in 0..n / 8 {
+                let r = http
+                    .get(format!("http://details:9080/details/{}", c * 1000 + i))
+                    .header("x-padding", padding.as_str())
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 200);
+            }
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.unwrap();
+    }
+    eprintln!(
+        "{n} requests with a stalled tap reader: {:?}",
+        started.elapsed()
+    );
+    // Reading now, the tap says how much it missed; the sidecar counted it.
+    let mut buf = vec![0u8; 1 << 20];
+    let mut seen = String::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !seen.contains("\"dropped\"") {
+        let read = tokio::time::timeout(Duration::from_secs(5), stalled.read(&mut buf)).await;
+        let Ok(Ok(k)) = read else { break };
+        seen.push_str(&String::from_utf8_lossy(&buf[..k]));
+        assert!(Instant::now() < deadline);
+    }
+    assert!(
+        seen.contains("\"dropped\""),
+        "the tap never said it fell behind: {} events read, {} bytes",
+        seen.matches("\"direction\"").count(),
+        seen.len()
+    );
+    let stats = mesh.stats("details-v1").await;
+    let dropped: f64 = stats
+        .lines()
+        .find_map(|l| l.strip_prefix("mesh_proxy_tap_events_dropped_total "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(dropped > 0.0, "{stats}");
+    mesh.stop().await;
+}
