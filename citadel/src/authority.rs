@@ -134,6 +134,8 @@ pub struct Authority {
     /// Certificates issued, by the SHA-256 of the root they chain to.
     issued: Mutex<HashMap<String, u64>>,
     refused: AtomicU64,
+    /// How long signing takes, seconds (`citadel_server_csr_sign_seconds`).
+    pub sign_seconds: prometheus_client::metrics::histogram::Histogram,
 }
 
 impl Authority {
@@ -197,6 +199,9 @@ impl Authority {
             bundle: watch::channel(first).0,
             issued: Mutex::default(),
             refused: AtomicU64::new(0),
+            sign_seconds: prometheus_client::metrics::histogram::Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 16),
+            ),
         };
         authority.persist(&authority.inner.read().unwrap())?;
         Ok(authority)
@@ -236,8 +241,11 @@ impl Authority {
         identity: &SpiffeId,
         lifetime: Duration,
     ) -> Result<Vec<String>, AuthorityError> {
+        let started = std::time::Instant::now();
         let sans = vec![SanType::URI(identity.to_string().try_into()?)];
-        self.sign(public_key, sans, lifetime)
+        let chain = self.sign(public_key, sans, lifetime);
+        self.sign_seconds.observe(started.elapsed().as_secs_f64());
+        chain
     }
 
     /// A key and certificate for a server that Kubernetes' API server calls

@@ -8,6 +8,7 @@ pub mod authority;
 pub mod csr;
 pub mod kubernetes;
 pub mod material;
+pub mod metrics;
 mod service;
 pub mod token;
 
@@ -34,6 +35,8 @@ pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 pub const DEFAULT_MAX_LIFETIME: Duration = Duration::from_secs(90 * 24 * 3600);
 /// Default address of the CA (see ARCHITECTURE.md: it has its own port).
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:15011";
+/// Where the standalone citadel serves `/metrics`.
+pub const DEFAULT_MONITORING_LISTEN: &str = "127.0.0.1:15015";
 /// The namespace the control plane's own identities live in.
 pub const CONTROL_PLANE_NAMESPACE: &str = "mesh-system";
 
@@ -112,6 +115,11 @@ impl Citadel {
 
     pub fn authority(&self) -> &Arc<Authority> {
         &self.authority
+    }
+
+    /// citadel's metrics, Prometheus text.
+    pub fn metrics(&self) -> String {
+        metrics::encode_text(&self.authority)
     }
 
     /// Mints a local-mode token that lets its bearer obtain certificates for `identity`.

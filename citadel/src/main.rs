@@ -35,6 +35,9 @@ enum Command {
     Serve {
         #[arg(long, env = "CITADEL_LISTEN", default_value = mesh_citadel::DEFAULT_LISTEN)]
         listen: std::net::SocketAddr,
+        /// Where `/metrics` is served.
+        #[arg(long, env = "CITADEL_MONITORING_LISTEN", default_value = mesh_citadel::DEFAULT_MONITORING_LISTEN)]
+        monitoring_listen: std::net::SocketAddr,
     },
     /// Print a local-mode token granting one identity.
     MintToken {
@@ -56,11 +59,22 @@ async fn main() -> anyhow::Result<()> {
     let citadel = mesh_citadel::Citadel::open(config)?;
     match args.command.unwrap_or(Command::Serve {
         listen: mesh_citadel::DEFAULT_LISTEN.parse()?,
+        monitoring_listen: mesh_citadel::DEFAULT_MONITORING_LISTEN.parse()?,
     }) {
-        Command::Serve { listen } => {
+        Command::Serve {
+            listen,
+            monitoring_listen,
+        } => {
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("binding {listen}"))?;
+            let monitoring = tokio::net::TcpListener::bind(monitoring_listen)
+                .await
+                .with_context(|| format!("binding --monitoring-listen {monitoring_listen}"))?;
+            tokio::spawn(mesh_citadel::metrics::serve(
+                citadel.authority().clone(),
+                monitoring,
+            ));
             let shutdown = async {
                 let _ = tokio::signal::ctrl_c().await;
             };

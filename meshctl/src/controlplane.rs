@@ -90,6 +90,9 @@ impl ControlPlane {
     pub async fn start_pilot(&mut self) -> anyhow::Result<()> {
         anyhow::ensure!(self.pilot.is_none(), "pilot is already running");
         let pilot = Pilot::new(mesh_pilot::Config::new(&self.config_dir));
+        // One process, one monitoring port: citadel's metrics beside pilot's.
+        let citadel = self.citadel.clone();
+        pilot.add_metrics(move || citadel.metrics());
         for e in pilot.errors() {
             eprintln!("config error: {e}");
         }

@@ -1,6 +1,7 @@
 //! pilot's debug endpoints (control-plane monitoring port, 15014):
 //! `/debug/syncz` (per proxy and type: sent, acked, NACKed) and
-//! `/debug/config_errors` (why the last config load was rejected).
+//! `/debug/config_errors` (why the last config load was rejected) and
+//! `/metrics` (Prometheus).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -61,9 +62,16 @@ fn route(pilot: &Pilot, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     match req.uri().path() {
         "/debug/syncz" => syncz(pilot),
         "/debug/config_errors" => json(StatusCode::OK, &pilot.errors()),
+        "/metrics" => Response::builder()
+            .header(
+                "content-type",
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )
+            .body(Full::new(Bytes::from(pilot.metrics_text())))
+            .expect("valid response"),
         other => json(
             StatusCode::NOT_FOUND,
-            &serde_json::json!({"error": format!("no such page {other}"), "pages": ["/debug/syncz", "/debug/config_errors"]}),
+            &serde_json::json!({"error": format!("no such page {other}"), "pages": ["/debug/syncz", "/debug/config_errors", "/metrics"]}),
         ),
     }
 }

@@ -39,9 +39,11 @@ impl Versioned {
 pub type ByName = BTreeMap<String, Versioned>;
 
 /// All resources of a model: shared ones by type, listeners by proxy id.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Snapshot {
     pub version: u64,
+    /// When this config was built: convergence is measured from here.
+    pub created: std::time::Instant,
     pub shared: BTreeMap<&'static str, ByName>,
     pub listeners: BTreeMap<String, Versioned>,
     pub model: Arc<Model>,
@@ -86,6 +88,7 @@ impl Snapshot {
         ]);
         Self {
             version,
+            created: std::time::Instant::now(),
             shared,
             listeners,
             model,

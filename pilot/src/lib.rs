@@ -7,6 +7,7 @@ pub mod dr;
 pub mod generate;
 pub mod istio;
 pub mod jwks;
+pub mod metrics;
 pub mod model;
 pub mod status;
 pub mod store;
@@ -67,6 +68,10 @@ pub struct Pilot {
     errors: tokio_watch::Sender<Vec<String>>,
     version: AtomicU64,
     status: Arc<status::Tracker>,
+    pub metrics: Arc<metrics::Metrics>,
+    /// More metrics served on the monitoring port beside pilot's (citadel's,
+    /// when it runs in the same process).
+    extra_metrics: std::sync::OnceLock<Box<dyn Fn() -> String + Send + Sync>>,
 }
 
 impl Pilot {
@@ -81,9 +86,30 @@ impl Pilot {
             errors: tokio_watch::channel(Vec::new()).0,
             version: AtomicU64::new(0),
             status: Arc::default(),
+            metrics: Arc::default(),
+            extra_metrics: std::sync::OnceLock::new(),
         });
         pilot.reload();
         pilot
+    }
+
+    /// Serves `source`'s metrics beside pilot's on the monitoring port;
+    /// only the first call counts.
+    pub fn add_metrics(&self, source: impl Fn() -> String + Send + Sync + 'static) {
+        let _ = self.extra_metrics.set(Box::new(source));
+    }
+
+    /// Everything the monitoring port's `/metrics` serves.
+    pub fn metrics_text(&self) -> String {
+        let connected = self.status.all().iter().filter(|p| p.connected).count();
+        let services = self.snapshots.borrow().model.services.len();
+        let mut text = self.metrics.encode(connected, services);
+        if let Some(extra) = self.extra_metrics.get() {
+            // One exposition: a single `# EOF`, at the end.
+            text = text.trim_end().trim_end_matches("# EOF").to_string();
+            text.push_str(&extra());
+        }
+        text
     }
 
     pub fn identity(&self) -> SpiffeId {
@@ -128,6 +154,7 @@ impl Pilot {
                     m.access_log_json = self.config.access_log_json;
                 })
             });
+        self.metrics.config_load(result.is_ok());
         match result {
             Err(errors) => {
                 for e in &errors {
@@ -193,6 +220,7 @@ impl Pilot {
         let ads = xds::Ads {
             snapshots: self.snapshots.subscribe(),
             status: self.status.clone(),
+            metrics: self.metrics.clone(),
             closing,
         };
         let shutdown = async move {

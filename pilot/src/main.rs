@@ -12,6 +12,13 @@ struct Args {
     config_dir: PathBuf,
     #[arg(long, env = "PILOT_LISTEN", default_value = mesh_pilot::DEFAULT_LISTEN)]
     listen: SocketAddr,
+    /// The monitoring port: `/metrics`, `/debug/syncz`, `/debug/config_errors`.
+    #[arg(
+        long,
+        env = "PILOT_MONITORING_LISTEN",
+        default_value = "127.0.0.1:15014"
+    )]
+    monitoring_listen: SocketAddr,
     /// Citadel's address.
     #[arg(long, env = "CA_ADDR", default_value = "127.0.0.1:15011")]
     ca_addr: SocketAddr,
@@ -53,6 +60,14 @@ async fn main() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
+    let monitoring = tokio::net::TcpListener::bind(args.monitoring_listen)
+        .await
+        .with_context(|| format!("binding --monitoring-listen {}", args.monitoring_listen))?;
+    tokio::spawn(
+        pilot
+            .clone()
+            .serve_debug(monitoring, std::future::pending()),
+    );
     pilot
         .serve(listener, tls, async {
             let _ = tokio::signal::ctrl_c().await;

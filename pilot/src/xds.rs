@@ -19,6 +19,7 @@ use crate::status::Tracker;
 pub struct Ads {
     pub(crate) snapshots: watch::Receiver<Arc<Snapshot>>,
     pub(crate) status: Arc<Tracker>,
+    pub(crate) metrics: Arc<crate::metrics::Metrics>,
     /// Turns true when pilot stops: every stream then ends, so proxies
     /// reconnect elsewhere (or to the next pilot) instead of hanging.
     pub(crate) closing: watch::Receiver<bool>,
@@ -74,8 +75,10 @@ impl AggregatedDiscoveryService for Ads {
             id: node_id,
             tx,
             status: self.status.clone(),
+            metrics: self.metrics.clone(),
             types: BTreeMap::new(),
             nonce: 0,
+            converging: None,
         };
         tokio::spawn(conn.run(first, inbound, self.snapshots.clone(), self.closing.clone()));
         Ok(Response::new(Box::pin(
@@ -89,14 +92,19 @@ struct TypeState {
     /// Name -> version the proxy has (as far as we know).
     sent: BTreeMap<String, String>,
     answered: bool,
+    /// The nonce of a push not yet acknowledged.
+    pending: Option<String>,
 }
 
 struct Connection {
     id: String,
     tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
     status: Arc<Tracker>,
+    metrics: Arc<crate::metrics::Metrics>,
     types: BTreeMap<String, TypeState>,
     nonce: u64,
+    /// A config change this proxy has not acknowledged all of yet: when it was made.
+    converging: Option<std::time::Instant>,
 }
 
 impl Connection {
@@ -124,6 +132,7 @@ impl Connection {
                 changed = snapshots.changed() => {
                     if changed.is_err() { break; }
                     snapshot = snapshots.borrow_and_update().clone();
+                    self.converging.get_or_insert(snapshot.created);
                     for t in type_url::ALL {
                         if self.types.contains_key(t) {
                             ok = ok && self.push(t, &snapshot, false).await;
@@ -149,6 +158,7 @@ impl Connection {
             let nonce = req.response_nonce.clone();
             match req.error_detail {
                 Some(err) => {
+                    self.metrics.rejected(&t);
                     tracing::warn!(proxy = %self.id, type_url = %t, %nonce, reason = %err.message, "proxy rejected config (NACK)");
                     self.status
                         .update(&self.id, &t, |s| s.nack = Some(err.message));
@@ -160,6 +170,18 @@ impl Connection {
                     });
                     if let Some(v) = nonce.split('-').next().and_then(|v| v.parse().ok()) {
                         self.status.acked_version(&self.id, v);
+                    }
+                    let state = self.types.entry(t.clone()).or_default();
+                    if state.pending.as_ref() == Some(&nonce) {
+                        state.pending = None;
+                    }
+                    // Everything the change touched is acknowledged: converged.
+                    if self.types.values().all(|s| s.pending.is_none())
+                        && let Some(since) = self.converging.take()
+                    {
+                        self.metrics
+                            .convergence
+                            .observe(since.elapsed().as_secs_f64());
                     }
                 }
             }
@@ -174,6 +196,7 @@ impl Connection {
     }
 
     async fn push(&mut self, t: &str, snapshot: &Snapshot, always: bool) -> bool {
+        let started = std::time::Instant::now();
         let desired = snapshot.for_proxy(t, &self.id);
         let state = self.types.entry(t.to_string()).or_default();
         let resources: Vec<Resource> = desired
@@ -202,6 +225,7 @@ impl Connection {
         state.answered = true;
         self.nonce += 1;
         let nonce = format!("{}-{}", snapshot.version, self.nonce);
+        state.pending = Some(nonce.clone());
         self.status
             .update(&self.id, t, |s| s.sent_nonce = nonce.clone());
         let resp = DeltaDiscoveryResponse {
@@ -211,6 +235,11 @@ impl Connection {
             nonce,
             removed_resources: removed,
         };
-        self.tx.send(Ok(resp)).await.is_ok()
+        let sent = self.tx.send(Ok(resp)).await.is_ok();
+        self.metrics.pushed(t);
+        self.metrics
+            .push_time
+            .observe(started.elapsed().as_secs_f64());
+        sent
     }
 }

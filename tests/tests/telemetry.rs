@@ -306,3 +306,79 @@ async fn a_tap_that_stops_reading_never_holds_requests_back() {
     assert!(dropped > 0.0, "{stats}");
     mesh.stop().await;
 }
+
+/// The value of the first Prometheus sample named exactly `series` (name and labels).
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_control_plane_reports_pushes_convergence_and_certificates_on_15014() {
+    let mesh = Mesh::start().await;
+    mesh.wait_all_proxies_synced(Duration::from_secs(10)).await;
+    let url = format!("http://{}/metrics", mesh.cp.pilot_debug_addr);
+    let metrics = || async { reqwest::get(&url).await.unwrap().text().await.unwrap() };
+    let before = metrics().await;
+    let proxies = mesh.specs.len() as f64;
+    assert_eq!(sample(&before, "pilot_xds"), Some(proxies), "{before}");
+    for t in ["cds", "eds", "lds", "rds"] {
+        let pushes = sample(&before, &format!("pilot_xds_pushes_total{{type=\"{t}\"}}"));
+        assert!(pushes >= Some(proxies), "{t}: {pushes:?}\n{before}");
+    }
+    let issued = sample(&before, "citadel_server_success_cert_issuance_total").unwrap();
+    assert!(
+        issued >= proxies + 1.0,
+        "every sidecar and pilot got a certificate: {before}"
+    );
+    assert!(sample(&before, "citadel_server_csr_sign_seconds_count").unwrap() >= issued);
+    assert!(
+        before.contains("citadel_server_root_cert_expiry_timestamp "),
+        "{before}"
+    );
+    assert_eq!(before.matches("# EOF").count(), 1, "one exposition");
+
+    // A config change reaches every proxy: each one's convergence is timed.
+    let converged = sample(&before, "pilot_proxy_convergence_time_count").unwrap_or(0.0);
+    mesh.apply(
+        "reviews-routing.yaml",
+        "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: default}
+spec:
+  hosts: [reviews]
+  http:
+  - name: all-to-v1
+    route:
+    - destination: {host: reviews, subset: v1}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: default}
+spec:
+  host: reviews
+  subsets:
+  - {name: v1, labels: {version: v1}}
+",
+        "productpage-v1",
+        "all-to-v1",
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let after = metrics().await;
+        let now = sample(&after, "pilot_proxy_convergence_time_count").unwrap_or(0.0);
+        if now >= converged + 1.0 {
+            assert_eq!(
+                sample(&after, "mesh_pilot_config_loads_total{result=\"rejected\"}"),
+                None,
+                "{after}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "no convergence timed:\n{after}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    mesh.stop().await;
+}
