@@ -28,7 +28,12 @@ pub struct Options {
     /// Send requests continuously for this long, then exit as with
     /// `requests`.
     pub duration: Option<Duration>,
+    /// Start Debian's Prometheus with the run directory's prometheus.yml.
+    pub prometheus: bool,
 }
+
+/// Where `--prometheus` serves, on the control plane's address.
+pub const PROMETHEUS_PORT: u16 = 9090;
 
 /// Loops sending requests at once in `--duration` mode.
 const DURATION_CONCURRENCY: usize = 4;
@@ -91,6 +96,10 @@ pub async fn run(opts: Options) -> anyhow::Result<bool> {
     let (_temp, state_dir, config_dir) = directories(&opts, str::to_string)?;
     let log_dir = state_dir.join("logs");
     std::fs::create_dir_all(&log_dir)?;
+    println!(
+        "run directory (logs, state, config, prometheus.yml; `meshctl ca --state-dir`): {}",
+        state_dir.display()
+    );
     let specs = workloads::from_config(&config_dir)
         .with_context(|| format!("reading workloads from {}", config_dir.display()))?;
     println!(
@@ -103,10 +112,34 @@ pub async fn run(opts: Options) -> anyhow::Result<bool> {
     let cp =
         ControlPlane::start_with_lifetime(&state_dir, &config_dir, opts.control_plane_ip, lifetime)
             .await?;
-    println!(
-        "state (for `meshctl ca --state-dir`): {}",
-        state_dir.display()
-    );
+    let scrape =
+        crate::prometheus::scrape_config(&specs, cp.pilot_debug_addr, Duration::from_secs(5));
+    let scrape_file = state_dir.join("prometheus.yml");
+    std::fs::write(&scrape_file, scrape)
+        .with_context(|| format!("writing {}", scrape_file.display()))?;
+    let prometheus = match (opts.prometheus, crate::prometheus::find()) {
+        (false, _) => None,
+        (true, None) => {
+            println!(
+                "Prometheus is not installed (apt-get install prometheus); {} is written for one you run yourself",
+                scrape_file.display()
+            );
+            None
+        }
+        (true, Some(bin)) => {
+            let listen = std::net::SocketAddr::new(opts.control_plane_ip, PROMETHEUS_PORT);
+            let p = crate::prometheus::Prometheus::start(
+                &bin,
+                &scrape_file,
+                &state_dir.join("prometheus"),
+                listen,
+                &log_dir.join("prometheus.log"),
+            )
+            .await?;
+            println!("Prometheus: http://{listen} (scraping every sidecar and pilot every 5s)");
+            Some(p)
+        }
+    };
     if opts.cert_ttl.is_some() {
         println!("certificates live {lifetime:?}; each workload renews at about half that");
     }
@@ -155,6 +188,9 @@ pub async fn run(opts: Options) -> anyhow::Result<bool> {
         Err(e) => Err(e.context(format!("see the logs in {}", log_dir.display()))),
     };
     println!("stopping the mesh");
+    if let Some(p) = prometheus {
+        p.stop().await;
+    }
     pods.stop().await;
     cp.stop().await;
     result

@@ -11,6 +11,7 @@ pub mod demo;
 pub mod inspect;
 pub mod install;
 pub mod pods;
+pub mod prometheus;
 pub mod tap;
 pub mod traffic;
 pub mod workloads;

@@ -22,9 +22,15 @@ enum Command {
         /// Directory of Istio YAML to run (default: the bookinfo sample).
         #[arg(long)]
         config: Option<PathBuf>,
-        /// Where citadel's keys, tokens and logs go (default: a fresh temp dir).
+        /// Where the demo keeps its logs, citadel's state, tokens, the
+        /// config and prometheus.yml (default: a fresh temporary directory,
+        /// printed, removed at exit).
+        #[arg(long, alias = "state-dir")]
+        run_dir: Option<PathBuf>,
+        /// Also start Debian's Prometheus (if installed) scraping every
+        /// sidecar and the control plane, on the control-plane address, port 9090.
         #[arg(long)]
-        state_dir: Option<PathBuf>,
+        prometheus: bool,
         /// Loopback address for citadel and pilot.
         #[arg(long, default_value = meshctl::demo::DEFAULT_CONTROL_PLANE_IP)]
         control_plane_ip: IpAddr,
@@ -433,7 +439,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Demo {
             requests,
             config,
-            state_dir,
+            run_dir,
+            prometheus,
             control_plane_ip,
             transparent,
             cert_ttl,
@@ -443,7 +450,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let opts = meshctl::demo::Options {
                 requests,
                 config_dir: config,
-                state_dir,
+                state_dir: run_dir,
+                prometheus,
                 control_plane_ip,
                 transparent,
                 cert_ttl,

@@ -382,3 +382,112 @@ spec:
     }
     mesh.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_real_prometheus_scrapes_the_sidecars_and_promql_sees_the_traffic() {
+    let Some(bin) = meshctl::prometheus::find() else {
+        eprintln!("SKIPPED: needs Debian's prometheus (apt-get install prometheus)");
+        return;
+    };
+    let mesh = Mesh::start().await;
+    let dir = mesh.state_dir();
+    let config = dir.join("prometheus.yml");
+    let scrape = meshctl::prometheus::scrape_config(
+        &mesh.specs,
+        mesh.cp.pilot_debug_addr,
+        Duration::from_secs(1),
+    );
+    std::fs::write(&config, scrape).unwrap();
+    // Prometheus on the mesh's own loopback block, on a port free there.
+    let ip = mesh.cp.pilot_debug_addr.ip();
+    let port = std::net::TcpListener::bind((ip, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let prom = meshctl::prometheus::Prometheus::start(
+        &bin,
+        &config,
+        &dir.join("prometheus-data"),
+        std::net::SocketAddr::new(ip, port),
+        &dir.join("prometheus.log"),
+    )
+    .await
+    .unwrap();
+    let http = mesh.client();
+    let n = 20;
+    for _ in 0..n {
+        mesh.request(&http).await.unwrap();
+    }
+    // Every productpage request was counted once by productpage's sidecar.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let total = "sum(istio_requests_total{reporter=\"destination\",destination_workload=\"productpage-v1\",response_code=\"200\"})";
+    loop {
+        let r = prom.query(total).await.unwrap();
+        let v: Option<f64> = r.first().and_then(|s| s["value"][1].as_str()?.parse().ok());
+        if v == Some(n as f64) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{total} = {v:?}, expected {n}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // The query from Istio's dashboards: a rate per destination and code,
+    // for every hop of the bookinfo chain, while traffic flows.
+    let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+    let traffic = {
+        let http = http.clone();
+        let client = mesh.identity_of("client").to_string();
+        tokio::spawn(async move {
+            loop {
+                meshctl::traffic::one(&http, &client).await.unwrap();
+                tokio::select! {
+                    _ = &mut stopped => return,
+                    _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                }
+            }
+        })
+    };
+    let rate = "sum by (destination_workload, response_code) (rate(istio_requests_total{reporter=\"destination\"}[1m]))";
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = prom.query(rate).await.unwrap();
+        let seen: Vec<String> = r
+            .iter()
+            .filter(|s| {
+                s["metric"]["response_code"] == "200"
+                    && s["value"][1].as_str().and_then(|v| v.parse::<f64>().ok()) > Some(0.0)
+            })
+            .filter_map(|s| {
+                s["metric"]["destination_workload"]
+                    .as_str()
+                    .map(str::to_string)
+            })
+            .collect();
+        if seen.iter().any(|w| w == "productpage-v1")
+            && seen.iter().any(|w| w.starts_with("reviews-"))
+            && seen.iter().any(|w| w == "details-v1")
+        {
+            assert!(
+                r.iter().all(|s| s["metric"]["response_code"] == "200"),
+                "{r:?}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "{rate} gave {r:?}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // Latency histograms work with histogram_quantile; pilot is scraped too.
+    let p90 = "histogram_quantile(0.9, sum by (le) (rate(istio_request_duration_milliseconds_bucket{reporter=\"source\",destination_workload=\"productpage-v1\"}[1m])))";
+    let r = prom.query(p90).await.unwrap();
+    let v: f64 = r[0]["value"][1].as_str().unwrap().parse().unwrap();
+    assert!(v > 0.0 && v < 10_000.0, "p90 {v} ms");
+    let _ = stop.send(());
+    traffic.await.unwrap();
+    let r = prom.query("pilot_xds{job=\"pilot\"}").await.unwrap();
+    assert_eq!(
+        r[0]["value"][1].as_str(),
+        Some(mesh.specs.len().to_string().as_str())
+    );
+    prom.stop().await;
+    mesh.stop().await;
+}
