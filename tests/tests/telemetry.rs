@@ -478,9 +478,20 @@ async fn a_real_prometheus_scrapes_the_sidecars_and_promql_sees_the_traffic() {
     }
     // Latency histograms work with histogram_quantile; pilot is scraped too.
     let p90 = "histogram_quantile(0.9, sum by (le) (rate(istio_request_duration_milliseconds_bucket{reporter=\"source\",destination_workload=\"productpage-v1\"}[1m])))";
-    let r = prom.query(p90).await.unwrap();
-    let v: f64 = r[0]["value"][1].as_str().unwrap().parse().unwrap();
-    assert!(v > 0.0 && v < 10_000.0, "p90 {v} ms");
+    // (The client's sidecar may have been scraped once so far: wait for two.)
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = prom.query(p90).await.unwrap();
+        let v = r
+            .first()
+            .and_then(|s| s["value"][1].as_str()?.parse::<f64>().ok());
+        if let Some(v) = v.filter(|v| v.is_finite()) {
+            assert!(v > 0.0 && v < 10_000.0, "p90 {v} ms");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{p90} gave {r:?}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
     let _ = stop.send(());
     traffic.await.unwrap();
     let r = prom.query("pilot_xds{job=\"pilot\"}").await.unwrap();
