@@ -89,10 +89,7 @@ pub async fn handle(
     conn: Arc<Conn>,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, std::convert::Infallible> {
-    let start = std::time::Instant::now();
-    let request_head = observe::request_head_bytes(&req);
-    let tally = Arc::new(observe::Tally::default());
-    let req = req.map(|b| observe::Counted::new(b, tally.clone()));
+    let (begun, req) = observe::Begun::new(req);
     if req.method() == http::Method::CONNECT {
         if conn.peer.is_none() {
             return Ok(local_reply(
@@ -168,11 +165,7 @@ pub async fn handle(
     };
     let code = resp.status().as_u16();
     let finish = move |done: observe::Done| {
-        let o = Observation {
-            duration: done.duration,
-            request_bytes: done.request_bytes,
-            response_bytes: done.response_bytes,
-        };
+        let o = Observation::from(&done);
         let key = (
             source.clone(),
             port.as_ref().map_or(0, |p| p.port),
@@ -206,21 +199,10 @@ pub async fn handle(
                 destination_principal: Some(shared.cfg.identity.to_string()),
                 mtls: conn.peer.is_some(),
             };
-            if let Some(rule) = &snapshot.access_log.server {
-                shared.access_log.log(rule, &entry);
-            }
-            if shared.tap.active() {
-                shared.tap.publish(crate::tap::Event::of("inbound", &entry));
-            }
+            shared.report(snapshot.access_log.server.as_deref(), "inbound", &entry);
         }
     };
-    Ok(observe::Observed::wrap(
-        resp,
-        start,
-        request_head,
-        tally,
-        finish,
-    ))
+    Ok(begun.finish(resp, finish))
 }
 
 /// Istio's answer to a request its policies deny.

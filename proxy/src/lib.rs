@@ -70,6 +70,22 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// A finished request, to the access log (under `rule`, when the
+    /// workload's Telemetry has one for this side) and to any tap.
+    pub fn report(
+        &self,
+        rule: Option<&accesslog::Rule>,
+        direction: &'static str,
+        entry: &accesslog::Entry<'_>,
+    ) {
+        if let Some(rule) = rule {
+            self.access_log.log(rule, entry);
+        }
+        if self.tap.active() {
+            self.tap.publish(tap::Event::of(direction, entry));
+        }
+    }
+
     /// Why the proxy is not ready, or `None` when it is.
     pub fn not_ready(&self) -> Option<&'static str> {
         if self.drain.is_draining() {

@@ -86,6 +86,36 @@ pub fn request_head_bytes<B>(req: &http::Request<B>) -> u64 {
     (req.method().as_str().len() + target + 11 + header_bytes(req.headers()) + 2) as u64
 }
 
+/// An exchange under way: when it began, its request head's size, and
+/// its request body's running count.
+pub struct Begun {
+    start: Instant,
+    request_head: u64,
+    tally: Arc<Tally>,
+}
+
+impl Begun {
+    /// Starts watching `req`: its body now counts its bytes.
+    pub fn new(req: http::Request<Incoming>) -> (Self, http::Request<ReqBody>) {
+        let tally = Arc::new(Tally::default());
+        let begun = Self {
+            start: Instant::now(),
+            request_head: request_head_bytes(&req),
+            tally: tally.clone(),
+        };
+        (begun, req.map(|b| Counted::new(b, tally)))
+    }
+
+    /// `resp`, whose body runs `finish` when it ends.
+    pub fn finish(
+        self,
+        resp: http::Response<Body>,
+        finish: impl FnOnce(Done) + Send + Sync + 'static,
+    ) -> http::Response<Body> {
+        Observed::wrap(resp, self.start, self.request_head, self.tally, finish)
+    }
+}
+
 /// How an exchange ended.
 #[derive(Clone, Copy, Debug)]
 pub struct Done {
@@ -100,6 +130,16 @@ pub struct Done {
     pub grpc_status: Option<u32>,
     /// The response's body ended early: an error, or the client left.
     pub cut_short: bool,
+}
+
+impl From<&Done> for crate::metrics::Observation {
+    fn from(d: &Done) -> Self {
+        Self {
+            duration: d.duration,
+            request_bytes: d.request_bytes,
+            response_bytes: d.response_bytes,
+        }
+    }
 }
 
 type Finish = Box<dyn FnOnce(Done) + Send + Sync>;
@@ -122,7 +162,7 @@ fn grpc_status(h: &HeaderMap) -> Option<u32> {
 
 impl Observed {
     /// Wraps `resp`'s body; `finish` runs when it ends.
-    pub fn wrap(
+    fn wrap(
         resp: http::Response<Body>,
         start: Instant,
         request_head: u64,

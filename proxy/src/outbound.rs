@@ -51,11 +51,8 @@ pub async fn handle(
     conn: Arc<Conn>,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, std::convert::Infallible> {
-    let start = std::time::Instant::now();
     let protocol = wire::protocol_label(&req);
-    let request_head = observe::request_head_bytes(&req);
-    let tally = Arc::new(observe::Tally::default());
-    let req = req.map(|b| observe::Counted::new(b, tally.clone()));
+    let (begun, req) = observe::Begun::new(req);
     let snapshot = shared.snapshot.borrow().clone();
     // Kept only when an access log or a tap will want it.
     let arrival = (snapshot.access_log.client.is_some() || shared.tap.active())
@@ -73,11 +70,7 @@ pub async fn handle(
     let code = resp.status().as_u16();
     let flags = flags.as_str();
     let finish = move |done: observe::Done| {
-        let o = Observation {
-            duration: done.duration,
-            request_bytes: done.request_bytes,
-            response_bytes: done.response_bytes,
-        };
+        let o = Observation::from(&done);
         let labels = || {
             let mut peers = Peers::new("source");
             peers.source(&snapshot.own.meta, &shared.cfg.identity);
@@ -143,23 +136,10 @@ pub async fn handle(
                 destination_principal,
                 mtls: matches!(chosen, Chosen::Mesh(..)),
             };
-            if let Some(rule) = &snapshot.access_log.client {
-                shared.access_log.log(rule, &entry);
-            }
-            if shared.tap.active() {
-                shared
-                    .tap
-                    .publish(crate::tap::Event::of("outbound", &entry));
-            }
+            shared.report(snapshot.access_log.client.as_deref(), "outbound", &entry);
         }
     };
-    Ok(observe::Observed::wrap(
-        resp,
-        start,
-        request_head,
-        tally,
-        finish,
-    ))
+    Ok(begun.finish(resp, finish))
 }
 
 /// The request's authority: from an absolute-form target, else the Host header.
