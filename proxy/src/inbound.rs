@@ -164,6 +164,8 @@ pub async fn handle(
         }
     };
     let code = resp.status().as_u16();
+    // The app unreachable is the one failure the inbound side tells apart yet.
+    let flags = if code == 503 { "UF" } else { "-" };
     let finish = move |done: observe::Done| {
         let o = Observation::from(&done);
         let key = (
@@ -178,14 +180,14 @@ pub async fn handle(
             request_protocol: protocol,
             response_code: code,
             grpc_response_status: done.grpc_status.map(|s| s.to_string()).unwrap_or_default(),
-            response_flags: if code == 503 { "UF" } else { "-" },
+            response_flags: flags,
         };
         conn.series.observe(key, &shared.metrics, labels, &o);
         if let Some(arrival) = &arrival {
             let entry = Entry {
                 arrival,
                 code,
-                flags: if code == 503 { "UF" } else { "-" },
+                flags,
                 details,
                 grpc_status: done.grpc_status,
                 bytes_received: done.request_body_bytes,

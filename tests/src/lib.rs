@@ -192,6 +192,20 @@ impl Mesh {
     }
 }
 
+/// Sum of metric `name` (a counter's full name, `_total` included) over the
+/// series in Prometheus text `stats` whose lines contain all of `with`.
+pub fn metric_sum(stats: &str, name: &str, with: &[&str]) -> f64 {
+    stats
+        .lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+                && with.iter().all(|w| l.contains(w))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 pub fn write_atomically(path: &Path, text: &str) {
     let tmp = path.with_extension("tmp~");
     std::fs::write(&tmp, text).unwrap();

@@ -333,18 +333,18 @@ fn grpc_and_a_server_first_protocol_cross_captured_pods() {
         // destination side's close follows the source's by a moment).
         let deadline = Instant::now() + Duration::from_secs(5);
         for (pod, reporter) in [("10.244.1.18", "destination"), ("10.244.0.11", "source")] {
+            let reporter_label = format!("reporter=\"{reporter}\"");
             let value = |stats: &str, name: &str| -> f64 {
-                stats
-                    .lines()
-                    .filter(|l| {
-                        l.starts_with(&format!("{name}{{"))
-                            && l.contains(&format!("reporter=\"{reporter}\""))
-                            && l.contains("destination_service_name=\"echo\"")
-                            && l.contains("request_protocol=\"tcp\"")
-                            && l.contains("connection_security_policy=\"mutual_tls\"")
-                    })
-                    .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                    .sum()
+                mesh_tests::metric_sum(
+                    stats,
+                    name,
+                    &[
+                        &reporter_label,
+                        "destination_service_name=\"echo\"",
+                        "request_protocol=\"tcp\"",
+                        "connection_security_policy=\"mutual_tls\"",
+                    ],
+                )
             };
             loop {
                 let stats = sidecar_stats(pod).await;

@@ -47,14 +47,7 @@ fn version(body: &str) -> String {
     v["hops"][0]["version"].as_str().unwrap_or("?").to_string()
 }
 
-/// Sum of a Prometheus counter over the series whose labels contain all of `with`.
-fn counter(stats: &str, name: &str, with: &[&str]) -> f64 {
-    stats
-        .lines()
-        .filter(|l| l.starts_with(name) && with.iter().all(|w| l.contains(w)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
+use mesh_tests::metric_sum as counter;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn routes_by_end_user_header_and_shifts_traffic_by_weight() {
