@@ -304,7 +304,8 @@ pub(crate) fn telemetry(model: &Model, w: &crate::model::Workload) -> pb::Teleme
     applying.sort_by_key(|t| t.rank());
     let access = applying.iter().find(|t| t.access_logs.is_some());
     let tracing = applying.iter().find(|t| t.tracing.is_some());
-    let mut sources: Vec<String> = [access, tracing]
+    let metrics = applying.iter().find(|t| t.metrics_off.is_some());
+    let mut sources: Vec<String> = [access, tracing, metrics]
         .into_iter()
         .flatten()
         .map(|t| t.source.clone())
@@ -314,8 +315,18 @@ pub(crate) fn telemetry(model: &Model, w: &crate::model::Workload) -> pb::Teleme
         access_logs: access
             .and_then(|t| t.access_logs.clone())
             .unwrap_or_default(),
-        tracing: tracing.and_then(|t| t.tracing.clone()),
+        // No Telemetry says: the mesh config's default provider, at 1 %.
+        tracing: tracing.and_then(|t| t.tracing.clone()).or_else(|| {
+            let provider = model.default_tracing.as_ref()?;
+            Some(pb::Tracing {
+                sampling_percent: mesh_proto::DEFAULT_TRACE_SAMPLING_PERCENT,
+                collector: model.tracing_providers.get(provider)?.clone().ok()?,
+                ..Default::default()
+            })
+        }),
         sources,
+        client_metrics_off: metrics.and_then(|t| t.metrics_off).is_some_and(|m| m.0),
+        server_metrics_off: metrics.and_then(|t| t.metrics_off).is_some_and(|m| m.1),
     }
 }
 

@@ -900,7 +900,75 @@ pub struct MetricsSpec {
     #[serde(default)]
     pub providers: Vec<ProviderRef>,
     #[serde(default)]
-    pub overrides: Vec<serde_json::Value>,
+    pub overrides: Vec<MetricsOverride>,
     #[serde(default)]
     pub reporting_interval: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MetricsOverride {
+    #[serde(default, rename = "match")]
+    pub match_: Option<MetricSelector>,
+    #[serde(default)]
+    pub disabled: Option<bool>,
+    #[serde(default)]
+    pub tag_overrides: Option<serde_json::Value>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MetricSelector {
+    /// ALL_METRICS (the default), REQUEST_COUNT, ...
+    #[serde(default)]
+    pub metric: Option<String>,
+    #[serde(default)]
+    pub custom_metric: Option<String>,
+    /// CLIENT_AND_SERVER (default), CLIENT or SERVER.
+    #[serde(default)]
+    pub mode: Option<String>,
+}
+
+/// The part of Istio's MeshConfig (the `mesh` key of ConfigMap
+/// istio-system/istio) that the mesh reads: its extension providers and
+/// the default tracing provider. Other settings are kept by name only,
+/// so that pilot can say it ignores them.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct MeshConfig {
+    #[serde(default)]
+    pub default_providers: DefaultProviders,
+    #[serde(default)]
+    pub extension_providers: Vec<ExtensionProvider>,
+    #[serde(flatten)]
+    pub other: BTreeMap<String, serde_json::Value>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct DefaultProviders {
+    #[serde(default)]
+    pub tracing: Vec<String>,
+    #[serde(flatten)]
+    pub other: BTreeMap<String, serde_json::Value>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ExtensionProvider {
+    pub name: String,
+    #[serde(default)]
+    pub opentelemetry: Option<OpenTelemetryProvider>,
+    /// Other kinds (zipkin, envoyFileAccessLog, ...) by their key.
+    #[serde(flatten)]
+    pub other: BTreeMap<String, serde_json::Value>,
+}
+
+/// An OTLP/gRPC collector.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OpenTelemetryProvider {
+    /// Host name or IP of the collector.
+    pub service: String,
+    pub port: u16,
 }

@@ -72,6 +72,12 @@ pub struct Model {
     /// Access logs as JSON rather than Istio's text format (pilot's
     /// `--access-log-encoding`, Istio's `meshConfig.accessLogEncoding`).
     pub access_log_json: bool,
+    /// The mesh config's extension providers by name: an OTLP collector's
+    /// `host:port`, or (`Err`) the kind of a provider the mesh cannot use
+    /// for traces.
+    pub tracing_providers: BTreeMap<String, Result<String, String>>,
+    /// The mesh config's `defaultProviders.tracing`: traced without a Telemetry.
+    pub default_tracing: Option<String>,
 }
 
 /// One Telemetry resource. `None` fields are not set by it: a workload
@@ -84,6 +90,8 @@ pub struct TelemetryPolicy {
     pub source: String,
     pub access_logs: Option<Vec<mesh_proto::resources::AccessLog>>,
     pub tracing: Option<mesh_proto::resources::Tracing>,
+    /// Metrics switched off: (client side, server side).
+    pub metrics_off: Option<(bool, bool)>,
 }
 
 impl TelemetryPolicy {
@@ -377,6 +385,61 @@ impl Model {
         });
     }
 
+    fn add_mesh_config(
+        &mut self,
+        meta: &Meta,
+        mc: &crate::istio::MeshConfig,
+        errors: &mut Vec<String>,
+    ) {
+        let ctx = at(meta, "ConfigMap");
+        let ignored: Vec<&str> = mc
+            .other
+            .keys()
+            .chain(mc.default_providers.other.keys())
+            .map(String::as_str)
+            .collect();
+        if !ignored.is_empty() {
+            tracing::info!(config = %ctx, ?ignored, "mesh config settings pilot does not read");
+        }
+        for p in &mc.extension_providers {
+            let provider = match (&p.opentelemetry, p.other.keys().next()) {
+                (Some(o), None) => Ok(format!("{}:{}", o.service, o.port)),
+                (None, Some(kind)) => Err(kind.clone()),
+                _ => {
+                    errors.push(format!(
+                        "{ctx}: data.mesh.extensionProviders[{:?}]: give exactly one provider kind",
+                        p.name
+                    ));
+                    continue;
+                }
+            };
+            self.tracing_providers.insert(p.name.clone(), provider);
+        }
+        match mc.default_providers.tracing.as_slice() {
+            [] => {}
+            [name] => match self.tracing_provider(name) {
+                Ok(_) => self.default_tracing = Some(name.clone()),
+                Err(e) => errors.push(format!("{ctx}: data.mesh.defaultProviders.tracing: {e}")),
+            },
+            _ => errors.push(format!(
+                "{ctx}: data.mesh.defaultProviders.tracing: name one provider; the sidecars export to one collector"
+            )),
+        }
+    }
+
+    /// The collector's `host:port` for tracing provider `name`.
+    fn tracing_provider(&self, name: &str) -> Result<String, String> {
+        match self.tracing_providers.get(name) {
+            Some(Ok(addr)) => Ok(addr.clone()),
+            Some(Err(kind)) => Err(format!(
+                "provider {name:?} is a {kind} provider; the sidecars export traces over OTLP/gRPC (an opentelemetry provider)"
+            )),
+            None => Err(format!(
+                "no extensionProvider named {name:?} in the mesh config (ConfigMap {ROOT_NAMESPACE}/istio, data.mesh.extensionProviders)"
+            )),
+        }
+    }
+
     fn add_telemetry(
         &mut self,
         meta: &Meta,
@@ -451,14 +514,35 @@ impl Model {
                 ));
                 break;
             }
-            let percent = tr.random_sampling_percentage.unwrap_or(1.0);
+            let percent = tr
+                .random_sampling_percentage
+                .unwrap_or(mesh_proto::DEFAULT_TRACE_SAMPLING_PERCENT);
             if !(0.0..=100.0).contains(&percent) {
                 errors.push(format!(
                     "{at}.randomSamplingPercentage {percent} is not between 0 and 100"
                 ));
             }
+            let provider = match tr.providers.as_slice() {
+                [] => self.default_tracing.clone(),
+                [p] => Some(p.name.clone()),
+                _ => {
+                    errors.push(format!(
+                        "{at}.providers: name one provider; the sidecars export to one collector"
+                    ));
+                    None
+                }
+            };
+            let collector = match provider.map(|p| self.tracing_provider(&p)) {
+                None => String::new(),
+                Some(Ok(addr)) => addr,
+                Some(Err(e)) => {
+                    errors.push(format!("{at}.providers: {e}"));
+                    String::new()
+                }
+            };
             let mut out = pb::Tracing {
                 sampling_percent: percent,
+                collector,
                 disable_span_reporting: tr.disable_span_reporting.unwrap_or(false),
                 side: side(&tr.match_, &at, errors) as i32,
                 ..Default::default()
@@ -482,13 +566,37 @@ impl Model {
             }
             tracing = Some(out);
         }
+        let mut metrics_off = None;
         for (i, m) in t.metrics.iter().enumerate() {
             let at = format!("{ctx}: spec.metrics[{i}]");
-            if !m.overrides.is_empty() || m.reporting_interval.is_some() {
+            let (mut client, mut server) = metrics_off.unwrap_or((false, false));
+            if m.reporting_interval.is_some() {
                 errors.push(format!(
-                    "{at}: overrides and reportingInterval are not supported; the sidecars always report Istio's standard metrics"
+                    "{at}.reportingInterval is not supported; Prometheus reads the sidecars when it scrapes"
                 ));
             }
+            for (j, o) in m.overrides.iter().enumerate() {
+                let at = format!("{at}.overrides[{j}]");
+                let selector = o.match_.clone().unwrap_or_default();
+                let all = matches!(selector.metric.as_deref(), None | Some("ALL_METRICS"))
+                    && selector.custom_metric.is_none();
+                if !all || o.tag_overrides.is_some() {
+                    errors.push(format!(
+                        "{at}: only switching all metrics off or on is supported (match.metric ALL_METRICS with disabled); per-metric overrides and tagOverrides are not"
+                    ));
+                    continue;
+                }
+                let off = o.disabled.unwrap_or(false);
+                let mode = crate::istio::WorkloadMode {
+                    mode: selector.mode.clone(),
+                };
+                match side(&Some(mode), &at, errors) {
+                    pb::TrafficSide::ClientAndServer => (client, server) = (off, off),
+                    pb::TrafficSide::Client => client = off,
+                    pb::TrafficSide::Server => server = off,
+                }
+            }
+            metrics_off = Some((client, server));
             if let Some(p) = m.providers.iter().find(|p| p.name != "prometheus") {
                 errors.push(format!(
                     "{at}.providers: {:?} is not a metrics provider the mesh has; use \"prometheus\"",
@@ -501,6 +609,7 @@ impl Model {
             source: format!("{}/{}", meta.namespace, meta.name),
             access_logs: (!t.access_logging.is_empty()).then_some(access_logs),
             tracing,
+            metrics_off,
         });
     }
 
@@ -683,8 +792,23 @@ impl Model {
         };
         mesh(&mut m);
         let mut errors = Vec::new();
+        // Telemetry names the mesh config's providers: read it first.
+        let mut meshes = set.resources.iter().filter_map(|(meta, r)| match r {
+            Resource::MeshConfig(mc) => Some((meta, mc)),
+            _ => None,
+        });
+        if let Some((meta, mc)) = meshes.next() {
+            m.add_mesh_config(meta, mc, &mut errors);
+        }
+        for (meta, _) in meshes {
+            errors.push(format!(
+                "{}: a second mesh config; keep one ConfigMap {ROOT_NAMESPACE}/istio",
+                at(meta, "ConfigMap")
+            ));
+        }
         for (meta, res) in &set.resources {
             match res {
+                Resource::MeshConfig(_) => {}
                 Resource::ServiceEntry(se) => m.add_service(meta, se, &mut errors),
                 Resource::WorkloadEntry(we) => {
                     let w = Workload {
@@ -1114,8 +1238,8 @@ spec:
   - providers: [{name: stackdriver}]
     filter: {expression: 'respnse.code >= 400'}
     match: {mode: BOTH}
-  tracing: [{randomSamplingPercentage: 150}]
-  metrics: [{overrides: [{disabled: true}]}]
+  tracing: [{randomSamplingPercentage: 150, providers: [{name: jaeger}]}]
+  metrics: [{overrides: [{match: {metric: REQUEST_COUNT}, disabled: true}]}]
 ",
         )
         .unwrap_err()
@@ -1125,10 +1249,90 @@ spec:
             "spec.accessLogging[0].filter.expression: unknown attribute \"respnse\"",
             "spec.accessLogging[0].match.mode \"BOTH\"",
             "spec.tracing[0].randomSamplingPercentage 150",
-            "spec.metrics[0]: overrides and reportingInterval are not supported",
+            "spec.tracing[0].providers: no extensionProvider named \"jaeger\" in the mesh config",
+            "spec.metrics[0].overrides[0]: only switching all metrics off or on is supported",
         ] {
             assert!(errors.contains(needle), "{needle:?} not in:\n{errors}");
         }
         assert!(errors.contains("Telemetry shop/bad"), "{errors}");
+    }
+
+    const MESH_CONFIG: &str = "apiVersion: v1
+kind: ConfigMap
+metadata: {name: istio, namespace: istio-system}
+data:
+  mesh: |-
+    accessLogFile: /dev/stdout
+    defaultProviders:
+      tracing: [otel]
+    extensionProviders:
+    - name: otel
+      opentelemetry: {service: collector.observability.svc.cluster.local, port: 4317}
+    - name: zipkin
+      zipkin: {service: zipkin.istio-system.svc.cluster.local, port: 9411}
+";
+
+    #[test]
+    fn the_mesh_configs_tracing_provider_is_the_default_and_telemetry_names_it() {
+        let m = model(&format!(
+            "{WORKLOADS}---
+{MESH_CONFIG}---
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {{name: shop, namespace: shop}}
+spec:
+  tracing: [{{providers: [{{name: otel}}], randomSamplingPercentage: 100}}]
+  metrics:
+  - overrides: [{{match: {{metric: ALL_METRICS, mode: CLIENT}}, disabled: true}}]
+"
+        ))
+        .unwrap();
+        let t = |w: &str| crate::generate::telemetry(&m, &m.workloads[w]);
+        // No Telemetry for c: the default provider at Istio's 1 %.
+        let c = t("c.other");
+        let tr = c.tracing.unwrap();
+        assert_eq!(
+            tr.collector,
+            "collector.observability.svc.cluster.local:4317"
+        );
+        assert_eq!(tr.sampling_percent, 1.0);
+        assert!(!c.client_metrics_off && !c.server_metrics_off);
+        // The shop's: all of it sampled, to the same collector; the
+        // calling side's metrics off.
+        let a = t("a.shop");
+        let tr = a.tracing.unwrap();
+        assert_eq!(tr.sampling_percent, 100.0);
+        assert_eq!(
+            tr.collector,
+            "collector.observability.svc.cluster.local:4317"
+        );
+        assert!(a.client_metrics_off && !a.server_metrics_off);
+
+        // Naming a provider that is not OTLP is an error that says so.
+        let errors = model(&format!(
+            "{MESH_CONFIG}---
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {{name: z, namespace: istio-system}}
+spec:
+  tracing: [{{providers: [{{name: zipkin}}]}}]
+"
+        ))
+        .unwrap_err()
+        .join("\n");
+        assert!(
+            errors.contains("provider \"zipkin\" is a zipkin provider; the sidecars export traces over OTLP/gRPC"),
+            "{errors}"
+        );
+        // Other ConfigMaps are not the mesh's; a bad mesh config names its field.
+        let other =
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: app-settings}\ndata: {x: y}\n";
+        assert!(model(other).unwrap().default_tracing.is_none());
+        let bad = MESH_CONFIG.replace("port: 4317", "port: many");
+        let err = crate::store::parse_file(std::path::Path::new("mesh.yaml"), &bad)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("ConfigMap istio-system/istio"), "{err}");
+        assert!(err.contains("data.mesh"), "{err}");
     }
 }

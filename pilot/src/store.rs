@@ -25,6 +25,8 @@ pub enum Resource {
     AuthorizationPolicy(crate::istio::AuthorizationPolicy),
     RequestAuthentication(crate::istio::RequestAuthentication),
     Telemetry(crate::istio::Telemetry),
+    /// Istio's mesh config: ConfigMap istio-system/istio.
+    MeshConfig(Box<crate::istio::MeshConfig>),
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -64,6 +66,7 @@ struct RawObject {
     kind: Option<String>,
     metadata: Option<RawMeta>,
     spec: Option<serde_json::Value>,
+    data: Option<std::collections::BTreeMap<String, String>>,
 }
 
 #[derive(Deserialize)]
@@ -73,6 +76,9 @@ struct RawMeta {
 }
 
 pub const DEFAULT_NAMESPACE: &str = "default";
+
+/// The ConfigMap (in the root namespace) holding Istio's mesh config.
+pub const MESH_CONFIG_NAME: &str = "istio";
 
 /// Loads every `.yaml`/`.yml` file directly in `dir`, in name order.
 pub fn load_dir(dir: &Path) -> Result<ConfigSet, ConfigError> {
@@ -136,10 +142,32 @@ pub fn parse_file(path: &Path, text: &str) -> Result<Vec<(Meta, Resource)>, Conf
                 "PeerAuthentication" | "AuthorizationPolicy" | "RequestAuthentication"
             ),
             "telemetry.istio.io" => kind == "Telemetry",
+            // Istio's mesh config; other ConfigMaps are not the mesh's.
+            "v1" => {
+                kind == "ConfigMap"
+                    && meta.namespace == crate::model::ROOT_NAMESPACE
+                    && meta.name == MESH_CONFIG_NAME
+            }
             _ => false,
         };
         if !handled {
             tracing::info!(file = %path.display(), %api, %kind, "skipping a kind pilot does not handle yet");
+            continue;
+        }
+        if kind == "ConfigMap" {
+            let mesh = doc.data.as_ref().and_then(|d| d.get("mesh")).map_or(
+                Ok(Default::default()),
+                |text| {
+                    serde_saphyr::from_str(text).map_err(|e| ConfigError::Spec {
+                        path: path.to_path_buf(),
+                        kind: kind.clone(),
+                        namespace: meta.namespace.clone(),
+                        name: meta.name.clone(),
+                        reason: format!("data.mesh: {e}"),
+                    })
+                },
+            )?;
+            out.push((meta, Resource::MeshConfig(Box::new(mesh))));
             continue;
         }
         let spec = doc.spec.unwrap_or(serde_json::Value::Null);

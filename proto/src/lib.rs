@@ -59,6 +59,9 @@ pub mod type_url {
 }
 
 /// The mesh's well-known ports (Istio's numbers).
+/// Istio's default share of new traces sampled, in percent.
+pub const DEFAULT_TRACE_SAMPLING_PERCENT: f64 = 1.0;
+
 pub mod ports {
     pub const OUTBOUND: u16 = 15001;
     pub const INBOUND: u16 = 15006;

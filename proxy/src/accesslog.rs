@@ -111,11 +111,7 @@ impl Arrival {
                 .path_and_query()
                 .map_or("/", |p| p.as_str())
                 .to_string(),
-            protocol: match req.version() {
-                http::Version::HTTP_2 => "HTTP/2",
-                http::Version::HTTP_10 => "HTTP/1.0",
-                _ => "HTTP/1.1",
-            },
+            protocol: protocol_name(req.version()),
             authority,
             headers: req.headers().clone(),
             downstream_remote,
@@ -355,6 +351,15 @@ impl Writer {
             })
             .expect("spawning the access-log thread");
         tx
+    }
+}
+
+/// An HTTP version as access logs and spans write it.
+pub fn protocol_name(v: http::Version) -> &'static str {
+    match v {
+        http::Version::HTTP_2 => "HTTP/2",
+        http::Version::HTTP_10 => "HTTP/1.0",
+        _ => "HTTP/1.1",
     }
 }
 

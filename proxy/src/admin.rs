@@ -112,7 +112,10 @@ fn config_dump(shared: &Shared) -> Value {
                     "side": pb::TrafficSide::try_from(tr.side).map_or("?", |s| s.as_str_name()),
                     "literal_tags": tr.literal_tags,
                     "header_tags": tr.header_tags,
+                    "collector": tr.collector,
                 })),
+                "client_metrics_off": t.client_metrics_off,
+                "server_metrics_off": t.server_metrics_off,
             })),
         })
     });

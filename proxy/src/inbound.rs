@@ -9,13 +9,13 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use mesh_identity::SpiffeId;
 
-use crate::Shared;
 use crate::accesslog::{Arrival, Entry};
 use crate::metrics::{Observation, Peers, RequestLabels, SeriesCache};
 use crate::observe::{self, ReqBody};
 use crate::pool::Body;
 use crate::state::{InboundPort, Snapshot};
 use crate::wire::{self, PeerMeta, local_reply};
+use crate::{Shared, trace};
 
 /// A connection's request series, by (source metadata, app port,
 /// response code, protocol, gRPC status).
@@ -112,6 +112,13 @@ pub async fn handle(
             .and_then(|v| v.parse::<u32>().ok()),
     }
     .and_then(|p| snapshot.inbound.get(&p).cloned());
+    let mut req = req;
+    let span = snapshot.tracing.begin(
+        &shared.tracer,
+        trace::Side::Server,
+        &mut req,
+        conn.peer_addr,
+    );
     // Kept only when an access log or a tap will want it.
     let wanted = snapshot.access_log.server.is_some() || shared.tap.active();
     let arrival = wanted.then(|| {
@@ -182,7 +189,9 @@ pub async fn handle(
             grpc_response_status: done.grpc_status.map(|s| s.to_string()).unwrap_or_default(),
             response_flags: flags,
         };
-        conn.series.observe(key, &shared.metrics, labels, &o);
+        if !snapshot.server_metrics_off {
+            conn.series.observe(key, &shared.metrics, labels, &o);
+        }
         if let Some(arrival) = &arrival {
             let entry = Entry {
                 arrival,
@@ -202,6 +211,23 @@ pub async fn handle(
                 mtls: conn.peer.is_some(),
             };
             shared.report(snapshot.access_log.server.as_deref(), "inbound", &entry);
+        }
+        if span.is_some() {
+            let cluster = port.as_ref().map(|p| format!("inbound|{}||", p.port));
+            let service = port.as_ref().and_then(|p| {
+                let peers = peers(&shared, &snapshot, &conn, source.as_ref(), Some(p));
+                (peers.destination_service != "unknown")
+                    .then(|| format!("{}:{}", peers.destination_service, p.port))
+            });
+            let ended = trace::Ended {
+                code,
+                flags,
+                upstream_cluster: cluster.as_deref(),
+                service,
+                request_size: done.request_body_bytes,
+                response_size: done.response_body_bytes,
+            };
+            shared.trace(&snapshot, span, &ended);
         }
     };
     Ok(begun.finish(resp, finish))

@@ -29,6 +29,7 @@ mod server;
 pub mod state;
 pub mod tap;
 mod tcp;
+pub mod trace;
 pub mod wire;
 pub mod xds;
 
@@ -51,6 +52,9 @@ use crate::pool::{Body, Pool};
 use crate::state::Snapshot;
 use crate::xds::XdsStatus;
 
+/// Istio's mesh ID, on spans; the mesh is one trust domain's.
+pub const MESH_ID: &str = "cluster.local";
+
 /// What every request handler shares. Control-plane data arrives through
 /// `watch` receivers; handlers clone the current `Arc` and never lock.
 pub struct Shared {
@@ -61,6 +65,8 @@ pub struct Shared {
     pub metrics: Metrics,
     pub access_log: Arc<accesslog::Writer>,
     pub tap: Arc<tap::Tap>,
+    /// Exports sampled spans.
+    pub tracer: trace::Tracer,
     pub pool: Pool,
     /// Plain HTTP to the app, and to destinations outside the mesh.
     pub app_h1: Client<platform::Dialer, Body>,
@@ -84,6 +90,22 @@ impl Shared {
         if self.tap.active() {
             self.tap.publish(tap::Event::of(direction, entry));
         }
+    }
+
+    /// A sampled request's span, ended and queued for the collector.
+    pub fn trace(
+        &self,
+        snapshot: &Snapshot,
+        span: Option<Box<trace::Pending>>,
+        e: &trace::Ended<'_>,
+    ) {
+        let (Some(span), Some(collector)) = (span, &snapshot.tracing.collector) else {
+            return;
+        };
+        let own = &snapshot.own.meta;
+        let span = span.end(own, self.cfg.pod_ip, &self.cfg.proxy_id, e);
+        let service = format!("{}.{}", own.canonical_service, own.namespace);
+        self.tracer.record(collector, &service, span);
     }
 
     /// Why the proxy is not ready, or `None` when it is.
@@ -149,6 +171,7 @@ pub async fn run_with_sockets(
     h2.http2_only(true);
     let access_log = Arc::new(accesslog::Writer::new(cfg.access_log_file.clone()));
     let tap = Arc::new(tap::Tap::default());
+    let tracer = trace::Tracer::default();
     let shared = Arc::new(Shared {
         cfg: cfg.clone(),
         tls: tls_rx.clone(),
@@ -159,9 +182,11 @@ pub async fn run_with_sockets(
             tls: tls_rx.clone(),
             access_log: access_log.clone(),
             tap: tap.clone(),
+            trace: tracer.stats.clone(),
         }),
         access_log,
         tap,
+        tracer,
         pool: Pool::new(cfg.socket_mark),
         app_h1: Client::builder(TokioExecutor::new()).build(platform::Dialer(cfg.socket_mark)),
         app_h2: h2.build(platform::Dialer(cfg.socket_mark)),

@@ -363,6 +363,7 @@ pub struct Health {
     pub tls: watch::Receiver<Option<Arc<Tls>>>,
     pub access_log: Arc<crate::accesslog::Writer>,
     pub tap: Arc<crate::tap::Tap>,
+    pub trace: Arc<crate::trace::Stats>,
 }
 
 impl std::fmt::Debug for Health {
@@ -426,6 +427,39 @@ impl Collector for Health {
             let c = ConstCounter::new(n.load(Ordering::Relaxed));
             let m = encoder.encode_descriptor(name, help, None, c.metric_type())?;
             c.encode(m)?;
+        }
+        let t = &self.trace;
+        let c = ConstCounter::new(t.exported.load(Ordering::Relaxed));
+        let m = encoder.encode_descriptor(
+            "mesh_proxy_trace_spans_exported",
+            "Spans the collector accepted",
+            None,
+            c.metric_type(),
+        )?;
+        c.encode(m)?;
+        let mut family = encoder.encode_descriptor(
+            "mesh_proxy_trace_spans_dropped",
+            "Spans dropped: the export queue was full (queue_full) or the collector did not take them (export_failed)",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for (reason, n) in [
+            ("queue_full", &t.dropped_queue_full),
+            ("export_failed", &t.dropped_export_failed),
+        ] {
+            let labels = [("reason", reason)];
+            ConstCounter::new(n.load(Ordering::Relaxed)).encode(family.encode_family(&labels)?)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "mesh_proxy_trace_context_malformed",
+            "Requests whose trace-context header could not be read (the request went on in a new trace)",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for h in crate::trace::Header::ALL {
+            let labels = [("header", h.label())];
+            let n = t.malformed[h as usize].load(Ordering::Relaxed);
+            ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
         }
         Ok(())
     }

@@ -21,7 +21,7 @@ use crate::replay::Replay;
 use crate::route::{self, Action, Failure, RequestView};
 use crate::state::{Cluster, Endpoint, Snapshot};
 use crate::wire::{self, local_reply};
-use crate::{OutboundPolicy, Shared};
+use crate::{OutboundPolicy, Shared, trace};
 
 /// Why the proxy answered a request itself.
 struct Refusal {
@@ -52,8 +52,14 @@ pub async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<Body>, std::convert::Infallible> {
     let protocol = wire::protocol_label(&req);
-    let (begun, req) = observe::Begun::new(req);
+    let (begun, mut req) = observe::Begun::new(req);
     let snapshot = shared.snapshot.borrow().clone();
+    let span = snapshot.tracing.begin(
+        &shared.tracer,
+        trace::Side::Client,
+        &mut req,
+        Some(conn.peer),
+    );
     // Kept only when an access log or a tap will want it.
     let arrival = (snapshot.access_log.client.is_some() || shared.tap.active())
         .then(|| Box::new(Arrival::of(&req, Some(conn.peer), conn.original_dst)));
@@ -97,6 +103,7 @@ pub async fn handle(
         };
         let metrics = &shared.metrics;
         match &chosen {
+            _ if snapshot.client_metrics_off => {}
             Chosen::Mesh(_, e) => e.series.observe(
                 (code, flags, protocol, done.grpc_status),
                 metrics,
@@ -137,6 +144,25 @@ pub async fn handle(
                 mtls: matches!(chosen, Chosen::Mesh(..)),
             };
             shared.report(snapshot.access_log.client.as_deref(), "outbound", &entry);
+        }
+        if span.is_some() {
+            let (upstream_cluster, service) = match &chosen {
+                Chosen::Mesh(c, _) | Chosen::Cluster(c) => (
+                    Some(c.config.name.as_str()),
+                    Some(format!("{}:{}", c.config.service, c.config.port)),
+                ),
+                Chosen::Outside(name) => (Some(*name), None),
+                Chosen::Nothing => (None, None),
+            };
+            let ended = trace::Ended {
+                code,
+                flags,
+                upstream_cluster,
+                service,
+                request_size: done.request_body_bytes,
+                response_size: done.response_body_bytes,
+            };
+            shared.trace(&snapshot, span, &ended);
         }
     };
     Ok(begun.finish(resp, finish))

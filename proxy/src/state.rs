@@ -37,6 +37,12 @@ pub struct Snapshot {
     pub jwt: Arc<crate::jwt::Rules>,
     /// The workload's access-log rules (from its Telemetry), compiled.
     pub access_log: Arc<crate::accesslog::Rules>,
+    /// The workload's tracing settings (from its Telemetry), compiled.
+    pub tracing: Arc<crate::trace::Settings>,
+    /// Istio's request metrics switched off (by a Telemetry resource) on
+    /// the calling side, and on the called side.
+    pub client_metrics_off: bool,
+    pub server_metrics_off: bool,
 }
 
 /// What this pod tells its peers about itself, and how it labels metrics.
@@ -194,6 +200,7 @@ impl Resources {
             })
             .collect();
         let (own, inbound) = self.own();
+        let telemetry = self.listener.as_ref().and_then(|l| l.telemetry.as_ref());
         let tcp = clusters
             .values()
             .filter(|c| c.config.subset.is_empty() && c.config.protocol == pb::Protocol::Tcp as i32)
@@ -238,6 +245,11 @@ impl Resources {
                     .and_then(|t| crate::accesslog::Rules::compile(&t.access_logs).ok())
                     .unwrap_or_default(),
             ),
+            tracing: Arc::new(crate::trace::Settings::compile(
+                telemetry.and_then(|t| t.tracing.as_ref()),
+            )),
+            client_metrics_off: telemetry.is_some_and(|t| t.client_metrics_off),
+            server_metrics_off: telemetry.is_some_and(|t| t.server_metrics_off),
         }
     }
 

@@ -30,7 +30,7 @@ pub async fn outbound(shared: Arc<Shared>, mut client: TcpStream, cluster: Arc<C
     let name = &cluster.config.name;
     let Some(ep) = cluster.pick(None).cloned() else {
         tracing::warn!(cluster = %name, "no endpoints: closing the TCP connection");
-        outbound_series(&shared, &cluster, None, "UH").closed(0, 0);
+        count_failed(&shared, &cluster, None, "UH");
         return;
     };
     let Some(tls) = shared.tls.borrow().clone() else {
@@ -54,12 +54,12 @@ pub async fn outbound(shared: Arc<Shared>, mut client: TcpStream, cluster: Arc<C
         Ok(r) if r.status() == StatusCode::OK => r,
         Ok(r) => {
             tracing::warn!(%target, status = %r.status(), "peer sidecar refused the TCP tunnel");
-            outbound_series(&shared, &cluster, Some(&ep), "UF").closed(0, 0);
+            count_failed(&shared, &cluster, Some(&ep), "UF");
             return;
         }
         Err(e) => {
             tracing::warn!(%target, error = %e, "TCP tunnel failed");
-            outbound_series(&shared, &cluster, Some(&ep), "UF").closed(0, 0);
+            count_failed(&shared, &cluster, Some(&ep), "UF");
             return;
         }
     };
@@ -68,31 +68,50 @@ pub async fn outbound(shared: Arc<Shared>, mut client: TcpStream, cluster: Arc<C
             let series = outbound_series(&shared, &cluster, Some(&ep), "-");
             let mut client = Counting::new(&mut client);
             let _ = tokio::io::copy_bidirectional(&mut client, &mut TokioIo::new(upgraded)).await;
-            series.closed(client.written, client.read);
+            if let Some(series) = series {
+                series.closed(client.written, client.read);
+            }
         }
         Err(e) => tracing::warn!(%target, error = %e, "TCP tunnel upgrade failed"),
     }
 }
 
-/// Counts a connection the source sidecar opened to `cluster`.
+/// Counts a connection to `cluster` that failed before carrying a byte.
+fn count_failed(
+    shared: &Shared,
+    cluster: &Cluster,
+    ep: Option<&crate::state::Endpoint>,
+    flags: &'static str,
+) {
+    if let Some(series) = outbound_series(shared, cluster, ep, flags) {
+        series.closed(0, 0);
+    }
+}
+
+/// Counts a connection the source sidecar opened to `cluster` (unless a
+/// Telemetry switched the calling side's metrics off).
 fn outbound_series(
     shared: &Shared,
     cluster: &Cluster,
     ep: Option<&crate::state::Endpoint>,
     flags: &'static str,
-) -> TcpSeries {
+) -> Option<TcpSeries> {
+    let snapshot = shared.snapshot.borrow().clone();
+    if snapshot.client_metrics_off {
+        return None;
+    }
     let mut peers = Peers::new("source");
-    peers.source(&shared.snapshot.borrow().own.meta, &shared.cfg.identity);
+    peers.source(&snapshot.own.meta, &shared.cfg.identity);
     cluster.labels(&mut peers);
     if let Some(ep) = ep {
         ep.labels(&mut peers);
         peers.connection_security_policy = "mutual_tls";
     }
-    shared.metrics.tcp_opened(&TcpLabels {
+    Some(shared.metrics.tcp_opened(&TcpLabels {
         peers,
         request_protocol: "tcp",
         response_flags: flags,
-    })
+    }))
 }
 
 /// A stream that counts what passes through it.
@@ -232,10 +251,12 @@ pub async fn splice_while_allowed<A, B>(
     let mut snapshots = shared.snapshot.clone();
     let snapshot = snapshots.borrow_and_update().clone();
     let served = snapshot.inbound.get(&port).map(|p| &**p);
-    let series = shared.metrics.tcp_opened(&TcpLabels {
-        peers: crate::inbound::peers(shared, &snapshot, &conn, source, served),
-        request_protocol: "tcp",
-        response_flags: "-",
+    let series = (!snapshot.server_metrics_off).then(|| {
+        shared.metrics.tcp_opened(&TcpLabels {
+            peers: crate::inbound::peers(shared, &snapshot, &conn, source, served),
+            request_protocol: "tcp",
+            response_flags: "-",
+        })
     });
     drop(snapshot);
     let mut a = Counting::new(a);
@@ -261,5 +282,7 @@ pub async fn splice_while_allowed<A, B>(
             }
         }
     }
-    series.closed(a.written, a.read);
+    if let Some(series) = series {
+        series.closed(a.written, a.read);
+    }
 }

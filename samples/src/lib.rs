@@ -9,6 +9,8 @@
 //! headers as the app received them), `/flaky/<n>/<key>` (503 for the
 //! first n calls with that key, then 200: a failure a retry can mend) and
 //! `/fail-on/<version>` (503 from that version only: a bad endpoint).
+//! Like Istio's bookinfo, the apps copy the trace headers of the request
+//! they serve onto the calls they make (see [`PROPAGATED`]).
 #![forbid(unsafe_code)]
 
 use std::convert::Infallible;
@@ -103,6 +105,28 @@ pub async fn serve(
     }
 }
 
+/// The headers an app copies from the request it serves onto the calls it
+/// makes, so that the mesh can join them into one trace (the list Istio's
+/// bookinfo propagates).
+pub const PROPAGATED: [&str; 9] = [
+    "x-request-id",
+    "traceparent",
+    "tracestate",
+    "b3",
+    "x-b3-traceid",
+    "x-b3-spanid",
+    "x-b3-parentspanid",
+    "x-b3-sampled",
+    "x-b3-flags",
+];
+
+fn propagated(h: &http::HeaderMap) -> http::HeaderMap {
+    PROPAGATED
+        .iter()
+        .filter_map(|name| Some((http::HeaderName::from_static(name), h.get(*name)?.clone())))
+        .collect()
+}
+
 fn reply(status: StatusCode, body: &Value) -> Response<Full<Bytes>> {
     Response::builder()
         .status(status)
@@ -124,6 +148,7 @@ impl App {
             "xfcc": caller,
         });
         let path = req.uri().path();
+        let pass = propagated(req.headers());
         let result = match (self.service, path) {
             (_, "/health") => Ok(json!({"status": "ok"})),
             (_, p) if p.starts_with("/delay/") => {
@@ -178,13 +203,15 @@ impl App {
                 };
                 return reply(status, &json!({"calls": calls, "hops": [hop]}));
             }
-            (Service::Productpage, "/productpage") => self.productpage(hop.clone()).await,
+            (Service::Productpage, "/productpage") => self.productpage(hop.clone(), &pass).await,
             (Service::Details, p) if p.starts_with("/details/") => Ok(json!({
                 "id": 0, "author": "William Shakespeare", "year": 1595,
                 "type": "paperback", "pages": 200, "publisher": "PublisherA",
                 "hops": [hop],
             })),
-            (Service::Reviews, p) if p.starts_with("/reviews/") => self.reviews(hop.clone()).await,
+            (Service::Reviews, p) if p.starts_with("/reviews/") => {
+                self.reviews(hop.clone(), &pass).await
+            }
             (Service::Ratings, p) if p.starts_with("/ratings/") => Ok(json!({
                 "id": 0, "ratings": {"Reviewer1": 5, "Reviewer2": 4},
                 "hops": [hop],
@@ -202,10 +229,11 @@ impl App {
         }
     }
 
-    async fn call(&self, url: &str) -> Result<Value, String> {
+    async fn call(&self, url: &str, pass: &http::HeaderMap) -> Result<Value, String> {
         let resp = self
             .http
             .get(url)
+            .headers(pass.clone())
             .send()
             .await
             .map_err(|e| format!("{url}: {e}"))?;
@@ -217,10 +245,11 @@ impl App {
         serde_json::from_str(&body).map_err(|e| format!("{url}: not JSON: {e}"))
     }
 
-    async fn productpage(&self, hop: Value) -> Result<Value, String> {
+    async fn productpage(&self, hop: Value, pass: &http::HeaderMap) -> Result<Value, String> {
         let details_url = format!("http://details:{PORT}/details/0");
         let reviews_url = format!("http://reviews:{PORT}/reviews/0");
-        let (details, reviews) = tokio::join!(self.call(&details_url), self.call(&reviews_url));
+        let (details, reviews) =
+            tokio::join!(self.call(&details_url, pass), self.call(&reviews_url, pass));
         let (details, reviews) = (details?, reviews?);
         let mut hops = vec![hop];
         for part in [&details, &reviews] {
@@ -237,7 +266,7 @@ impl App {
         }))
     }
 
-    async fn reviews(&self, hop: Value) -> Result<Value, String> {
+    async fn reviews(&self, hop: Value, pass: &http::HeaderMap) -> Result<Value, String> {
         let mut reviews = json!([
             {"reviewer": "Reviewer1", "text": "An extremely entertaining play by Shakespeare."},
             {"reviewer": "Reviewer2", "text": "Absolutely fun and entertaining."},
@@ -245,7 +274,7 @@ impl App {
         let mut hops = vec![hop];
         if self.version != "v1" {
             let ratings = self
-                .call(&format!("http://ratings:{PORT}/ratings/0"))
+                .call(&format!("http://ratings:{PORT}/ratings/0"), pass)
                 .await?;
             let color = if self.version == "v2" { "black" } else { "red" };
             for r in reviews.as_array_mut().expect("array") {

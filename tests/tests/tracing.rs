@@ -1,0 +1,396 @@
+//! Distributed tracing end to end: the bookinfo sidecars export spans over
+//! OTLP/gRPC to a receiver that is not ours (python grpcio serving the
+//! TraceService of the opentelemetry-proto package), named by Istio's mesh
+//! config and Telemetry resources.
+
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use mesh_tests::{Mesh, metric_sum, reviews_all_to};
+use serde_json::Value;
+
+fn receiver_missing() -> Option<String> {
+    let ok = Command::new("python3")
+        .args([
+            "-c",
+            "import grpc; from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc",
+        ])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    (!ok).then(|| {
+        "needs python3 with grpcio and opentelemetry-proto (python3 -m pip install grpcio opentelemetry-proto)".to_string()
+    })
+}
+
+/// The receiver process, ended by its PID when dropped.
+struct Receiver {
+    child: Child,
+    port: u16,
+    out: PathBuf,
+}
+
+impl Receiver {
+    fn start(dir: &Path) -> Self {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/py/otlp_receiver.py");
+        let out = dir.join("spans.jsonl");
+        let mut child = Command::new("python3")
+            .args([script, "127.0.0.1:0", out.to_str().unwrap()])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3 starts");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let port = line
+            .trim()
+            .strip_prefix("listening ")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("receiver said {line:?}"));
+        Self { child, port, out }
+    }
+
+    fn spans(&self) -> Vec<Value> {
+        std::fs::read_to_string(&self.out)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    /// Waits until `trace`'s spans include every (service, kind) in `want`.
+    async fn trace(&self, trace: &str, want: &[(&str, &str)]) -> Vec<Value> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let spans: Vec<Value> = self
+                .spans()
+                .into_iter()
+                .filter(|s| s["trace_id"] == trace)
+                .collect();
+            let has = |(svc, kind): &(&str, &str)| {
+                spans
+                    .iter()
+                    .any(|s| s["service"] == *svc && s["kind"] == *kind)
+            };
+            if want.iter().all(has) {
+                return spans;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "trace {trace} lacks some of {want:?}; it has {:#?}",
+                spans
+                    .iter()
+                    .map(|s| (&s["service"], &s["kind"], &s["name"]))
+                    .collect::<Vec<_>>()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn mesh_config(collector_port: u16) -> String {
+    format!(
+        "apiVersion: v1
+kind: ConfigMap
+metadata: {{name: istio, namespace: istio-system}}
+data:
+  mesh: |-
+    defaultProviders:
+      tracing: [otel]
+    extensionProviders:
+    - name: otel
+      opentelemetry: {{service: 127.0.0.1, port: {collector_port}}}
+---
+# New traces are never sampled: only a caller's decision records one.
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {{name: mesh-default, namespace: istio-system}}
+spec:
+  tracing:
+  - providers: [{{name: otel}}]
+    randomSamplingPercentage: 0
+    customTags:
+      team: {{literal: {{value: bookinfo}}}}
+"
+    )
+}
+
+/// Waits until every sidecar holds a tracing collector and productpage's
+/// requests reach reviews v2 (which calls ratings).
+async fn ready(mesh: &Mesh, http: &reqwest::Client, port: u16) {
+    let marker = format!("127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    for w in &mesh.specs {
+        let url = format!("http://{}:15000/config_dump", w.address);
+        loop {
+            let dump: Value = reqwest::get(&url).await.unwrap().json().await.unwrap();
+            if dump["listener"]["telemetry"].to_string().contains(&marker) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} never got the collector; pilot says {:?}",
+                w.name,
+                mesh.cp.pilot().unwrap().errors()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    loop {
+        let (version, _) = mesh.request(http).await.unwrap();
+        if version == "v2" {
+            return;
+        }
+        assert!(Instant::now() < deadline, "reviews never moved to v2");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn productpage(http: &reqwest::Client, headers: &[(&str, &str)]) -> reqwest::Response {
+    let mut req = http.get("http://productpage:9080/productpage");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = req.send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    resp
+}
+
+fn one<'a>(spans: &'a [Value], service: &str, kind: &str, name_has: &str) -> &'a Value {
+    let found: Vec<&Value> = spans
+        .iter()
+        .filter(|s| {
+            s["service"] == service
+                && s["kind"] == kind
+                && s["name"].as_str().unwrap().contains(name_has)
+        })
+        .collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "{service} {kind} {name_has}: {found:#?} in {spans:#?}"
+    );
+    found[0]
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bookinfo_spans_share_one_trace_with_correct_parents_at_an_otlp_receiver() {
+    if let Some(why) = receiver_missing() {
+        eprintln!("SKIPPED: {why}");
+        return;
+    }
+    let mesh = Mesh::start().await;
+    let receiver = Receiver::start(mesh.state_dir());
+    mesh.write_config("reviews-routing.yaml", &reviews_all_to("v2"));
+    mesh.write_config("tracing.yaml", &mesh_config(receiver.port));
+    let http = mesh.client();
+    ready(&mesh, &http, receiver.port).await;
+
+    // Not sampled (0 %, and the caller decided nothing): no spans, but it
+    // is still given an x-request-id and a trace context.
+    productpage(&http, &[("x-request-id", "never-traced")]).await;
+    // Sampled by the caller (W3C).
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let caller = "00f067aa0ba902b7";
+    let traceparent = format!("00-{trace}-{caller}-01");
+    productpage(
+        &http,
+        &[
+            ("traceparent", &traceparent),
+            ("tracestate", "vendor=kept"),
+            ("x-request-id", "traced-w3c"),
+        ],
+    )
+    .await;
+    let want = [
+        ("client.default", "CLIENT"),
+        ("productpage.default", "SERVER"),
+        ("productpage.default", "CLIENT"),
+        ("details.default", "SERVER"),
+        ("reviews.default", "SERVER"),
+        ("reviews.default", "CLIENT"),
+        ("ratings.default", "SERVER"),
+    ];
+    let spans = receiver.trace(trace, &want).await;
+    // One client span at the edge, one server span per service, and one
+    // client span per call: 1 + 4 + 3.
+    assert_eq!(spans.len(), 8, "{spans:#?}");
+    let id = |s: &Value| s["span_id"].as_str().unwrap().to_string();
+    let parent = |s: &Value| s["parent_span_id"].as_str().unwrap().to_string();
+    let edge = one(&spans, "client.default", "CLIENT", "productpage");
+    let pp = one(&spans, "productpage.default", "SERVER", "productpage");
+    let pp_details = one(&spans, "productpage.default", "CLIENT", "details");
+    let pp_reviews = one(&spans, "productpage.default", "CLIENT", "reviews");
+    let details = one(&spans, "details.default", "SERVER", "details");
+    let reviews = one(&spans, "reviews.default", "SERVER", "reviews");
+    let reviews_ratings = one(&spans, "reviews.default", "CLIENT", "ratings");
+    let ratings = one(&spans, "ratings.default", "SERVER", "ratings");
+    assert_eq!(parent(edge), caller);
+    for (child, of) in [
+        (pp, edge),
+        (pp_details, pp),
+        (pp_reviews, pp),
+        (details, pp_details),
+        (reviews, pp_reviews),
+        (reviews_ratings, reviews),
+        (ratings, reviews_ratings),
+    ] {
+        assert_eq!(
+            parent(child),
+            id(of),
+            "{} {} should be under {} {}",
+            child["service"],
+            child["kind"],
+            of["service"],
+            of["kind"]
+        );
+    }
+    // Istio's names and tags.
+    assert_eq!(pp["name"], "productpage.default.svc.cluster.local:9080/*");
+    let a = &pp["attributes"];
+    assert_eq!(a["http.method"], "GET");
+    assert_eq!(a["http.status_code"], "200");
+    assert_eq!(a["upstream_cluster"], "inbound|9080||");
+    assert_eq!(a["istio.canonical_service"], "productpage");
+    assert_eq!(a["istio.namespace"], "default");
+    assert_eq!(a["guid:x-request-id"], "traced-w3c");
+    assert_eq!(a["team"], "bookinfo", "the Telemetry's custom tag");
+    assert_eq!(a["component"], "proxy");
+    assert_eq!(
+        edge["attributes"]["upstream_cluster"],
+        "outbound|9080||productpage.default.svc.cluster.local"
+    );
+    assert_eq!(
+        reviews_ratings["attributes"]["guid:x-request-id"],
+        "traced-w3c"
+    );
+    // The unsampled request left no span anywhere.
+    let untraced = receiver
+        .spans()
+        .into_iter()
+        .filter(|s| s["attributes"]["guid:x-request-id"] == "never-traced")
+        .count();
+    assert_eq!(untraced, 0);
+
+    // Sampled by the caller in B3's multi-header form.
+    let b3_trace = "80f198ee56343ba864fe8b2a57d3eff7";
+    productpage(
+        &http,
+        &[
+            ("x-b3-traceid", b3_trace),
+            ("x-b3-spanid", "e457b5a2e4d86bd1"),
+            ("x-b3-sampled", "1"),
+        ],
+    )
+    .await;
+    let spans = receiver.trace(b3_trace, &want).await;
+    assert_eq!(
+        parent(one(&spans, "client.default", "CLIENT", "productpage")),
+        "e457b5a2e4d86bd1"
+    );
+
+    // A malformed traceparent: the request is served, the proxy counts it.
+    productpage(&http, &[("traceparent", "00-not-a-trace-01")]).await;
+    let stats = mesh.stats("client").await;
+    assert_eq!(
+        metric_sum(
+            &stats,
+            "mesh_proxy_trace_context_malformed_total",
+            &["header=\"traceparent\""]
+        ),
+        1.0,
+        "{stats}"
+    );
+    let exported = |stats: &str| metric_sum(stats, "mesh_proxy_trace_spans_exported_total", &[]);
+    assert!(exported(&mesh.stats("productpage-v1").await) >= 6.0);
+
+    // The collector goes away: requests are unaffected; the spans are
+    // counted as dropped.
+    drop(receiver);
+    let started = Instant::now();
+    for _ in 0..5 {
+        productpage(&http, &[("traceparent", &traceparent)]).await;
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "requests waited on the collector"
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let stats = mesh.stats("productpage-v1").await;
+        let dropped = metric_sum(
+            &stats,
+            "mesh_proxy_trace_spans_dropped_total",
+            &["reason=\"export_failed\""],
+        );
+        if dropped >= 15.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "dropped spans not counted: {dropped}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    mesh.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn telemetry_switches_metrics_off_on_one_side() {
+    let mesh = Mesh::start().await;
+    mesh.write_config(
+        "metrics-off.yaml",
+        "apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: quiet-client, namespace: default}
+spec:
+  selector: {matchLabels: {app: productpage}}
+  metrics:
+  - providers: [{name: prometheus}]
+    overrides: [{match: {metric: ALL_METRICS, mode: CLIENT}, disabled: true}]
+",
+    );
+    let url = format!(
+        "http://{}:15000/config_dump",
+        mesh.workload("productpage-v1").address
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let dump: Value = reqwest::get(&url).await.unwrap().json().await.unwrap();
+        if dump["listener"]["telemetry"]["client_metrics_off"] == true {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no metrics switch in {dump}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let http = mesh.client();
+    for _ in 0..3 {
+        mesh.request(&http).await.unwrap();
+    }
+    let count = |stats: &str, reporter: &str| {
+        metric_sum(
+            stats,
+            "istio_requests_total",
+            &[&format!("reporter=\"{reporter}\"")],
+        )
+    };
+    let pp = mesh.stats("productpage-v1").await;
+    assert_eq!(count(&pp, "source"), 0.0, "the calling side is off:\n{pp}");
+    assert!(
+        count(&pp, "destination") >= 3.0,
+        "the called side is on:\n{pp}"
+    );
+    // Its callees still count what productpage sent them.
+    let details = mesh.stats("details-v1").await;
+    assert!(count(&details, "destination") >= 3.0);
+    mesh.stop().await;
+}
