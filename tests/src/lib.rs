@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod bench;
+pub mod otlp;
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};

@@ -3,97 +3,38 @@
 //! TraceService of the opentelemetry-proto package), named by Istio's mesh
 //! config and Telemetry resources.
 
-use std::io::BufRead;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use mesh_tests::otlp::{self, Receiver};
 use mesh_tests::{Mesh, metric_sum, reviews_all_to};
 use serde_json::Value;
 
-fn receiver_missing() -> Option<String> {
-    let ok = Command::new("python3")
-        .args([
-            "-c",
-            "import grpc; from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc",
-        ])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    (!ok).then(|| {
-        "needs python3 with grpcio and opentelemetry-proto (python3 -m pip install grpcio opentelemetry-proto)".to_string()
-    })
-}
-
-/// The receiver process, ended by its PID when dropped.
-struct Receiver {
-    child: Child,
-    port: u16,
-    out: PathBuf,
-}
-
-impl Receiver {
-    fn start(dir: &Path) -> Self {
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/py/otlp_receiver.py");
-        let out = dir.join("spans.jsonl");
-        let mut child = Command::new("python3")
-            .args([script, "127.0.0.1:0", out.to_str().unwrap()])
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("python3 starts");
-        let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let port = line
-            .trim()
-            .strip_prefix("listening ")
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("receiver said {line:?}"));
-        Self { child, port, out }
-    }
-
-    fn spans(&self) -> Vec<Value> {
-        std::fs::read_to_string(&self.out)
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
-    }
-
-    /// Waits until `trace`'s spans include every (service, kind) in `want`.
-    async fn trace(&self, trace: &str, want: &[(&str, &str)]) -> Vec<Value> {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let spans: Vec<Value> = self
-                .spans()
-                .into_iter()
-                .filter(|s| s["trace_id"] == trace)
-                .collect();
-            let has = |(svc, kind): &(&str, &str)| {
-                spans
-                    .iter()
-                    .any(|s| s["service"] == *svc && s["kind"] == *kind)
-            };
-            if want.iter().all(has) {
-                return spans;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "trace {trace} lacks some of {want:?}; it has {:#?}",
-                spans
-                    .iter()
-                    .map(|s| (&s["service"], &s["kind"], &s["name"]))
-                    .collect::<Vec<_>>()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
+/// Waits until `trace`'s spans at `receiver` include every (service, kind) in `want`.
+async fn spans_of(receiver: &Receiver, trace: &str, want: &[(&str, &str)]) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let spans: Vec<Value> = receiver
+            .spans()
+            .into_iter()
+            .filter(|s| s["trace_id"] == trace)
+            .collect();
+        let has = |(svc, kind): &(&str, &str)| {
+            spans
+                .iter()
+                .any(|s| s["service"] == *svc && s["kind"] == *kind)
+        };
+        if want.iter().all(has) {
+            return spans;
         }
-    }
-}
-
-impl Drop for Receiver {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        assert!(
+            Instant::now() < deadline,
+            "trace {trace} lacks some of {want:?}; it has {:#?}",
+            spans
+                .iter()
+                .map(|s| (&s["service"], &s["kind"], &s["name"]))
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -184,12 +125,12 @@ fn one<'a>(spans: &'a [Value], service: &str, kind: &str, name_has: &str) -> &'a
 
 #[tokio::test(flavor = "multi_thread")]
 async fn bookinfo_spans_share_one_trace_with_correct_parents_at_an_otlp_receiver() {
-    if let Some(why) = receiver_missing() {
+    if let Some(why) = otlp::missing() {
         eprintln!("SKIPPED: {why}");
         return;
     }
     let mesh = Mesh::start().await;
-    let receiver = Receiver::start(mesh.state_dir());
+    let receiver = Receiver::start(mesh.state_dir()).unwrap();
     mesh.write_config("reviews-routing.yaml", &reviews_all_to("v2"));
     mesh.write_config("tracing.yaml", &mesh_config(receiver.port));
     let http = mesh.client();
@@ -220,7 +161,7 @@ async fn bookinfo_spans_share_one_trace_with_correct_parents_at_an_otlp_receiver
         ("reviews.default", "CLIENT"),
         ("ratings.default", "SERVER"),
     ];
-    let spans = receiver.trace(trace, &want).await;
+    let spans = spans_of(&receiver, trace, &want).await;
     // One client span at the edge, one server span per service, and one
     // client span per call: 1 + 4 + 3.
     assert_eq!(spans.len(), 8, "{spans:#?}");
@@ -292,7 +233,7 @@ async fn bookinfo_spans_share_one_trace_with_correct_parents_at_an_otlp_receiver
         ],
     )
     .await;
-    let spans = receiver.trace(b3_trace, &want).await;
+    let spans = spans_of(&receiver, b3_trace, &want).await;
     assert_eq!(
         parent(one(&spans, "client.default", "CLIENT", "productpage")),
         "e457b5a2e4d86bd1"

@@ -19,7 +19,7 @@ struct Cli {
     #[arg(long)]
     quick: bool,
     /// Measure only these paths (comma-separated, e.g. `direct,mesh`); the
-    /// others are not started. The JSON line needs `direct` and the peers.
+    /// others are not started, and figures that need them are null.
     #[arg(long, value_delimiter = ',')]
     paths: Vec<String>,
     /// Start everything, print the addresses and wait for Ctrl-C instead of
@@ -31,6 +31,70 @@ struct Cli {
     /// outlier detection and a connection pool.
     #[arg(long, default_value_t = 0)]
     routes: usize,
+    /// Also measure `mesh_telemetry_on` (Istio's metrics, 1 % of traces
+    /// exported over OTLP to a live receiver, access log off) against
+    /// `mesh_telemetry_off` (metrics switched off, no tracing provider):
+    /// two more client/upstream sidecar pairs, each under its own Telemetry.
+    #[arg(long)]
+    telemetry: bool,
+}
+
+/// The telemetry comparison's workloads (each pair with its own upstream
+/// server), its collector and the two Telemetry resources.
+fn telemetry_config(collector_port: u16) -> String {
+    let mut out = String::new();
+    for (side, client, upstream) in [("on", 11, 12), ("off", 13, 14)] {
+        out.push_str(&format!(
+            r#"
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: bench-{side}, namespace: default}}
+spec:
+  hosts: [bench-{side}.default.svc.cluster.local]
+  ports: [{{number: 8080, name: http, protocol: HTTP}}]
+  workloadSelector: {{labels: {{app: bench-upstream-{side}}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {{name: bench-client-{side}, namespace: default}}
+spec: {{address: 127.0.30.{client}, labels: {{app: bench-client-{side}, telemetry: "{side}"}}, serviceAccount: bench-client}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {{name: bench-upstream-{side}, namespace: default}}
+spec: {{address: 127.0.30.{upstream}, labels: {{app: bench-upstream-{side}, telemetry: "{side}"}}, serviceAccount: bench-upstream}}
+"#
+        ));
+    }
+    out.push_str(&format!(
+        r#"
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {{name: istio, namespace: istio-system}}
+data:
+  mesh: |-
+    extensionProviders:
+    - name: otel
+      opentelemetry: {{service: 127.0.0.1, port: {collector_port}}}
+---
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {{name: telemetry-on, namespace: default}}
+spec:
+  selector: {{matchLabels: {{telemetry: "on"}}}}
+  tracing: [{{providers: [{{name: otel}}], randomSamplingPercentage: 1}}]
+---
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {{name: telemetry-off, namespace: default}}
+spec:
+  selector: {{matchLabels: {{telemetry: "off"}}}}
+  metrics: [{{overrides: [{{disabled: true}}]}}]
+"#
+    ));
+    out
 }
 
 /// A second service on the same upstream, behind `n` routes of which only
@@ -139,6 +203,17 @@ fn main() -> anyhow::Result<()> {
     if cli.routes > 0 {
         config.push_str(&routes_config(cli.routes));
     }
+    let receiver = if cli.telemetry {
+        mesh_tests::otlp::ensure()?;
+        for side in [12, 14] {
+            rt.block_on(bench::upstream(SocketAddr::new(ip(side), 8080)))?;
+        }
+        let r = mesh_tests::otlp::Receiver::start(dir.path())?;
+        config.push_str(&telemetry_config(r.port));
+        Some(r)
+    } else {
+        None
+    };
     std::fs::write(config_dir.join("bench.yaml"), config)?;
     let specs = workloads::from_config(&config_dir)?;
     let cp = rt.block_on(meshctl::controlplane::ControlPlane::start(
@@ -157,8 +232,21 @@ fn main() -> anyhow::Result<()> {
         Duration::from_secs(30),
         |_, _, _| {},
     ))?;
-    let mesh_pids: Vec<u32> = pods.sidecar_pids().into_iter().map(|(_, p)| p).collect();
-    let started = std::sync::Arc::new(std::sync::Mutex::new(mesh_pids.clone()));
+    let sidecars = pods.sidecar_pids();
+    // A path's processes: the sidecars of its client and upstream workloads.
+    let pair = |suffix: &str| -> Vec<u32> {
+        sidecars
+            .iter()
+            .filter(|(n, _)| {
+                *n == format!("bench-client{suffix}") || *n == format!("bench-upstream{suffix}")
+            })
+            .map(|(_, p)| *p)
+            .collect()
+    };
+    let mesh_pids = pair("");
+    let started = std::sync::Arc::new(std::sync::Mutex::new(
+        sidecars.iter().map(|(_, p)| *p).collect::<Vec<_>>(),
+    ));
     bench::kill_on_signal(&rt, started.clone());
 
     // The peers.
@@ -180,6 +268,20 @@ fn main() -> anyhow::Result<()> {
             h1: true,
         },
     ];
+    if cli.telemetry {
+        for (name, side, client) in [
+            ("mesh_telemetry_off", "off", 13),
+            ("mesh_telemetry_on", "on", 11),
+        ] {
+            paths.push(Path {
+                name,
+                url: format!("http://{}:15001/", ip(client)),
+                host: format!("bench-{side}:8080"),
+                pids: pair(&format!("-{side}")),
+                h1: true,
+            });
+        }
+    }
     if cli.routes > 0 {
         paths.push(Path {
             name: "mesh_routes",
@@ -251,7 +353,7 @@ fn main() -> anyhow::Result<()> {
     if cli.hold {
         for p in &paths {
             println!(
-                "{:<11} {} (host {}) pids {:?}",
+                "{:<18} {} (host {}) pids {:?}",
                 p.name, p.url, p.host, p.pids
             );
         }
@@ -265,23 +367,46 @@ fn main() -> anyhow::Result<()> {
             "\nround {round}/{rounds}: {FIXED_RPS} req/s over {FIXED_CONNS} connections for {fixed_secs}s; max over {MAX_CONNS} connections for {max_secs}s"
         );
         println!(
-            "{:<11} {:>8} {:>8} {:>8} {:>10} {:>12} {:>8} {:>7}",
+            "{:<18} {:>8} {:>8} {:>8} {:>10} {:>12} {:>8} {:>7}",
             "path", "p50 ms", "p90 ms", "p99 ms", "max rps", "cpu s/1k", "rss MB", "failed"
         );
         for p in &paths {
             let r = measure(p, dir.path(), fixed_secs, max_secs)?;
             println!(
-                "{:<11} {:>8.3} {:>8.3} {:>8.3} {:>10.0} {:>12.4} {:>8.1} {:>7}",
+                "{:<18} {:>8.3} {:>8.3} {:>8.3} {:>10.0} {:>12.4} {:>8.1} {:>7}",
                 p.name, r.p50, r.p90, r.p99, r.max_rps, r.cpu_per_1k, r.rss_mb, r.failed
             );
             results.entry(p.name).or_default().push(r);
         }
     }
+    // What the telemetry-on sidecars did with their spans.
+    let spans = receiver.as_ref().map(|r| {
+        let stats: String = [11, 12]
+            .iter()
+            .map(|&last| {
+                let url = format!("http://{}:15090/stats/prometheus", ip(last));
+                rt.block_on(async { reqwest::get(url).await?.text().await })
+                    .unwrap_or_default()
+            })
+            .collect();
+        let sum = |name: &str, with: &[&str]| mesh_tests::metric_sum(&stats, name, with);
+        (
+            r.spans().len(),
+            sum("mesh_proxy_trace_spans_exported_total", &[]),
+            sum("mesh_proxy_trace_spans_dropped_total", &[]),
+        )
+    });
     drop(peers);
+    drop(receiver);
     rt.block_on(async {
         pods.stop().await;
         cp.stop().await;
     });
+    if let Some((received, exported, dropped)) = spans {
+        println!(
+            "\ntelemetry on: the receiver got {received} spans; the sidecars count {exported} exported, {dropped} dropped"
+        );
+    }
     report(&results);
     Ok(())
 }
@@ -338,25 +463,11 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn report(results: &BTreeMap<&str, Vec<Round>>) {
-    if ![
-        "direct",
-        "mesh",
-        "haproxy",
-        "haproxy_l4",
-        "nginx",
-        "nginx_l4",
-    ]
-    .iter()
-    .all(|p| results.contains_key(p))
-    {
-        println!("\n(some paths were left out: no summary line)");
-        return;
-    }
     let med = |name: &str, f: fn(&Round) -> f64| median(results[name].iter().map(f).collect());
     let mut paths = serde_json::Map::new();
     println!("\nmedians over rounds");
     println!(
-        "{:<11} {:>8} {:>8} {:>8} {:>10} {:>12} {:>8}",
+        "{:<18} {:>8} {:>8} {:>8} {:>10} {:>12} {:>8}",
         "path", "p50 ms", "p90 ms", "p99 ms", "max rps", "cpu s/1k", "rss MB"
     );
     for name in results.keys() {
@@ -371,7 +482,7 @@ fn report(results: &BTreeMap<&str, Vec<Round>>) {
             med(name, |r| r.rss_mb),
         );
         println!(
-            "{name:<11} {p50:>8.3} {p90:>8.3} {p99:>8.3} {max_rps:>10.0} {cpu:>12.4} {rss:>8.1}"
+            "{name:<18} {p50:>8.3} {p90:>8.3} {p99:>8.3} {max_rps:>10.0} {cpu:>12.4} {rss:>8.1}"
         );
         paths.insert(
             name.to_string(),
@@ -381,16 +492,28 @@ fn report(results: &BTreeMap<&str, Vec<Round>>) {
             }),
         );
     }
-    let direct = (med("direct", |r| r.p90), med("direct", |r| r.p99));
-    let mesh_added_p90 = med("mesh", |r| r.p90) - direct.0;
-    let mesh_added_p99 = med("mesh", |r| r.p99) - direct.1;
-    let best_peer = ["haproxy", "haproxy_l4", "nginx", "nginx_l4"]
-        .iter()
-        .map(|n| med(n, |r| r.p90) - direct.0)
-        .fold(f64::INFINITY, f64::min);
-    println!(
-        "\nmesh adds {mesh_added_p90:.3} ms p90 and {mesh_added_p99:.3} ms p99 over direct; the best peer adds {best_peer:.3} ms p90"
-    );
+    // Figures over direct, for what was measured (null otherwise).
+    let have = |names: &[&str]| names.iter().all(|n| results.contains_key(n));
+    let added = have(&["direct", "mesh"]).then(|| {
+        (
+            med("mesh", |r| r.p90) - med("direct", |r| r.p90),
+            med("mesh", |r| r.p99) - med("direct", |r| r.p99),
+        )
+    });
+    const PEERS: [&str; 4] = ["haproxy", "haproxy_l4", "nginx", "nginx_l4"];
+    let best_peer = have(&PEERS).then(|| {
+        PEERS
+            .iter()
+            .map(|n| med(n, |r| r.p90) - med("direct", |r| r.p90))
+            .fold(f64::INFINITY, f64::min)
+    });
+    if let Some((p90, p99)) = added {
+        print!("\nmesh adds {p90:.3} ms p90 and {p99:.3} ms p99 over direct");
+        match best_peer {
+            Some(b) => println!("; the best peer adds {b:.3} ms p90"),
+            None => println!(" (peers not measured)"),
+        }
+    }
     // The routed path against the single-route one, same run.
     let routes_ratio = results.contains_key("mesh_routes").then(|| {
         (
@@ -401,15 +524,30 @@ fn report(results: &BTreeMap<&str, Vec<Round>>) {
     if let Some((p90, cpu)) = routes_ratio {
         println!("mesh_routes / mesh: p90 x{p90:.3}, cpu s/1k x{cpu:.3} (target: within 1.10)");
     }
+    // Telemetry on against off, same run.
+    let telemetry_ratio = results.contains_key("mesh_telemetry_on").then(|| {
+        (
+            med("mesh_telemetry_on", |r| r.p90) / med("mesh_telemetry_off", |r| r.p90),
+            med("mesh_telemetry_on", |r| r.cpu_per_1k)
+                / med("mesh_telemetry_off", |r| r.cpu_per_1k),
+        )
+    });
+    if let Some((p90, cpu)) = telemetry_ratio {
+        println!(
+            "mesh_telemetry_on / mesh_telemetry_off: p90 x{p90:.3}, cpu s/1k x{cpu:.3} (target: within 1.10)"
+        );
+    }
     println!(
         "{}",
         json!({
             "routes_p90_ratio": routes_ratio.map(|r| round3(r.0)),
             "routes_cpu_ratio": routes_ratio.map(|r| round3(r.1)),
+            "telemetry_p90_ratio": telemetry_ratio.map(|r| round3(r.0)),
+            "telemetry_cpu_ratio": telemetry_ratio.map(|r| round3(r.1)),
             "paths": paths,
-            "mesh_added_p90_ms": round3(mesh_added_p90),
-            "mesh_added_p99_ms": round3(mesh_added_p99),
-            "best_peer_added_p90_ms": round3(best_peer),
+            "mesh_added_p90_ms": added.map(|a| round3(a.0)),
+            "mesh_added_p99_ms": added.map(|a| round3(a.1)),
+            "best_peer_added_p90_ms": best_peer.map(round3),
         })
     );
 }
