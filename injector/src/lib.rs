@@ -41,6 +41,12 @@ pub const EXCLUDE_INBOUND_PORTS: &str = "traffic.sidecar.istio.io/excludeInbound
 pub const EXCLUDE_OUTBOUND_PORTS: &str = "traffic.sidecar.istio.io/excludeOutboundPorts";
 pub const INCLUDE_OUTBOUND_RANGES: &str = "traffic.sidecar.istio.io/includeOutboundIPRanges";
 pub const EXCLUDE_OUTBOUND_RANGES: &str = "traffic.sidecar.istio.io/excludeOutboundIPRanges";
+/// Pod annotation: `false` leaves the pod's prometheus.io annotations alone
+/// (no merged metrics on the agent port).
+pub const MERGE_METRICS: &str = "prometheus.istio.io/merge-metrics";
+pub const PROMETHEUS_SCRAPE: &str = "prometheus.io/scrape";
+pub const PROMETHEUS_PORT: &str = "prometheus.io/port";
+pub const PROMETHEUS_PATH: &str = "prometheus.io/path";
 /// Istio annotations this mesh cannot honour: refused by name, not ignored.
 const UNSUPPORTED_ANNOTATIONS: [(&str, &str); 3] = [
     (
@@ -325,6 +331,11 @@ pub fn inject(
         Some(v) => parse_bool(REWRITE_PROBES, v)?,
         None => true,
     };
+    let merge = match annotation(pod, MERGE_METRICS) {
+        Some(v) => parse_bool(MERGE_METRICS, v)?,
+        None => true,
+    } && annotation(pod, PROMETHEUS_SCRAPE) != Some("false");
+    let app_metrics = if merge { app_metrics(pod)? } else { None };
 
     let mut out = pod.clone();
     let spec = out.spec.as_mut().ok_or(InjectError::NoSpec)?;
@@ -351,7 +362,7 @@ pub fn inject(
     } else {
         BTreeMap::new()
     };
-    let mut proxy = proxy_container(pod, cfg, capture, &probers)?;
+    let mut proxy = proxy_container(pod, cfg, capture, &probers, app_metrics.as_ref())?;
     let init = capture.then(|| init_container(pod, &proxy)).transpose()?;
     let first_app = spec.containers[0].name.clone();
 
@@ -410,12 +421,25 @@ pub fn inject(
     annotations
         .entry("kubectl.kubernetes.io/default-container".into())
         .or_insert(first_app);
+    // Prometheus scrapes the agent port, which serves the app's metrics
+    // (from where its annotations said) merged with the proxy's, as
+    // Istio's metrics merging does; opted out, the proxy's own port.
+    let agent = mesh_proto::ports::AGENT.to_string();
+    let (port, replace) = if merge {
+        (agent.as_str(), true)
+    } else {
+        ("15090", false)
+    };
     for (k, v) in [
-        ("prometheus.io/scrape", "true"),
-        ("prometheus.io/port", "15090"),
-        ("prometheus.io/path", "/stats/prometheus"),
+        (PROMETHEUS_SCRAPE, "true"),
+        (PROMETHEUS_PORT, port),
+        (PROMETHEUS_PATH, "/stats/prometheus"),
     ] {
-        annotations.entry(k.into()).or_insert_with(|| v.into());
+        if replace {
+            annotations.insert(k.into(), v.into());
+        } else {
+            annotations.entry(k.into()).or_insert_with(|| v.into());
+        }
     }
     let (name, revision) = canonical(pod);
     let labels = out.metadata.labels.get_or_insert_with(BTreeMap::new);
@@ -579,11 +603,35 @@ fn is_quantity(v: &str) -> bool {
     number_ok && suffix_ok
 }
 
+/// Where the app serves its own metrics, from its prometheus.io
+/// annotations (`scrape: "true"` and a port; the path defaults to
+/// `/metrics`), if it says.
+fn app_metrics(pod: &Pod) -> Result<Option<mesh_proto::app_metrics::AppMetrics>, InjectError> {
+    if annotation(pod, PROMETHEUS_SCRAPE) != Some("true") {
+        return Ok(None);
+    }
+    let Some(port) = annotation(pod, PROMETHEUS_PORT) else {
+        return Ok(None);
+    };
+    let port = port
+        .parse()
+        .map_err(|_| bad(PROMETHEUS_PORT, port, "a port number"))?;
+    let path = annotation(pod, PROMETHEUS_PATH).unwrap_or("/metrics");
+    if !path.starts_with('/') {
+        return Err(bad(PROMETHEUS_PATH, path, "a path starting with /"));
+    }
+    Ok(Some(mesh_proto::app_metrics::AppMetrics {
+        port,
+        path: path.into(),
+    }))
+}
+
 fn proxy_container(
     pod: &Pod,
     cfg: &Config,
     capture: bool,
     probers: &mesh_proto::probers::Probers,
+    app_metrics: Option<&mesh_proto::app_metrics::AppMetrics>,
 ) -> Result<Container, InjectError> {
     let mut envs = vec![
         field_env("MESH_WORKLOAD", "metadata.name"),
@@ -603,6 +651,12 @@ fn proxy_container(
         envs.push(env(
             mesh_proto::probers::ENV,
             serde_json::to_string(probers).expect("probers serialize"),
+        ));
+    }
+    if let Some(m) = app_metrics {
+        envs.push(env(
+            mesh_proto::app_metrics::ENV,
+            serde_json::to_string(m).expect("app metrics serialize"),
         ));
     }
     let port = |name: &str, port: i32| ContainerPort {
@@ -894,6 +948,73 @@ spec:
         assert_eq!(
             err.to_string(),
             "sidecar.istio.io/inject: \"enabled\" is not true or false"
+        );
+    }
+
+    fn injected(yaml: &str) -> Result<Pod, InjectError> {
+        match inject(
+            &pod(yaml),
+            "shop",
+            &NamespacePolicy::Enabled,
+            &Config::default(),
+        )? {
+            Outcome::Injected(p) => Ok(*p),
+            Outcome::Skipped(s) => panic!("skipped: {s:?}"),
+        }
+    }
+
+    fn app_metrics_env(p: &Pod) -> Option<String> {
+        let spec = p.spec.as_ref().unwrap();
+        spec.containers
+            .iter()
+            .chain(spec.init_containers.iter().flatten())
+            .flat_map(|c| c.env.iter().flatten())
+            .find(|e| e.name == mesh_proto::app_metrics::ENV)
+            .and_then(|e| e.value.clone())
+    }
+
+    #[test]
+    fn prometheus_scrapes_the_agent_port_which_merges_the_apps_metrics() {
+        let annotated = |extra: &str| {
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: web\n  annotations: {{{extra}}}\nspec:\n  containers: [{{name: web, image: nginx}}]\n"
+            )
+        };
+        let a = |p: &Pod, k: &str| p.metadata.annotations.as_ref().unwrap()[k].clone();
+        // The app's own annotations move into the sidecar; Prometheus is
+        // sent to the agent port.
+        let p = injected(&annotated(
+            "prometheus.io/scrape: 'true', prometheus.io/port: '8080', prometheus.io/path: /metrics/app",
+        ))
+        .unwrap();
+        assert_eq!(a(&p, PROMETHEUS_PORT), "15020");
+        assert_eq!(a(&p, PROMETHEUS_PATH), "/stats/prometheus");
+        assert_eq!(
+            app_metrics_env(&p).as_deref(),
+            Some(r#"{"port":8080,"path":"/metrics/app"}"#)
+        );
+        // No app metrics: the agent port serves the proxy's alone.
+        let p = injected(PLAIN).unwrap();
+        assert_eq!(a(&p, PROMETHEUS_PORT), "15020");
+        assert_eq!(app_metrics_env(&p), None);
+        // Scraping switched off, or merging opted out: left as the pod says.
+        let p = injected(&annotated("prometheus.io/scrape: 'false'")).unwrap();
+        assert_eq!(a(&p, PROMETHEUS_SCRAPE), "false");
+        let p = injected(&annotated(
+            "prometheus.istio.io/merge-metrics: 'false', prometheus.io/scrape: 'true', prometheus.io/port: '8080'",
+        ))
+        .unwrap();
+        assert_eq!(a(&p, PROMETHEUS_PORT), "8080");
+        assert_eq!(app_metrics_env(&p), None);
+        // A port that is not one is named.
+        let err = injected(&annotated(
+            "prometheus.io/scrape: 'true', prometheus.io/port: http",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("prometheus.io/port: \"http\" is not a port number"),
+            "{err}"
         );
     }
 

@@ -10,21 +10,22 @@ use serde_json::Value;
 
 use crate::workloads::WorkloadSpec;
 
-/// A Prometheus scrape config: each sidecar's 15090 `/stats/prometheus`
-/// (job `envoy-stats`, as Istio names it, with `workload` and `namespace`
-/// target labels) and pilot's 15014 `/metrics` (job `pilot`).
+/// A Prometheus scrape config: each sidecar's agent port (15020)
+/// `/stats/prometheus`, the app's metrics merged with the proxy's (job
+/// `kubernetes-pods`, as Istio's merged scrape is named, with `workload`
+/// and `namespace` target labels), and pilot's 15014 `/metrics` (job `pilot`).
 pub fn scrape_config(specs: &[WorkloadSpec], pilot: SocketAddr, interval: Duration) -> String {
     let mut y = format!(
         "# Written by meshctl demo: every sidecar's metrics endpoint and the control plane's.\n\
          global:\n  scrape_interval: {}s\n  evaluation_interval: {}s\n\
-         scrape_configs:\n- job_name: envoy-stats\n  metrics_path: /stats/prometheus\n  static_configs:\n",
+         scrape_configs:\n- job_name: kubernetes-pods\n  metrics_path: /stats/prometheus\n  static_configs:\n",
         interval.as_secs().max(1),
         interval.as_secs().max(1),
     );
     for w in specs {
         y.push_str(&format!(
             "  - targets: ['{}']\n    labels: {{workload: '{}', namespace: '{}'}}\n",
-            SocketAddr::new(w.address, mesh_proto::ports::STATS),
+            SocketAddr::new(w.address, mesh_proto::ports::AGENT),
             w.name,
             w.namespace
         ));

@@ -156,6 +156,12 @@ fn proxy_args(cp: &ControlPlane, w: &WorkloadSpec, token_file: PathBuf) -> Proxy
         retry_buffer_bytes: mesh_proxy::replay::DEFAULT_LIMIT,
         app_probers: Some(app_probers(w)).filter(|p| !p.is_empty()),
         access_log_file: None,
+        // The sample apps serve their own metrics, merged on the agent port
+        // as the injector arranges for an annotated pod.
+        app_metrics: w.app.as_ref().map(|_| mesh_proto::app_metrics::AppMetrics {
+            port: mesh_samples::PORT,
+            path: "/metrics".into(),
+        }),
     }
 }
 
@@ -209,6 +215,10 @@ fn proxy_cmdline(a: &ProxyArgs) -> Vec<String> {
     if let Some(probers) = a.app_probers.as_ref().filter(|p| !p.is_empty()) {
         let json = serde_json::to_string(probers).expect("probers serialize");
         args.push(format!("--app-probers={json}"));
+    }
+    if let Some(m) = &a.app_metrics {
+        let json = serde_json::to_string(m).expect("app metrics serialize");
+        args.push(format!("--app-metrics={json}"));
     }
     args
 }

@@ -125,6 +125,22 @@ pub mod probers {
     }
 }
 
+/// Where the app serves its own Prometheus metrics, from the pod's
+/// `prometheus.io/port` and `prometheus.io/path` annotations: the injector
+/// writes it (JSON) into the sidecar's `MESH_APP_METRICS` and points the
+/// annotations at the agent port, whose `/stats/prometheus` serves the
+/// app's metrics merged with the proxy's.
+pub mod app_metrics {
+    pub const ENV: &str = "MESH_APP_METRICS";
+
+    #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct AppMetrics {
+        pub port: u16,
+        pub path: String,
+    }
+}
+
 /// Access-log filters: a Telemetry resource's `filter.expression`, a CEL
 /// expression over Envoy's attribute names. Pilot checks it; the proxy
 /// evaluates it per request.

@@ -37,6 +37,9 @@ pub async fn handle(
             shared.drain.start();
             return Ok(local_reply(StatusCode::OK, "draining"));
         }
+        (Agent, &Method::GET, "/stats/prometheus") => {
+            return Ok(prometheus(merged(&shared).await));
+        }
         (Agent, &Method::GET, path) if path.starts_with("/app-health/") => {
             return Ok(match shared.cfg.app_probers.get(path) {
                 Some(prober) => crate::probe::run(&shared, prober).await,
@@ -56,13 +59,7 @@ pub async fn handle(
             None => local_reply(StatusCode::OK, "ready"),
             Some(why) => local_reply(StatusCode::SERVICE_UNAVAILABLE, why),
         },
-        (Admin | Stats, "/stats/prometheus") => Response::builder()
-            .header(
-                http::header::CONTENT_TYPE,
-                "text/plain; version=0.0.4; charset=utf-8",
-            )
-            .body(full(shared.metrics.encode()))
-            .expect("static parts are valid"),
+        (Admin | Stats, "/stats/prometheus") => prometheus(shared.metrics.encode()),
         (Admin, "/tap") => Response::builder()
             .header(http::header::CONTENT_TYPE, "application/x-ndjson")
             .body(
@@ -79,6 +76,69 @@ pub async fn handle(
             .expect("static parts are valid"),
         _ => local_reply(StatusCode::NOT_FOUND, "not found"),
     })
+}
+
+fn prometheus(text: String) -> Response<Body> {
+    Response::builder()
+        .header(
+            http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )
+        .body(full(text))
+        .expect("static parts are valid")
+}
+
+/// How long the agent port waits for the app's metrics.
+const APP_SCRAPE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The app's metrics (when the injector said where they are) followed by
+/// the proxy's, as Istio's agent merges them. An app that cannot be read
+/// costs only its own part: it is counted in
+/// `istio_agent_scrape_failures_total` and logged.
+async fn merged(shared: &Shared) -> String {
+    let mut out = String::new();
+    if let Some(m) = &shared.cfg.app_metrics {
+        let addr = shared.cfg.app_addr(m.port);
+        let url = format!("http://{addr}{}", m.path);
+        let scrape = async {
+            let req = Request::get(&url)
+                .header(http::header::ACCEPT, "text/plain")
+                .body(crate::wire::empty())
+                .map_err(|e| e.to_string())?;
+            let resp = shared
+                .app_h1
+                .request(req)
+                .await
+                .map_err(|e| e.to_string())?;
+            if !resp.status().is_success() {
+                return Err(format!("the app answered {}", resp.status()));
+            }
+            let body = http_body_util::BodyExt::collect(resp.into_body())
+                .await
+                .map_err(|e| e.to_string())?
+                .to_bytes();
+            String::from_utf8(body.to_vec()).map_err(|_| "not UTF-8 text".to_string())
+        };
+        match tokio::time::timeout(APP_SCRAPE_TIMEOUT, scrape).await {
+            Ok(Ok(text)) => {
+                // One `# EOF` only, at the very end (the proxy's).
+                for line in text.lines().filter(|l| l.trim() != "# EOF") {
+                    out.push_str(line);
+                    out.push('\n');
+                }
+            }
+            Ok(Err(e)) => {
+                shared.metrics.app_scrape_failures.inc();
+                tracing::warn!(%url, error = %e, "cannot read the app's metrics");
+            }
+            Err(_) => {
+                shared.metrics.app_scrape_failures.inc();
+                tracing::warn!(%url, "the app's metrics did not come within {APP_SCRAPE_TIMEOUT:?}");
+            }
+        }
+    }
+    out.push_str(&shared.metrics.encode());
+    out
 }
 
 fn config_dump(shared: &Shared) -> Value {

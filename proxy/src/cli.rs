@@ -83,9 +83,19 @@ pub struct ProxyArgs {
     /// (default: stdout).
     #[arg(long, env = "MESH_ACCESS_LOG_FILE")]
     pub access_log_file: Option<PathBuf>,
+    /// Where the app serves its own Prometheus metrics (JSON
+    /// `{"port":..,"path":..}`, written by the injector from the pod's
+    /// prometheus.io annotations): merged into the agent port's
+    /// `/stats/prometheus`.
+    #[arg(long, env = mesh_proto::app_metrics::ENV, value_parser = parse_app_metrics)]
+    pub app_metrics: Option<mesh_proto::app_metrics::AppMetrics>,
 }
 
 pub const DEFAULT_THREADS: usize = 1;
+
+fn parse_app_metrics(s: &str) -> Result<mesh_proto::app_metrics::AppMetrics, String> {
+    serde_json::from_str(s).map_err(|e| format!("not the injector's app-metrics JSON: {e}"))
+}
 
 fn parse_probers(s: &str) -> Result<mesh_proto::probers::Probers, String> {
     serde_json::from_str(s).map_err(|e| format!("not the injector's probe JSON: {e}"))
@@ -144,6 +154,7 @@ impl ProxyArgs {
             retry_buffer_bytes: self.retry_buffer_bytes,
             app_probers: self.app_probers.unwrap_or_default(),
             access_log_file: self.access_log_file,
+            app_metrics: self.app_metrics,
         })
     }
 }

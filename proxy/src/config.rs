@@ -43,6 +43,8 @@ pub struct Config {
     pub app_probers: mesh_proto::probers::Probers,
     /// Where access logs go; `None` is the proxy's stdout.
     pub access_log_file: Option<std::path::PathBuf>,
+    /// The app's own metrics, merged into the agent port's `/stats/prometheus`.
+    pub app_metrics: Option<mesh_proto::app_metrics::AppMetrics>,
 }
 
 /// Istio's outboundTrafficPolicy modes.
@@ -109,6 +111,7 @@ impl Config {
             retry_buffer_bytes: crate::replay::DEFAULT_LIMIT,
             app_probers: Default::default(),
             access_log_file: None,
+            app_metrics: None,
         }
     }
 

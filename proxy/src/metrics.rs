@@ -165,6 +165,8 @@ pub struct Metrics {
     pub retries: Counter,
     /// Retries the policy wanted but the retry budget refused.
     pub retries_over_budget: Counter,
+    /// The app's metrics could not be read for the agent port's merge.
+    pub app_scrape_failures: Counter,
 }
 
 /// What one finished request adds to its series.
@@ -272,6 +274,12 @@ impl Metrics {
             "Retries not sent because the destination's retry budget was spent",
             retries_over_budget.clone(),
         );
+        let app_scrape_failures = Counter::default();
+        registry.register(
+            "istio_agent_scrape_failures",
+            "Scrapes of the app's own metrics (for the merge on the agent port) that failed",
+            app_scrape_failures.clone(),
+        );
         registry.register_collector(Box::new(health));
         Self {
             registry,
@@ -285,6 +293,7 @@ impl Metrics {
             tcp_received,
             retries,
             retries_over_budget,
+            app_scrape_failures,
         }
     }
 

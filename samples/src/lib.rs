@@ -9,6 +9,7 @@
 //! headers as the app received them), `/flaky/<n>/<key>` (503 for the
 //! first n calls with that key, then 200: a failure a retry can mend) and
 //! `/fail-on/<version>` (503 from that version only: a bad endpoint).
+//! `/metrics` is the app's own Prometheus text (`bookinfo_requests_total`).
 //! Like Istio's bookinfo, the apps copy the trace headers of the request
 //! they serve onto the calls they make (see [`PROPAGATED`]).
 #![forbid(unsafe_code)]
@@ -57,6 +58,8 @@ struct App {
     http: reqwest::Client,
     /// Calls so far per `/flaky/<n>/<key>` key.
     flaky: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, u32>>>,
+    /// Requests served, for the app's own `/metrics`.
+    served: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Serves one sample service on `listen` until `shutdown`. Outgoing calls go
@@ -84,6 +87,7 @@ pub async fn serve(
         version: version.to_string(),
         http: http.build().map_err(std::io::Error::other)?,
         flaky: Default::default(),
+        served: Default::default(),
     };
     let listener = tokio::net::TcpListener::bind(listen).await?;
     tokio::pin!(shutdown);
@@ -149,6 +153,11 @@ impl App {
         });
         let path = req.uri().path();
         let pass = propagated(req.headers());
+        if path == "/metrics" {
+            return self.metrics();
+        }
+        self.served
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let result = match (self.service, path) {
             (_, "/health") => Ok(json!({"status": "ok"})),
             (_, p) if p.starts_with("/delay/") => {
@@ -227,6 +236,20 @@ impl App {
             Ok(v) => reply(StatusCode::OK, &v),
             Err(e) => reply(StatusCode::BAD_GATEWAY, &json!({"error": e, "hops": [hop]})),
         }
+    }
+
+    /// The app's own Prometheus metrics: requests it served.
+    fn metrics(&self) -> Response<Full<Bytes>> {
+        let text = format!(
+            "# HELP bookinfo_requests Requests the app served (not counting /metrics).\n# TYPE bookinfo_requests counter\nbookinfo_requests_total{{service=\"{}\",version=\"{}\"}} {}\n",
+            format!("{:?}", self.service).to_lowercase(),
+            self.version,
+            self.served.load(std::sync::atomic::Ordering::Relaxed)
+        );
+        Response::builder()
+            .header("content-type", "text/plain; version=0.0.4")
+            .body(Full::new(Bytes::from(text)))
+            .expect("valid response")
     }
 
     async fn call(&self, url: &str, pass: &http::HeaderMap) -> Result<Value, String> {

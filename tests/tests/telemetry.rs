@@ -1,10 +1,12 @@
 //! Telemetry end to end on the bookinfo mesh: Istio's Telemetry resource
-//! turns access logs on and filters them; the sidecars write Istio's
-//! default text format.
+//! turns access logs on and filters them (Istio's default text format) and
+//! switches metrics off per side; tap; the control plane's metrics; a real
+//! Prometheus; the agent port's merged metrics. Traces are in `tracing.rs`.
 
 use std::time::{Duration, Instant};
 
-use mesh_tests::Mesh;
+use mesh_tests::{Mesh, metric_sum};
+use serde_json::Value;
 
 const ACCESS_LOG_MESH_WIDE: &str = "apiVersion: telemetry.istio.io/v1
 kind: Telemetry
@@ -494,11 +496,103 @@ async fn a_real_prometheus_scrapes_the_sidecars_and_promql_sees_the_traffic() {
     }
     let _ = stop.send(());
     traffic.await.unwrap();
+    // The apps' own metrics arrive merged with their sidecars' (agent port).
+    let app = "sum(bookinfo_requests_total{job=\"kubernetes-pods\",service=\"productpage\"})";
+    let r = prom.query(app).await.unwrap();
+    let v: Option<f64> = r.first().and_then(|s| s["value"][1].as_str()?.parse().ok());
+    assert!(v >= Some(n as f64), "{app} gave {r:?}");
     let r = prom.query("pilot_xds{job=\"pilot\"}").await.unwrap();
     assert_eq!(
         r[0]["value"][1].as_str(),
         Some(mesh.specs.len().to_string().as_str())
     );
     prom.stop().await;
+    mesh.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn telemetry_switches_metrics_off_on_one_side() {
+    let mesh = Mesh::start().await;
+    mesh.write_config(
+        "metrics-off.yaml",
+        "apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: quiet-client, namespace: default}
+spec:
+  selector: {matchLabels: {app: productpage}}
+  metrics:
+  - providers: [{name: prometheus}]
+    overrides: [{match: {metric: ALL_METRICS, mode: CLIENT}, disabled: true}]
+",
+    );
+    let url = format!(
+        "http://{}:15000/config_dump",
+        mesh.workload("productpage-v1").address
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let dump: Value = reqwest::get(&url).await.unwrap().json().await.unwrap();
+        if dump["listener"]["telemetry"]["client_metrics_off"] == true {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no metrics switch in {dump}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let http = mesh.client();
+    for _ in 0..3 {
+        mesh.request(&http).await.unwrap();
+    }
+    let count = |stats: &str, reporter: &str| {
+        metric_sum(
+            stats,
+            "istio_requests_total",
+            &[&format!("reporter=\"{reporter}\"")],
+        )
+    };
+    let pp = mesh.stats("productpage-v1").await;
+    assert_eq!(count(&pp, "source"), 0.0, "the calling side is off:\n{pp}");
+    assert!(
+        count(&pp, "destination") >= 3.0,
+        "the called side is on:\n{pp}"
+    );
+    // Its callees still count what productpage sent them.
+    let details = mesh.stats("details-v1").await;
+    assert!(count(&details, "destination") >= 3.0);
+    mesh.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_agent_port_serves_the_apps_metrics_merged_with_the_proxys() {
+    let mesh = Mesh::start().await;
+    let http = mesh.client();
+    for _ in 0..3 {
+        mesh.request(&http).await.unwrap();
+    }
+    let merged = |w: &str| {
+        let url = format!("http://{}:15020/stats/prometheus", mesh.workload(w).address);
+        async move { reqwest::get(url).await.unwrap().text().await.unwrap() }
+    };
+    let text = merged("productpage-v1").await;
+    assert!(
+        metric_sum(
+            &text,
+            "bookinfo_requests_total",
+            &["service=\"productpage\""]
+        ) >= 3.0,
+        "the app's own:\n{text}"
+    );
+    assert!(
+        metric_sum(&text, "istio_requests_total", &["reporter=\"destination\""]) >= 3.0,
+        "the proxy's:\n{text}"
+    );
+    assert_eq!(text.matches("# EOF").count(), 1, "one end marker:\n{text}");
+    assert!(text.trim_end().ends_with("# EOF"));
+    // The client workload has no app: the proxy's metrics alone, and no failure counted.
+    let text = merged("client").await;
+    assert!(text.contains("istio_requests_total"));
+    assert_eq!(
+        metric_sum(&text, "istio_agent_scrape_failures_total", &[]),
+        0.0
+    );
     mesh.stop().await;
 }
