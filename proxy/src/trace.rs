@@ -122,19 +122,18 @@ fn traceparent(v: &str) -> Option<(Parent, bool)> {
     if version == "ff" || (version == "00" && b.len() != 55) || (b.len() > 55 && b[55] != b'-') {
         return None;
     }
-    // The version's digits may be zero (version 00), so not through `hex`.
-    if !version
-        .bytes()
-        .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
-    {
+    // Version and flags may be zero, so not through `hex`.
+    let lower_hex = |s: &str| {
+        s.bytes()
+            .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
+    };
+    let flags = v.get(53..55)?;
+    if !lower_hex(version) || !lower_hex(flags) {
         return None;
     }
     let trace_id = hex(v.get(3..35)?, 32)?;
     let span_id = hex(v.get(36..52)?, 16)? as u64;
-    let flags = v.get(53..55)?;
-    let flags = u8::from_str_radix(flags, 16)
-        .ok()
-        .filter(|_| flags.bytes().all(|c| !c.is_ascii_uppercase()))?;
+    let flags = u8::from_str_radix(flags, 16).ok()?;
     Some((Parent { trace_id, span_id }, flags & 1 == 1))
 }
 
@@ -757,6 +756,8 @@ mod tests {
             format!("00-{TRACE}-{}-01", "0".repeat(16)),
             format!("00-{}-{SPAN}-01", TRACE.to_uppercase()),
             format!("00-{TRACE}-{SPAN}-0g"),
+            format!("00-{TRACE}-{SPAN}-+1"),
+            format!("00-{TRACE}-{SPAN}-0A"),
             format!("00_{TRACE}-{SPAN}-01"),
             "garbage".to_string(),
             String::new(),
