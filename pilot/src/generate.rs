@@ -317,10 +317,9 @@ pub(crate) fn telemetry(model: &Model, w: &crate::model::Workload) -> pb::Teleme
             .unwrap_or_default(),
         // No Telemetry says: the mesh config's default provider, at 1 %.
         tracing: tracing.and_then(|t| t.tracing.clone()).or_else(|| {
-            let provider = model.default_tracing.as_ref()?;
             Some(pb::Tracing {
                 sampling_percent: mesh_proto::DEFAULT_TRACE_SAMPLING_PERCENT,
-                collector: model.tracing_providers.get(provider)?.clone().ok()?,
+                collector: model.default_collector.clone()?,
                 ..Default::default()
             })
         }),

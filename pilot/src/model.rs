@@ -76,8 +76,10 @@ pub struct Model {
     /// `host:port`, or (`Err`) the kind of a provider the mesh cannot use
     /// for traces.
     pub tracing_providers: BTreeMap<String, Result<String, String>>,
-    /// The mesh config's `defaultProviders.tracing`: traced without a Telemetry.
-    pub default_tracing: Option<String>,
+    /// The collector (`host:port`) of the mesh config's
+    /// `defaultProviders.tracing`: where traces go without a Telemetry, or
+    /// from one that names no provider.
+    pub default_collector: Option<String>,
 }
 
 /// One Telemetry resource. `None` fields are not set by it: a workload
@@ -418,7 +420,7 @@ impl Model {
         match mc.default_providers.tracing.as_slice() {
             [] => {}
             [name] => match self.tracing_provider(name) {
-                Ok(_) => self.default_tracing = Some(name.clone()),
+                Ok(addr) => self.default_collector = Some(addr),
                 Err(e) => errors.push(format!("{ctx}: data.mesh.defaultProviders.tracing: {e}")),
             },
             _ => errors.push(format!(
@@ -522,21 +524,16 @@ impl Model {
                     "{at}.randomSamplingPercentage {percent} is not between 0 and 100"
                 ));
             }
-            let provider = match tr.providers.as_slice() {
-                [] => self.default_tracing.clone(),
-                [p] => Some(p.name.clone()),
+            let collector = match tr.providers.as_slice() {
+                [] => self.default_collector.clone().unwrap_or_default(),
+                [p] => self.tracing_provider(&p.name).unwrap_or_else(|e| {
+                    errors.push(format!("{at}.providers: {e}"));
+                    String::new()
+                }),
                 _ => {
                     errors.push(format!(
                         "{at}.providers: name one provider; the sidecars export to one collector"
                     ));
-                    None
-                }
-            };
-            let collector = match provider.map(|p| self.tracing_provider(&p)) {
-                None => String::new(),
-                Some(Ok(addr)) => addr,
-                Some(Err(e)) => {
-                    errors.push(format!("{at}.providers: {e}"));
                     String::new()
                 }
             };
@@ -1327,7 +1324,7 @@ spec:
         // Other ConfigMaps are not the mesh's; a bad mesh config names its field.
         let other =
             "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: app-settings}\ndata: {x: y}\n";
-        assert!(model(other).unwrap().default_tracing.is_none());
+        assert!(model(other).unwrap().default_collector.is_none());
         let bad = MESH_CONFIG.replace("port: 4317", "port: many");
         let err = crate::store::parse_file(std::path::Path::new("mesh.yaml"), &bad)
             .unwrap_err()

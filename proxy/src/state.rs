@@ -239,9 +239,7 @@ impl Resources {
             ),
             // Checked on arrival too; a filter that could not compile logs nothing.
             access_log: Arc::new(
-                self.listener
-                    .as_ref()
-                    .and_then(|l| l.telemetry.as_ref())
+                telemetry
                     .and_then(|t| crate::accesslog::Rules::compile(&t.access_logs).ok())
                     .unwrap_or_default(),
             ),

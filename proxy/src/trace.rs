@@ -446,6 +446,10 @@ impl Settings {
     }
 }
 
+/// What made every span: the sidecar.
+static SCOPE: std::sync::LazyLock<InstrumentationScope> =
+    std::sync::LazyLock::new(|| InstrumentationScope::builder("mesh-proxy").build());
+
 /// A sampled request's span, until its response ends.
 #[derive(Debug)]
 pub struct Pending {
@@ -537,7 +541,7 @@ impl Pending {
             events: SpanEvents::default(),
             links: SpanLinks::default(),
             status,
-            instrumentation_scope: InstrumentationScope::builder("mesh-proxy").build(),
+            instrumentation_scope: SCOPE.clone(),
         }
     }
 }
