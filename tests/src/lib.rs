@@ -176,6 +176,30 @@ impl Mesh {
         }
     }
 
+    /// Waits until `workload`'s sidecar holds Telemetry whose
+    /// `/config_dump` (as compact JSON) contains `marker`; panics with
+    /// pilot's errors if it never does.
+    pub async fn wait_telemetry(&self, workload: &str, marker: &str) {
+        let url = format!(
+            "http://{}:15000/config_dump",
+            self.workload(workload).address
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let dump: serde_json::Value = reqwest::get(&url).await.unwrap().json().await.unwrap();
+            let telemetry = dump["listener"]["telemetry"].to_string();
+            if telemetry.contains(marker) {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{workload} never got telemetry with {marker}: {telemetry}; pilot says {:?}",
+                self.cp.pilot().expect("pilot runs").errors()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// The Prometheus text of `workload`'s sidecar.
     pub async fn stats(&self, workload: &str) -> String {
         let url = format!(

@@ -6,7 +6,6 @@
 use std::time::{Duration, Instant};
 
 use mesh_tests::{Mesh, metric_sum};
-use serde_json::Value;
 
 const ACCESS_LOG_MESH_WIDE: &str = "apiVersion: telemetry.istio.io/v1
 kind: Telemetry
@@ -31,28 +30,6 @@ spec:
 fn access_log(mesh: &Mesh, workload: &str) -> String {
     std::fs::read_to_string(mesh.state_dir().join(format!("{workload}.access.log")))
         .unwrap_or_default()
-}
-
-/// Waits until `workload`'s sidecar holds Telemetry whose dump contains `marker`.
-async fn wait_telemetry(mesh: &Mesh, workload: &str, marker: &str) {
-    let url = format!(
-        "http://{}:15000/config_dump",
-        mesh.workload(workload).address
-    );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let dump: serde_json::Value = reqwest::get(&url).await.unwrap().json().await.unwrap();
-        let telemetry = dump["listener"]["telemetry"].to_string();
-        if telemetry.contains(marker) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{workload} never got telemetry with {marker}: {telemetry}; pilot says {:?}",
-            mesh.cp.pilot().unwrap().errors()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// Waits until `workload`'s access log has a line containing every one of `parts`.
@@ -81,7 +58,7 @@ async fn telemetry_turns_access_logs_on_and_filters_them() {
 
     mesh.write_config("telemetry.yaml", ACCESS_LOG_MESH_WIDE);
     for w in ["client", "productpage-v1"] {
-        wait_telemetry(&mesh, w, "istio-system/mesh-default").await;
+        mesh.wait_telemetry(w, "istio-system/mesh-default").await;
     }
     let resp = http
         .get("http://productpage:9080/productpage")
@@ -117,7 +94,8 @@ async fn telemetry_turns_access_logs_on_and_filters_them() {
     // Errors only on productpage's serving side: a 200 is no longer logged
     // there, a 404 is; the client side still logs everything.
     mesh.write_config("productpage-telemetry.yaml", PRODUCTPAGE_ERRORS_ONLY);
-    wait_telemetry(&mesh, "productpage-v1", "response.code >= 400").await;
+    mesh.wait_telemetry("productpage-v1", "response.code >= 400")
+        .await;
     let ok = http
         .get("http://productpage:9080/productpage")
         .header("x-request-id", "fine-2")
@@ -525,19 +503,8 @@ spec:
     overrides: [{match: {metric: ALL_METRICS, mode: CLIENT}, disabled: true}]
 ",
     );
-    let url = format!(
-        "http://{}:15000/config_dump",
-        mesh.workload("productpage-v1").address
-    );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let dump: Value = reqwest::get(&url).await.unwrap().json().await.unwrap();
-        if dump["listener"]["telemetry"]["client_metrics_off"] == true {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no metrics switch in {dump}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    mesh.wait_telemetry("productpage-v1", "\"client_metrics_off\":true")
+        .await;
     let http = mesh.client();
     for _ in 0..3 {
         mesh.request(&http).await.unwrap();

@@ -68,24 +68,11 @@ spec:
 /// Waits until every sidecar holds a tracing collector and productpage's
 /// requests reach reviews v2 (which calls ratings).
 async fn ready(mesh: &Mesh, http: &reqwest::Client, port: u16) {
-    let marker = format!("127.0.0.1:{port}");
-    let deadline = Instant::now() + Duration::from_secs(15);
+    let marker = format!("\"collector\":\"127.0.0.1:{port}\"");
     for w in &mesh.specs {
-        let url = format!("http://{}:15000/config_dump", w.address);
-        loop {
-            let dump: Value = reqwest::get(&url).await.unwrap().json().await.unwrap();
-            if dump["listener"]["telemetry"].to_string().contains(&marker) {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} never got the collector; pilot says {:?}",
-                w.name,
-                mesh.cp.pilot().unwrap().errors()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        mesh.wait_telemetry(&w.name, &marker).await;
     }
+    let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let (version, _) = mesh.request(http).await.unwrap();
         if version == "v2" {
