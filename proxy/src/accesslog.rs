@@ -143,6 +143,11 @@ pub struct Entry<'a> {
     pub source_principal: Option<String>,
     pub destination_principal: Option<String>,
     pub mtls: bool,
+    /// From sending the request upstream to its response's headers
+    /// (Envoy's `x-envoy-upstream-service-time`), when one came.
+    pub upstream_service_time: Option<Duration>,
+    /// The route that took the request (Envoy's `%ROUTE_NAME%`).
+    pub route_name: Option<&'a str>,
 }
 
 fn dash(v: Option<&str>) -> &str {
@@ -158,7 +163,7 @@ impl Entry<'_> {
     pub fn text(&self) -> String {
         let a = self.arrival;
         format!(
-            "[{}] \"{} {} {}\" {} {} {} - \"-\" {} {} {} - \"{}\" \"{}\" \"{}\" \"{}\" \"{}\" {} - {} {} - -\n",
+            "[{}] \"{} {} {}\" {} {} {} - \"-\" {} {} {} {} \"{}\" \"{}\" \"{}\" \"{}\" \"{}\" {} - {} {} - {}\n",
             humantime::format_rfc3339_millis(a.time),
             a.method,
             a.path,
@@ -169,6 +174,8 @@ impl Entry<'_> {
             self.bytes_received,
             self.bytes_sent,
             self.duration.as_millis(),
+            self.upstream_service_time
+                .map_or_else(|| "-".to_string(), |t| t.as_millis().to_string()),
             dash(a.header("x-forwarded-for")),
             dash(a.header("user-agent")),
             dash(a.header("x-request-id")),
@@ -177,6 +184,7 @@ impl Entry<'_> {
             dash(self.upstream_cluster.as_deref()),
             addr(a.downstream_local),
             addr(a.downstream_remote),
+            dash(self.route_name),
         )
     }
 
@@ -196,6 +204,7 @@ impl Entry<'_> {
             "bytes_received": self.bytes_received,
             "bytes_sent": self.bytes_sent,
             "duration": self.duration.as_millis() as u64,
+            "upstream_service_time": self.upstream_service_time.map(|t| t.as_millis() as u64),
             "x_forwarded_for": opt(a.header("x-forwarded-for")),
             "user_agent": opt(a.header("user-agent")),
             "request_id": opt(a.header("x-request-id")),
@@ -206,6 +215,7 @@ impl Entry<'_> {
             "downstream_remote_address": a.downstream_remote.map(|a| a.to_string()),
             "source_principal": self.source_principal,
             "destination_principal": self.destination_principal,
+            "route_name": self.route_name,
         })
         .to_string();
         line.push('\n');
@@ -399,6 +409,8 @@ mod tests {
             source_principal: None,
             destination_principal: None,
             mtls: true,
+            upstream_service_time: Some(Duration::from_millis(3)),
+            route_name: Some("default"),
         }
     }
 
@@ -407,7 +419,7 @@ mod tests {
         let a = arrival();
         assert_eq!(
             entry(&a).text(),
-            "[2020-11-25T21:26:18.409Z] \"GET /status/418?x=1 HTTP/1.1\" 418 - via_upstream - \"-\" 0 135 4 - \"-\" \"curl/8.5.0\" \"84961386-6d84-929d-98bd-c5aee93b5c88\" \"httpbin:8000\" \"10.44.1.27:80\" outbound|8000||httpbin.foo.svc.cluster.local - 10.0.45.184:8000 10.44.1.23:46520 - -\n"
+            "[2020-11-25T21:26:18.409Z] \"GET /status/418?x=1 HTTP/1.1\" 418 - via_upstream - \"-\" 0 135 4 3 \"-\" \"curl/8.5.0\" \"84961386-6d84-929d-98bd-c5aee93b5c88\" \"httpbin:8000\" \"10.44.1.27:80\" outbound|8000||httpbin.foo.svc.cluster.local - 10.0.45.184:8000 10.44.1.23:46520 - default\n"
         );
     }
 
@@ -424,6 +436,8 @@ mod tests {
             "outbound|8000||httpbin.foo.svc.cluster.local"
         );
         assert_eq!(v["x_forwarded_for"], serde_json::Value::Null);
+        assert_eq!(v["upstream_service_time"], 3);
+        assert_eq!(v["route_name"], "default");
     }
 
     #[test]

@@ -133,6 +133,7 @@ pub async fn handle(
         Box::new(a)
     });
     let mut details = "-";
+    let mut upstream_time = None;
     // Sidecars speak HTTP/2 to each other whatever the app speaks: label
     // the protocol the app port talks, as the source's sidecar does.
     if let (Some(p), Some(_), "http2") = (&port, &conn.peer, protocol) {
@@ -160,9 +161,11 @@ pub async fn handle(
                         denied
                     }
                     None => {
+                        let sent = std::time::Instant::now();
                         let (resp, answered) = forward(&shared, &conn, port, req).await;
                         if answered {
                             details = "via_upstream";
+                            upstream_time = Some(sent.elapsed());
                         }
                         resp
                     }
@@ -209,6 +212,9 @@ pub async fn handle(
                 source_principal: conn.peer.as_ref().map(ToString::to_string),
                 destination_principal: Some(shared.cfg.identity.to_string()),
                 mtls: conn.peer.is_some(),
+                upstream_service_time: upstream_time,
+                // Istio's inbound route has this one name.
+                route_name: port.as_ref().map(|_| "default"),
             };
             shared.report(snapshot.access_log.server.as_deref(), "inbound", &entry);
         }

@@ -65,7 +65,17 @@ pub async fn handle(
         .then(|| Box::new(Arrival::of(&req, Some(conn.peer), conn.original_dst)));
     let mut chosen = Chosen::Nothing;
     let mut flags = Flags::NONE;
-    let result = forward(&shared, &snapshot, &conn, req, &mut chosen, &mut flags).await;
+    let mut served = Served::default();
+    let result = forward(
+        &shared,
+        &snapshot,
+        &conn,
+        req,
+        &mut chosen,
+        &mut flags,
+        &mut served,
+    )
+    .await;
     let resp = match result {
         Ok(resp) => resp,
         Err(r) => {
@@ -142,6 +152,12 @@ pub async fn handle(
                 source_principal: Some(shared.cfg.identity.to_string()),
                 destination_principal,
                 mtls: matches!(chosen, Chosen::Mesh(..)),
+                upstream_service_time: served.upstream_time,
+                route_name: match &chosen {
+                    Chosen::Outside(PASSTHROUGH) => Some("allow_any"),
+                    Chosen::Outside(_) => Some("block_all"),
+                    _ => served.route.as_deref(),
+                },
             };
             shared.report(snapshot.access_log.client.as_deref(), "outbound", &entry);
         }
@@ -176,6 +192,19 @@ fn authority(req: &Request<ReqBody>) -> Option<&str> {
     }
 }
 
+/// Istio's cluster names for outside the mesh.
+const PASSTHROUGH: &str = "PassthroughCluster";
+const BLACKHOLE: &str = "BlackHoleCluster";
+
+/// What became of a request on its way, for its access log.
+#[derive(Default)]
+struct Served {
+    /// The route that took it.
+    route: Option<Arc<str>>,
+    /// From sending it upstream to the answer's headers, retries included.
+    upstream_time: Option<std::time::Duration>,
+}
+
 /// What a request was sent to, for its metrics.
 enum Chosen {
     Nothing,
@@ -193,6 +222,7 @@ async fn forward(
     req: Request<ReqBody>,
     chosen: &mut Chosen,
     flags: &mut Flags,
+    served: &mut Served,
 ) -> Result<Response<Body>, Refusal> {
     if let Some(dst) = conn.original_dst.filter(|d| shared.cfg.is_own_listener(*d)) {
         return Err(refuse(
@@ -234,6 +264,7 @@ async fn forward(
             format!("no route of {} matches {}", rc.config.name, view.path),
         ));
     };
+    served.route = Some(route.name.clone());
     let origin = route
         .cors
         .as_ref()
@@ -358,7 +389,9 @@ async fn forward(
     }
     // Boxed: the attempts' future (sends, timeouts) is allocated once in
     // place rather than growing every request's future.
+    let sent = std::time::Instant::now();
     let mut resp = Box::pin(attempts.run(parts, body, chosen, flags)).await?;
+    served.upstream_time = Some(sent.elapsed());
     route.response_headers.apply(resp.headers_mut());
     dest.response_headers.apply(resp.headers_mut());
     if let Some(c) = set_cookie {
@@ -732,7 +765,7 @@ async fn outside_the_mesh(
         ));
     };
     if shared.cfg.outbound_policy == OutboundPolicy::RegistryOnly {
-        *chosen = Chosen::Outside("BlackHoleCluster");
+        *chosen = Chosen::Outside(BLACKHOLE);
         return Err(refuse(
             StatusCode::BAD_GATEWAY,
             Flags::NR,
@@ -741,7 +774,7 @@ async fn outside_the_mesh(
             ),
         ));
     }
-    *chosen = Chosen::Outside("PassthroughCluster");
+    *chosen = Chosen::Outside(PASSTHROUGH);
     let host = authority(&req).map_or_else(|| dst.to_string(), str::to_string);
     let (mut parts, body) = req.into_parts();
     let mut uri = std::mem::take(&mut parts.uri).into_parts();

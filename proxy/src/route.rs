@@ -3,6 +3,7 @@
 //! the calling workload decided up front), then per request the first
 //! matching route and a weighted pick among its destinations.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -414,7 +415,9 @@ impl Cors {
 
 #[derive(Debug, Clone)]
 pub struct Route {
-    pub name: String,
+    /// As pilot named it: the VirtualService route's `name`, `route-N`
+    /// for an unnamed one, `default` without a VirtualService.
+    pub name: Arc<str>,
     pub matches: Vec<Match>,
     pub dests: Vec<Dest>,
     total_weight: u32,
@@ -527,7 +530,7 @@ impl Route {
             }),
         });
         Ok(Route {
-            name: r.name.clone(),
+            name: r.name.as_str().into(),
             total_weight: if never {
                 0
             } else {
@@ -691,7 +694,7 @@ mod tests {
     }
 
     fn pick<'a>(t: &'a RouteTable, path: &str, headers: &HeaderMap) -> Option<&'a str> {
-        t.select(&view(path, headers)).map(|(r, _)| r.name.as_str())
+        t.select(&view(path, headers)).map(|(r, _)| &*r.name)
     }
 
     #[test]

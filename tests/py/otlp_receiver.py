@@ -4,6 +4,10 @@ the TraceService from the opentelemetry-proto package's generated classes.
   otlp_receiver.py ADDR OUT      listen on ADDR (host:port, port 0 picks one);
                                  append each span to OUT as one JSON line;
                                  print "listening PORT" once ready
+  otlp_receiver.py ADDR OUT --stall
+                                 accept every export and never answer it
+                                 (until the caller gives up), as a wedged
+                                 collector does
 
 Each line: trace_id, span_id, parent_span_id (hex, "" for none), name, kind
 (SERVER/CLIENT/...), service (the resource's service.name), status_code,
@@ -12,6 +16,7 @@ attributes (string values).
 import json
 import sys
 import threading
+import time
 from concurrent import futures
 
 import grpc
@@ -28,11 +33,19 @@ def value(v):
 
 
 class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
-    def __init__(self, out):
+    def __init__(self, out, stall):
         self.out = out
+        self.stall = stall
         self.lock = threading.Lock()
 
     def Export(self, request, context):
+        if self.stall:
+            with self.lock:
+                with open(self.out + ".stalled", "a") as f:
+                    f.write("export\n")
+            while context.is_active():
+                time.sleep(0.1)
+            return trace_service_pb2.ExportTraceServiceResponse()
         lines = []
         for rs in request.resource_spans:
             resource = {a.key: value(a.value) for a in rs.resource.attributes}
@@ -63,8 +76,9 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
 
 def main():
     addr, out = sys.argv[1], sys.argv[2]
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Receiver(out), server)
+    stall = sys.argv[3:] == ["--stall"]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Receiver(out, stall), server)
     port = server.add_insecure_port(addr)
     server.start()
     print(f"listening {port}", flush=True)

@@ -62,9 +62,19 @@ pub struct Receiver {
 impl Receiver {
     /// Starts a receiver on 127.0.0.1 (a free port), writing into `dir`.
     pub fn start(dir: &Path) -> anyhow::Result<Self> {
+        Self::spawn(dir, &[])
+    }
+
+    /// A wedged collector: it accepts every export and never answers.
+    pub fn start_stalled(dir: &Path) -> anyhow::Result<Self> {
+        Self::spawn(dir, &["--stall"])
+    }
+
+    fn spawn(dir: &Path, mode: &[&str]) -> anyhow::Result<Self> {
         let out = dir.join("spans.jsonl");
         let mut child = Command::new("python3")
             .args([SCRIPT, "127.0.0.1:0", out.to_str().context("path")?])
+            .args(mode)
             .stdout(Stdio::piped())
             .spawn()
             .context("starting python3")?;
@@ -80,6 +90,16 @@ impl Receiver {
             anyhow::bail!("the OTLP receiver did not start: it said {line:?}");
         };
         Ok(Self { child, port, out })
+    }
+
+    /// How many exports a stalled receiver has taken and not answered.
+    pub fn stalled_exports(&self) -> usize {
+        let mut stalled = self.out.clone().into_os_string();
+        stalled.push(".stalled");
+        std::fs::read_to_string(stalled)
+            .unwrap_or_default()
+            .lines()
+            .count()
     }
 
     /// Every span received so far.

@@ -76,6 +76,21 @@ async fn telemetry_turns_access_logs_on_and_filters_them() {
     assert!(line.starts_with('['), "{line}");
     assert!(line.contains("\"GET /productpage HTTP/1.1\""), "{line}");
     assert!(line.contains(&sent), "expected {sent:?} in {line}");
+    // Then the duration and the upstream service time, which took part of it.
+    let times: Vec<u64> = line
+        .split_once(&sent)
+        .unwrap()
+        .1
+        .split(' ')
+        .take(2)
+        .map(|t| t.parse().unwrap_or_else(|_| panic!("{t:?} in {line}")))
+        .collect();
+    assert!(
+        times[1] <= times[0],
+        "upstream time above the total: {line}"
+    );
+    // The route that took it: no VirtualService, so Istio's `default`.
+    assert!(line.ends_with(" default"), "{line}");
     assert!(line.contains("\"telemetry-test/1.0\""), "{line}");
     assert!(line.contains("\"productpage:9080\""), "{line}");
     assert!(
@@ -90,6 +105,7 @@ async fn telemetry_turns_access_logs_on_and_filters_them() {
     )
     .await;
     assert!(served.contains(" 200 - via_upstream "), "{served}");
+    assert!(served.ends_with(" default"), "{served}");
 
     // Errors only on productpage's serving side: a 200 is no longer logged
     // there, a 404 is; the client side still logs everything.

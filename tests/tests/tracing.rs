@@ -271,3 +271,62 @@ async fn bookinfo_spans_share_one_trace_with_correct_parents_at_an_otlp_receiver
     }
     mesh.stop().await;
 }
+
+/// A collector that takes every export and never answers: requests go on
+/// at full speed, and each sidecar gives up on the export after its
+/// timeout and counts the spans it dropped.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_collector_never_slows_requests() {
+    if let Some(why) = otlp::missing() {
+        eprintln!("SKIPPED: {why}");
+        return;
+    }
+    let mesh = Mesh::start().await;
+    let receiver = Receiver::start_stalled(mesh.state_dir()).unwrap();
+    mesh.write_config("reviews-routing.yaml", &reviews_all_to("v2"));
+    mesh.write_config("tracing.yaml", &mesh_config(receiver.port));
+    let http = mesh.client();
+    ready(&mesh, &http, receiver.port).await;
+
+    // Each request is sampled by its caller, so every hop makes spans
+    // for the wedged collector.
+    let started = Instant::now();
+    for i in 1..=20 {
+        let traceparent = format!("00-{i:032x}-00f067aa0ba902b7-01");
+        productpage(&http, &[("traceparent", &traceparent)]).await;
+    }
+    // An export waits up to 5 s for its answer; requests never do.
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "requests waited on the collector: {:?}",
+        started.elapsed()
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let stats = mesh.stats("productpage-v1").await;
+        let dropped = metric_sum(
+            &stats,
+            "mesh_proxy_trace_spans_dropped_total",
+            &["reason=\"export_failed\""],
+        );
+        if dropped >= 1.0 {
+            assert_eq!(
+                metric_sum(&stats, "mesh_proxy_trace_spans_exported_total", &[]),
+                0.0,
+                "{stats}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no dropped spans counted: {stats}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        receiver.stalled_exports() >= 1,
+        "the collector was never sent an export"
+    );
+    assert!(receiver.spans().is_empty());
+    mesh.stop().await;
+}
