@@ -112,34 +112,15 @@ pub async fn run(opts: Options) -> anyhow::Result<bool> {
     let cp =
         ControlPlane::start_with_lifetime(&state_dir, &config_dir, opts.control_plane_ip, lifetime)
             .await?;
-    let scrape =
-        crate::prometheus::scrape_config(&specs, cp.pilot_debug_addr, Duration::from_secs(5));
-    let scrape_file = state_dir.join("prometheus.yml");
-    std::fs::write(&scrape_file, scrape)
-        .with_context(|| format!("writing {}", scrape_file.display()))?;
-    let prometheus = match (opts.prometheus, crate::prometheus::find()) {
-        (false, _) => None,
-        (true, None) => {
-            println!(
-                "Prometheus is not installed (apt-get install prometheus); {} is written for one you run yourself",
-                scrape_file.display()
-            );
-            None
-        }
-        (true, Some(bin)) => {
-            let listen = std::net::SocketAddr::new(opts.control_plane_ip, PROMETHEUS_PORT);
-            let p = crate::prometheus::Prometheus::start(
-                &bin,
-                &scrape_file,
-                &state_dir.join("prometheus"),
-                listen,
-                &log_dir.join("prometheus.log"),
-            )
-            .await?;
-            println!("Prometheus: http://{listen} (scraping every sidecar and pilot every 5s)");
-            Some(p)
-        }
-    };
+    let prometheus = prometheus(
+        &opts,
+        &specs,
+        cp.pilot_debug_addr,
+        &state_dir,
+        &log_dir,
+        opts.control_plane_ip,
+    )
+    .await?;
     if opts.cert_ttl.is_some() {
         println!("certificates live {lifetime:?}; each workload renews at about half that");
     }
@@ -194,6 +175,45 @@ pub async fn run(opts: Options) -> anyhow::Result<bool> {
     pods.stop().await;
     cp.stop().await;
     result
+}
+
+/// Writes `state_dir/prometheus.yml`, naming every sidecar's merged
+/// metrics and pilot's; with `--prometheus`, starts Debian's Prometheus
+/// with it on `ip`, when that is installed.
+async fn prometheus(
+    opts: &Options,
+    specs: &[WorkloadSpec],
+    pilot: std::net::SocketAddr,
+    state_dir: &std::path::Path,
+    log_dir: &std::path::Path,
+    ip: IpAddr,
+) -> anyhow::Result<Option<crate::prometheus::Prometheus>> {
+    let scrape = crate::prometheus::scrape_config(specs, pilot, Duration::from_secs(5));
+    let scrape_file = state_dir.join("prometheus.yml");
+    std::fs::write(&scrape_file, scrape)
+        .with_context(|| format!("writing {}", scrape_file.display()))?;
+    let bin = match (opts.prometheus, crate::prometheus::find()) {
+        (false, _) => return Ok(None),
+        (true, None) => {
+            println!(
+                "Prometheus is not installed (apt-get install prometheus); {} is written for one you run yourself",
+                scrape_file.display()
+            );
+            return Ok(None);
+        }
+        (true, Some(bin)) => bin,
+    };
+    let listen = std::net::SocketAddr::new(ip, PROMETHEUS_PORT);
+    let p = crate::prometheus::Prometheus::start(
+        &bin,
+        &scrape_file,
+        &state_dir.join("prometheus"),
+        listen,
+        &log_dir.join("prometheus.log"),
+    )
+    .await?;
+    println!("Prometheus: http://{listen} (scraping every sidecar and pilot every 5s)");
+    Ok(Some(p))
 }
 
 enum Load {
@@ -304,6 +324,10 @@ fn transparent(opts: Options) -> anyhow::Result<bool> {
     }
     let started = Instant::now();
     let (_temp, state_dir, config_dir) = directories(&opts, pods::pod_config)?;
+    println!(
+        "run directory (logs, state, config, prometheus.yml): {}",
+        state_dir.display()
+    );
     let exe = std::env::current_exe().context("finding meshctl's own path")?;
     let proxy_exe = workloads::find_proxy_exe(&exe);
     let node = Node::new()?;
@@ -317,6 +341,22 @@ fn transparent(opts: Options) -> anyhow::Result<bool> {
             );
             let mesh =
                 PodMesh::start(node, &state_dir, &config_dir, &exe, proxy_exe.as_deref()).await?;
+            let prometheus = prometheus(
+                &opts,
+                &mesh.specs,
+                mesh.cp.pilot_debug_addr,
+                &state_dir,
+                &mesh.logs,
+                IpAddr::V4(pods::NODE_IP),
+            )
+            .await;
+            let prometheus = match prometheus {
+                Ok(p) => p,
+                Err(e) => {
+                    mesh.stop().await;
+                    return Err(e);
+                }
+            };
             println!(
                 "starting {} pods, each with its traffic captured and its sidecar {}",
                 mesh.specs.len(),
@@ -360,6 +400,13 @@ fn transparent(opts: Options) -> anyhow::Result<bool> {
                         config_dir.display(),
                         mesh.logs.display()
                     );
+                    if let Some(p) = &prometheus {
+                        println!(
+                            "Prometheus, in the node namespace:\n  {enter} ip netns exec {} curl -s 'http://{}/api/v1/query?query=istio_requests_total'",
+                            mesh.node.namespace(),
+                            p.addr
+                        );
+                    }
                     match opts.requests {
                         Some(n) => Ok(send_from_pod(&mesh, n).await),
                         None => {
@@ -371,6 +418,9 @@ fn transparent(opts: Options) -> anyhow::Result<bool> {
                 }
             };
             println!("stopping the mesh");
+            if let Some(p) = prometheus {
+                p.stop().await;
+            }
             mesh.stop().await;
             result
         })

@@ -28,7 +28,8 @@ enum Command {
         #[arg(long, alias = "state-dir")]
         run_dir: Option<PathBuf>,
         /// Also start Debian's Prometheus (if installed) scraping every
-        /// sidecar and the control plane, on the control-plane address, port 9090.
+        /// sidecar and the control plane, on the control-plane address (with
+        /// --transparent, the node's 10.244.0.1), port 9090.
         #[arg(long)]
         prometheus: bool,
         /// Loopback address for citadel and pilot.

@@ -60,8 +60,11 @@ fn transparent_demo_with_requests_succeeds_and_leaves_nothing_behind() {
         .output()
         .unwrap()
         .stdout;
+    let run = tempfile::tempdir().unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_meshctl"))
-        .args(["demo", "--transparent", "--requests", "20"])
+        .args(["demo", "--transparent", "--requests", "20", "--prometheus"])
+        .arg("--run-dir")
+        .arg(run.path())
         .output()
         .expect("meshctl runs");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -75,6 +78,19 @@ fn transparent_demo_with_requests_succeeds_and_leaves_nothing_behind() {
         "{stdout}"
     );
     assert!(stdout.contains("20 x client -> productpage"), "{stdout}");
+    // The scrape config names each pod's merged metrics on its own address,
+    // and Prometheus ran in the node's namespace when it is installed.
+    let scrape = std::fs::read_to_string(run.path().join("prometheus.yml")).unwrap();
+    assert!(scrape.contains("- targets: ['10.244."), "{scrape}");
+    assert_eq!(scrape.matches(":15020']").count(), 7, "{scrape}");
+    if meshctl::prometheus::find().is_some() {
+        assert!(
+            stdout.contains("Prometheus: http://10.244.0.1:9090"),
+            "{stdout}"
+        );
+    } else {
+        eprintln!("Prometheus is not installed: only its scrape config was checked");
+    }
     // Its pods (network namespaces) are gone.
     let netns_after = Command::new("ip")
         .args(["netns", "list"])
