@@ -971,4 +971,12 @@ pub struct OpenTelemetryProvider {
     /// Host name or IP of the collector.
     pub service: String,
     pub port: u16,
+    /// OTLP over HTTP: refused (the sidecars export over gRPC).
+    #[serde(default)]
+    pub http: Option<serde_json::Value>,
+    /// gRPC timeout and metadata; `maxTagLength`: accepted, not acted on.
+    #[serde(default)]
+    pub grpc: Option<serde_json::Value>,
+    #[serde(default)]
+    pub max_tag_length: Option<u32>,
 }

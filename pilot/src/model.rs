@@ -73,8 +73,8 @@ pub struct Model {
     /// `--access-log-encoding`, Istio's `meshConfig.accessLogEncoding`).
     pub access_log_json: bool,
     /// The mesh config's extension providers by name: an OTLP collector's
-    /// `host:port`, or (`Err`) the kind of a provider the mesh cannot use
-    /// for traces.
+    /// `host:port`, or (`Err`) what a provider the mesh cannot use for
+    /// traces is ("a zipkin provider").
     pub tracing_providers: BTreeMap<String, Result<String, String>>,
     /// The collector (`host:port`) of the mesh config's
     /// `defaultProviders.tracing`: where traces go without a Telemetry, or
@@ -405,8 +405,11 @@ impl Model {
         }
         for p in &mc.extension_providers {
             let provider = match (&p.opentelemetry, p.other.keys().next()) {
+                (Some(o), None) if o.http.is_some() => {
+                    Err("an OTLP/HTTP provider (opentelemetry.http)".into())
+                }
                 (Some(o), None) => Ok(format!("{}:{}", o.service, o.port)),
-                (None, Some(kind)) => Err(kind.clone()),
+                (None, Some(kind)) => Err(format!("a {kind} provider")),
                 _ => {
                     errors.push(format!(
                         "{ctx}: data.mesh.extensionProviders[{:?}]: give exactly one provider kind",
@@ -434,7 +437,7 @@ impl Model {
         match self.tracing_providers.get(name) {
             Some(Ok(addr)) => Ok(addr.clone()),
             Some(Err(kind)) => Err(format!(
-                "provider {name:?} is a {kind} provider; the sidecars export traces over OTLP/gRPC (an opentelemetry provider)"
+                "provider {name:?} is {kind}; the sidecars export traces over OTLP/gRPC (an opentelemetry provider)"
             )),
             None => Err(format!(
                 "no extensionProvider named {name:?} in the mesh config (ConfigMap {ROOT_NAMESPACE}/istio, data.mesh.extensionProviders)"
@@ -1267,6 +1270,12 @@ data:
       opentelemetry: {service: collector.observability.svc.cluster.local, port: 4317}
     - name: zipkin
       zipkin: {service: zipkin.istio-system.svc.cluster.local, port: 9411}
+    - name: otel-http
+      opentelemetry:
+        service: collector.observability.svc.cluster.local
+        port: 4318
+        maxTagLength: 256
+        http: {path: /v1/traces}
 ";
 
     #[test]
@@ -1319,6 +1328,21 @@ spec:
         .join("\n");
         assert!(
             errors.contains("provider \"zipkin\" is a zipkin provider; the sidecars export traces over OTLP/gRPC"),
+            "{errors}"
+        );
+        let errors = model(&format!(
+            "{MESH_CONFIG}---
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {{name: z, namespace: istio-system}}
+spec:
+  tracing: [{{providers: [{{name: otel-http}}]}}]
+"
+        ))
+        .unwrap_err()
+        .join("\n");
+        assert!(
+            errors.contains("provider \"otel-http\" is an OTLP/HTTP provider (opentelemetry.http); the sidecars export traces over OTLP/gRPC"),
             "{errors}"
         );
         // Other ConfigMaps are not the mesh's; a bad mesh config names its field.
