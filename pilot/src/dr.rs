@@ -5,8 +5,8 @@
 use mesh_proto::resources as pb;
 
 use crate::istio::{
-    ConnectionPoolSettings, DestinationRule, LoadBalancerSettings, OutlierDetection, TrafficPolicy,
-    parse_duration,
+    ClientTls, ConnectionPoolSettings, DestinationRule, LoadBalancerSettings, OutlierDetection,
+    TrafficPolicy, parse_duration,
 };
 
 /// Checks a rule's policies. `at` names the resource.
@@ -104,13 +104,30 @@ fn check_policy(at: &str, field: &str, p: &TrafficPolicy, errors: &mut Vec<Strin
         }
         if let Some(tls) = tls {
             let mode = tls.mode.as_deref().unwrap_or("DISABLE");
-            if mode != "ISTIO_MUTUAL" {
+            if tls_mode(mode).is_none() {
                 err(
                     format!("{f}.tls.mode"),
-                    format!(
-                        "{mode} is not supported; sidecars always use ISTIO_MUTUAL between them"
-                    ),
+                    format!("{mode:?} is not one of DISABLE, SIMPLE, MUTUAL, ISTIO_MUTUAL"),
                 );
+            }
+            if tls.credential_name.is_some() {
+                err(
+                    format!("{f}.tls.credentialName"),
+                    "credentials from Kubernetes secrets are not supported; give caCertificates, clientCertificate and privateKey files".into(),
+                );
+            }
+            if mode == "MUTUAL" {
+                for (name, v) in [
+                    ("clientCertificate", &tls.client_certificate),
+                    ("privateKey", &tls.private_key),
+                ] {
+                    if v.as_deref().unwrap_or_default().is_empty() {
+                        err(
+                            format!("{f}.tls.{name}"),
+                            "MUTUAL needs the client's certificate and key files".into(),
+                        );
+                    }
+                }
             }
         }
     }
@@ -244,16 +261,41 @@ fn wire_outlier(o: &OutlierDetection) -> pb::OutlierDetection {
     }
 }
 
+fn tls_mode(mode: &str) -> Option<pb::client_tls::Mode> {
+    use pb::client_tls::Mode;
+    Some(match mode {
+        "DISABLE" => Mode::Disable,
+        "SIMPLE" => Mode::Simple,
+        "MUTUAL" => Mode::Mutual,
+        "ISTIO_MUTUAL" => Mode::IstioMutual,
+        _ => return None,
+    })
+}
+
+fn wire_tls(t: &ClientTls) -> pb::ClientTls {
+    let file = |f: &Option<String>| f.clone().unwrap_or_default();
+    pb::ClientTls {
+        mode: tls_mode(t.mode.as_deref().unwrap_or("DISABLE")).unwrap_or_default() as i32,
+        sni: file(&t.sni),
+        ca_certificates: file(&t.ca_certificates),
+        client_certificate: file(&t.client_certificate),
+        private_key: file(&t.private_key),
+        subject_alt_names: t.subject_alt_names.clone(),
+        insecure_skip_verify: t.insecure_skip_verify.unwrap_or(false),
+    }
+}
+
 /// The settings of one policy for one port: port-level ones first.
 type Resolved<'a> = (
     Option<&'a LoadBalancerSettings>,
     Option<&'a ConnectionPoolSettings>,
     Option<&'a OutlierDetection>,
+    Option<&'a ClientTls>,
 );
 
 fn resolve(p: Option<&TrafficPolicy>, port: u32) -> Resolved<'_> {
     let Some(p) = p else {
-        return (None, None, None);
+        return (None, None, None, None);
     };
     let at_port = p
         .port_level_settings
@@ -269,6 +311,7 @@ fn resolve(p: Option<&TrafficPolicy>, port: u32) -> Resolved<'_> {
         at_port
             .and_then(|s| s.outlier_detection.as_ref())
             .or(p.outlier_detection.as_ref()),
+        at_port.and_then(|s| s.tls.as_ref()).or(p.tls.as_ref()),
     )
 }
 
@@ -279,10 +322,11 @@ pub fn apply(dr: Option<&DestinationRule>, subset: Option<&str>, port: u32, c: &
     let sub = subset
         .and_then(|name| dr.subsets.iter().find(|s| s.name == name))
         .map(|s| resolve(s.traffic_policy.as_ref(), port))
-        .unwrap_or((None, None, None));
+        .unwrap_or((None, None, None, None));
     c.lb = sub.0.or(top.0).map(wire_lb);
     c.pool = sub.1.or(top.1).map(wire_pool);
     c.outlier = sub.2.or(top.2).map(wire_outlier);
+    c.tls = sub.3.or(top.3).map(wire_tls);
 }
 
 #[cfg(test)]
@@ -300,9 +344,11 @@ host: reviews
 trafficPolicy:
   loadBalancer: {simple: RANDOM}
   connectionPool: {http: {http1MaxPendingRequests: 1}}
+  tls: {mode: ISTIO_MUTUAL}
   portLevelSettings:
   - port: {number: 9080}
     loadBalancer: {simple: LEAST_REQUEST}
+    tls: {mode: SIMPLE, sni: reviews.example.com}
 subsets:
 - name: v1
   labels: {version: v1}
@@ -313,6 +359,7 @@ subsets:
   trafficPolicy:
     loadBalancer:
       consistentHash: {httpCookie: {name: user, ttl: 60s}}
+    tls: {mode: DISABLE}
 ");
         let mut c = pb::Cluster::default();
         apply(Some(&rule), Some("v1"), 9080, &mut c);
@@ -321,6 +368,11 @@ subsets:
             pb::load_balancer::Simple::LeastRequest as i32
         );
         assert_eq!(c.pool.as_ref().unwrap().http1_max_pending_requests, 1);
+        let tls = c.tls.as_ref().unwrap();
+        assert_eq!(
+            (tls.mode, tls.sni.as_str()),
+            (pb::client_tls::Mode::Simple as i32, "reviews.example.com")
+        );
         let od = c.outlier.unwrap();
         assert_eq!(
             (
@@ -329,6 +381,18 @@ subsets:
                 od.max_ejection_percent
             ),
             (1, 1000, 10)
+        );
+        let mut c = pb::Cluster::default();
+        apply(Some(&rule), Some("v2"), 9000, &mut c);
+        assert_eq!(
+            c.tls.as_ref().unwrap().mode,
+            pb::client_tls::Mode::Disable as i32
+        );
+        let mut c = pb::Cluster::default();
+        apply(Some(&rule), None, 9000, &mut c);
+        assert_eq!(
+            c.tls.as_ref().unwrap().mode,
+            pb::client_tls::Mode::IstioMutual as i32
         );
         let mut c = pb::Cluster::default();
         apply(Some(&rule), Some("v2"), 9000, &mut c);
@@ -348,7 +412,7 @@ subsets:
 host: reviews
 trafficPolicy:
   loadBalancer: {simple: PASSTHROUGH}
-  tls: {mode: SIMPLE}
+  tls: {mode: STRICT, credentialName: shop-cert}
   outlierDetection: {interval: soon, maxEjectionPercent: 150}
   portLevelSettings:
   - port: {number: 9080}
@@ -359,7 +423,8 @@ trafficPolicy:
         let all = errors.join("\n");
         for want in [
             "spec.trafficPolicy.loadBalancer.simple: \"PASSTHROUGH\" is not supported",
-            "spec.trafficPolicy.tls.mode: SIMPLE is not supported",
+            "spec.trafficPolicy.tls.mode: \"STRICT\" is not one of DISABLE, SIMPLE, MUTUAL, ISTIO_MUTUAL",
+            "spec.trafficPolicy.tls.credentialName: credentials from Kubernetes secrets are not supported",
             "spec.trafficPolicy.outlierDetection.interval: \"soon\" is not a duration",
             "spec.trafficPolicy.outlierDetection.maxEjectionPercent: 150",
             "spec.trafficPolicy.portLevelSettings[0].loadBalancer.consistentHash: needs exactly one",

@@ -162,7 +162,7 @@ fn target_port(w: &Workload, port: &ServicePort) -> u32 {
         .unwrap_or(port.number)
 }
 
-fn cluster_endpoints(
+pub(crate) fn cluster_endpoints(
     model: &Model,
     svc: &Service,
     port: &ServicePort,
@@ -175,8 +175,16 @@ fn cluster_endpoints(
         .map(|w| pb::Endpoint {
             address: w.address.clone(),
             port: target_port(w, port),
-            identity: w.identity(&model.trust_domain).to_string(),
-            tunnel_port: mesh_proto::ports::INBOUND as u32,
+            identity: if w.sidecar {
+                w.identity(&model.trust_domain).to_string()
+            } else {
+                String::new()
+            },
+            tunnel_port: if w.sidecar {
+                mesh_proto::ports::INBOUND as u32
+            } else {
+                0
+            },
             workload: w.name.clone(),
             namespace: w.namespace.clone(),
             labels: w.labels.clone().into_iter().collect(),

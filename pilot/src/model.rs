@@ -15,6 +15,9 @@ pub struct Service {
     pub selector: Labels,
     /// Virtual IPs (ServiceEntry `addresses`): apps may call the service by them.
     pub vips: Vec<std::net::IpAddr>,
+    /// A ServiceEntry's own `endpoints`: this service's alone, and no
+    /// proxy of the mesh's runs for them.
+    pub inline: Vec<Workload>,
 }
 
 /// Istio's default cluster ID.
@@ -28,7 +31,13 @@ pub struct Workload {
     pub labels: Labels,
     pub service_account: String,
     pub ports: BTreeMap<String, u32>,
+    /// Whether a sidecar stands in front of it (mutual TLS to its inbound
+    /// listener) or requests go to its address as they are.
+    pub sidecar: bool,
 }
+
+/// Istio's label saying whether an endpoint has a sidecar (`istio`) or not.
+pub const TLS_MODE_LABEL: &str = "security.istio.io/tlsMode";
 
 impl Workload {
     /// The id a workload's proxy announces in its xDS Node: `<name>.<namespace>`.
@@ -821,6 +830,9 @@ impl Model {
                             .clone()
                             .unwrap_or_else(|| "default".to_string()),
                         ports: we.ports.clone(),
+                        // The mesh runs a sidecar beside each of its
+                        // WorkloadEntries unless its label says otherwise.
+                        sidecar: we.labels.get(TLS_MODE_LABEL).is_none_or(|m| m == "istio"),
                     };
                     if w.address.parse::<std::net::IpAddr>().is_err() {
                         errors.push(format!(
@@ -865,6 +877,36 @@ impl Model {
                 )),
             }
         }
+        let mut inline = Vec::new();
+        for (i, e) in se.endpoints.iter().enumerate() {
+            if e.address.parse::<std::net::IpAddr>().is_err() {
+                errors.push(format!(
+                    "{}: spec.endpoints[{i}].address {:?} is not an IP address (endpoints by DNS name are not supported yet)",
+                    at(meta, "ServiceEntry"),
+                    e.address
+                ));
+                continue;
+            }
+            inline.push(Workload {
+                name: meta.name.clone(),
+                namespace: meta.namespace.clone(),
+                address: e.address.clone(),
+                labels: e.labels.clone(),
+                service_account: e
+                    .service_account
+                    .clone()
+                    .unwrap_or_else(|| "default".to_string()),
+                ports: e.ports.clone(),
+                // As in Istio: only an endpoint labelled as having one.
+                sidecar: e.labels.get(TLS_MODE_LABEL).is_some_and(|m| m == "istio"),
+            });
+        }
+        if !inline.is_empty() && se.workload_selector.is_some() {
+            errors.push(format!(
+                "{}: spec: give endpoints or workloadSelector, not both",
+                at(meta, "ServiceEntry")
+            ));
+        }
         for host in &se.hosts {
             let host = fqdn(host, &meta.namespace);
             if self.services.contains_key(&host) {
@@ -886,6 +928,7 @@ impl Model {
                         .map(|s| s.labels.clone())
                         .unwrap_or_default(),
                     vips: vips.clone(),
+                    inline: inline.clone(),
                 },
             );
         }
@@ -1003,18 +1046,21 @@ impl Model {
         }
     }
 
-    /// Workloads a service selects, optionally narrowed to a subset's labels.
+    /// Workloads a service selects (and a ServiceEntry's own endpoints),
+    /// optionally narrowed to a subset's labels.
     pub fn endpoints_of<'a>(
         &'a self,
         svc: &'a Service,
         subset: Option<&'a Labels>,
     ) -> impl Iterator<Item = &'a Workload> + 'a {
-        self.workloads.values().filter(move |w| {
+        let selected = self.workloads.values().filter(move |w| {
             w.namespace == svc.namespace
                 && !svc.selector.is_empty()
                 && selects(&svc.selector, &w.labels)
-                && subset.is_none_or(|s| selects(s, &w.labels))
-        })
+        });
+        selected
+            .chain(&svc.inline)
+            .filter(move |w| subset.is_none_or(|s| selects(s, &w.labels)))
     }
 }
 
@@ -1255,6 +1301,88 @@ spec:
             assert!(errors.contains(needle), "{needle:?} not in:\n{errors}");
         }
         assert!(errors.contains("Telemetry shop/bad"), "{errors}");
+    }
+
+    #[test]
+    fn endpoints_without_a_sidecar_carry_no_identity_and_no_tunnel() {
+        let m = model(&format!(
+            "{WORKLOADS}---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {{name: vm, namespace: shop}}
+spec: {{address: 10.0.0.9, labels: {{app: a, security.istio.io/tlsMode: disabled}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: a, namespace: shop}}
+spec:
+  hosts: [a.shop.svc.cluster.local]
+  ports: [{{number: 80, name: http}}]
+  workloadSelector: {{labels: {{app: a}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: legacy, namespace: shop}}
+spec:
+  hosts: [legacy.example.com]
+  ports: [{{number: 80, name: http}}]
+  endpoints:
+  - {{address: 192.0.2.7, ports: {{http: 8080}}}}
+  - {{address: 192.0.2.8, labels: {{security.istio.io/tlsMode: istio}}, serviceAccount: legacy}}
+"
+        ))
+        .unwrap();
+        let eps = |host: &str| {
+            let svc = &m.services[host];
+            crate::generate::cluster_endpoints(&m, svc, &svc.ports[0], None, "c").endpoints
+        };
+        let a = eps("a.shop.svc.cluster.local");
+        let by = |addr: &str| a.iter().find(|e| e.address == addr).unwrap().clone();
+        assert_eq!(
+            by("10.0.0.1").tunnel_port,
+            mesh_proto::ports::INBOUND as u32
+        );
+        assert_eq!(
+            by("10.0.0.1").identity,
+            "spiffe://cluster.local/ns/shop/sa/default"
+        );
+        // Labelled as having no sidecar: neither tunnel nor identity.
+        assert_eq!(
+            (by("10.0.0.9").tunnel_port, by("10.0.0.9").identity.as_str()),
+            (0, "")
+        );
+        // A ServiceEntry's own endpoints: no sidecar unless labelled so;
+        // the named port maps to the endpoint's.
+        let legacy = eps("legacy.example.com");
+        assert_eq!(legacy.len(), 2);
+        assert_eq!((legacy[0].port, legacy[0].tunnel_port), (8080, 0));
+        assert_eq!(
+            legacy[1].identity,
+            "spiffe://cluster.local/ns/shop/sa/legacy"
+        );
+        // They are no proxies of the mesh's.
+        assert!(
+            !m.workloads
+                .values()
+                .any(|w| w.address.starts_with("192.0.2."))
+        );
+
+        let errors = model(
+            "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: dns, namespace: shop}
+spec:
+  hosts: [api.example.com]
+  ports: [{number: 443, name: https}]
+  endpoints: [{address: api.example.com}]
+",
+        )
+        .unwrap_err()
+        .join("\n");
+        assert!(
+            errors.contains("spec.endpoints[0].address \"api.example.com\" is not an IP address"),
+            "{errors}"
+        );
     }
 
     const MESH_CONFIG: &str = "apiVersion: v1

@@ -193,10 +193,20 @@ fn config_dump(shared: &Shared) -> Value {
         "clusters": clusters.iter().map(|c| json!({
             "name": c.config.name,
             "protocol": protocol(c.config.protocol),
+            "tls": c.config.tls.as_ref().map(|t| json!({
+                "mode": pb::client_tls::Mode::try_from(t.mode)
+                    .map_or("UNKNOWN", |m| m.as_str_name()),
+                "sni": t.sni,
+                "ca_certificates": t.ca_certificates,
+                "client_certificate": t.client_certificate,
+                "subject_alt_names": t.subject_alt_names,
+                "insecure_skip_verify": t.insecure_skip_verify,
+            })),
             "endpoints": c.endpoints.iter().map(|e| json!({
                 "address": format!("{}:{}", e.pb.address, e.pb.port),
                 "identity": e.pb.identity,
                 "workload": e.pb.workload,
+                "sidecar": e.identity.is_some(),
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
     })

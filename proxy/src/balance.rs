@@ -322,10 +322,7 @@ impl Balancer {
                 (None, _) => Policy::RoundRobin,
             },
         };
-        let h2 = matches!(
-            pb::Protocol::try_from(c.protocol),
-            Ok(pb::Protocol::Http2 | pb::Protocol::Grpc)
-        );
+        let h2 = crate::state::speaks_h2(c.protocol);
         let breaker = breaker.or_else(|| {
             c.pool.as_ref().and_then(|p| {
                 let limit = |v: u32| if v == 0 { u32::MAX } else { v };

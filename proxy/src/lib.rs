@@ -19,6 +19,7 @@ pub mod inbound;
 pub mod jwt;
 pub mod metrics;
 pub mod observe;
+pub mod origin;
 pub mod outbound;
 pub mod platform;
 pub mod pool;

@@ -1,6 +1,8 @@
 //! Outbound: requests from the app (explicit HTTP proxy in local mode) are
 //! routed by pilot's config and carried to the chosen endpoint's sidecar as
-//! HTTP/2 over mutual TLS, checking that it presents the endpoint's identity.
+//! HTTP/2 over mutual TLS, checking that it presents the endpoint's identity
+//! (or, as the cluster's DestinationRule tls and the endpoint say, plaintext
+//! or TLS originated here: `origin.rs`).
 
 use std::sync::Arc;
 
@@ -16,7 +18,8 @@ use crate::balance::{HashKey, Outcome};
 use crate::flags::Flags;
 use crate::metrics::{Observation, Peers, RequestLabels};
 use crate::observe::{self, ReqBody};
-use crate::pool::Body;
+use crate::origin::{self, Via};
+use crate::pool::{Body, CONNECT_TIMEOUT, PoolError};
 use crate::replay::Replay;
 use crate::route::{self, Action, Failure, RequestView};
 use crate::state::{Cluster, Endpoint, Snapshot};
@@ -96,7 +99,9 @@ pub async fn handle(
                 Chosen::Mesh(c, e) => {
                     c.labels(&mut peers);
                     e.labels(&mut peers);
-                    peers.connection_security_policy = "mutual_tls";
+                    if c.transport.is_mesh(e) {
+                        peers.connection_security_policy = "mutual_tls";
+                    }
                 }
                 Chosen::Outside(name) => {
                     peers.destination_service = name.to_string();
@@ -127,7 +132,7 @@ pub async fn handle(
                 Chosen::Mesh(c, e) => (
                     Some(format!("{}:{}", e.pb.address, e.pb.port)),
                     Some(c.config.name.clone()),
-                    Some(e.pb.identity.clone()),
+                    e.identity.as_ref().map(ToString::to_string),
                 ),
                 Chosen::Cluster(c) => (None, Some(c.config.name.clone()), None),
                 Chosen::Outside(name) => (
@@ -151,7 +156,7 @@ pub async fn handle(
                 upstream_cluster,
                 source_principal: Some(shared.cfg.identity.to_string()),
                 destination_principal,
-                mtls: matches!(chosen, Chosen::Mesh(..)),
+                mtls: matches!(&chosen, Chosen::Mesh(c, e) if c.transport.is_mesh(e)),
                 upstream_service_time: served.upstream_time,
                 route_name: match &chosen {
                     Chosen::Outside(PASSTHROUGH) => Some("allow_any"),
@@ -567,10 +572,11 @@ impl Attempts<'_> {
         let _done = scopeguard(|| {
             endpoint.stats.active.fetch_sub(1, Ordering::Relaxed);
         });
-        let send = self.shared.pool.send_within(
+        let send = send_to(
+            self.shared,
             self.tls,
-            endpoint.tunnel,
-            &endpoint.identity,
+            self.cluster,
+            endpoint,
             req,
             self.cluster
                 .balancer
@@ -695,6 +701,47 @@ fn classify(e: &crate::pool::PoolError) -> Failure {
     Failure::Reset
 }
 
+/// Sends one request to `endpoint` the way `cluster` speaks to its
+/// endpoints: mutual TLS to its sidecar, plaintext, or TLS originated here.
+async fn send_to(
+    shared: &Shared,
+    tls: &crate::identity::Tls,
+    cluster: &Cluster,
+    endpoint: &Endpoint,
+    req: Request<Body>,
+    connect_timeout: std::time::Duration,
+) -> Result<Response<Incoming>, PoolError> {
+    let h2 = crate::state::speaks_h2(cluster.config.protocol);
+    let direct = |error| PoolError::Direct {
+        addr: endpoint.tunnel,
+        error,
+    };
+    match cluster.transport.via(endpoint) {
+        Via::Sidecar(id) => {
+            shared
+                .pool
+                .send_within(tls, endpoint.tunnel, id, req, connect_timeout)
+                .await
+        }
+        Via::Plain => {
+            let client = if h2 { &shared.app_h2 } else { &shared.app_h1 };
+            origin::send(client, Scheme::HTTP, endpoint.tunnel, h2, req)
+                .await
+                .map_err(direct)
+        }
+        Via::Tls(o) => origin::send(
+            o.client(shared.cfg.socket_mark),
+            Scheme::HTTPS,
+            endpoint.tunnel,
+            h2,
+            req,
+        )
+        .await
+        .map_err(direct),
+        Via::Refused(why) => Err(PoolError::Refused(endpoint.tunnel, why)),
+    }
+}
+
 /// Sends a copy of the request to a mirror cluster once the body is whole,
 /// and forgets it: the answer is dropped and nothing waits for it.
 fn mirror(
@@ -732,11 +779,8 @@ fn mirror(
                 Some(_) => return,
             };
             let req = Request::from_parts(parts, body);
-            if let Ok(resp) = shared
-                .pool
-                .send(&tls, endpoint.tunnel, &endpoint.identity, req)
-                .await
-            {
+            let sent = send_to(&shared, &tls, &cluster, &endpoint, req, CONNECT_TIMEOUT);
+            if let Ok(resp) = sent.await {
                 let _ = resp.into_body().collect().await;
             }
         };

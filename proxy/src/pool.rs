@@ -36,12 +36,38 @@ pub enum PoolError {
     Config(#[from] rustls::Error),
     #[error("HTTP/2 to {0}: {1}")]
     Http(SocketAddr, hyper::Error),
+    /// A request to an endpoint without a sidecar, or to a server this
+    /// sidecar originates TLS to.
+    #[error("request to {addr}: {}", chain(error))]
+    Direct {
+        addr: SocketAddr,
+        error: hyper_util::client::legacy::Error,
+    },
+    /// The cluster's transport rules the endpoint out.
+    #[error("{1}")]
+    Refused(SocketAddr, String),
+}
+
+/// An error with its causes, as one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
 }
 
 impl PoolError {
     /// Whether the request never reached the peer, so sending it elsewhere is safe.
     pub fn is_connect(&self) -> bool {
-        !matches!(self, PoolError::Http(..))
+        match self {
+            PoolError::Http(..) => false,
+            PoolError::Direct { error, .. } => error.is_connect(),
+            _ => true,
+        }
     }
 }
 

@@ -67,10 +67,21 @@ pub struct InboundPort {
     pub service: String,
 }
 
+/// Whether a port or cluster of `protocol` speaks HTTP/2 (gRPC does).
+pub fn speaks_h2(protocol: i32) -> bool {
+    matches!(
+        pb::Protocol::try_from(protocol),
+        Ok(pb::Protocol::Http2 | pb::Protocol::Grpc)
+    )
+}
+
 /// A cluster with its endpoints and its round-robin cursor.
 #[derive(Debug)]
 pub struct Cluster {
     pub config: pb::Cluster,
+    /// How its endpoints are spoken to (mutual TLS, plaintext, or TLS this
+    /// sidecar originates).
+    pub transport: Arc<crate::origin::Transport>,
     pub endpoints: Vec<Arc<Endpoint>>,
     /// Load balancing, outlier detection and the circuit breaker.
     pub balancer: crate::balance::Balancer,
@@ -83,8 +94,11 @@ pub struct Cluster {
 #[derive(Debug)]
 pub struct Endpoint {
     pub pb: pb::Endpoint,
+    /// Where requests to it go: its sidecar's inbound listener, or its
+    /// own address and port when it has no sidecar.
     pub tunnel: SocketAddr,
-    pub identity: SpiffeId,
+    /// What its sidecar must present; `None`: it has no sidecar.
+    pub identity: Option<SpiffeId>,
     /// `x-mesh-target-port` value: the app port behind the sidecar.
     pub target_port: HeaderValue,
     /// The endpoint's workload as metrics name it.
@@ -98,9 +112,16 @@ pub struct Endpoint {
 impl Endpoint {
     pub fn new(pb: pb::Endpoint) -> Option<Self> {
         let ip = pb.address.parse().ok()?;
+        let (tunnel, identity) = match pb.tunnel_port {
+            0 => (SocketAddr::new(ip, pb.port as u16), None),
+            t => (
+                SocketAddr::new(ip, t as u16),
+                Some(pb.identity.parse().ok()?),
+            ),
+        };
         Some(Self {
-            tunnel: SocketAddr::new(ip, pb.tunnel_port as u16),
-            identity: pb.identity.parse().ok()?,
+            tunnel,
+            identity,
             target_port: HeaderValue::from(pb.port),
             meta: PeerMeta::from_labels(&pb.workload, &pb.namespace, &pb.labels, &pb.cluster),
             series: SeriesCache::default(),
@@ -190,7 +211,19 @@ impl Resources {
                 let breaker = before
                     .filter(|b| b.config.pool == c.pool && b.config.protocol == c.protocol)
                     .and_then(|b| b.balancer.breaker.clone());
+                // Same settings: the same transport, pooled connections and all.
+                let transport = before
+                    .filter(|b| b.config.tls == c.tls && b.config.service == c.service)
+                    .map(|b| b.transport.clone())
+                    .unwrap_or_else(|| {
+                        Arc::new(crate::origin::Transport::load(
+                            c.tls.as_ref(),
+                            &c.service,
+                            speaks_h2(c.protocol),
+                        ))
+                    });
                 let cluster = Cluster {
+                    transport,
                     balancer: crate::balance::Balancer::new(c, &endpoints, breaker),
                     config: c.clone(),
                     endpoints,
@@ -272,10 +305,7 @@ impl Resources {
                     port: p.port,
                     app: authority(ip)?,
                     app_loopback: authority(loopback)?,
-                    h2: matches!(
-                        pb::Protocol::try_from(p.protocol),
-                        Ok(pb::Protocol::Http2 | pb::Protocol::Grpc)
-                    ),
+                    h2: speaks_h2(p.protocol),
                     tcp: pb::Protocol::try_from(p.protocol) == Ok(pb::Protocol::Tcp),
                     service: p.services.first().cloned().unwrap_or_default(),
                 };

@@ -2,7 +2,8 @@
 //! stream to the endpoint's sidecar over the same mutual-TLS connection
 //! HTTP uses (the peer's identity checked the same way), and both sides
 //! splice bytes. The inbound side connects to the app port the CONNECT
-//! names, if the workload serves it.
+//! names, if the workload serves it. Endpoints without a sidecar get the
+//! bytes directly, in plaintext.
 
 use std::sync::Arc;
 
@@ -21,6 +22,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::Shared;
 use crate::metrics::{Peers, TcpLabels, TcpSeries};
+use crate::origin::Via;
 use crate::pool::Body;
 use crate::state::Cluster;
 use crate::wire::{self, local_reply};
@@ -32,6 +34,20 @@ pub async fn outbound(shared: Arc<Shared>, mut client: TcpStream, cluster: Arc<C
         tracing::warn!(cluster = %name, "no endpoints: closing the TCP connection");
         count_failed(&shared, &cluster, None, "UH");
         return;
+    };
+    let id = match cluster.transport.via(&ep) {
+        Via::Sidecar(id) => id.clone(),
+        Via::Plain => return direct(&shared, client, &cluster, &ep).await,
+        Via::Tls(_) => {
+            tracing::warn!(cluster = %name, "TLS origination is for HTTP clusters: closing the TCP connection");
+            count_failed(&shared, &cluster, Some(&ep), "UF");
+            return;
+        }
+        Via::Refused(why) => {
+            tracing::warn!(cluster = %name, "{why}: closing the TCP connection");
+            count_failed(&shared, &cluster, Some(&ep), "UF");
+            return;
+        }
     };
     let Some(tls) = shared.tls.borrow().clone() else {
         return;
@@ -50,7 +66,7 @@ pub async fn outbound(shared: Arc<Shared>, mut client: TcpStream, cluster: Arc<C
     if let Some(src) = &shared.snapshot.borrow().own.source_header {
         req.headers_mut().insert(wire::SOURCE, src.clone());
     }
-    let resp = match shared.pool.send(&tls, ep.tunnel, &ep.identity, req).await {
+    let resp = match shared.pool.send(&tls, ep.tunnel, &id, req).await {
         Ok(r) if r.status() == StatusCode::OK => r,
         Ok(r) => {
             tracing::warn!(%target, status = %r.status(), "peer sidecar refused the TCP tunnel");
@@ -73,6 +89,36 @@ pub async fn outbound(shared: Arc<Shared>, mut client: TcpStream, cluster: Arc<C
             }
         }
         Err(e) => tracing::warn!(%target, error = %e, "TCP tunnel upgrade failed"),
+    }
+}
+
+/// Carries a connection to an endpoint without a sidecar: plaintext to
+/// its own address, as Istio's auto mutual TLS does.
+async fn direct(
+    shared: &Shared,
+    mut client: TcpStream,
+    cluster: &Cluster,
+    ep: &crate::state::Endpoint,
+) {
+    let dial = mesh_identity::grpc::dial(ep.tunnel, shared.cfg.socket_mark);
+    let mut upstream = match tokio::time::timeout(crate::pool::CONNECT_TIMEOUT, dial).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::warn!(endpoint = %ep.tunnel, error = %e, "TCP connect failed");
+            count_failed(shared, cluster, Some(ep), "UF");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(endpoint = %ep.tunnel, "TCP connect timed out");
+            count_failed(shared, cluster, Some(ep), "UF");
+            return;
+        }
+    };
+    let series = outbound_series(shared, cluster, Some(ep), "-");
+    let mut client = Counting::new(&mut client);
+    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+    if let Some(series) = series {
+        series.closed(client.written, client.read);
     }
 }
 
@@ -105,7 +151,9 @@ fn outbound_series(
     cluster.labels(&mut peers);
     if let Some(ep) = ep {
         ep.labels(&mut peers);
-        peers.connection_security_policy = "mutual_tls";
+        if cluster.transport.is_mesh(ep) {
+            peers.connection_security_policy = "mutual_tls";
+        }
     }
     Some(shared.metrics.tcp_opened(&TcpLabels {
         peers,

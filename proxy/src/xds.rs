@@ -28,7 +28,10 @@ pub struct XdsStatus {
     pub connected: bool,
     /// pilot's snapshot version of the last accepted response.
     pub version: String,
+    /// Why the last rejected response was rejected, until a response of
+    /// the same type is accepted.
     pub last_nack: Option<String>,
+    pub last_nack_type: Option<String>,
     /// Responses applied (ACKed) and rejected (NACKed) since the proxy started.
     pub acks: u64,
     pub nacks: u64,
@@ -116,7 +119,10 @@ impl Client {
                 Ok(()) => {
                     self.status_tx.send_modify(|s| {
                         s.version = resp.system_version_info.clone();
-                        s.last_nack = None;
+                        if s.last_nack_type.as_deref() == Some(resp.type_url.as_str()) {
+                            s.last_nack = None;
+                            s.last_nack_type = None;
+                        }
                         s.acks += 1;
                     });
                 }
@@ -124,6 +130,7 @@ impl Client {
                     tracing::warn!(type_url = %resp.type_url, %message, "rejecting config from pilot (NACK); keeping the last good one");
                     self.status_tx.send_modify(|s| {
                         s.last_nack = Some(message.clone());
+                        s.last_nack_type = Some(resp.type_url.clone());
                         s.nacks += 1;
                     });
                     ack.error_detail = Some(mesh_proto::rpc::Status {
@@ -212,6 +219,12 @@ fn decode_into(next: &mut Resources, t: &str, name: &str, bytes: &[u8]) -> Resul
         }
         type_url::CLUSTER => {
             let c = pb::Cluster::decode(bytes).map_err(bad)?;
+            crate::origin::Transport::compile(
+                c.tls.as_ref(),
+                &c.service,
+                crate::state::speaks_h2(c.protocol),
+            )
+            .map_err(|e| format!("cluster {}: {e}", c.name))?;
             next.clusters.insert(name.to_string(), c);
         }
         type_url::ENDPOINTS => {
@@ -220,9 +233,12 @@ fn decode_into(next: &mut Resources, t: &str, name: &str, bytes: &[u8]) -> Resul
                 ep.address
                     .parse::<std::net::IpAddr>()
                     .map_err(|_| format!("endpoint address {:?} is not an IP", ep.address))?;
-                ep.identity
-                    .parse::<mesh_identity::SpiffeId>()
-                    .map_err(|e| format!("endpoint {}: {e}", ep.address))?;
+                // Without a sidecar (tunnel port 0) there is no identity to check.
+                if ep.tunnel_port != 0 {
+                    ep.identity
+                        .parse::<mesh_identity::SpiffeId>()
+                        .map_err(|e| format!("endpoint {}: {e}", ep.address))?;
+                }
             }
             next.endpoints.insert(name.to_string(), e);
         }

@@ -180,6 +180,24 @@ impl Mesh {
     /// `/config_dump` (as compact JSON) contains `marker`; panics with
     /// pilot's errors if it never does.
     pub async fn wait_telemetry(&self, workload: &str, marker: &str) {
+        self.wait_dump(workload, marker, |d| d["listener"]["telemetry"].to_string())
+            .await
+    }
+
+    /// Waits until `workload`'s sidecar's `/config_dump` (as compact
+    /// JSON) contains `marker`; panics with pilot's errors if it never does.
+    pub async fn wait_config_dump(&self, workload: &str, marker: &str) {
+        self.wait_dump(workload, marker, |d| d.to_string()).await
+    }
+
+    /// Waits until the part of `workload`'s `/config_dump` that `part`
+    /// picks contains `marker`.
+    async fn wait_dump(
+        &self,
+        workload: &str,
+        marker: &str,
+        part: impl Fn(&serde_json::Value) -> String,
+    ) {
         let url = format!(
             "http://{}:15000/config_dump",
             self.workload(workload).address
@@ -187,13 +205,13 @@ impl Mesh {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         loop {
             let dump: serde_json::Value = reqwest::get(&url).await.unwrap().json().await.unwrap();
-            let telemetry = dump["listener"]["telemetry"].to_string();
-            if telemetry.contains(marker) {
+            let text = part(&dump);
+            if text.contains(marker) {
                 return;
             }
             assert!(
                 std::time::Instant::now() < deadline,
-                "{workload} never got telemetry with {marker}: {telemetry}; pilot says {:?}",
+                "{workload} never got config with {marker}: {text}; pilot says {:?}",
                 self.cp.pilot().expect("pilot runs").errors()
             );
             tokio::time::sleep(Duration::from_millis(50)).await;

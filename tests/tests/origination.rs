@@ -1,0 +1,350 @@
+//! How a sidecar speaks to endpoints outside the mesh, as Istio's
+//! ServiceEntry and DestinationRule `trafficPolicy.tls` say: plaintext to
+//! an endpoint without a sidecar (auto mutual TLS), and TLS the sidecar
+//! originates (SIMPLE, MUTUAL) to servers this test runs with a CA of its
+//! own, on loopback.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use mesh_tests::Mesh;
+use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
+
+/// What a server saw of one request.
+#[derive(Clone, Debug, Default)]
+struct Seen {
+    host: String,
+    sni: Option<String>,
+    client_cert: bool,
+    mesh_headers: Vec<String>,
+}
+
+/// An HTTP/1.1 server on 127.0.0.1, plaintext or TLS (asking for a client
+/// certificate when `clients` is given), answering `name` to everything.
+struct Server {
+    port: u16,
+    seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+impl Server {
+    async fn start(name: &'static str, tls: Option<Arc<rustls::ServerConfig>>) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+        let log = seen.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                let (tls, log) = (tls.clone(), log.clone());
+                tokio::spawn(async move {
+                    let (io, sni, client_cert): (Box<dyn Io>, _, _) = match tls {
+                        None => (Box::new(tcp), None, false),
+                        Some(config) => {
+                            let Ok(stream) =
+                                tokio_rustls::TlsAcceptor::from(config).accept(tcp).await
+                            else {
+                                return;
+                            };
+                            let (_, conn) = stream.get_ref();
+                            let sni = conn.server_name().map(str::to_string);
+                            let cert = conn.peer_certificates().is_some_and(|c| !c.is_empty());
+                            (Box::new(stream), sni, cert)
+                        }
+                    };
+                    let svc = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
+                        let host = req
+                            .headers()
+                            .get(hyper::header::HOST)
+                            .and_then(|h| h.to_str().ok())
+                            .unwrap_or_default()
+                            .to_string();
+                        let mesh_headers = req
+                            .headers()
+                            .keys()
+                            .map(|k| k.as_str().to_string())
+                            .filter(|k| k.starts_with("x-mesh-"))
+                            .collect();
+                        log.lock().unwrap().push(Seen {
+                            host,
+                            sni: sni.clone(),
+                            client_cert,
+                            mesh_headers,
+                        });
+                        async move {
+                            Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
+                                Bytes::from(name),
+                            )))
+                        }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(io), svc)
+                        .await;
+                });
+            }
+        });
+        Self { port, seen }
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
+/// A CA of the test's own, with the files a DestinationRule names.
+struct Pki {
+    ca: PathBuf,
+    client_cert: PathBuf,
+    client_key: PathBuf,
+    issuer: Issuer<'static, KeyPair>,
+    ca_der: rustls::pki_types::CertificateDer<'static>,
+}
+
+impl Pki {
+    fn new(dir: &Path, tag: &str) -> Self {
+        let ca_key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(vec![]).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, format!("{tag} CA"));
+        let ca = params.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(params, ca_key);
+        let write = |name: &str, text: &str| {
+            let p = dir.join(format!("{tag}-{name}"));
+            std::fs::write(&p, text).unwrap();
+            p
+        };
+        let ca_path = write("ca.pem", &ca.pem());
+        let (cert, key) = leaf(&issuer, "app.example.com");
+        Self {
+            ca: ca_path,
+            client_cert: write("client.pem", &cert.pem()),
+            client_key: write("client.key", &key.serialize_pem()),
+            issuer,
+            ca_der: ca.der().clone(),
+        }
+    }
+
+    /// A server config for `name`, asking for a client certificate from
+    /// this CA when `mutual`.
+    fn server(&self, name: &str, mutual: bool) -> Arc<rustls::ServerConfig> {
+        let (cert, key) = leaf(&self.issuer, name);
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap();
+        let builder = if mutual {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(self.ca_der.clone()).unwrap();
+            let verifier =
+                rustls::server::WebPkiClientVerifier::builder_with_provider(roots.into(), provider)
+                    .build()
+                    .unwrap();
+            builder.with_client_cert_verifier(verifier)
+        } else {
+            builder.with_no_client_auth()
+        };
+        let key = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap();
+        Arc::new(
+            builder
+                .with_single_cert(vec![cert.der().clone()], key)
+                .unwrap(),
+        )
+    }
+}
+
+fn leaf(issuer: &Issuer<'static, KeyPair>, name: &str) -> (rcgen::Certificate, KeyPair) {
+    let key = KeyPair::generate().unwrap();
+    let mut p = CertificateParams::new(vec![]).unwrap();
+    p.subject_alt_names = vec![SanType::DnsName(name.try_into().unwrap())];
+    (p.signed_by(&key, issuer).unwrap(), key)
+}
+
+/// A ServiceEntry for `host`, port 80 (HTTP), whose one endpoint is
+/// 127.0.0.1:`port` without a sidecar.
+fn service_entry(name: &str, host: &str, port: u16) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: {name}, namespace: default}}
+spec:
+  hosts: [{host}]
+  location: MESH_EXTERNAL
+  resolution: STATIC
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  endpoints: [{{address: 127.0.0.1, ports: {{http: {port}}}}}]
+---
+"
+    )
+}
+
+/// MUTUAL with the client's files from `pki`, its key at `key`.
+fn mutual_tls(pki: &Pki, extra: &str, key: &Path) -> String {
+    format!(
+        "{{mode: MUTUAL, {extra}caCertificates: {}, clientCertificate: {}, privateKey: {}}}",
+        pki.ca.display(),
+        pki.client_cert.display(),
+        key.display()
+    )
+}
+
+fn destination_rule(host: &str, tls: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: {}, namespace: default}}
+spec:
+  host: {host}
+  trafficPolicy:
+    tls: {tls}
+---
+",
+        host.replace('.', "-")
+    )
+}
+
+async fn get(http: &reqwest::Client, host: &str) -> (u16, String) {
+    let resp = http
+        .get(format!("http://{host}/hello"))
+        .send()
+        .await
+        .unwrap();
+    (resp.status().as_u16(), resp.text().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn plaintext_to_endpoints_without_a_sidecar_and_tls_originated_as_destination_rules_say() {
+    let mesh = Mesh::start().await;
+    let dir = mesh.state_dir().to_path_buf();
+    let pki = Pki::new(&dir, "external");
+    let other = Pki::new(&dir, "other");
+    let plain = Server::start("plain", None).await;
+    let simple = Server::start("simple", Some(pki.server("simple.example.com", false))).await;
+    let mutual = Server::start("mutual", Some(pki.server("mutual.example.com", true))).await;
+    let entries = [
+        service_entry("legacy", "legacy.example.com", plain.port),
+        service_entry("simple", "simple.example.com", simple.port),
+        service_entry("mutual", "mutual.example.com", mutual.port),
+    ]
+    .concat();
+    mesh.write_config("external.yaml", &entries);
+    mesh.wait_config_dump("client", "outbound|80||mutual.example.com")
+        .await;
+    let http = mesh.client();
+
+    // No DestinationRule, no sidecar at the endpoint: plaintext, with the
+    // service's Host and none of the mesh's own headers.
+    assert_eq!(
+        get(&http, "legacy.example.com").await,
+        (200, "plain".into())
+    );
+    let seen = plain.seen();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0].host, "legacy.example.com");
+    assert!(seen[0].mesh_headers.is_empty(), "{seen:?}");
+
+    // The sidecar originates TLS: SIMPLE checks the server against the CA
+    // file and sends the host as SNI; MUTUAL also presents the client's
+    // certificate, which that server demands.
+    let rules = [
+        destination_rule(
+            "simple.example.com",
+            &format!("{{mode: SIMPLE, caCertificates: {}}}", pki.ca.display()),
+        ),
+        destination_rule("mutual.example.com", &mutual_tls(&pki, "", &pki.client_key)),
+        // Mutual TLS in so many words to an endpoint without a sidecar.
+        destination_rule("legacy.example.com", "{mode: ISTIO_MUTUAL}"),
+    ]
+    .concat();
+    mesh.write_config("tls.yaml", &rules);
+    mesh.wait_config_dump("client", "\"mode\":\"ISTIO_MUTUAL\"")
+        .await;
+    assert_eq!(
+        get(&http, "simple.example.com").await,
+        (200, "simple".into())
+    );
+    let s = simple.seen();
+    assert_eq!(s[0].sni.as_deref(), Some("simple.example.com"), "{s:?}");
+    assert_eq!(s[0].host, "simple.example.com");
+    assert!(!s[0].client_cert);
+    assert_eq!(
+        get(&http, "mutual.example.com").await,
+        (200, "mutual".into())
+    );
+    assert!(mutual.seen()[0].client_cert);
+    let (code, body) = get(&http, "legacy.example.com").await;
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("has no sidecar"), "{body}");
+    assert_eq!(
+        plain.seen().len(),
+        1,
+        "plaintext went out under ISTIO_MUTUAL"
+    );
+
+    // A server the CA file does not vouch for is refused; so is a name
+    // other than the certificate's, unless subjectAltNames names it.
+    let rules = [
+        destination_rule(
+            "simple.example.com",
+            &format!("{{mode: SIMPLE, caCertificates: {}}}", other.ca.display()),
+        ),
+        destination_rule(
+            "mutual.example.com",
+            &mutual_tls(
+                &pki,
+                "sni: elsewhere.example.com, subjectAltNames: [mutual.example.com], ",
+                &pki.client_key,
+            ),
+        ),
+    ]
+    .concat();
+    mesh.write_config("tls.yaml", &rules);
+    mesh.wait_config_dump("client", "elsewhere.example.com")
+        .await;
+    let (code, body) = get(&http, "simple.example.com").await;
+    assert_eq!(code, 503, "{body}");
+    assert_eq!(
+        simple.seen().len(),
+        1,
+        "a request reached an unverified server"
+    );
+    assert_eq!(
+        get(&http, "mutual.example.com").await,
+        (200, "mutual".into())
+    );
+    assert_eq!(
+        mutual.seen().last().unwrap().sni.as_deref(),
+        Some("elsewhere.example.com")
+    );
+
+    // Bad input: a key file that is not there. The sidecar refuses the
+    // update, says why, and keeps the settings it had.
+    let missing = dir.join("no-such.key");
+    let rules = destination_rule("mutual.example.com", &mutual_tls(&pki, "", &missing));
+    mesh.write_config("tls.yaml", &rules);
+    mesh.wait_config_dump("client", "no-such.key").await;
+    let dump: serde_json::Value = reqwest::get(format!(
+        "http://{}:15000/config_dump",
+        mesh.workload("client").address
+    ))
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    let nack = dump["xds"]["last_nack"].as_str().unwrap_or_default();
+    assert!(nack.contains("no-such.key"), "{dump:#}");
+    assert_eq!(
+        get(&http, "mutual.example.com").await,
+        (200, "mutual".into())
+    );
+    mesh.stop().await;
+}
