@@ -30,10 +30,14 @@ impl Sockets for Linux {
     }
 }
 
-/// hyper's connector for plain HTTP (to the app, and passthrough): dials
-/// the URI's address, marking the socket if the proxy is configured to.
+/// hyper's connector for plain HTTP (to the app, passthrough, endpoints
+/// without a sidecar) and under originated TLS: dials the URI's address
+/// within [`DIAL_TIMEOUT`], marking the socket if the proxy is configured to.
 #[derive(Clone, Copy, Debug)]
 pub struct Dialer(pub Option<u32>);
+
+/// How long a plain connect may take: Istio's default `connectTimeout`.
+pub const DIAL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl tower::Service<http::Uri> for Dialer {
     type Response = hyper_util::rt::TokioIo<TcpStream>;
@@ -61,7 +65,14 @@ impl tower::Service<http::Uri> for Dialer {
                 )
             })?;
             let addr = SocketAddr::new(ip, uri.port_u16().unwrap_or(80));
-            let tcp = mesh_identity::grpc::dial(addr, mark).await?;
+            let tcp = tokio::time::timeout(DIAL_TIMEOUT, mesh_identity::grpc::dial(addr, mark))
+                .await
+                .map_err(|_| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("connect to {addr} timed out after {DIAL_TIMEOUT:?}"),
+                    )
+                })??;
             tcp.set_nodelay(true)?;
             Ok(hyper_util::rt::TokioIo::new(tcp))
         })
