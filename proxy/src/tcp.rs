@@ -101,7 +101,11 @@ async fn direct(
     ep: &crate::state::Endpoint,
 ) {
     let dial = mesh_identity::grpc::dial(ep.tunnel, shared.cfg.socket_mark);
-    let mut upstream = match tokio::time::timeout(crate::pool::CONNECT_TIMEOUT, dial).await {
+    let within = cluster
+        .balancer
+        .connect_timeout
+        .unwrap_or(crate::pool::CONNECT_TIMEOUT);
+    let mut upstream = match tokio::time::timeout(within, dial).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             tracing::warn!(endpoint = %ep.tunnel, error = %e, "TCP connect failed");
