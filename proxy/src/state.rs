@@ -213,7 +213,11 @@ impl Resources {
                     .and_then(|b| b.balancer.breaker.clone());
                 // Same settings: the same transport, pooled connections and all.
                 let transport = before
-                    .filter(|b| b.config.tls == c.tls && b.config.service == c.service)
+                    .filter(|b| {
+                        b.config.tls == c.tls
+                            && b.config.service == c.service
+                            && b.config.protocol == c.protocol
+                    })
                     .map(|b| b.transport.clone())
                     .unwrap_or_else(|| {
                         Arc::new(crate::origin::Transport::load(

@@ -83,6 +83,24 @@ async fn ready(mesh: &Mesh, http: &reqwest::Client, port: u16) {
     }
 }
 
+/// The mesh with reviews on v2 and every sidecar tracing to a receiver
+/// `start` makes; `None` (having said why) when the receiver cannot run.
+async fn traced(
+    start: fn(&std::path::Path) -> anyhow::Result<Receiver>,
+) -> Option<(Mesh, Receiver, reqwest::Client)> {
+    if let Some(why) = otlp::missing() {
+        eprintln!("SKIPPED: {why}");
+        return None;
+    }
+    let mesh = Mesh::start().await;
+    let receiver = start(mesh.state_dir()).unwrap();
+    mesh.write_config("reviews-routing.yaml", &reviews_all_to("v2"));
+    mesh.write_config("tracing.yaml", &mesh_config(receiver.port));
+    let http = mesh.client();
+    ready(&mesh, &http, receiver.port).await;
+    Some((mesh, receiver, http))
+}
+
 async fn productpage(http: &reqwest::Client, headers: &[(&str, &str)]) -> reqwest::Response {
     let mut req = http.get("http://productpage:9080/productpage");
     for (k, v) in headers {
@@ -112,16 +130,9 @@ fn one<'a>(spans: &'a [Value], service: &str, kind: &str, name_has: &str) -> &'a
 
 #[tokio::test(flavor = "multi_thread")]
 async fn bookinfo_spans_share_one_trace_with_correct_parents_at_an_otlp_receiver() {
-    if let Some(why) = otlp::missing() {
-        eprintln!("SKIPPED: {why}");
+    let Some((mesh, receiver, http)) = traced(Receiver::start).await else {
         return;
-    }
-    let mesh = Mesh::start().await;
-    let receiver = Receiver::start(mesh.state_dir()).unwrap();
-    mesh.write_config("reviews-routing.yaml", &reviews_all_to("v2"));
-    mesh.write_config("tracing.yaml", &mesh_config(receiver.port));
-    let http = mesh.client();
-    ready(&mesh, &http, receiver.port).await;
+    };
 
     // Not sampled (0 %, and the caller decided nothing): no spans, but it
     // is still given an x-request-id and a trace context.
@@ -277,16 +288,9 @@ async fn bookinfo_spans_share_one_trace_with_correct_parents_at_an_otlp_receiver
 /// timeout and counts the spans it dropped.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stalled_collector_never_slows_requests() {
-    if let Some(why) = otlp::missing() {
-        eprintln!("SKIPPED: {why}");
+    let Some((mesh, receiver, http)) = traced(Receiver::start_stalled).await else {
         return;
-    }
-    let mesh = Mesh::start().await;
-    let receiver = Receiver::start_stalled(mesh.state_dir()).unwrap();
-    mesh.write_config("reviews-routing.yaml", &reviews_all_to("v2"));
-    mesh.write_config("tracing.yaml", &mesh_config(receiver.port));
-    let http = mesh.client();
-    ready(&mesh, &http, receiver.port).await;
+    };
 
     // Each request is sampled by its caller, so every hop makes spans
     // for the wedged collector.
