@@ -723,19 +723,21 @@ async fn send_to(
                 .send_within(tls, endpoint.tunnel, id, req, connect_timeout)
                 .await
         }
+        // Boxed: paths off the mesh stay out of the size of every
+        // request's future, as the pool's connect does.
         Via::Plain => {
             let client = if h2 { &shared.app_h2 } else { &shared.app_h1 };
-            origin::send(client, Scheme::HTTP, endpoint.tunnel, h2, req)
+            Box::pin(origin::send(client, Scheme::HTTP, endpoint.tunnel, h2, req))
                 .await
                 .map_err(direct)
         }
-        Via::Tls(o) => origin::send(
+        Via::Tls(o) => Box::pin(origin::send(
             o.client(shared.cfg.socket_mark),
             Scheme::HTTPS,
             endpoint.tunnel,
             h2,
             req,
-        )
+        ))
         .await
         .map_err(direct),
         Via::Refused(why) => Err(PoolError::Refused(endpoint.tunnel, why)),

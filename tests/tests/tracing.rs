@@ -101,6 +101,28 @@ async fn traced(
     Some((mesh, receiver, http))
 }
 
+/// Waits (up to 20 s) until productpage's sidecar counts at least `n`
+/// spans dropped for failed exports; returns its metrics then.
+async fn export_failures_at_least(mesh: &Mesh, n: f64) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let stats = mesh.stats("productpage-v1").await;
+        let dropped = metric_sum(
+            &stats,
+            "mesh_proxy_trace_spans_dropped_total",
+            &["reason=\"export_failed\""],
+        );
+        if dropped >= n {
+            return stats;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{dropped} spans counted as dropped, not {n}: {stats}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 async fn productpage(http: &reqwest::Client, headers: &[(&str, &str)]) -> reqwest::Response {
     let mut req = http.get("http://productpage:9080/productpage");
     for (k, v) in headers {
@@ -263,23 +285,7 @@ async fn bookinfo_spans_share_one_trace_with_correct_parents_at_an_otlp_receiver
         started.elapsed() < Duration::from_secs(5),
         "requests waited on the collector"
     );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let stats = mesh.stats("productpage-v1").await;
-        let dropped = metric_sum(
-            &stats,
-            "mesh_proxy_trace_spans_dropped_total",
-            &["reason=\"export_failed\""],
-        );
-        if dropped >= 15.0 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "dropped spans not counted: {dropped}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    export_failures_at_least(&mesh, 15.0).await;
     mesh.stop().await;
 }
 
@@ -305,28 +311,12 @@ async fn a_stalled_collector_never_slows_requests() {
         "requests waited on the collector: {:?}",
         started.elapsed()
     );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let stats = mesh.stats("productpage-v1").await;
-        let dropped = metric_sum(
-            &stats,
-            "mesh_proxy_trace_spans_dropped_total",
-            &["reason=\"export_failed\""],
-        );
-        if dropped >= 1.0 {
-            assert_eq!(
-                metric_sum(&stats, "mesh_proxy_trace_spans_exported_total", &[]),
-                0.0,
-                "{stats}"
-            );
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no dropped spans counted: {stats}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let stats = export_failures_at_least(&mesh, 1.0).await;
+    assert_eq!(
+        metric_sum(&stats, "mesh_proxy_trace_spans_exported_total", &[]),
+        0.0,
+        "{stats}"
+    );
     assert!(
         receiver.stalled_exports() >= 1,
         "the collector was never sent an export"
