@@ -390,6 +390,65 @@ impl Policies {
     }
 }
 
+/// What can be said of every request a connection may carry: `Some(true)`
+/// all match, `Some(false)` none does, `None` it depends on the request
+/// (its method, path, headers, token, or port where the connection carries
+/// several).
+type OnConnection = Option<bool>;
+
+fn all_of(each: impl IntoIterator<Item = OnConnection>) -> OnConnection {
+    let mut out = Some(true);
+    for m in each {
+        match m {
+            Some(false) => return Some(false),
+            None => out = None,
+            Some(true) => {}
+        }
+    }
+    out
+}
+
+fn any_of(each: impl IntoIterator<Item = OnConnection>) -> OnConnection {
+    let mut out = Some(false);
+    for m in each {
+        match m {
+            Some(true) => return Some(true),
+            None => out = None,
+            Some(false) => {}
+        }
+    }
+    out
+}
+
+impl Policies {
+    /// Whether these policies now deny every request an open connection
+    /// could carry, judged from what the connection alone tells (`conn`,
+    /// whose `http` is `None`): its peer, namespace and address, and its
+    /// app port when it has one (`port`; `None` for a connection between
+    /// sidecars, which carries requests for every port). Such a connection
+    /// is closed when a new config arrives; one that some request could
+    /// still pass stays open and each request is judged as it comes.
+    pub fn revokes(&self, conn: &Request<'_>, port: Option<u32>) -> Option<Decision> {
+        for p in &self.deny {
+            if let Some(i) = p
+                .rules
+                .iter()
+                .position(|r| r.on_connection(conn, port) == Some(true))
+            {
+                return Some(Decision::Deny {
+                    by: Some((p.name.clone(), i)),
+                });
+            }
+        }
+        let none_allows = self.allow.iter().all(|p| {
+            p.rules
+                .iter()
+                .all(|r| r.on_connection(conn, port) == Some(false))
+        });
+        (!self.allow.is_empty() && none_allows).then_some(Decision::Deny { by: None })
+    }
+}
+
 fn compile_rule(r: &pb::AuthzRule) -> Result<Rule, String> {
     let mut http_only = false;
     let mut from = Vec::new();
@@ -493,6 +552,45 @@ impl Rule {
         (self.from.is_empty() || self.from.iter().any(|s| s.matches(req)))
             && (self.to.is_empty() || self.to.iter().any(|o| o.matches(req)))
             && self.when.iter().all(|c| c.matches(req))
+    }
+}
+
+impl Rule {
+    /// This rule for every request on a connection (see [`Policies::revokes`]).
+    fn on_connection(&self, conn: &Request<'_>, port: Option<u32>) -> OnConnection {
+        let from = any_of(self.from.iter().map(|s| {
+            let known = s.principals.matches(conn.principal)
+                && s.namespaces.matches(conn.namespace)
+                && s.ip_blocks.matches(conn.source_ip)
+                && s.remote_ip_blocks.matches(conn.source_ip);
+            all_of([Some(known), (!s.request_principals.used()).then_some(true)])
+        }));
+        let to = any_of(self.to.iter().map(|o| {
+            let ports = match port {
+                Some(p) => Some(o.ports.matches(p)),
+                None => (o.ports.is.is_empty() && o.ports.not.is_empty()).then_some(true),
+            };
+            let request = o.hosts.used() || o.methods.used() || o.paths.used();
+            all_of([ports, (!request).then_some(true)])
+        }));
+        let when = all_of(self.when.iter().map(|c| match c.key {
+            Key::SourceIp
+            | Key::RemoteIp
+            | Key::SourceNamespace
+            | Key::SourcePrincipal
+            | Key::Sni => Some(c.matches(conn)),
+            Key::DestinationPort => port.map(|p| c.ports.as_ref().is_some_and(|ps| ps.matches(p))),
+            _ => None,
+        }));
+        all_of([
+            if self.from.is_empty() {
+                Some(true)
+            } else {
+                from
+            },
+            if self.to.is_empty() { Some(true) } else { to },
+            when,
+        ])
     }
 }
 
@@ -1006,6 +1104,139 @@ mod tests {
         let mut elsewhere = tcp(Some(REVIEWS));
         elsewhere.port = 7001;
         assert!(allowed(&[deny], &elsewhere));
+    }
+
+    /// Whether `policies` close an open connection from `principal`
+    /// (between sidecars: every port) or plaintext from `ip` to `port`.
+    fn revokes(
+        policies: &[pb::AuthorizationPolicy],
+        principal: Option<&str>,
+        port: Option<u32>,
+    ) -> Option<Decision> {
+        let conn = Request {
+            principal,
+            namespace: principal.map(|p| p.split('/').nth(2).unwrap()),
+            source_ip: Some("10.244.0.12".parse().unwrap()),
+            port: port.unwrap_or(0),
+            http: None,
+            auth: None,
+        };
+        Policies::compile(policies).unwrap().revokes(&conn, port)
+    }
+
+    #[test]
+    fn a_connection_is_closed_only_when_no_request_on_it_could_pass() {
+        let only_reviews = policy(
+            "default/ratings-viewer",
+            Action::Allow,
+            vec![pb::AuthzRule {
+                from: vec![pb::AuthzSource {
+                    principals: strs(&[REVIEWS]),
+                    ..Default::default()
+                }],
+                to: vec![pb::AuthzOperation {
+                    methods: strs(&["GET"]),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+        );
+        // Another caller can send nothing this allows: closed.
+        assert_eq!(
+            revokes(&[only_reviews.clone()], Some(PRODUCTPAGE), None),
+            Some(Decision::Deny { by: None })
+        );
+        // Reviews' GETs pass, its other methods not: it depends, kept open.
+        assert_eq!(revokes(&[only_reviews.clone()], Some(REVIEWS), None), None);
+        // Plaintext has no principal.
+        assert!(revokes(&[only_reviews], None, Some(9080)).is_some());
+        // Allow-nothing and deny-all close everything.
+        let nothing = policy("default/allow-nothing", Action::Allow, vec![]);
+        assert!(revokes(&[nothing], Some(REVIEWS), None).is_some());
+        let deny_all = policy(
+            "default/deny-all",
+            Action::Deny,
+            vec![pb::AuthzRule::default()],
+        );
+        assert_eq!(
+            revokes(&[deny_all], Some(REVIEWS), None),
+            Some(Decision::Deny {
+                by: Some(("default/deny-all".into(), 0))
+            })
+        );
+        // A DENY on a path or a header leaves the rest of the traffic.
+        let deny_path = policy(
+            "default/no-admin",
+            Action::Deny,
+            vec![pb::AuthzRule {
+                to: vec![pb::AuthzOperation {
+                    paths: strs(&["/admin*"]),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+        );
+        assert_eq!(revokes(&[deny_path], Some(REVIEWS), None), None);
+        let deny_header = policy(
+            "default/no-debug",
+            Action::Deny,
+            vec![pb::AuthzRule {
+                when: vec![pb::AuthzCondition {
+                    key: "request.headers[x-debug]".into(),
+                    values: strs(&["1"]),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+        );
+        assert_eq!(revokes(&[deny_header], Some(REVIEWS), None), None);
+        // A DENY by namespace closes that namespace's connections only.
+        let deny_ns = policy(
+            "default/no-test",
+            Action::Deny,
+            vec![from(pb::AuthzSource {
+                namespaces: strs(&["test"]),
+                ..Default::default()
+            })],
+        );
+        assert!(revokes(&[deny_ns.clone()], Some("cluster.local/ns/test/sa/x"), None).is_some());
+        assert_eq!(revokes(&[deny_ns], Some(REVIEWS), None), None);
+        // Ports: known for plaintext, every port between sidecars.
+        let deny_port = policy(
+            "default/no-9080",
+            Action::Deny,
+            vec![to(pb::AuthzOperation {
+                ports: strs(&["9080"]),
+                ..Default::default()
+            })],
+        );
+        assert!(revokes(&[deny_port.clone()], None, Some(9080)).is_some());
+        assert_eq!(revokes(&[deny_port.clone()], None, Some(9090)), None);
+        assert_eq!(revokes(&[deny_port], Some(REVIEWS), None), None);
+        let allow_port = policy(
+            "default/only-9090",
+            Action::Allow,
+            vec![pb::AuthzRule {
+                when: vec![pb::AuthzCondition {
+                    key: "destination.port".into(),
+                    values: strs(&["9090"]),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+        );
+        assert!(revokes(&[allow_port.clone()], None, Some(9080)).is_some());
+        assert_eq!(revokes(&[allow_port], Some(REVIEWS), None), None);
+        // A token requirement depends on each request.
+        let jwt = policy(
+            "default/require-jwt",
+            Action::Allow,
+            vec![from(pb::AuthzSource {
+                request_principals: strs(&["*"]),
+                ..Default::default()
+            })],
+        );
+        assert_eq!(revokes(&[jwt], Some(REVIEWS), None), None);
     }
 
     #[test]

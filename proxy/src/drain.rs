@@ -14,6 +14,10 @@ use tokio_util::task::TaskTracker;
 /// Istio's default drain duration.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(5);
 
+/// How long requests in flight on a connection that a new policy revoked
+/// may take before the connection is cut.
+pub const REVOKED_GRACE: Duration = Duration::from_secs(1);
+
 pub struct Drain {
     signal: watch::Sender<bool>,
     connections: TaskTracker,
@@ -54,15 +58,31 @@ impl Drain {
         C: GracefulConnection + Send + 'static,
         C::Output: Send,
     {
+        self.serve_until(conn, std::future::pending());
+    }
+
+    /// As [`Drain::serve`], and once `revoked` resolves (a new policy
+    /// allows nothing more on the connection) it is closed the same way,
+    /// except that requests in flight get [`REVOKED_GRACE`] and are then
+    /// cut: a stream the policy now denies must not outlive it.
+    pub fn serve_until<C>(&self, conn: C, revoked: impl Future<Output = ()> + Send + 'static)
+    where
+        C: GracefulConnection + Send + 'static,
+        C::Output: Send,
+    {
         let started = self.started();
         self.connections.spawn(async move {
             tokio::pin!(conn);
-            tokio::select! {
+            let grace = tokio::select! {
                 _ = conn.as_mut() => return,
-                _ = started => {}
-            }
+                _ = started => None,
+                _ = revoked => Some(REVOKED_GRACE),
+            };
             conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
+            match grace {
+                None => drop(conn.await),
+                Some(grace) => drop(tokio::time::timeout(grace, conn).await),
+            }
         });
     }
 

@@ -84,6 +84,49 @@ impl Conn {
     }
 }
 
+impl Conn {
+    /// Why `snapshot` refuses this connection because it is plaintext, if
+    /// it does (the port's mTLS mode is now STRICT).
+    pub fn plaintext_refused(&self, snapshot: &Snapshot) -> Option<String> {
+        let port = self.plain_port?;
+        (!snapshot.accepts_plaintext(port)).then(|| {
+            format!("plaintext to port {port} refused: the workload's mTLS mode is now STRICT")
+        })
+    }
+
+    /// Why `snapshot` allows nothing more on this connection, if so: its
+    /// policies deny every request it could carry (see
+    /// [`crate::authz::Policies::revokes`]), or it is plaintext to a port
+    /// now STRICT.
+    fn revoked_by(&self, snapshot: &Snapshot) -> Option<String> {
+        if let Some(why) = self.plaintext_refused(snapshot) {
+            return Some(why);
+        }
+        let conn = self.authz_request(self.plain_port.unwrap_or(0), None, None);
+        snapshot
+            .authz
+            .revokes(&conn, self.plain_port)
+            .map(|d| d.reason())
+    }
+}
+
+/// Resolves once a new config allows nothing more on `conn`; the
+/// connection is then closed. Never resolves otherwise.
+pub fn revoked(shared: &Shared, conn: Arc<Conn>) -> impl Future<Output = ()> + Send + 'static {
+    let mut snapshots = shared.snapshot.clone();
+    snapshots.borrow_and_update();
+    async move {
+        while snapshots.changed().await.is_ok() {
+            let why = conn.revoked_by(&snapshots.borrow_and_update());
+            if let Some(why) = why {
+                tracing::warn!(peer = ?conn.peer_addr, "closing an open connection: {why}");
+                return;
+            }
+        }
+        std::future::pending().await
+    }
+}
+
 pub async fn handle(
     shared: Arc<Shared>,
     conn: Arc<Conn>,

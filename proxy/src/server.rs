@@ -97,11 +97,12 @@ pub async fn serve_inbound(listener: TcpListener, shared: Arc<Shared>) {
                 }
             };
             let s = shared.clone();
+            let revoked = inbound::revoked(&shared, conn.clone());
             let svc = service_fn(move |req| inbound::handle(s.clone(), conn.clone(), req));
             let conn = auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), svc)
                 .into_owned();
-            shared.drain.serve(conn);
+            shared.drain.serve_until(conn, revoked);
         });
     }
 }
@@ -150,11 +151,12 @@ async fn plaintext_inbound(
     }
     let conn = Arc::new(conn);
     let s = shared.clone();
+    let revoked = inbound::revoked(&shared, conn.clone());
     let svc = service_fn(move |req| inbound::handle(s.clone(), conn.clone(), req));
     let conn = auto::Builder::new(TokioExecutor::new())
         .serve_connection(TokioIo::new(tcp), svc)
         .into_owned();
-    shared.drain.serve(conn);
+    shared.drain.serve_until(conn, revoked);
 }
 
 /// Admin, readiness and stats: served until the proxy stops.

@@ -286,9 +286,10 @@ pub async fn inbound(
 
 /// Splices the client's stream `a` and the app's `b` until either side
 /// closes, or until a new config's AuthorizationPolicies no longer allow
-/// the connection (checked on every config change): a policy change
-/// reaches connections already open. Counted in the TCP metrics, as the
-/// destination's sidecar reports them.
+/// the connection, or its mTLS mode no longer accepts it as plaintext
+/// (checked on every config change): a policy change reaches connections
+/// already open. Counted in the TCP metrics, as the destination's sidecar
+/// reports them.
 pub async fn splice_while_allowed<A, B>(
     a: A,
     mut b: B,
@@ -322,12 +323,13 @@ pub async fn splice_while_allowed<A, B>(
                     if changed.is_err() {
                         break;
                     }
-                    let decision = snapshots
-                        .borrow_and_update()
-                        .authz
-                        .decide(&conn.authz_request(port, None, None));
-                    if !decision.allowed() {
-                        tracing::warn!(port, "closing an open TCP connection: {}", decision.reason());
+                    let snapshot = snapshots.borrow_and_update().clone();
+                    let refused = conn.plaintext_refused(&snapshot).or_else(|| {
+                        let decision = snapshot.authz.decide(&conn.authz_request(port, None, None));
+                        (!decision.allowed()).then(|| decision.reason())
+                    });
+                    if let Some(why) = refused {
+                        tracing::warn!(port, "closing an open TCP connection: {why}");
                         break;
                     }
                 }

@@ -125,6 +125,47 @@ async fn policies_allow_deny_survive_a_bad_update_and_lift() {
     mesh.stop().await;
 }
 
+/// (status or error, time taken) of a GET of `url`, run in the background.
+fn in_background(
+    http: &reqwest::Client,
+    url: &'static str,
+) -> tokio::task::JoinHandle<(Option<u16>, Duration)> {
+    let http = http.clone();
+    tokio::spawn(async move {
+        let started = Instant::now();
+        let status = http.get(url).send().await.ok().map(|r| r.status().as_u16());
+        (status, started.elapsed())
+    })
+}
+
+/// A policy that denies a caller everything closes the connections it
+/// already has: a long request in flight from it is cut within the grace
+/// instead of being served. One that denies only some requests (a path)
+/// leaves connections open.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_policy_closes_connections_it_no_longer_allows() {
+    let mesh = Mesh::start().await;
+    let http = mesh.client();
+    assert_eq!(get(&http, "http://ratings:9080/ratings/0").await.0, 200);
+    assert_eq!(get(&http, "http://productpage:9080/health").await.0, 200);
+    let to_ratings = in_background(&http, "http://ratings:9080/delay/6000");
+    let to_productpage = in_background(&http, "http://productpage:9080/delay/3000");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    mesh.write_config("authz.yaml", POLICIES);
+
+    let (status, took) = to_ratings.await.unwrap();
+    assert!(
+        took < Duration::from_secs(4),
+        "the request outlived the policy that denies it: {status:?} after {took:?}"
+    );
+    assert_ne!(status, Some(200), "served after {took:?}");
+    // The client may still ask productpage for what is not /health.
+    let (status, took) = to_productpage.await.unwrap();
+    assert_eq!(status, Some(200), "cut after {took:?}");
+    assert!(took >= Duration::from_secs(3));
+    mesh.stop().await;
+}
+
 /// RequestAuthentication for ratings with `jwks`, and a policy requiring a
 /// token from the issuer on /ratings/*.
 fn jwt_config(jwks: &str) -> String {

@@ -455,5 +455,45 @@ fn a_pod_without_a_sidecar_is_refused_under_strict_and_served_under_permissive()
                     && l.contains("response_code=\"200\"")),
             "{stats}"
         );
+
+        // Back to STRICT: a plaintext request in flight is cut, not served.
+        let log = config_dir.with_file_name("slow-curl.log");
+        mesh.node
+            .spawn(
+                "legacy",
+                &[
+                    "curl",
+                    "-sS",
+                    "-m",
+                    "10",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code} %{time_total}\n",
+                    "http://10.244.0.12:9080/delay/6000",
+                ],
+                &log,
+            )
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        std::fs::remove_file(config_dir.join("productpage-permissive.yaml")).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(8);
+        let ended = loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if let Some(line) = text
+                .lines()
+                .find(|l| l.chars().next().is_some_and(|c| c.is_ascii_digit()))
+            {
+                break line.to_string();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the slow request never ended: {text}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let (code, secs) = ended.split_once(' ').unwrap();
+        let secs: f64 = secs.trim().parse().unwrap();
+        assert!(code != "200" && secs < 4.5, "served under STRICT: {ended}");
     });
 }
