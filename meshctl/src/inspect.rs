@@ -10,12 +10,21 @@ use anyhow::{Context, bail};
 use serde_json::Value;
 
 async fn get_json(url: &str) -> anyhow::Result<Value> {
+    call_json(url, None).await
+}
+
+/// GETs `url`, or POSTs `body` to it, and reads the JSON answer; an error
+/// names the URL and carries the body of a non-2xx answer.
+pub(crate) async fn call_json(url: &str, body: Option<&Value>) -> anyhow::Result<Value> {
     let http = reqwest::Client::builder()
         .no_proxy()
         .timeout(Duration::from_secs(5))
         .build()?;
-    let resp = http
-        .get(url)
+    let req = match body {
+        None => http.get(url),
+        Some(b) => http.post(url).json(b),
+    };
+    let resp = req
         .send()
         .await
         .with_context(|| format!("cannot reach {url}"))?;

@@ -231,16 +231,18 @@ enum CaCommand {
 enum AuthzCommand {
     /// Lists the policies that apply to WORKLOAD; with a request described
     /// (--from, --method, --path, --header, --port, --tcp, --source-ip),
-    /// prints `yes` or `no` and the deciding policy and rule.
+    /// prints `yes` or `no` and the deciding policy and rule. Live (the
+    /// workload's sidecar decides over the policies it enforces now), or
+    /// offline over --config.
     Check {
         /// Workload name (reviews-v1) or name.namespace.
         workload: String,
-        /// Config directories or files (default: the running demo's config
-        /// in --state-dir / MESH_STATE_DIR).
+        /// Offline: config directories or files, resolved as pilot does.
         #[arg(long, num_args = 1..)]
         config: Vec<PathBuf>,
-        #[arg(long, env = "MESH_STATE_DIR")]
-        state_dir: Option<PathBuf>,
+        /// Live: pilot's debug address, where the sidecar is looked up.
+        #[arg(long, default_value = DEFAULT_PILOT_DEBUG)]
+        pilot: SocketAddr,
         /// The caller's principal (cluster.local/ns/NS/sa/SA); without it,
         /// a plaintext caller with no sidecar.
         #[arg(long)]
@@ -380,7 +382,7 @@ fn authz(command: AuthzCommand) -> anyhow::Result<i32> {
     let AuthzCommand::Check {
         workload,
         config,
-        state_dir,
+        pilot,
         from,
         source_ip,
         method,
@@ -399,24 +401,7 @@ fn authz(command: AuthzCommand) -> anyhow::Result<i32> {
                 .ok_or_else(|| anyhow::anyhow!("--jwt-claims {j:?} is not a JSON object"))
         })
         .transpose()?;
-    let config = match (config.is_empty(), state_dir) {
-        (false, _) => config,
-        (true, Some(dir)) => vec![dir.join("config")],
-        (true, None) => anyhow::bail!(
-            "give --config DIR|FILE..., or --state-dir (MESH_STATE_DIR) of a running demo"
-        ),
-    };
-    let model = meshctl::authz::load(&config)?;
-    let described = from.is_some()
-        || source_ip.is_some()
-        || tcp
-        || port.is_some()
-        || !header.is_empty()
-        || jwt_claims.is_some()
-        || method != "GET"
-        || path != "/"
-        || host.is_some();
-    let req = meshctl::authz::Check {
+    let req = meshctl::authz::Described {
         from,
         source_ip,
         method,
@@ -427,9 +412,25 @@ fn authz(command: AuthzCommand) -> anyhow::Result<i32> {
         tcp,
         jwt_claims,
     };
-    let outcome = meshctl::authz::check(&model, &workload, described.then_some(&req))?;
-    print!("{}", meshctl::authz::render(&outcome));
-    Ok(match &outcome.decision {
+    let defaults = meshctl::authz::Described::default();
+    let described = req.from.is_some()
+        || req.source_ip.is_some()
+        || req.tcp
+        || req.port.is_some()
+        || !req.headers.is_empty()
+        || req.jwt_claims.is_some()
+        || req.method != defaults.method
+        || req.path != defaults.path
+        || req.host.is_some();
+    let req = described.then_some(&req);
+    let checked = if config.is_empty() {
+        tokio::runtime::Runtime::new()?
+            .block_on(meshctl::authz::check_live(pilot, &workload, req))?
+    } else {
+        meshctl::authz::check(&meshctl::authz::load(&config)?, &workload, req)?
+    };
+    print!("{}", checked.render());
+    Ok(match &checked.decision {
         Some(d) if !d.allowed() => 1,
         _ => 0,
     })

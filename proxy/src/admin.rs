@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use http::{Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use mesh_proto::resources as pb;
 use serde_json::{Value, json};
@@ -37,6 +38,7 @@ pub async fn handle(
             shared.drain.start();
             return Ok(local_reply(StatusCode::OK, "draining"));
         }
+        (Admin, &Method::POST, "/authz/check") => return Ok(authz_check(&shared, req).await),
         (Agent, &Method::GET, "/stats/prometheus") => {
             return Ok(prometheus(merged(&shared).await));
         }
@@ -51,7 +53,7 @@ pub async fn handle(
     if req.method() != Method::GET {
         return Ok(local_reply(
             StatusCode::METHOD_NOT_ALLOWED,
-            "GET only (POST only for /drain and /quitquitquit)",
+            "GET only (POST only for /drain, /authz/check and /quitquitquit)",
         ));
     }
     Ok(match (which, req.uri().path()) {
@@ -139,6 +141,59 @@ async fn merged(shared: &Shared) -> String {
     }
     out.push_str(&shared.metrics.encode());
     out
+}
+
+/// `meshctl authz check` live: the AuthorizationPolicies this sidecar
+/// enforces now and, for the request described in the body
+/// (`{"request": Described}`; `null` to list only), their decision, made
+/// as the inbound path makes it. 400 names what is wrong in the request.
+async fn authz_check(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
+    #[derive(serde::Deserialize)]
+    struct Asked {
+        request: Option<crate::authz::Described>,
+    }
+    const LIMIT: usize = 64 * 1024;
+    let body = match http_body_util::Limited::new(req.into_body(), LIMIT)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return local_reply(StatusCode::BAD_REQUEST, format!("reading the body: {e}")),
+    };
+    let asked: Asked = match serde_json::from_slice(&body) {
+        Ok(a) => a,
+        Err(e) => return local_reply(StatusCode::BAD_REQUEST, format!("not a check: {e}")),
+    };
+    let snapshot = shared.snapshot.borrow().clone();
+    let Some(listener) = &snapshot.listener else {
+        return local_reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no listener config from pilot yet",
+        );
+    };
+    let decision = match &asked.request {
+        None => None,
+        Some(r) => {
+            let first_port = listener.ports.first().map(|p| p.port);
+            match r.decide(&snapshot.authz, first_port) {
+                Ok(d) => Some(d),
+                Err(e) => return local_reply(StatusCode::BAD_REQUEST, &e),
+            }
+        }
+    };
+    let checked = crate::authz::Checked {
+        workload: shared.cfg.proxy_id.clone(),
+        policies: listener
+            .policies
+            .iter()
+            .map(crate::authz::InScope::of)
+            .collect(),
+        decision,
+    };
+    Response::builder()
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(full(serde_json::to_string(&checked).expect("json")))
+        .expect("static parts are valid")
 }
 
 fn config_dump(shared: &Shared) -> Value {

@@ -49,7 +49,8 @@ pub struct HttpParts<'a> {
 }
 
 /// The outcome, and which policy and rule (index in the policy) decided it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Decision {
     Allow { by: Option<(String, usize)> },
     Deny { by: Option<(String, usize)> },
@@ -68,6 +69,174 @@ impl Decision {
             Decision::Deny { by: Some((p, r)) } => format!("denied by {p} rule {r}"),
             Decision::Deny { by: None } => "denied: ALLOW policies apply and none matches".into(),
         }
+    }
+}
+
+/// A request described by hand, as `meshctl authz check` takes it (and
+/// sends it to a sidecar's admin `POST /authz/check`).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct Described {
+    /// The caller's principal (`cluster.local/ns/NS/sa/SA`, `spiffe://`
+    /// optional); `None` for a plaintext caller without a sidecar.
+    pub from: Option<String>,
+    pub source_ip: Option<IpAddr>,
+    pub method: String,
+    pub path: String,
+    pub host: Option<String>,
+    pub headers: Vec<(String, String)>,
+    /// The app port; `None`: the workload's first.
+    pub port: Option<u32>,
+    /// A TCP connection rather than an HTTP request.
+    pub tcp: bool,
+    /// The claims of a JWT the request carries, taken as verified.
+    pub jwt_claims: Option<serde_json::Value>,
+}
+
+impl Default for Described {
+    fn default() -> Self {
+        Self {
+            from: None,
+            source_ip: None,
+            method: "GET".into(),
+            path: "/".into(),
+            host: None,
+            headers: Vec::new(),
+            port: None,
+            tcp: false,
+            jwt_claims: None,
+        }
+    }
+}
+
+impl Described {
+    /// The decision of `policies` for this request; `default_port` when it
+    /// names none. An error says which part of the description is wrong.
+    pub fn decide(
+        &self,
+        policies: &Policies,
+        default_port: Option<u32>,
+    ) -> Result<Decision, String> {
+        let principal = self
+            .from
+            .as_deref()
+            .map(|p| p.strip_prefix("spiffe://").unwrap_or(p));
+        let namespace = match principal {
+            None => None,
+            Some(p) => Some(
+                format!("spiffe://{p}")
+                    .parse::<mesh_identity::SpiffeId>()
+                    .map(|id| id.namespace)
+                    .map_err(|_| {
+                        "--from must look like cluster.local/ns/<namespace>/sa/<account>"
+                            .to_string()
+                    })?,
+            ),
+        };
+        let port = self
+            .port
+            .or(default_port)
+            .ok_or("the workload serves no port; give --port")?;
+        let mut headers = HeaderMap::new();
+        for (k, v) in &self.headers {
+            headers.insert(
+                http::HeaderName::from_bytes(k.as_bytes())
+                    .map_err(|_| format!("--header {k}: not a header name"))?,
+                v.parse()
+                    .map_err(|_| format!("--header {k}={v}: not a header value"))?,
+            );
+        }
+        let host = self.host.clone().unwrap_or_default().to_ascii_lowercase();
+        let http = (!self.tcp).then(|| HttpParts {
+            host: &host,
+            method: &self.method,
+            path: &self.path,
+            headers: &headers,
+        });
+        let auth = self.jwt_claims.as_ref().map(|claims| {
+            let s = |k: &str| claims.get(k).and_then(|v| v.as_str()).map(str::to_string);
+            crate::jwt::Verified {
+                principal: format!(
+                    "{}/{}",
+                    s("iss").unwrap_or_default(),
+                    s("sub").unwrap_or_default()
+                ),
+                audiences: match claims.get("aud") {
+                    Some(serde_json::Value::String(a)) => vec![a.clone()],
+                    Some(serde_json::Value::Array(a)) => a
+                        .iter()
+                        .filter_map(|v| v.as_str().map(str::to_string))
+                        .collect(),
+                    _ => vec![],
+                },
+                presenter: s("azp"),
+                claims: claims.clone(),
+            }
+        });
+        Ok(policies.decide(&Request {
+            principal,
+            namespace: namespace.as_deref(),
+            source_ip: self.source_ip,
+            port,
+            http,
+            auth: auth.as_ref(),
+        }))
+    }
+}
+
+/// What `meshctl authz check` reports: the policies in scope for a
+/// workload and, for a described request, the decision.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct Checked {
+    pub workload: String,
+    pub policies: Vec<InScope>,
+    pub decision: Option<Decision>,
+}
+
+/// A policy in scope, in short.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct InScope {
+    pub name: String,
+    pub action: String,
+    pub rules: usize,
+}
+
+impl InScope {
+    pub fn of(p: &pb::AuthorizationPolicy) -> Self {
+        Self {
+            name: p.name.clone(),
+            action: pb::authorization_policy::Action::try_from(p.action)
+                .map_or("?", |a| a.as_str_name())
+                .to_string(),
+            rules: p.rules.len(),
+        }
+    }
+}
+
+impl Checked {
+    /// For people: the decision first (`yes` / `no`), then why, then the
+    /// policies in scope.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if let Some(d) = &self.decision {
+            out.push_str(if d.allowed() { "yes\n" } else { "no\n" });
+            out.push_str(&format!("{}\n", d.reason()));
+        }
+        if self.policies.is_empty() {
+            out.push_str(&format!(
+                "no AuthorizationPolicy applies to {}\n",
+                self.workload
+            ));
+        } else {
+            out.push_str(&format!("policies that apply to {}:\n", self.workload));
+            for p in &self.policies {
+                out.push_str(&format!(
+                    "  {:<40} {:<6} {} rules\n",
+                    p.name, p.action, p.rules
+                ));
+            }
+        }
+        out
     }
 }
 

@@ -5,6 +5,7 @@
 use std::time::{Duration, Instant};
 
 use mesh_tests::Mesh;
+use meshctl::authz::Described;
 
 const POLICIES: &str = "apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
@@ -106,6 +107,42 @@ async fn policies_allow_deny_survive_a_bad_update_and_lift() {
         get(&http, ratings).await.0,
         403,
         "a broken update opened access"
+    );
+    // `meshctl authz check` live asks the sidecar, which still enforces
+    // the last good policies (the files on disk no longer load).
+    assert!(meshctl::authz::load(std::slice::from_ref(&mesh.config_dir)).is_err());
+    let live = async |from: &str, method: &str| {
+        let req = Described {
+            from: Some(from.into()),
+            method: method.into(),
+            path: "/ratings/0".into(),
+            ..Default::default()
+        };
+        meshctl::authz::check_live(mesh.cp.pilot_debug_addr, "ratings-v1", Some(&req))
+            .await
+            .expect("the sidecar answers")
+    };
+    let reviews = "cluster.local/ns/default/sa/bookinfo-reviews";
+    let checked = live(reviews, "GET").await;
+    assert_eq!(
+        checked.render().lines().take(2).collect::<Vec<_>>(),
+        ["yes", "allowed by default/ratings-viewer rule 0"],
+        "{checked:?}"
+    );
+    assert_eq!(checked.workload, "ratings-v1.default");
+    assert!(!live(reviews, "POST").await.decision.unwrap().allowed());
+    let client = mesh.identity_of("client").to_string();
+    assert!(!live(&client, "GET").await.decision.unwrap().allowed());
+    let bad = Described {
+        from: Some("reviews".into()),
+        ..Default::default()
+    };
+    let err = meshctl::authz::check_live(mesh.cp.pilot_debug_addr, "ratings-v1", Some(&bad))
+        .await
+        .unwrap_err();
+    assert!(
+        format!("{err:#}").contains("400 Bad Request: --from must look like"),
+        "{err:#}"
     );
 
     // A misspelt field is refused too, not dropped.
