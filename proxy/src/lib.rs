@@ -39,7 +39,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -168,8 +167,6 @@ pub async fn run_with_sockets(
     let (tls_tx, tls_rx) = watch::channel(None);
     let (snap_tx, snap_rx) = watch::channel(Arc::new(Snapshot::default()));
     let (status_tx, status_rx) = watch::channel(XdsStatus::default());
-    let mut h2 = Client::builder(TokioExecutor::new());
-    h2.http2_only(true);
     let access_log = Arc::new(accesslog::Writer::new(cfg.access_log_file.clone()));
     let tap = Arc::new(tap::Tap::default());
     let tracer = trace::Tracer::default();
@@ -189,8 +186,8 @@ pub async fn run_with_sockets(
         tap,
         tracer,
         pool: Pool::new(cfg.socket_mark),
-        app_h1: Client::builder(TokioExecutor::new()).build(platform::Dialer(cfg.socket_mark)),
-        app_h2: h2.build(platform::Dialer(cfg.socket_mark)),
+        app_h1: platform::Dialer::new(cfg.socket_mark, None).client(false),
+        app_h2: platform::Dialer::new(cfg.socket_mark, None).client(true),
         drain: Drain::default(),
         sockets,
     });

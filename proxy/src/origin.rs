@@ -7,6 +7,7 @@
 
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use http::uri::{Authority, Scheme};
 use http::{HeaderValue, Request, Response, Uri};
@@ -63,8 +64,14 @@ pub enum Via<'a> {
 
 impl Transport {
     /// `service` is the cluster's host: the server name when the rule
-    /// gives no `sni`; `h2`: the cluster speaks HTTP/2 (or gRPC).
-    pub fn compile(tls: Option<&pb::ClientTls>, service: &str, h2: bool) -> Result<Self, String> {
+    /// gives no `sni`; `h2`: the cluster speaks HTTP/2 (or gRPC);
+    /// `connect`: its connectTimeout, for originated TLS.
+    pub fn compile(
+        tls: Option<&pb::ClientTls>,
+        service: &str,
+        h2: bool,
+        connect: Option<Duration>,
+    ) -> Result<Self, String> {
         use pb::client_tls::Mode;
         let Some(tls) = tls else {
             return Ok(Transport::Mesh { explicit: false });
@@ -73,14 +80,19 @@ impl Transport {
             Mode::IstioMutual => Transport::Mesh { explicit: true },
             Mode::Disable => Transport::Plain,
             Mode::Simple | Mode::Mutual => {
-                Transport::Tls(Box::new(Originate::new(tls, service, h2)?))
+                Transport::Tls(Box::new(Originate::new(tls, service, h2, connect)?))
             }
         })
     }
 
     /// Like `compile`, keeping a failure for requests to report.
-    pub fn load(tls: Option<&pb::ClientTls>, service: &str, h2: bool) -> Self {
-        Self::compile(tls, service, h2).unwrap_or_else(Transport::Broken)
+    pub fn load(
+        tls: Option<&pb::ClientTls>,
+        service: &str,
+        h2: bool,
+        connect: Option<Duration>,
+    ) -> Self {
+        Self::compile(tls, service, h2, connect).unwrap_or_else(Transport::Broken)
     }
 
     pub fn via<'a>(&'a self, endpoint: &'a Endpoint) -> Via<'a> {
@@ -104,17 +116,53 @@ impl Transport {
     }
 }
 
+/// Plaintext clients for a cluster's endpoints without a sidecar (or all
+/// of them, under DISABLE), when its DestinationRule sets a connectTimeout:
+/// their connects give up after it. Without one, the sidecar's shared
+/// clients are used (10 s, Istio's default).
+#[derive(Debug)]
+pub struct Direct {
+    pub connect: Option<Duration>,
+    h1: OnceLock<Client<Dialer, Body>>,
+    h2: OnceLock<Client<Dialer, Body>>,
+}
+
+impl Direct {
+    pub fn new(connect: Option<Duration>) -> Self {
+        Self {
+            connect,
+            h1: OnceLock::new(),
+            h2: OnceLock::new(),
+        }
+    }
+
+    /// The client for HTTP/2 (`h2`) or HTTP/1.1, made on first use.
+    pub fn client<'a>(&'a self, shared: &'a crate::Shared, h2: bool) -> &'a Client<Dialer, Body> {
+        let Some(connect) = self.connect else {
+            return if h2 { &shared.app_h2 } else { &shared.app_h1 };
+        };
+        let cell = if h2 { &self.h2 } else { &self.h1 };
+        cell.get_or_init(|| Dialer::new(shared.cfg.socket_mark, Some(connect)).client(h2))
+    }
+}
+
 /// TLS to a server: its config, the name sent and checked, and a client
 /// (with its pooled connections) made on first use.
 pub struct Originate {
     config: Arc<ClientConfig>,
     server_name: ServerName<'static>,
     h2: bool,
+    connect: Option<Duration>,
     client: OnceLock<Client<HttpsConnector<Dialer>, Body>>,
 }
 
 impl Originate {
-    fn new(tls: &pb::ClientTls, service: &str, h2: bool) -> Result<Self, String> {
+    fn new(
+        tls: &pb::ClientTls,
+        service: &str,
+        h2: bool,
+        connect: Option<Duration>,
+    ) -> Result<Self, String> {
         let provider = mesh_identity::provider();
         let sni = if tls.sni.is_empty() {
             service
@@ -166,6 +214,7 @@ impl Originate {
             config: Arc::new(config),
             server_name,
             h2,
+            connect,
             client: OnceLock::new(),
         })
     }
@@ -173,18 +222,19 @@ impl Originate {
     /// The client, made on first use; its sockets carry `mark`.
     pub fn client(&self, mark: Option<u32>) -> &Client<HttpsConnector<Dialer>, Body> {
         self.client.get_or_init(|| {
+            let dialer = Dialer::new(mark, self.connect);
             let builder = hyper_rustls::HttpsConnectorBuilder::new()
                 .with_tls_config((*self.config).clone())
                 .https_only()
                 .with_server_name_resolver(FixedServerNameResolver::new(self.server_name.clone()));
             // One protocol, offered by ALPN: the one the cluster speaks.
             if self.h2 {
-                let https = builder.enable_http2().wrap_connector(Dialer(mark));
+                let https = builder.enable_http2().wrap_connector(dialer);
                 Client::builder(TokioExecutor::new())
                     .http2_only(true)
                     .build(https)
             } else {
-                let https = builder.enable_http1().wrap_connector(Dialer(mark));
+                let https = builder.enable_http1().wrap_connector(dialer);
                 Client::builder(TokioExecutor::new()).build(https)
             }
         })

@@ -726,7 +726,7 @@ async fn send_to(
         // Boxed: paths off the mesh stay out of the size of every
         // request's future, as the pool's connect does.
         Via::Plain => {
-            let client = if h2 { &shared.app_h2 } else { &shared.app_h1 };
+            let client = cluster.direct.client(shared, h2);
             Box::pin(origin::send(client, Scheme::HTTP, endpoint.tunnel, h2, req))
                 .await
                 .map_err(direct)

@@ -32,12 +32,37 @@ impl Sockets for Linux {
 
 /// hyper's connector for plain HTTP (to the app, passthrough, endpoints
 /// without a sidecar) and under originated TLS: dials the URI's address
-/// within [`DIAL_TIMEOUT`], marking the socket if the proxy is configured to.
+/// within `timeout` (a DestinationRule's connectTimeout, or
+/// [`DIAL_TIMEOUT`]), marking the socket if the proxy is configured to.
 #[derive(Clone, Copy, Debug)]
-pub struct Dialer(pub Option<u32>);
+pub struct Dialer {
+    pub mark: Option<u32>,
+    pub timeout: std::time::Duration,
+}
 
 /// How long a plain connect may take: Istio's default `connectTimeout`.
 pub const DIAL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl Dialer {
+    pub fn new(mark: Option<u32>, timeout: Option<std::time::Duration>) -> Self {
+        Self {
+            mark,
+            timeout: timeout.unwrap_or(DIAL_TIMEOUT),
+        }
+    }
+
+    /// A pooling plaintext client over this dialer, speaking HTTP/2 only
+    /// (prior knowledge) or HTTP/1.1.
+    pub fn client<B>(self, h2: bool) -> hyper_util::client::legacy::Client<Self, B>
+    where
+        B: http_body::Body + Send + 'static,
+        B::Data: Send,
+    {
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(h2)
+            .build(self)
+    }
+}
 
 impl tower::Service<http::Uri> for Dialer {
     type Response = hyper_util::rt::TokioIo<TcpStream>;
@@ -54,7 +79,7 @@ impl tower::Service<http::Uri> for Dialer {
     }
 
     fn call(&mut self, uri: http::Uri) -> Self::Future {
-        let mark = self.0;
+        let Dialer { mark, timeout } = *self;
         Box::pin(async move {
             let host = uri.host().unwrap_or_default();
             let host = host.trim_start_matches('[').trim_end_matches(']');
@@ -65,12 +90,12 @@ impl tower::Service<http::Uri> for Dialer {
                 )
             })?;
             let addr = SocketAddr::new(ip, uri.port_u16().unwrap_or(80));
-            let tcp = tokio::time::timeout(DIAL_TIMEOUT, mesh_identity::grpc::dial(addr, mark))
+            let tcp = tokio::time::timeout(timeout, mesh_identity::grpc::dial(addr, mark))
                 .await
                 .map_err(|_| {
                     std::io::Error::new(
                         std::io::ErrorKind::TimedOut,
-                        format!("connect to {addr} timed out after {DIAL_TIMEOUT:?}"),
+                        format!("connect to {addr} timed out after {timeout:?}"),
                     )
                 })??;
             tcp.set_nodelay(true)?;

@@ -82,6 +82,8 @@ pub struct Cluster {
     /// How its endpoints are spoken to (mutual TLS, plaintext, or TLS this
     /// sidecar originates).
     pub transport: Arc<crate::origin::Transport>,
+    /// Plaintext clients within its connectTimeout, when it sets one.
+    pub direct: Arc<crate::origin::Direct>,
     pub endpoints: Vec<Arc<Endpoint>>,
     /// Load balancing, outlier detection and the circuit breaker.
     pub balancer: crate::balance::Balancer,
@@ -211,12 +213,15 @@ impl Resources {
                 let breaker = before
                     .filter(|b| b.config.pool == c.pool && b.config.protocol == c.protocol)
                     .and_then(|b| b.balancer.breaker.clone());
+                let balancer = crate::balance::Balancer::new(c, &endpoints, breaker);
+                let connect = balancer.connect_timeout;
                 // Same settings: the same transport, pooled connections and all.
                 let transport = before
                     .filter(|b| {
                         b.config.tls == c.tls
                             && b.config.service == c.service
                             && b.config.protocol == c.protocol
+                            && b.balancer.connect_timeout == connect
                     })
                     .map(|b| b.transport.clone())
                     .unwrap_or_else(|| {
@@ -224,11 +229,17 @@ impl Resources {
                             c.tls.as_ref(),
                             &c.service,
                             speaks_h2(c.protocol),
+                            connect,
                         ))
                     });
+                let direct = before
+                    .filter(|b| b.direct.connect == connect)
+                    .map(|b| b.direct.clone())
+                    .unwrap_or_else(|| Arc::new(crate::origin::Direct::new(connect)));
                 let cluster = Cluster {
                     transport,
-                    balancer: crate::balance::Balancer::new(c, &endpoints, breaker),
+                    direct,
+                    balancer,
                     config: c.clone(),
                     endpoints,
                     budget: before.map(|b| b.budget.clone()).unwrap_or_default(),

@@ -223,6 +223,7 @@ fn decode_into(next: &mut Resources, t: &str, name: &str, bytes: &[u8]) -> Resul
                 c.tls.as_ref(),
                 &c.service,
                 crate::state::speaks_h2(c.protocol),
+                None,
             )
             .map_err(|e| format!("cluster {}: {e}", c.name))?;
             next.clusters.insert(name.to_string(), c);

@@ -6,6 +6,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
@@ -346,5 +347,72 @@ async fn plaintext_to_endpoints_without_a_sidecar_and_tls_originated_as_destinat
         get(&http, "mutual.example.com").await,
         (200, "mutual".into())
     );
+    mesh.stop().await;
+}
+
+/// A listener on 127.0.0.1 that never accepts, its queue full: a connect
+/// to it hangs (the kernel drops the SYN) instead of being refused. The
+/// connections filling the queue are returned to keep them open.
+fn stuck_listener() -> (tokio::net::TcpListener, Vec<std::net::TcpStream>, u16) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(1).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut filling = Vec::new();
+    for _ in 0..8 {
+        match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(300)) {
+            Ok(s) => filling.push(s),
+            Err(_) => return (listener, filling, addr.port()),
+        }
+    }
+    panic!("the listener's queue never filled");
+}
+
+/// A DestinationRule's connectTimeout bounds connects to endpoints without
+/// a sidecar, plaintext or under TLS the sidecar originates: a server that
+/// never answers the connect costs that long, not the 10 s default.
+#[tokio::test(flavor = "multi_thread")]
+async fn connect_timeout_bounds_connects_to_endpoints_without_a_sidecar() {
+    let mesh = Mesh::start().await;
+    let (_listener, _filling, port) = stuck_listener();
+    let rules = ["plain", "tls"]
+        .iter()
+        .map(|name| {
+            let host = format!("{name}-stuck.example.com");
+            let tls = if *name == "tls" {
+                "\n    tls: {mode: SIMPLE, insecureSkipVerify: true}"
+            } else {
+                ""
+            };
+            format!(
+                "{}apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: {name}-stuck, namespace: default}}
+spec:
+  host: {host}
+  trafficPolicy:
+    connectionPool: {{tcp: {{connectTimeout: 200ms}}}}{tls}
+---
+",
+                service_entry(&format!("{name}-stuck"), &host, port)
+            )
+        })
+        .collect::<String>();
+    mesh.write_config("stuck.yaml", &rules);
+    mesh.wait_config_dump("client", "outbound|80||tls-stuck.example.com")
+        .await;
+    let http = mesh.client();
+    for host in ["plain-stuck.example.com", "tls-stuck.example.com"] {
+        let started = Instant::now();
+        let (code, body) = get(&http, host).await;
+        let took = started.elapsed();
+        assert_eq!(code, 503, "{host}: {body}");
+        // One try and Istio's two default retries, 200 ms each, and slack.
+        assert!(
+            took < Duration::from_secs(3),
+            "{host} took {took:?}: {body}"
+        );
+        assert!(body.contains("timed out after 200ms"), "{host}: {body}");
+    }
     mesh.stop().await;
 }
