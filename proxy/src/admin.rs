@@ -145,11 +145,12 @@ async fn merged(shared: &Shared) -> String {
 
 /// `meshctl authz check` live: the AuthorizationPolicies this sidecar
 /// enforces now and, for the request described in the body
-/// (`{"request": Described}`; `null` to list only), their decision, made
+/// (`{"request": Described}`; `null`, or no body, to list only), their decision, made
 /// as the inbound path makes it. 400 names what is wrong in the request.
 async fn authz_check(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
     #[derive(serde::Deserialize)]
     struct Asked {
+        #[serde(default)]
         request: Option<crate::authz::Described>,
     }
     const LIMIT: usize = 64 * 1024;
@@ -160,7 +161,7 @@ async fn authz_check(shared: &Shared, req: Request<Incoming>) -> Response<Body> 
         Ok(b) => b.to_bytes(),
         Err(e) => return local_reply(StatusCode::BAD_REQUEST, format!("reading the body: {e}")),
     };
-    let asked: Asked = match serde_json::from_slice(&body) {
+    let asked: Asked = match serde_json::from_slice(if body.is_empty() { b"{}" } else { &body }) {
         Ok(a) => a,
         Err(e) => return local_reply(StatusCode::BAD_REQUEST, format!("not a check: {e}")),
     };

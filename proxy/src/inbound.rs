@@ -82,9 +82,7 @@ impl Conn {
             auth,
         }
     }
-}
 
-impl Conn {
     /// Why `snapshot` refuses this connection because it is plaintext, if
     /// it does (the port's mTLS mode is now STRICT).
     pub fn plaintext_refused(&self, snapshot: &Snapshot) -> Option<String> {

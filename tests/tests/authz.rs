@@ -133,6 +133,24 @@ async fn policies_allow_deny_survive_a_bad_update_and_lift() {
     assert!(!live(reviews, "POST").await.decision.unwrap().allowed());
     let client = mesh.identity_of("client").to_string();
     assert!(!live(&client, "GET").await.decision.unwrap().allowed());
+    // By hand: a POST without a body lists what the sidecar enforces.
+    let admin = format!(
+        "http://{}:15000/authz/check",
+        mesh.workload("ratings-v1").address
+    );
+    let listed: serde_json::Value = reqwest::Client::new()
+        .post(&admin)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        listed["policies"][0]["name"], "default/ratings-viewer",
+        "{listed}"
+    );
+    assert!(listed["decision"].is_null(), "{listed}");
     let bad = Described {
         from: Some("reviews".into()),
         ..Default::default()
