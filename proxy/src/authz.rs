@@ -884,6 +884,25 @@ mod tests {
         }
     }
 
+    /// ALLOW: reviews' identity, method GET.
+    fn reviews_may_get(name: &str) -> pb::AuthorizationPolicy {
+        policy(
+            name,
+            Action::Allow,
+            vec![pb::AuthzRule {
+                from: vec![pb::AuthzSource {
+                    principals: strs(&[REVIEWS]),
+                    ..Default::default()
+                }],
+                to: vec![pb::AuthzOperation {
+                    methods: strs(&["GET"]),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+        )
+    }
+
     const REVIEWS: &str = "cluster.local/ns/default/sa/bookinfo-reviews";
     const PRODUCTPAGE: &str = "cluster.local/ns/default/sa/bookinfo-productpage";
 
@@ -1225,21 +1244,7 @@ mod tests {
             http: None,
         };
         // ALLOW with an HTTP-only field never matches TCP...
-        let allow_get = policy(
-            "default/allow-get",
-            Action::Allow,
-            vec![pb::AuthzRule {
-                from: vec![pb::AuthzSource {
-                    principals: strs(&[REVIEWS]),
-                    ..Default::default()
-                }],
-                to: vec![pb::AuthzOperation {
-                    methods: strs(&["GET"]),
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }],
-        );
+        let allow_get = reviews_may_get("default/allow-get");
         assert!(!allowed(&[allow_get], &tcp(Some(REVIEWS))));
         // ...while one on ports and principals does.
         let allow_port = policy(
@@ -1295,21 +1300,7 @@ mod tests {
 
     #[test]
     fn a_connection_is_closed_only_when_no_request_on_it_could_pass() {
-        let only_reviews = policy(
-            "default/ratings-viewer",
-            Action::Allow,
-            vec![pb::AuthzRule {
-                from: vec![pb::AuthzSource {
-                    principals: strs(&[REVIEWS]),
-                    ..Default::default()
-                }],
-                to: vec![pb::AuthzOperation {
-                    methods: strs(&["GET"]),
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }],
-        );
+        let only_reviews = reviews_may_get("default/ratings-viewer");
         // Another caller can send nothing this allows: closed.
         assert_eq!(
             revokes(&[only_reviews.clone()], Some(PRODUCTPAGE), None),
