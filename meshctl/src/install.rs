@@ -449,7 +449,7 @@ fn deployment(opts: &Options) -> Value {
                             json!([{"name": "cacerts", "mountPath": "/etc/cacerts", "readOnly": true},
                                    {"name": "state", "mountPath": "/var/run/mesh"}]),
                             tcp_probe(15011)),
-                        container("pilot", s(&["mesh-pilot", "--config-dir", "/etc/mesh/config",
+                        container("pilot", s(&["mesh-pilot", "--kubernetes", "--config-dir", "/etc/mesh/config",
                             "--listen", "0.0.0.0:15012", "--monitoring-listen", "0.0.0.0:15014",
                             "--ca-addr", "127.0.0.1:15011",
                             "--ca-root-file", "/etc/cacerts/root-cert.pem",

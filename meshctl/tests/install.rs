@@ -125,6 +125,46 @@ fn manifests_parse_as_kubernetes_types_and_accept_the_samples_istio_yaml() {
     }
     assert!(checked >= 10, "only {checked} sample resources");
 
+    // Every kind pilot watches (`--kubernetes`) has a CRD serving v1 under
+    // the plural pilot asks for, and pilot's role may list and watch it.
+    let role = find(&objects, "ClusterRole", install::NAME);
+    let may_watch = |group: &str, plural: &str| {
+        role["rules"].as_array().unwrap().iter().any(|r| {
+            let has = |field: &str, v: &str| r[field].as_array().unwrap().iter().any(|x| x == v);
+            has("apiGroups", group)
+                && has("resources", plural)
+                && has("verbs", "watch")
+                && has("verbs", "list")
+        })
+    };
+    for (group, kind, plural) in mesh_pilot::kubernetes::ISTIO_KINDS {
+        let crd = find(
+            &objects,
+            "CustomResourceDefinition",
+            &format!("{plural}.{group}"),
+        );
+        assert_eq!(crd["spec"]["names"]["kind"], kind);
+        assert!(
+            crd["spec"]["versions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|v| v["name"] == "v1" && v["served"] == true)
+        );
+        assert!(
+            may_watch(group, plural),
+            "pilot may not watch {plural}.{group}"
+        );
+    }
+    for (group, plural) in [
+        ("", "services"),
+        ("", "pods"),
+        ("", "namespaces"),
+        ("discovery.k8s.io", "endpointslices"),
+    ] {
+        assert!(may_watch(group, plural), "pilot may not watch {plural}");
+    }
+
     // The webhook: its caBundle is the mesh's root, and its serving
     // certificate verifies against it for the Service's DNS name.
     let mwc = find(

@@ -940,6 +940,9 @@ pub struct MeshConfig {
     pub default_providers: DefaultProviders,
     #[serde(default)]
     pub extension_providers: Vec<ExtensionProvider>,
+    /// Which namespaces pilot reads from Kubernetes (all when empty).
+    #[serde(default)]
+    pub discovery_selectors: Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector>,
     #[serde(flatten)]
     pub other: BTreeMap<String, serde_json::Value>,
 }

@@ -7,6 +7,7 @@ pub mod dr;
 pub mod generate;
 pub mod istio;
 pub mod jwks;
+pub mod kubernetes;
 pub mod metrics;
 pub mod model;
 pub mod status;
@@ -72,6 +73,8 @@ pub struct Pilot {
     /// More metrics served on the monitoring port beside pilot's (citadel's,
     /// when it runs in the same process).
     extra_metrics: std::sync::OnceLock<Box<dyn Fn() -> String + Send + Sync>>,
+    /// The Kubernetes source, once [`Pilot::watch_kubernetes`] has synced it.
+    cluster: std::sync::OnceLock<kubernetes::Cache>,
 }
 
 impl Pilot {
@@ -88,6 +91,7 @@ impl Pilot {
             status: Arc::default(),
             metrics: Arc::default(),
             extra_metrics: std::sync::OnceLock::new(),
+            cluster: std::sync::OnceLock::new(),
         });
         pilot.reload();
         pilot
@@ -148,6 +152,20 @@ impl Pilot {
     pub fn reload(&self) -> bool {
         let result = store::load_dir(&self.config.config_dir)
             .map_err(|e| vec![e.to_string()])
+            .and_then(|mut set| {
+                if let Some(cluster) = self.cluster.get() {
+                    let selectors = set
+                        .resources
+                        .iter()
+                        .find_map(|(_, r)| match r {
+                            store::Resource::MeshConfig(mc) => Some(mc.discovery_selectors.clone()),
+                            _ => None,
+                        })
+                        .unwrap_or_default();
+                    set.resources.extend(cluster.resources(&selectors)?);
+                }
+                Ok(set)
+            })
             .and_then(|set| {
                 Model::build_with(&set, &self.config.trust_domain, |m| {
                     m.cluster_id.clone_from(&self.config.cluster_id);
@@ -180,6 +198,24 @@ impl Pilot {
                 true
             }
         }
+    }
+
+    /// Adds Kubernetes as a source: Istio's custom resources and the
+    /// cluster's Services, EndpointSlices, Pods and Namespaces, beside the
+    /// config directory. Returns once every kind has been listed, so that
+    /// no proxy is ever sent a half-read cluster; from then on each change
+    /// reloads. Only the first call counts.
+    pub async fn watch_kubernetes(self: &Arc<Self>, client: kube::Client) -> kubernetes::Watchers {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let (cluster, mut watchers) = kubernetes::Cache::watch(&client, &tx);
+        tracing::info!("waiting for the Kubernetes caches to sync");
+        cluster.synced().await;
+        if self.cluster.set(cluster).is_ok() {
+            tracing::info!("Kubernetes caches synced");
+            self.reload();
+            watchers.push(watch::reload_on(self.clone(), rx));
+        }
+        watchers
     }
 
     /// Watches the config directory and reloads on every change.

@@ -34,6 +34,11 @@ struct Args {
     /// Access logs as Istio's TEXT format or as JSON (Istio's meshConfig.accessLogEncoding).
     #[arg(long, env = "ACCESS_LOG_ENCODING", default_value = "TEXT", value_parser = ["TEXT", "JSON"])]
     access_log_encoding: String,
+    /// Also read Istio's custom resources and the cluster's Services,
+    /// EndpointSlices, Pods and Namespaces from Kubernetes (in-cluster
+    /// credentials, or the kubeconfig).
+    #[arg(long, env = "PILOT_KUBERNETES")]
+    kubernetes: bool,
 }
 
 #[tokio::main]
@@ -57,6 +62,14 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("pilot's certificate")?;
     let _watch = pilot.watch()?;
+    let _cluster = if args.kubernetes {
+        let client = kube::Client::try_default()
+            .await
+            .context("--kubernetes: no in-cluster credentials or kubeconfig")?;
+        Some(pilot.watch_kubernetes(client).await)
+    } else {
+        None
+    };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;

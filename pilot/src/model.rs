@@ -818,6 +818,20 @@ impl Model {
         for (meta, res) in &set.resources {
             match res {
                 Resource::MeshConfig(_) => {}
+                Resource::KubeService(svc) => {
+                    if m.services.contains_key(&svc.host) {
+                        errors.push(format!(
+                            "{}: host {} is also defined by a ServiceEntry; remove one of them",
+                            at(meta, "Service"),
+                            svc.host
+                        ));
+                    } else {
+                        m.services.insert(svc.host.clone(), (**svc).clone());
+                    }
+                }
+                Resource::Pod(w) => {
+                    m.workloads.insert(w.proxy_id(), w.clone());
+                }
                 Resource::ServiceEntry(se) => m.add_service(meta, se, &mut errors),
                 Resource::WorkloadEntry(we) => {
                     let w = Workload {
@@ -911,7 +925,7 @@ impl Model {
             let host = fqdn(host, &meta.namespace);
             if self.services.contains_key(&host) {
                 errors.push(format!(
-                    "{}: host {host} is already defined by another ServiceEntry",
+                    "{}: host {host} is already defined by another ServiceEntry or a Kubernetes Service",
                     at(meta, "ServiceEntry")
                 ));
                 continue;

@@ -27,6 +27,11 @@ pub enum Resource {
     Telemetry(crate::istio::Telemetry),
     /// Istio's mesh config: ConfigMap istio-system/istio.
     MeshConfig(Box<crate::istio::MeshConfig>),
+    /// A Kubernetes Service, its endpoints already read from its
+    /// EndpointSlices and their pods (see [`crate::kubernetes`]).
+    KubeService(Box<crate::model::Service>),
+    /// A Kubernetes pod that runs a sidecar: a proxy that will connect.
+    Pod(crate::model::Workload),
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -114,90 +119,112 @@ pub fn parse_file(path: &Path, text: &str) -> Result<Vec<(Meta, Resource)>, Conf
     let mut out = Vec::new();
     for (index, doc) in docs.into_iter().enumerate() {
         let Some(doc) = doc else { continue };
-        let doc_err = |reason: &str| ConfigError::Document {
-            path: path.to_path_buf(),
-            index: index + 1,
-            reason: reason.to_string(),
-        };
-        let kind = doc.kind.ok_or_else(|| doc_err("missing 'kind'"))?;
-        let api = doc
-            .api_version
-            .ok_or_else(|| doc_err("missing 'apiVersion'"))?;
-        let meta = doc.metadata.ok_or_else(|| doc_err("missing 'metadata'"))?;
-        let name = meta
-            .name
-            .ok_or_else(|| doc_err("missing 'metadata.name'"))?;
-        let meta = Meta {
-            name,
-            namespace: meta
-                .namespace
-                .unwrap_or_else(|| DEFAULT_NAMESPACE.to_string()),
-            file: path.to_path_buf(),
-        };
-        let group = api.split('/').next().unwrap_or_default();
-        let handled = match group {
-            "networking.istio.io" => true,
-            "security.istio.io" => matches!(
-                kind.as_str(),
-                "PeerAuthentication" | "AuthorizationPolicy" | "RequestAuthentication"
-            ),
-            "telemetry.istio.io" => kind == "Telemetry",
-            // Istio's mesh config; other ConfigMaps are not the mesh's.
-            "v1" => {
-                kind == "ConfigMap"
-                    && meta.namespace == crate::model::ROOT_NAMESPACE
-                    && meta.name == MESH_CONFIG_NAME
-            }
-            _ => false,
-        };
-        if !handled {
-            tracing::info!(file = %path.display(), %api, %kind, "skipping a kind pilot does not handle yet");
-            continue;
-        }
-        if kind == "ConfigMap" {
-            let mesh = doc.data.as_ref().and_then(|d| d.get("mesh")).map_or(
-                Ok(Default::default()),
-                |text| {
-                    serde_saphyr::from_str(text).map_err(|e| ConfigError::Spec {
-                        path: path.to_path_buf(),
-                        kind: kind.clone(),
-                        namespace: meta.namespace.clone(),
-                        name: meta.name.clone(),
-                        reason: format!("data.mesh: {e}"),
-                    })
-                },
-            )?;
-            out.push((meta, Resource::MeshConfig(Box::new(mesh))));
-            continue;
-        }
-        let spec = doc.spec.unwrap_or(serde_json::Value::Null);
-        let spec_err = |reason: String| ConfigError::Spec {
-            path: path.to_path_buf(),
-            kind: kind.clone(),
-            namespace: meta.namespace.clone(),
-            name: meta.name.clone(),
-            reason,
-        };
-        let typed = |spec| -> Result<Resource, ConfigError> {
-            fn de<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> Result<T, String> {
-                serde_json::from_value(v).map_err(|e| format!("spec: {e}"))
-            }
-            match kind.as_str() {
-                "ServiceEntry" => de(spec).map(Resource::ServiceEntry),
-                "WorkloadEntry" => de(spec).map(Resource::WorkloadEntry),
-                "VirtualService" => de(spec).map(Resource::VirtualService),
-                "DestinationRule" => de(spec).map(|d| Resource::DestinationRule(Box::new(d))),
-                "PeerAuthentication" => de(spec).map(Resource::PeerAuthentication),
-                "AuthorizationPolicy" => de(spec).map(Resource::AuthorizationPolicy),
-                "RequestAuthentication" => de(spec).map(Resource::RequestAuthentication),
-                "Telemetry" => de(spec).map(Resource::Telemetry),
-                other => Err(format!("kind {other} is not supported yet")),
-            }
-            .map_err(spec_err)
-        };
-        out.push((meta.clone(), typed(spec)?));
+        out.extend(parse_object(path, index + 1, doc)?);
     }
     Ok(out)
+}
+
+/// Parses one object as the API server stores it (Kubernetes' JSON);
+/// `source` stands where a file name would in errors. `None` for a kind
+/// pilot does not handle.
+pub fn parse_json(
+    source: &Path,
+    object: serde_json::Value,
+) -> Result<Option<(Meta, Resource)>, ConfigError> {
+    let raw = serde_json::from_value(object).map_err(|e| ConfigError::Document {
+        path: source.to_path_buf(),
+        index: 1,
+        reason: e.to_string(),
+    })?;
+    parse_object(source, 1, raw)
+}
+
+fn parse_object(
+    path: &Path,
+    index: usize,
+    doc: RawObject,
+) -> Result<Option<(Meta, Resource)>, ConfigError> {
+    let doc_err = |reason: &str| ConfigError::Document {
+        path: path.to_path_buf(),
+        index,
+        reason: reason.to_string(),
+    };
+    let kind = doc.kind.ok_or_else(|| doc_err("missing 'kind'"))?;
+    let api = doc
+        .api_version
+        .ok_or_else(|| doc_err("missing 'apiVersion'"))?;
+    let meta = doc.metadata.ok_or_else(|| doc_err("missing 'metadata'"))?;
+    let name = meta
+        .name
+        .ok_or_else(|| doc_err("missing 'metadata.name'"))?;
+    let meta = Meta {
+        name,
+        namespace: meta
+            .namespace
+            .unwrap_or_else(|| DEFAULT_NAMESPACE.to_string()),
+        file: path.to_path_buf(),
+    };
+    let group = api.split('/').next().unwrap_or_default();
+    let handled = match group {
+        "networking.istio.io" => true,
+        "security.istio.io" => matches!(
+            kind.as_str(),
+            "PeerAuthentication" | "AuthorizationPolicy" | "RequestAuthentication"
+        ),
+        "telemetry.istio.io" => kind == "Telemetry",
+        // Istio's mesh config; other ConfigMaps are not the mesh's.
+        "v1" => {
+            kind == "ConfigMap"
+                && meta.namespace == crate::model::ROOT_NAMESPACE
+                && meta.name == MESH_CONFIG_NAME
+        }
+        _ => false,
+    };
+    if !handled {
+        tracing::info!(file = %path.display(), %api, %kind, "skipping a kind pilot does not handle yet");
+        return Ok(None);
+    }
+    if kind == "ConfigMap" {
+        let mesh = doc.data.as_ref().and_then(|d| d.get("mesh")).map_or(
+            Ok(Default::default()),
+            |text| {
+                serde_saphyr::from_str(text).map_err(|e| ConfigError::Spec {
+                    path: path.to_path_buf(),
+                    kind: kind.clone(),
+                    namespace: meta.namespace.clone(),
+                    name: meta.name.clone(),
+                    reason: format!("data.mesh: {e}"),
+                })
+            },
+        )?;
+        return Ok(Some((meta, Resource::MeshConfig(Box::new(mesh)))));
+    }
+    let spec = doc.spec.unwrap_or(serde_json::Value::Null);
+    let spec_err = |reason: String| ConfigError::Spec {
+        path: path.to_path_buf(),
+        kind: kind.clone(),
+        namespace: meta.namespace.clone(),
+        name: meta.name.clone(),
+        reason,
+    };
+    let typed = |spec| -> Result<Resource, ConfigError> {
+        fn de<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> Result<T, String> {
+            serde_json::from_value(v).map_err(|e| format!("spec: {e}"))
+        }
+        match kind.as_str() {
+            "ServiceEntry" => de(spec).map(Resource::ServiceEntry),
+            "WorkloadEntry" => de(spec).map(Resource::WorkloadEntry),
+            "VirtualService" => de(spec).map(Resource::VirtualService),
+            "DestinationRule" => de(spec).map(|d| Resource::DestinationRule(Box::new(d))),
+            "PeerAuthentication" => de(spec).map(Resource::PeerAuthentication),
+            "AuthorizationPolicy" => de(spec).map(Resource::AuthorizationPolicy),
+            "RequestAuthentication" => de(spec).map(Resource::RequestAuthentication),
+            "Telemetry" => de(spec).map(Resource::Telemetry),
+            other => Err(format!("kind {other} is not supported yet")),
+        }
+        .map_err(spec_err)
+    };
+    Ok(Some((meta.clone(), typed(spec)?)))
 }
 
 #[cfg(test)]

@@ -26,7 +26,7 @@ impl Drop for DirWatcher {
 
 impl DirWatcher {
     pub(crate) fn start(pilot: Arc<Pilot>, dir: &Path) -> Result<Self, notify::Error> {
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let mut watcher =
             notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
                 if event.is_ok_and(|e| !e.kind.is_access()) {
@@ -34,22 +34,30 @@ impl DirWatcher {
                 }
             })?;
         watcher.watch(dir, RecursiveMode::NonRecursive)?;
-        let task = tokio::spawn(async move {
-            while rx.recv().await.is_some() {
-                // Settle: drain the burst of events one save makes.
-                loop {
-                    match tokio::time::timeout(SETTLE, rx.recv()).await {
-                        Ok(Some(())) => continue,
-                        Ok(None) => return,
-                        Err(_) => break,
-                    }
-                }
-                pilot.reload();
-            }
-        });
         Ok(Self {
             _watcher: watcher,
-            task,
+            task: reload_on(pilot, rx),
         })
     }
+}
+
+/// Reloads `pilot` after each burst of changes sent on `changes` has
+/// settled, until every sender is gone.
+pub(crate) fn reload_on(
+    pilot: Arc<Pilot>,
+    mut changes: tokio::sync::mpsc::UnboundedReceiver<()>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        while changes.recv().await.is_some() {
+            // Settle: drain the burst of events one save (or one rollout) makes.
+            loop {
+                match tokio::time::timeout(SETTLE, changes.recv()).await {
+                    Ok(Some(())) => continue,
+                    Ok(None) => return,
+                    Err(_) => break,
+                }
+            }
+            pilot.reload();
+        }
+    })
 }
