@@ -26,7 +26,7 @@ use tokio::task::JoinHandle;
 
 use crate::istio::{Labels, ServicePort};
 use crate::model::{self, ROOT_NAMESPACE, TLS_MODE_LABEL, Workload};
-use crate::store::{Meta, Resource};
+use crate::store::{Meta, Resource, Unread};
 
 /// What errors about objects from the cluster name where a file would be.
 pub const SOURCE: &str = "kubernetes";
@@ -138,12 +138,9 @@ impl Cache {
     /// The cluster's objects as pilot's resources, only from namespaces
     /// that `selectors` (Istio's `discoverySelectors`) select; all of them
     /// when there are none. The root namespace is always read, since the
-    /// mesh's own config lives there. Errors name each object that does
-    /// not parse.
-    pub fn resources(
-        &self,
-        selectors: &[LabelSelector],
-    ) -> Result<Vec<(Meta, Resource)>, Vec<String>> {
+    /// mesh's own config lives there. Objects that do not parse are
+    /// returned apart, each with its error.
+    pub fn resources(&self, selectors: &[LabelSelector]) -> (Vec<(Meta, Resource)>, Vec<Unread>) {
         let discovered: Option<BTreeSet<String>> = (!selectors.is_empty()).then(|| {
             self.namespaces
                 .state()
@@ -235,32 +232,30 @@ impl Cache {
             };
             key(a).cmp(&key(b))
         });
-        let mut errors = Vec::new();
+        let mut unread = Vec::new();
         for (ar, object) in objects {
-            let mut value = match serde_json::to_value(&*object) {
-                Ok(v) => v,
-                Err(e) => {
-                    errors.push(format!(
-                        "{SOURCE}: {} {:?}: {e}",
-                        ar.kind, object.metadata.name
-                    ));
-                    continue;
-                }
-            };
-            // Items of a list may leave out their type; the watch knows it.
-            value["apiVersion"] = ar.api_version.clone().into();
-            value["kind"] = ar.kind.clone().into();
-            match crate::store::parse_json(Path::new(SOURCE), value) {
-                Ok(Some(r)) => out.push(r),
-                Ok(None) => {}
-                Err(e) => errors.push(e.to_string()),
+            let parsed = serde_json::to_value(&*object)
+                .map_err(|e| e.to_string())
+                .and_then(|mut value| {
+                    // Items of a list may leave out their type; the watch knows it.
+                    value["apiVersion"] = ar.api_version.clone().into();
+                    value["kind"] = ar.kind.clone().into();
+                    crate::store::parse_json(Path::new(SOURCE), value).map_err(|e| e.to_string())
+                });
+            match parsed {
+                Ok(r) => out.extend(r),
+                Err(error) => unread.push(Unread {
+                    file: PathBuf::from(SOURCE),
+                    object: Some((
+                        ar.kind.clone(),
+                        object.metadata.namespace.clone().unwrap_or_default(),
+                        object.metadata.name.clone().unwrap_or_default(),
+                    )),
+                    error,
+                }),
             }
         }
-        if errors.is_empty() {
-            Ok(out)
-        } else {
-            Err(errors)
-        }
+        (out, unread)
     }
 }
 

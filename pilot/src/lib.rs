@@ -2,6 +2,7 @@
 //! its view over delta xDS.
 #![forbid(unsafe_code)]
 
+pub mod accept;
 mod debug;
 pub mod dr;
 pub mod generate;
@@ -75,6 +76,8 @@ pub struct Pilot {
     extra_metrics: std::sync::OnceLock<Box<dyn Fn() -> String + Send + Sync>>,
     /// The Kubernetes source, once [`Pilot::watch_kubernetes`] has synced it.
     cluster: std::sync::OnceLock<kubernetes::Cache>,
+    /// The resources the model in force was built from.
+    accepted: std::sync::Mutex<Vec<(store::Meta, store::Resource)>>,
 }
 
 impl Pilot {
@@ -92,6 +95,7 @@ impl Pilot {
             metrics: Arc::default(),
             extra_metrics: std::sync::OnceLock::new(),
             cluster: std::sync::OnceLock::new(),
+            accepted: std::sync::Mutex::default(),
         });
         pilot.reload();
         pilot
@@ -147,57 +151,92 @@ impl Pilot {
         Ok((tls, task))
     }
 
-    /// Re-reads the config directory. A bad config is reported and the last
-    /// good one keeps serving. Returns whether the model changed.
+    /// Re-reads the config directory (and the Kubernetes cache, when
+    /// watched). A bad resource is reported and rejected alone, its last
+    /// good version standing in (see [`accept`]); what cannot be
+    /// attributed to one resource rejects the whole load, and the last
+    /// good config keeps serving. Returns whether the model changed.
     pub fn reload(&self) -> bool {
-        let result = store::load_dir(&self.config.config_dir)
-            .map_err(|e| vec![e.to_string()])
-            .and_then(|mut set| {
-                if let Some(cluster) = self.cluster.get() {
-                    let selectors = set
-                        .resources
-                        .iter()
-                        .find_map(|(_, r)| match r {
-                            store::Resource::MeshConfig(mc) => Some(mc.discovery_selectors.clone()),
-                            _ => None,
-                        })
-                        .unwrap_or_default();
-                    set.resources.extend(cluster.resources(&selectors)?);
-                }
-                Ok(set)
-            })
-            .and_then(|set| {
-                Model::build_with(&set, &self.config.trust_domain, |m| {
+        let last = self.accepted.lock().expect("accepted set").clone();
+        let result = self.gather(&last).and_then(|(set, unread)| {
+            accept::accept(set, &unread, &last, |set| {
+                Model::build_with(set, &self.config.trust_domain, |m| {
                     m.cluster_id.clone_from(&self.config.cluster_id);
                     m.access_log_json = self.config.access_log_json;
                 })
-            });
-        self.metrics.config_load(result.is_ok());
-        match result {
+            })
+        });
+        self.metrics
+            .config_load(matches!(&result, Ok(a) if a.errors.is_empty()));
+        let accepted = match result {
             Err(errors) => {
                 for e in &errors {
                     tracing::error!("config rejected, last good config keeps serving: {e}");
                 }
                 self.errors.send_replace(errors);
-                false
+                return false;
             }
-            Ok(model) => {
-                self.errors.send_replace(Vec::new());
-                if *self.snapshots.borrow().model == model {
-                    return false;
-                }
-                let version = self.version.fetch_add(1, Ordering::Relaxed) + 1;
-                let snapshot = Snapshot::build(Arc::new(model), version);
-                tracing::info!(
-                    version,
-                    services = snapshot.model.services.len(),
-                    workloads = snapshot.model.workloads.len(),
-                    "config loaded"
-                );
-                self.snapshots.send_replace(Arc::new(snapshot));
-                true
+            Ok(accepted) => accepted,
+        };
+        for e in &accepted.errors {
+            tracing::error!("resource rejected, its last good version (if any) keeps serving: {e}");
+        }
+        self.errors.send_replace(accepted.errors);
+        *self.accepted.lock().expect("accepted set") = accepted.resources;
+        let model = accepted.model;
+        if *self.snapshots.borrow().model == model {
+            return false;
+        }
+        let version = self.version.fetch_add(1, Ordering::Relaxed) + 1;
+        let snapshot = Snapshot::build(Arc::new(model), version);
+        tracing::info!(
+            version,
+            services = snapshot.model.services.len(),
+            workloads = snapshot.model.workloads.len(),
+            "config loaded"
+        );
+        self.snapshots.send_replace(Arc::new(snapshot));
+        true
+    }
+
+    /// Everything the sources hold now, and what they could not read.
+    #[allow(clippy::type_complexity)]
+    fn gather(
+        &self,
+        last: &[(store::Meta, store::Resource)],
+    ) -> Result<(Vec<(store::Meta, store::Resource)>, Vec<store::Unread>), Vec<String>> {
+        let mut set = Vec::new();
+        let mut unread = Vec::new();
+        let files =
+            store::load_dir_each(&self.config.config_dir).map_err(|e| vec![e.to_string()])?;
+        for (file, parsed) in files {
+            match parsed {
+                Ok(resources) => set.extend(resources),
+                Err(e) => unread.push(store::Unread {
+                    file,
+                    object: None,
+                    error: e.to_string(),
+                }),
             }
         }
+        if let Some(cluster) = self.cluster.get() {
+            // The mesh config read now, else (its file unreadable) the one in force.
+            let selectors = set
+                .iter()
+                .chain(
+                    last.iter()
+                        .filter(|(m, r)| unread.iter().any(|u| u.covers(m, r))),
+                )
+                .find_map(|(_, r)| match r {
+                    store::Resource::MeshConfig(mc) => Some(mc.discovery_selectors.clone()),
+                    _ => None,
+                })
+                .unwrap_or_default();
+            let (objects, bad) = cluster.resources(&selectors);
+            set.extend(objects);
+            unread.extend(bad);
+        }
+        Ok((set, unread))
     }
 
     /// Adds Kubernetes as a source: Istio's custom resources and the

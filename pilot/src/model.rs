@@ -774,7 +774,8 @@ pub fn fqdn(host: &str, namespace: &str) -> String {
     }
 }
 
-fn at(meta: &Meta, kind: &str) -> String {
+/// How errors name a resource: `<file>: <kind> <namespace>/<name>`.
+pub fn at(meta: &Meta, kind: &str) -> String {
     format!(
         "{}: {kind} {}/{}",
         meta.file.display(),

@@ -34,6 +34,45 @@ pub enum Resource {
     Pod(crate::model::Workload),
 }
 
+impl Resource {
+    /// The kind, as errors name it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Resource::ServiceEntry(_) => "ServiceEntry",
+            Resource::WorkloadEntry(_) => "WorkloadEntry",
+            Resource::VirtualService(_) => "VirtualService",
+            Resource::DestinationRule(_) => "DestinationRule",
+            Resource::PeerAuthentication(_) => "PeerAuthentication",
+            Resource::AuthorizationPolicy(_) => "AuthorizationPolicy",
+            Resource::RequestAuthentication(_) => "RequestAuthentication",
+            Resource::Telemetry(_) => "Telemetry",
+            Resource::MeshConfig(_) => "ConfigMap",
+            Resource::KubeService(_) => "Service",
+            Resource::Pod(_) => "Pod",
+        }
+    }
+}
+
+/// Something a source could not read: a whole file, or (from Kubernetes)
+/// one object, named by kind, namespace and name.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Unread {
+    pub file: PathBuf,
+    pub object: Option<(String, String, String)>,
+    pub error: String,
+}
+
+impl Unread {
+    /// Whether `meta`/`resource` came from what could not be read now (so
+    /// its last accepted version stands in for it).
+    pub fn covers(&self, meta: &Meta, resource: &Resource) -> bool {
+        meta.file == self.file
+            && self.object.as_ref().is_none_or(|(kind, namespace, name)| {
+                resource.kind() == kind && &meta.namespace == namespace && &meta.name == name
+            })
+    }
+}
+
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ConfigSet {
     pub resources: Vec<(Meta, Resource)>,
@@ -87,6 +126,19 @@ pub const MESH_CONFIG_NAME: &str = "istio";
 
 /// Loads every `.yaml`/`.yml` file directly in `dir`, in name order.
 pub fn load_dir(dir: &Path) -> Result<ConfigSet, ConfigError> {
+    let mut set = ConfigSet::default();
+    for (_, file) in load_dir_each(dir)? {
+        set.resources.extend(file?);
+    }
+    Ok(set)
+}
+
+/// As [`load_dir`], each file on its own: one that cannot be read or
+/// parsed does not hide the others.
+#[allow(clippy::type_complexity)]
+pub fn load_dir_each(
+    dir: &Path,
+) -> Result<Vec<(PathBuf, Result<Vec<(Meta, Resource)>, ConfigError>)>, ConfigError> {
     let read_err = |source| ConfigError::Read {
         path: dir.to_path_buf(),
         source,
@@ -97,15 +149,18 @@ pub fn load_dir(dir: &Path) -> Result<ConfigSet, ConfigError> {
         .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
         .collect();
     files.sort();
-    let mut set = ConfigSet::default();
-    for file in files {
-        let text = std::fs::read_to_string(&file).map_err(|source| ConfigError::Read {
-            path: file.clone(),
-            source,
-        })?;
-        set.resources.extend(parse_file(&file, &text)?);
-    }
-    Ok(set)
+    Ok(files
+        .into_iter()
+        .map(|file| {
+            let parsed = std::fs::read_to_string(&file)
+                .map_err(|source| ConfigError::Read {
+                    path: file.clone(),
+                    source,
+                })
+                .and_then(|text| parse_file(&file, &text));
+            (file, parsed)
+        })
+        .collect())
 }
 
 /// Parses one file's documents. Kinds the mesh does not know yet are skipped

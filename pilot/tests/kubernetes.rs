@@ -467,7 +467,7 @@ async fn a_watch_ended_by_410_gone_lists_again_and_forgets_what_was_deleted_mean
 }
 
 #[tokio::test]
-async fn a_bad_istio_resource_in_the_cluster_is_rejected_and_the_last_good_config_keeps_serving() {
+async fn a_bad_istio_resource_in_the_cluster_is_rejected_alone_while_the_rest_applies() {
     let dir = tempfile::tempdir().unwrap();
     let api = FakeApi::new(&bookinfo());
     let (pilot, _watchers) = start(&api, dir.path()).await;
@@ -493,6 +493,16 @@ async fn a_bad_istio_resource_in_the_cluster_is_rejected_and_the_last_good_confi
         "the last good config keeps serving"
     );
     assert!(pilot.snapshot().model.routes.contains_key(REVIEWS));
+
+    // It is rejected alone: other changes still apply meanwhile.
+    let mut slice = fixture("endpointslice.json");
+    slice["endpoints"][1]["conditions"]["ready"] = true.into();
+    api.apply(slice);
+    until(&pilot, "v2 ready beside the rejected resource", |m| {
+        endpoint_addresses(m, REVIEWS).len() == 2
+    })
+    .await;
+    assert!(pilot.errors().join("\n").contains("reviews-broken"));
 
     // A Sidecar resource is reported, not silently ignored.
     api.delete(&bad);
