@@ -94,7 +94,10 @@ pub fn accept(
             }
         }
         if attributed.contains(&false) {
-            return Err(found);
+            // Say what could not be read too, not only the model's errors.
+            errors.retain(|e| !found.contains(e));
+            errors.extend(found);
+            return Err(errors);
         }
         set = next;
     }
@@ -211,10 +214,18 @@ mod tests {
     #[test]
     fn an_error_that_names_no_resource_rejects_the_whole_load() {
         let set = parse("svc.yaml", SERVICES);
-        let err = accept(set, &[], &[], |_| {
+        let unread = Unread {
+            file: "deny.yaml".into(),
+            object: None,
+            error: "deny.yaml: not valid YAML: ...".into(),
+        };
+        let err = accept(set, &[unread], &[], |_| {
             Err(vec!["something mesh-wide".to_string()])
         })
         .unwrap_err();
-        assert_eq!(err, ["something mesh-wide"]);
+        assert_eq!(
+            err,
+            ["deny.yaml: not valid YAML: ...", "something mesh-wide"]
+        );
     }
 }

@@ -136,7 +136,8 @@ fn protocol(port: &ServicePort) -> pb::Protocol {
     match p.as_str() {
         "HTTP2" => pb::Protocol::Http2,
         "GRPC" | "GRPC-WEB" => pb::Protocol::Grpc,
-        "TCP" | "TLS" | "MONGO" | "MYSQL" | "REDIS" => pb::Protocol::Tcp,
+        // HTTPS is TLS the app speaks itself: opaque to the sidecar, as in Istio.
+        "TCP" | "TLS" | "HTTPS" | "MONGO" | "MYSQL" | "REDIS" => pb::Protocol::Tcp,
         _ => pb::Protocol::Http,
     }
 }

@@ -193,7 +193,7 @@ impl Cache {
                     .push(slice.clone());
             }
         }
-        let mut services: Vec<model::Service> = self
+        let mut services: Vec<(Meta, model::Service)> = self
             .services
             .state()
             .iter()
@@ -203,17 +203,15 @@ impl Cache {
                     return None;
                 }
                 let slices = slices.get(&key).map(Vec::as_slice).unwrap_or_default();
-                service(svc, slices, &pods)
+                Some((meta(&key.0, &key.1), service(svc, slices, &pods)?))
             })
             .collect();
-        services.sort_by(|a, b| a.host.cmp(&b.host));
-        out.extend(services.into_iter().map(|s| {
-            let name = s.host.split('.').next().unwrap_or_default().to_string();
-            (
-                meta(&s.namespace, &name),
-                Resource::KubeService(Box::new(s)),
-            )
-        }));
+        services.sort_by(|a, b| a.1.host.cmp(&b.1.host));
+        out.extend(
+            services
+                .into_iter()
+                .map(|(m, s)| (m, Resource::KubeService(Box::new(s)))),
+        );
 
         // Istio resolves conflicts between its resources oldest first.
         let mut objects: Vec<(&ApiResource, Arc<DynamicObject>)> = self

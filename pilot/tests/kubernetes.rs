@@ -552,3 +552,40 @@ async fn discovery_selectors_limit_the_namespaces_pilot_reads() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn port_protocols_come_from_app_protocol_then_the_port_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut svc = fixture("service.json");
+    svc["spec"]["ports"] = json!([
+        {"name": "https", "protocol": "TCP", "port": 443, "targetPort": 8443},
+        {"name": "web", "appProtocol": "kubernetes.io/h2c", "protocol": "TCP", "port": 8080, "targetPort": 8080},
+        {"name": "grpc-api", "protocol": "TCP", "port": 9090, "targetPort": 9090},
+        {"name": "tcp-db", "protocol": "TCP", "port": 5432, "targetPort": 5432},
+        {"name": "dns", "protocol": "UDP", "port": 53, "targetPort": 53},
+    ]);
+    let api = FakeApi::new(&[fixture("namespace.json"), svc]);
+    let (pilot, _watchers) = start(&api, dir.path()).await;
+    let clusters = pilot.snapshot().for_proxy(type_url::CLUSTER, "any.default");
+    let protocol = |port: u32| {
+        let any = &clusters
+            .get(&format!("outbound|{port}||{REVIEWS}"))
+            .unwrap_or_else(|| panic!("no cluster for {port}: {:?}", clusters.keys()))
+            .any;
+        pb::Cluster::decode(any.value.as_slice())
+            .unwrap()
+            .protocol()
+    };
+    assert_eq!(
+        protocol(443),
+        pb::Protocol::Tcp,
+        "HTTPS is the app's own TLS"
+    );
+    assert_eq!(protocol(8080), pb::Protocol::Http2);
+    assert_eq!(protocol(9090), pb::Protocol::Grpc);
+    assert_eq!(protocol(5432), pb::Protocol::Tcp);
+    assert!(
+        !clusters.keys().any(|k| k.contains("|53|")),
+        "UDP is not proxied"
+    );
+}
