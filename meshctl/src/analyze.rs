@@ -126,6 +126,11 @@ fn warnings(set: &ConfigSet, model: &Model, report: &mut Report) {
                 t.selector.as_ref().map(|s| &s.match_labels),
                 "spec.selector.matchLabels",
             ),
+            Resource::Sidecar(sc) => (
+                "Sidecar",
+                sc.workload_selector.as_ref().map(|s| &s.labels),
+                "spec.workloadSelector.labels",
+            ),
             Resource::ServiceEntry(se) => (
                 "ServiceEntry",
                 se.workload_selector.as_ref().map(|s| &s.labels),

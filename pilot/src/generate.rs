@@ -38,23 +38,29 @@ impl Versioned {
 
 pub type ByName = BTreeMap<String, Versioned>;
 
-/// All resources of a model: shared ones by type, listeners by proxy id.
+/// All resources of a model: each service's clusters, endpoints and routes,
+/// listeners by proxy id, and which services each proxy is told of.
 #[derive(Debug)]
 pub struct Snapshot {
     pub version: u64,
     /// When this config was built: convergence is measured from here.
     pub created: std::time::Instant,
-    pub shared: BTreeMap<&'static str, ByName>,
+    /// By service host, then type.
+    by_host: BTreeMap<String, BTreeMap<&'static str, ByName>>,
+    /// The hosts each proxy is told of (its services' `exportTo` and its
+    /// Sidecar), shared by proxies of one namespace and Sidecar.
+    views: BTreeMap<String, Arc<Vec<String>>>,
     pub listeners: BTreeMap<String, Versioned>,
     pub model: Arc<Model>,
 }
 
 impl Snapshot {
     pub fn build(model: Arc<Model>, version: u64) -> Self {
-        let mut clusters = ByName::new();
-        let mut endpoints = ByName::new();
-        let mut routes = ByName::new();
+        let mut by_host = BTreeMap::new();
         for svc in model.services.values() {
+            let mut clusters = ByName::new();
+            let mut endpoints = ByName::new();
+            let mut routes = ByName::new();
             for port in &svc.ports {
                 let mut subsets: Vec<Option<&str>> = vec![None];
                 if let Some(s) = model.subsets.get(&svc.host) {
@@ -70,6 +76,12 @@ impl Snapshot {
                 let rc = route_config(&model, svc, port);
                 routes.insert(rc.name.clone(), Versioned::new(type_url::ROUTE, &rc));
             }
+            let types = BTreeMap::from([
+                (type_url::CLUSTER, clusters),
+                (type_url::ENDPOINTS, endpoints),
+                (type_url::ROUTE, routes),
+            ]);
+            by_host.insert(svc.host.clone(), types);
         }
         let listeners = model
             .workloads
@@ -81,21 +93,33 @@ impl Snapshot {
                 )
             })
             .collect();
-        let shared = BTreeMap::from([
-            (type_url::CLUSTER, clusters),
-            (type_url::ENDPOINTS, endpoints),
-            (type_url::ROUTE, routes),
-        ]);
+        let mut scopes: BTreeMap<(&str, Option<&str>), Arc<Vec<String>>> = BTreeMap::new();
+        let views = model
+            .workloads
+            .values()
+            .map(|w| {
+                let sidecar = model.sidecar_for(&w.namespace, &w.labels);
+                let scope = (w.namespace.as_str(), sidecar.map(|s| s.name.as_str()));
+                let view = scopes
+                    .entry(scope)
+                    .or_insert_with(|| Arc::new(visible_hosts(&model, &w.namespace, &w.labels)));
+                (w.proxy_id(), view.clone())
+            })
+            .collect();
         Self {
             version,
             created: std::time::Instant::now(),
-            shared,
+            by_host,
+            views,
             listeners,
             model,
         }
     }
 
-    /// The resources of one type that the proxy `proxy_id` should hold.
+    /// The resources of one type that the proxy `proxy_id` should hold:
+    /// for clusters, endpoints and routes, those of the services it is
+    /// told of. A proxy pilot does not know (`<name>.<namespace>`) is
+    /// scoped as a workload without labels in that namespace.
     pub fn for_proxy(&self, type_url: &str, proxy_id: &str) -> ByName {
         if type_url == type_url::LISTENER {
             return self
@@ -104,8 +128,33 @@ impl Snapshot {
                 .map(|l| ByName::from([(LISTENER_NAME.to_string(), l.clone())]))
                 .unwrap_or_default();
         }
-        self.shared.get(type_url).cloned().unwrap_or_default()
+        let unknown;
+        let hosts = match self.views.get(proxy_id) {
+            Some(v) => v.as_slice(),
+            None => {
+                // Names may hold dots; namespaces cannot.
+                let namespace = proxy_id.rsplit_once('.').map_or("", |(_, ns)| ns);
+                unknown = visible_hosts(&self.model, namespace, &Default::default());
+                unknown.as_slice()
+            }
+        };
+        hosts
+            .iter()
+            .filter_map(|h| self.by_host.get(h)?.get(type_url))
+            .flat_map(|by_name| by_name.iter().map(|(n, r)| (n.clone(), r.clone())))
+            .collect()
     }
+}
+
+/// The hosts a proxy in `namespace` with `labels` is told of.
+fn visible_hosts(model: &Model, namespace: &str, labels: &crate::istio::Labels) -> Vec<String> {
+    let sidecar = model.sidecar_for(namespace, labels);
+    model
+        .services
+        .values()
+        .filter(|svc| model.visible(svc, namespace, sidecar))
+        .map(|svc| svc.host.clone())
+        .collect()
 }
 
 pub const LISTENER_NAME: &str = "inbound";
@@ -299,6 +348,15 @@ fn listener(model: &Model, w: &Workload) -> pb::Listener {
             .flat_map(|j| j.rules.iter().cloned())
             .collect(),
         telemetry: Some(telemetry(model, w)),
+        outbound_policy: match model
+            .sidecar_for(&w.namespace, &w.labels)
+            .and_then(|s| s.outbound)
+            .or(model.outbound)
+        {
+            None => pb::OutboundPolicy::Unset,
+            Some(crate::model::Outbound::AllowAny) => pb::OutboundPolicy::AllowAny,
+            Some(crate::model::Outbound::RegistryOnly) => pb::OutboundPolicy::RegistryOnly,
+        } as i32,
     }
 }
 
@@ -343,5 +401,201 @@ fn wire_mode(m: crate::model::MtlsMode) -> pb::MtlsMode {
         crate::model::MtlsMode::Strict => pb::MtlsMode::Strict,
         crate::model::MtlsMode::Permissive => pb::MtlsMode::Permissive,
         crate::model::MtlsMode::Disable => pb::MtlsMode::Disable,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{ConfigSet, parse_file};
+
+    fn model(yaml: &str) -> Result<Model, Vec<String>> {
+        let set = ConfigSet {
+            resources: parse_file(std::path::Path::new("scope.yaml"), yaml).unwrap(),
+        };
+        Model::build(&set, "cluster.local")
+    }
+
+    fn entry(ns: &str, name: &str, export_to: &str) -> String {
+        format!(
+            "---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  hosts: [{name}]\n  ports: [{{number: 80, name: http}}]\n  exportTo: {export_to}\n"
+        )
+    }
+
+    fn workload(ns: &str, name: &str, app: &str) -> String {
+        format!(
+            "---\napiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: {name}, namespace: {ns}}}\nspec: {{address: 10.0.0.1, labels: {{app: {app}}}}}\n"
+        )
+    }
+
+    fn sidecar(ns: &str, name: &str, selector: &str, hosts: &str, extra: &str) -> String {
+        format!(
+            "---\napiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n{selector}  egress:\n  - hosts: {hosts}\n{extra}"
+        )
+    }
+
+    /// The short names of the services `proxy` is sent clusters of.
+    fn sees(snapshot: &Snapshot, proxy: &str) -> Vec<String> {
+        let mut hosts: Vec<String> = snapshot
+            .for_proxy(type_url::CLUSTER, proxy)
+            .keys()
+            .map(|k| {
+                k.rsplit('|')
+                    .next()
+                    .unwrap()
+                    .split('.')
+                    .next()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect();
+        hosts.sort();
+        hosts.dedup();
+        hosts
+    }
+
+    #[test]
+    fn export_to_and_sidecars_decide_which_services_each_proxy_is_sent() {
+        let yaml = [
+            entry("a", "svc-a", "[]"),
+            entry("b", "svc-b", "[\".\"]"),
+            entry("b", "svc-b-to-a", "[a]"),
+            entry("b", "svc-b-all", "[\"*\"]"),
+            entry("c", "svc-c", "[]"),
+            entry("istio-system", "shared", "[]"),
+            workload("a", "w-a", "x"),
+            workload("a", "w-special", "special"),
+            workload("b", "w-b", "x"),
+            workload("c", "w-c", "x"),
+            // The mesh's default: its own namespace and istio-system.
+            sidecar(
+                "istio-system",
+                "default",
+                "",
+                "[\"./*\", \"istio-system/*\"]",
+                "",
+            ),
+            // One workload in a: everything exported to it.
+            sidecar(
+                "a",
+                "special",
+                "  workloadSelector: {labels: {app: special}}\n",
+                "[\"*/*\"]",
+                "",
+            ),
+            // Namespace c's default: b's services by suffix, and its own.
+            sidecar(
+                "c",
+                "default",
+                "",
+                "[\"b/*.svc.cluster.local\", \"./*\"]",
+                "",
+            ),
+        ]
+        .concat();
+        let snapshot = Snapshot::build(Arc::new(model(&yaml).unwrap()), 1);
+        assert_eq!(sees(&snapshot, "w-a.a"), ["shared", "svc-a"]);
+        assert_eq!(
+            sees(&snapshot, "w-special.a"),
+            ["shared", "svc-a", "svc-b-all", "svc-b-to-a", "svc-c"],
+            "exportTo [.] keeps svc-b in b"
+        );
+        assert_eq!(
+            sees(&snapshot, "w-b.b"),
+            ["shared", "svc-b", "svc-b-all"],
+            "exportTo [a] hides svc-b-to-a even in its own namespace"
+        );
+        assert_eq!(sees(&snapshot, "w-c.c"), ["svc-b-all", "svc-c"]);
+        // A proxy pilot has no workload for is scoped by its namespace.
+        assert_eq!(sees(&snapshot, "stray.c"), ["svc-b-all", "svc-c"]);
+        // Routes and endpoints follow the same view.
+        assert!(
+            snapshot
+                .for_proxy(type_url::ROUTE, "w-a.a")
+                .keys()
+                .all(|k| !k.contains("svc-c"))
+        );
+        assert_eq!(snapshot.for_proxy(type_url::ENDPOINTS, "w-c.c").len(), 2);
+    }
+
+    #[test]
+    fn the_outbound_policy_comes_from_the_sidecar_else_the_mesh_config() {
+        let mesh = "---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: istio, namespace: istio-system}\ndata:\n  mesh: |\n    outboundTrafficPolicy: {mode: REGISTRY_ONLY}\n";
+        let yaml = [
+            mesh.to_string(),
+            entry("a", "svc-a", "[]"),
+            workload("a", "w-a", "x"),
+            workload("a", "w-open", "open"),
+            sidecar(
+                "a",
+                "open",
+                "  workloadSelector: {labels: {app: open}}\n",
+                "[\"*/*\"]",
+                "  outboundTrafficPolicy: {mode: ALLOW_ANY}\n",
+            ),
+        ]
+        .concat();
+        let snapshot = Snapshot::build(Arc::new(model(&yaml).unwrap()), 1);
+        let policy = |proxy: &str| {
+            let l = &snapshot.for_proxy(type_url::LISTENER, proxy)[LISTENER_NAME];
+            pb::Listener::decode(l.any.value.as_slice())
+                .unwrap()
+                .outbound_policy()
+        };
+        assert_eq!(policy("w-a.a"), pb::OutboundPolicy::RegistryOnly);
+        assert_eq!(policy("w-open.a"), pb::OutboundPolicy::AllowAny);
+    }
+
+    #[test]
+    fn sidecars_the_mesh_cannot_honour_are_reported() {
+        let cases = [
+            (
+                sidecar("a", "s", "", "[reviews]", ""),
+                "must be <namespace>/<host>",
+            ),
+            (
+                sidecar(
+                    "a",
+                    "s",
+                    "",
+                    "[\"./*\"]",
+                    "  ingress: [{port: {number: 80}}]\n",
+                ),
+                "spec.ingress is not supported yet",
+            ),
+            (
+                sidecar(
+                    "a",
+                    "s",
+                    "",
+                    "[\"./*\"]",
+                    "  outboundTrafficPolicy: {mode: SOMETIMES}\n",
+                ),
+                "not ALLOW_ANY or REGISTRY_ONLY",
+            ),
+            (
+                sidecar(
+                    "a",
+                    "s",
+                    "  workloadSelector: {labels: {}}\n",
+                    "[\"./*\"]",
+                    "",
+                ),
+                "workloadSelector.labels is empty",
+            ),
+            (
+                [
+                    sidecar("a", "s", "", "[\"./*\"]", ""),
+                    sidecar("a", "t", "", "[\"./*\"]", ""),
+                ]
+                .concat(),
+                "Sidecar a/s already covers the namespace",
+            ),
+        ];
+        for (yaml, expected) in cases {
+            let errors = model(&yaml).unwrap_err().join("\n");
+            assert!(errors.contains("scope.yaml: Sidecar a/"), "{errors}");
+            assert!(errors.contains(expected), "{expected}: {errors}");
+        }
     }
 }

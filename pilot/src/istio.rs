@@ -12,6 +12,10 @@ pub type Labels = BTreeMap<String, String>;
 #[serde(rename_all = "camelCase")]
 pub struct ServiceEntry {
     pub hosts: Vec<String>,
+    /// The namespaces whose proxies may see it (`*`, `.`, `~` or names);
+    /// everywhere when empty.
+    #[serde(default)]
+    pub export_to: Vec<String>,
     #[serde(default)]
     pub addresses: Vec<String>,
     #[serde(default)]
@@ -940,6 +944,9 @@ pub struct MeshConfig {
     pub default_providers: DefaultProviders,
     #[serde(default)]
     pub extension_providers: Vec<ExtensionProvider>,
+    /// Istio's mesh-wide `outboundTrafficPolicy`; a Sidecar's overrides it.
+    #[serde(default)]
+    pub outbound_traffic_policy: Option<OutboundTrafficPolicy>,
     /// Which namespaces pilot reads from Kubernetes (all when empty).
     #[serde(default)]
     pub discovery_selectors: Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector>,
@@ -982,4 +989,44 @@ pub struct OpenTelemetryProvider {
     pub grpc: Option<serde_json::Value>,
     #[serde(default)]
     pub max_tag_length: Option<u32>,
+}
+
+/// networking.istio.io Sidecar: which services a workload's proxy is told
+/// of, and what it does with traffic to others. Unknown fields are refused;
+/// the fields the mesh does not act on are parsed to be reported.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Sidecar {
+    #[serde(default)]
+    pub workload_selector: Option<WorkloadSelector>,
+    #[serde(default)]
+    pub egress: Vec<EgressListener>,
+    #[serde(default)]
+    pub ingress: Vec<serde_json::Value>,
+    #[serde(default)]
+    pub outbound_traffic_policy: Option<OutboundTrafficPolicy>,
+    #[serde(default)]
+    pub inbound_connection_pool: Option<serde_json::Value>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EgressListener {
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    #[serde(default)]
+    pub port: Option<serde_json::Value>,
+    #[serde(default)]
+    pub bind: Option<String>,
+    #[serde(default)]
+    pub capture_mode: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OutboundTrafficPolicy {
+    #[serde(default)]
+    pub mode: Option<String>,
+    #[serde(default)]
+    pub egress_proxy: Option<serde_json::Value>,
 }

@@ -33,12 +33,13 @@ pub const SOURCE: &str = "kubernetes";
 /// Kubernetes' default cluster domain: a Service's host is
 /// `<name>.<namespace>.svc.cluster.local`.
 pub const CLUSTER_DOMAIN: &str = "cluster.local";
+/// Istio's annotation for a Service's `exportTo`.
+const EXPORT_TO_ANNOTATION: &str = "networking.istio.io/exportTo";
 /// The label an EndpointSlice names its Service by.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
 /// Istio's kinds pilot watches: (group, kind, plural), each at `v1`, the
-/// version `meshctl install`'s CRDs store. Sidecar is among them so that
-/// one in the cluster is reported as unsupported rather than ignored.
+/// version `meshctl install`'s CRDs store.
 pub const ISTIO_KINDS: [(&str, &str, &str); 9] = [
     ("networking.istio.io", "VirtualService", "virtualservices"),
     ("networking.istio.io", "DestinationRule", "destinationrules"),
@@ -423,6 +424,19 @@ fn service(
         selector: Labels::new(),
         vips,
         inline,
+        // Istio's annotation for a Service's exportTo, comma-separated.
+        export_to: svc
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(EXPORT_TO_ANNOTATION))
+            .map(|v| {
+                v.split(',')
+                    .map(|e| e.trim().to_string())
+                    .filter(|e| !e.is_empty())
+                    .collect()
+            })
+            .unwrap_or_default(),
     })
 }
 

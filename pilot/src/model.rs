@@ -18,6 +18,65 @@ pub struct Service {
     /// A ServiceEntry's own `endpoints`: this service's alone, and no
     /// proxy of the mesh's runs for them.
     pub inline: Vec<Workload>,
+    /// The namespaces whose proxies are told of it (Istio's `exportTo`:
+    /// `*`, `.`, `~` or names); every namespace when empty.
+    pub export_to: Vec<String>,
+}
+
+/// Istio's outboundTrafficPolicy modes: what a proxy does with traffic
+/// for no service it knows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Outbound {
+    AllowAny,
+    RegistryOnly,
+}
+
+/// One Sidecar resource, checked.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SidecarScope {
+    pub namespace: String,
+    pub name: String,
+    /// `workloadSelector.labels`; `None` for the namespace's default (or,
+    /// in the root namespace, the mesh's).
+    pub selector: Option<Labels>,
+    /// Its egress hosts as (namespace, host) patterns.
+    pub hosts: Vec<(String, String)>,
+    pub outbound: Option<Outbound>,
+}
+
+impl SidecarScope {
+    /// Whether a proxy in `namespace` under this Sidecar is told of `svc`:
+    /// an egress host `ns/host` whose namespace is `*`, `.` (the proxy's
+    /// own) or the service's, and whose host is `*`, `*.<suffix>` or the
+    /// service's host. `~` is no namespace.
+    pub fn imports(&self, svc: &Service, namespace: &str) -> bool {
+        self.hosts.iter().any(|(ns, host)| {
+            let ns_ok = match ns.as_str() {
+                "*" => true,
+                "." => svc.namespace == namespace,
+                "~" => false,
+                other => svc.namespace == other,
+            };
+            let host_ok = match host.strip_prefix('*') {
+                Some("") => true,
+                Some(suffix) => svc.host.ends_with(suffix),
+                None => svc.host == *host,
+            };
+            ns_ok && host_ok
+        })
+    }
+}
+
+impl Service {
+    /// Whether proxies in `namespace` may see it, by its `exportTo`.
+    pub fn exported_to(&self, namespace: &str) -> bool {
+        self.export_to.is_empty()
+            || self.export_to.iter().any(|e| match e.as_str() {
+                "*" => true,
+                "." => self.namespace == namespace,
+                other => other == namespace,
+            })
+    }
 }
 
 /// Istio's default cluster ID.
@@ -78,6 +137,10 @@ pub struct Model {
     pub jwt: Vec<Jwt>,
     /// Telemetry resources, checked and in the proxies' form.
     pub telemetry: Vec<TelemetryPolicy>,
+    /// Sidecar resources, checked: which services each proxy is told of.
+    pub sidecars: Vec<SidecarScope>,
+    /// The mesh config's `outboundTrafficPolicy.mode`, when it sets one.
+    pub outbound: Option<Outbound>,
     /// Access logs as JSON rather than Istio's text format (pilot's
     /// `--access-log-encoding`, Istio's `meshConfig.accessLogEncoding`).
     pub access_log_json: bool,
@@ -403,6 +466,9 @@ impl Model {
         errors: &mut Vec<String>,
     ) {
         let ctx = at(meta, "ConfigMap");
+        if let Some(o) = &mc.outbound_traffic_policy {
+            self.outbound = outbound_mode(&ctx, "data.mesh.outboundTrafficPolicy.mode", o, errors);
+        }
         let ignored: Vec<&str> = mc
             .other
             .keys()
@@ -864,6 +930,7 @@ impl Model {
                 Resource::AuthorizationPolicy(ap) => m.add_authz(meta, ap, &mut errors),
                 Resource::RequestAuthentication(ra) => m.add_request_authn(meta, ra, &mut errors),
                 Resource::Telemetry(t) => m.add_telemetry(meta, t, &mut errors),
+                Resource::Sidecar(sc) => m.add_sidecar(meta, sc, &mut errors),
             }
         }
         for (meta, res) in &set.resources {
@@ -944,9 +1011,122 @@ impl Model {
                         .unwrap_or_default(),
                     vips: vips.clone(),
                     inline: inline.clone(),
+                    export_to: se.export_to.clone(),
                 },
             );
         }
+    }
+
+    fn add_sidecar(&mut self, meta: &Meta, sc: &crate::istio::Sidecar, errors: &mut Vec<String>) {
+        let ctx = at(meta, "Sidecar");
+        let before = errors.len();
+        let unsupported = [
+            ("spec.ingress", !sc.ingress.is_empty()),
+            (
+                "spec.inboundConnectionPool",
+                sc.inbound_connection_pool.is_some(),
+            ),
+            (
+                "spec.outboundTrafficPolicy.egressProxy",
+                sc.outbound_traffic_policy
+                    .as_ref()
+                    .is_some_and(|o| o.egress_proxy.is_some()),
+            ),
+        ];
+        for (field, set) in unsupported {
+            if set {
+                errors.push(format!("{ctx}: {field} is not supported yet; remove it"));
+            }
+        }
+        if sc.egress.is_empty() {
+            errors.push(format!(
+                "{ctx}: spec.egress is empty; list the hosts this workload may reach, e.g. \"./*\" and \"istio-system/*\""
+            ));
+        }
+        let mut hosts = Vec::new();
+        for (i, e) in sc.egress.iter().enumerate() {
+            for (field, set) in [
+                ("port", e.port.is_some()),
+                ("bind", e.bind.is_some()),
+                ("captureMode", e.capture_mode.is_some()),
+            ] {
+                if set {
+                    errors.push(format!(
+                        "{ctx}: spec.egress[{i}].{field} is not supported yet; remove it"
+                    ));
+                }
+            }
+            if e.hosts.is_empty() {
+                errors.push(format!("{ctx}: spec.egress[{i}].hosts is empty"));
+            }
+            for (j, h) in e.hosts.iter().enumerate() {
+                match h.split_once('/') {
+                    Some((ns, host)) if !ns.is_empty() && !host.is_empty() => {
+                        hosts.push((ns.to_string(), host.to_string()));
+                    }
+                    _ => errors.push(format!(
+                        "{ctx}: spec.egress[{i}].hosts[{j}] {h:?} must be <namespace>/<host>, e.g. \"./*\" or \"prod/reviews.prod.svc.cluster.local\""
+                    )),
+                }
+            }
+        }
+        let outbound = sc
+            .outbound_traffic_policy
+            .as_ref()
+            .and_then(|o| outbound_mode(&ctx, "spec.outboundTrafficPolicy.mode", o, errors));
+        let selector = match &sc.workload_selector {
+            Some(s) if s.labels.is_empty() => {
+                errors.push(format!(
+                    "{ctx}: spec.workloadSelector.labels is empty; remove spec.workloadSelector to cover the whole namespace"
+                ));
+                None
+            }
+            Some(s) => Some(s.labels.clone()),
+            None => None,
+        };
+        if selector.is_none()
+            && let Some(other) = self
+                .sidecars
+                .iter()
+                .find(|o| o.namespace == meta.namespace && o.selector.is_none())
+        {
+            errors.push(format!(
+                "{ctx}: Sidecar {}/{} already covers the namespace; give this one a spec.workloadSelector or merge them",
+                other.namespace, other.name
+            ));
+        }
+        if errors.len() == before {
+            self.sidecars.push(SidecarScope {
+                namespace: meta.namespace.clone(),
+                name: meta.name.clone(),
+                selector,
+                hosts,
+                outbound,
+            });
+        }
+    }
+
+    /// The Sidecar that scopes a proxy in `namespace` with `labels`: the
+    /// first (by name) in its namespace whose selector picks it, else its
+    /// namespace's default, else the root namespace's default.
+    pub fn sidecar_for(&self, namespace: &str, labels: &Labels) -> Option<&SidecarScope> {
+        let default_of = |ns: &str| {
+            self.sidecars
+                .iter()
+                .find(|s| s.namespace == ns && s.selector.is_none())
+        };
+        self.sidecars
+            .iter()
+            .filter(|s| s.namespace == namespace)
+            .filter(|s| s.selector.as_ref().is_some_and(|sel| selects(sel, labels)))
+            .min_by(|a, b| a.name.cmp(&b.name))
+            .or_else(|| default_of(namespace))
+            .or_else(|| default_of(ROOT_NAMESPACE))
+    }
+
+    /// Whether a proxy in `namespace` under `sidecar` is told of `svc`.
+    pub fn visible(&self, svc: &Service, namespace: &str, sidecar: Option<&SidecarScope>) -> bool {
+        svc.exported_to(namespace) && sidecar.is_none_or(|s| s.imports(svc, namespace))
     }
 
     fn add_subsets(&mut self, meta: &Meta, dr: &DestinationRule, errors: &mut Vec<String>) {
@@ -1076,6 +1256,27 @@ impl Model {
         selected
             .chain(&svc.inline)
             .filter(move |w| subset.is_none_or(|s| selects(s, &w.labels)))
+    }
+}
+
+/// An outboundTrafficPolicy's mode; `None` when unset, or wrong (then
+/// reported).
+pub(crate) fn outbound_mode(
+    ctx: &str,
+    field: &str,
+    policy: &crate::istio::OutboundTrafficPolicy,
+    errors: &mut Vec<String>,
+) -> Option<Outbound> {
+    match policy.mode.as_deref() {
+        None => None,
+        Some("ALLOW_ANY") => Some(Outbound::AllowAny),
+        Some("REGISTRY_ONLY") => Some(Outbound::RegistryOnly),
+        Some(other) => {
+            errors.push(format!(
+                "{ctx}: {field} {other:?} is not ALLOW_ANY or REGISTRY_ONLY"
+            ));
+            None
+        }
     }
 }
 

@@ -32,6 +32,7 @@ pub enum Resource {
     KubeService(Box<crate::model::Service>),
     /// A Kubernetes pod that runs a sidecar: a proxy that will connect.
     Pod(crate::model::Workload),
+    Sidecar(crate::istio::Sidecar),
 }
 
 impl Resource {
@@ -49,6 +50,7 @@ impl Resource {
             Resource::MeshConfig(_) => "ConfigMap",
             Resource::KubeService(_) => "Service",
             Resource::Pod(_) => "Pod",
+            Resource::Sidecar(_) => "Sidecar",
         }
     }
 }
@@ -275,6 +277,7 @@ fn parse_object(
             "AuthorizationPolicy" => de(spec).map(Resource::AuthorizationPolicy),
             "RequestAuthentication" => de(spec).map(Resource::RequestAuthentication),
             "Telemetry" => de(spec).map(Resource::Telemetry),
+            "Sidecar" => de(spec).map(Resource::Sidecar),
             other => Err(format!("kind {other} is not supported yet")),
         }
         .map_err(spec_err)

@@ -504,13 +504,16 @@ async fn a_bad_istio_resource_in_the_cluster_is_rejected_alone_while_the_rest_ap
     .await;
     assert!(pilot.errors().join("\n").contains("reviews-broken"));
 
-    // A Sidecar resource is reported, not silently ignored.
+    // A field the mesh does not act on is reported, not silently ignored.
     api.delete(&bad);
     let sidecar = json!({"apiVersion": "networking.istio.io/v1", "kind": "Sidecar",
         "metadata": {"name": "default", "namespace": "default", "creationTimestamp": "2026-11-20T10:00:00Z"},
-        "spec": {"egress": [{"hosts": ["./*"]}]}});
+        "spec": {"egress": [{"hosts": ["./*"]}], "ingress": [{"port": {"number": 9080}}]}});
     api.apply(sidecar.clone());
-    until_errors(&pilot, "the Sidecar reported", |e| e.contains("Sidecar")).await;
+    until_errors(&pilot, "the Sidecar's ingress reported", |e| {
+        e.contains("kubernetes: Sidecar default/default: spec.ingress is not supported yet")
+    })
+    .await;
     api.delete(&sidecar);
     until_errors(&pilot, "accepted again", str::is_empty).await;
 }

@@ -246,7 +246,7 @@ async fn forward(
     };
     let Some(rc) = by_host.or_else(by_dst) else {
         // Boxed: keeps the mesh path's future small.
-        return Box::pin(outside_the_mesh(shared, conn, req, chosen)).await;
+        return Box::pin(outside_the_mesh(shared, snapshot, conn, req, chosen)).await;
     };
     let authority_str = match authority(&req) {
         Some(a) => a.to_string(),
@@ -795,9 +795,11 @@ const MIRROR_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// A request for no mesh service: with an original destination (captured
 /// traffic) it passes through to it under ALLOW_ANY and is refused under
-/// REGISTRY_ONLY; without one (explicit proxy) there is nowhere to send it.
+/// REGISTRY_ONLY (pilot's word for this workload, else the proxy's flag);
+/// without one (explicit proxy) there is nowhere to send it.
 async fn outside_the_mesh(
     shared: &Shared,
+    snapshot: &Snapshot,
     conn: &Conn,
     req: Request<ReqBody>,
     chosen: &mut Chosen,
@@ -810,7 +812,7 @@ async fn outside_the_mesh(
             format!("no route to {what}: not a mesh service"),
         ));
     };
-    if shared.cfg.outbound_policy == OutboundPolicy::RegistryOnly {
+    if snapshot.outbound_policy(shared.cfg.outbound_policy) == OutboundPolicy::RegistryOnly {
         *chosen = Chosen::Outside(BLACKHOLE);
         return Err(refuse(
             StatusCode::BAD_GATEWAY,

@@ -338,6 +338,16 @@ impl Resources {
 impl Snapshot {
     /// Whether the workload takes plaintext (from a client without a
     /// sidecar) on app port `port`: its mode there is not STRICT.
+    /// The outbound traffic policy pilot sent for this workload (its
+    /// Sidecar's, else the mesh config's), else `default`.
+    pub fn outbound_policy(&self, default: crate::OutboundPolicy) -> crate::OutboundPolicy {
+        match self.listener.as_ref().map(|l| l.outbound_policy()) {
+            Some(pb::OutboundPolicy::AllowAny) => crate::OutboundPolicy::AllowAny,
+            Some(pb::OutboundPolicy::RegistryOnly) => crate::OutboundPolicy::RegistryOnly,
+            _ => default,
+        }
+    }
+
     pub fn accepts_plaintext(&self, port: u32) -> bool {
         let Some(l) = &self.listener else {
             return false;

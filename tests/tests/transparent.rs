@@ -169,6 +169,77 @@ async fn captured_requests_go_to_vips_through_to_the_outside_or_nowhere() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_sidecar_resource_limits_what_a_proxy_is_told_of_and_sets_its_outbound_policy() {
+    let mesh = Mesh::start().await;
+    let block = match mesh.workload("client").address {
+        IpAddr::V4(v4) => v4.octets(),
+        _ => unreachable!(),
+    };
+    let pod = IpAddr::from([block[0], block[1], block[2], 102]);
+    let outside = SocketAddr::new(IpAddr::from([block[0], block[1], block[2], 51]), 8080);
+    outside_server(outside).await;
+    // A workload of the mesh's (so pilot scopes it), labelled for the Sidecar below.
+    mesh.write_config(
+        "scoped.yaml",
+        &format!(
+            "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: captured-{pod}, namespace: default}}\nspec: {{address: \"{pod}\", labels: {{app: scoped}}, serviceAccount: client}}\n"
+        ),
+    );
+    let dst = Arc::new(Mutex::new(None));
+    // The proxy's own flag says ALLOW_ANY.
+    captured_sidecar(&mesh, pod, OutboundPolicy::AllowAny, dst.clone()).await;
+    let (reviews, ratings) = ("240.240.0.4:9080", "240.240.0.5:9080");
+    let call = |to: &str| {
+        *dst.lock().unwrap() = Some(to.parse().unwrap());
+        get(pod, "an-alias", "/ratings/0")
+    };
+    assert_eq!(call(ratings).await.0, 200, "ratings before the Sidecar");
+    assert_eq!(
+        call(&outside.to_string()).await.0,
+        200,
+        "passthrough before the Sidecar"
+    );
+
+    // Only reviews is imported, and anything else is refused.
+    mesh.write_config(
+        "sidecar.yaml",
+        "apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: scoped, namespace: default}\nspec:\n  workloadSelector: {labels: {app: scoped}}\n  egress:\n  - hosts: [\"./reviews.default.svc.cluster.local\"]\n  outboundTrafficPolicy: {mode: REGISTRY_ONLY}\n",
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (code, body) = loop {
+        let (code, body) = call(ratings).await;
+        if code != 200 || Instant::now() > deadline {
+            break (code, body);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(code, 502, "ratings is not imported: {body}");
+    assert!(body.contains("REGISTRY_ONLY"), "{body}");
+    let (code, body) = call(&outside.to_string()).await;
+    assert_eq!(
+        code, 502,
+        "pilot's REGISTRY_ONLY overrides the flag: {body}"
+    );
+    *dst.lock().unwrap() = Some(reviews.parse().unwrap());
+    let (code, body) = get(pod, "an-alias", "/reviews/0").await;
+    assert_eq!(code, 200, "reviews is imported: {body}");
+    assert_eq!(
+        mesh.cp.pilot().expect("pilot runs").errors(),
+        Vec::<String>::new()
+    );
+
+    // Without the Sidecar, everything is back.
+    std::fs::remove_file(mesh.config_dir.join("sidecar.yaml")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while call(ratings).await.0 != 200 {
+        assert!(Instant::now() < deadline, "ratings never came back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(call(&outside.to_string()).await.0, 200);
+    mesh.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn an_app_may_call_a_service_by_its_vip() {
     let mesh = Mesh::start().await;
     let r = mesh
