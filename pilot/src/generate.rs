@@ -56,8 +56,20 @@ pub struct Snapshot {
 
 impl Snapshot {
     pub fn build(model: Arc<Model>, version: u64) -> Self {
+        let members = model.members();
+        // Which services each workload is an endpoint of, for its listener.
+        let mut serves: std::collections::HashMap<String, Vec<&Service>> = Default::default();
+        for svc in model.services.values() {
+            for e in &members[svc.host.as_str()] {
+                let id = e.proxy_id();
+                if model.workloads.get(&id) == Some(*e) {
+                    serves.entry(id).or_default().push(svc);
+                }
+            }
+        }
         let mut by_host = BTreeMap::new();
         for svc in model.services.values() {
+            let svc_members = &members[svc.host.as_str()];
             let mut clusters = ByName::new();
             let mut endpoints = ByName::new();
             let mut routes = ByName::new();
@@ -69,7 +81,7 @@ impl Snapshot {
                 for subset in subsets {
                     let mut c = cluster(svc, port, subset);
                     crate::dr::apply(model.policies.get(&svc.host), subset, port.number, &mut c);
-                    let eps = cluster_endpoints(&model, svc, port, subset, &c.name);
+                    let eps = cluster_endpoints(&model, svc, svc_members, port, subset, &c.name);
                     endpoints.insert(c.name.clone(), Versioned::new(type_url::ENDPOINTS, &eps));
                     clusters.insert(c.name.clone(), Versioned::new(type_url::CLUSTER, &c));
                 }
@@ -89,7 +101,14 @@ impl Snapshot {
             .map(|w| {
                 (
                     w.proxy_id(),
-                    Versioned::new(type_url::LISTENER, &listener(&model, w)),
+                    Versioned::new(
+                        type_url::LISTENER,
+                        &listener(
+                            &model,
+                            w,
+                            serves.get(&w.proxy_id()).map_or(&[], Vec::as_slice),
+                        ),
+                    ),
                 )
             })
             .collect();
@@ -120,12 +139,13 @@ impl Snapshot {
     /// for clusters, endpoints and routes, those of the services it is
     /// told of. A proxy pilot does not know (`<name>.<namespace>`) is
     /// scoped as a workload without labels in that namespace.
-    pub fn for_proxy(&self, type_url: &str, proxy_id: &str) -> ByName {
+    /// Borrowed: a push copies only what changed.
+    pub fn for_proxy(&self, type_url: &str, proxy_id: &str) -> BTreeMap<&str, &Versioned> {
         if type_url == type_url::LISTENER {
             return self
                 .listeners
                 .get(proxy_id)
-                .map(|l| ByName::from([(LISTENER_NAME.to_string(), l.clone())]))
+                .map(|l| BTreeMap::from([(LISTENER_NAME, l)]))
                 .unwrap_or_default();
         }
         let unknown;
@@ -141,7 +161,7 @@ impl Snapshot {
         hosts
             .iter()
             .filter_map(|h| self.by_host.get(h)?.get(type_url))
-            .flat_map(|by_name| by_name.iter().map(|(n, r)| (n.clone(), r.clone())))
+            .flat_map(|by_name| by_name.iter().map(|(n, r)| (n.as_str(), r)))
             .collect()
     }
 }
@@ -212,16 +232,20 @@ fn target_port(w: &Workload, port: &ServicePort) -> u32 {
         .unwrap_or(port.number)
 }
 
+/// A cluster's endpoints: `members` (the service's endpoints) narrowed to
+/// the subset's labels.
 pub(crate) fn cluster_endpoints(
     model: &Model,
     svc: &Service,
+    members: &[&Workload],
     port: &ServicePort,
     subset: Option<&str>,
     name: &str,
 ) -> pb::ClusterEndpoints {
     let labels = subset.and_then(|s| model.subsets.get(&svc.host).and_then(|m| m.get(s)));
-    let endpoints = model
-        .endpoints_of(svc, labels)
+    let endpoints = members
+        .iter()
+        .filter(|w| labels.is_none_or(|l| crate::model::selects(l, &w.labels)))
         .map(|w| pb::Endpoint {
             address: w.address.clone(),
             port: target_port(w, port),
@@ -301,12 +325,11 @@ fn route_config(model: &Model, svc: &Service, port: &ServicePort) -> pb::RouteCo
     }
 }
 
-fn listener(model: &Model, w: &Workload) -> pb::Listener {
+/// A workload's inbound listener; `serves` are the services it is an
+/// endpoint of.
+fn listener(model: &Model, w: &Workload, serves: &[&Service]) -> pb::Listener {
     let mut ports: BTreeMap<u32, pb::InboundPort> = BTreeMap::new();
-    for svc in model.services.values() {
-        if !model.endpoints_of(svc, None).any(|e| e == w) {
-            continue;
-        }
+    for svc in serves {
         for port in &svc.ports {
             let target = target_port(w, port);
             let entry = ports.entry(target).or_insert_with(|| pb::InboundPort {

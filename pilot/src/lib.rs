@@ -78,6 +78,11 @@ pub struct Pilot {
     cluster: std::sync::OnceLock<kubernetes::Cache>,
     /// The resources the model in force was built from.
     accepted: std::sync::Mutex<Vec<(store::Meta, store::Resource)>>,
+    /// Each config file's last parse, by the hash of its text.
+    #[allow(clippy::type_complexity)]
+    parsed: std::sync::Mutex<
+        std::collections::HashMap<PathBuf, (u64, Vec<(store::Meta, store::Resource)>)>,
+    >,
 }
 
 impl Pilot {
@@ -96,6 +101,7 @@ impl Pilot {
             extra_metrics: std::sync::OnceLock::new(),
             cluster: std::sync::OnceLock::new(),
             accepted: std::sync::Mutex::default(),
+            parsed: std::sync::Mutex::default(),
         });
         pilot.reload();
         pilot
@@ -207,10 +213,25 @@ impl Pilot {
     ) -> Result<(Vec<(store::Meta, store::Resource)>, Vec<store::Unread>), Vec<String>> {
         let mut set = Vec::new();
         let mut unread = Vec::new();
-        let files =
-            store::load_dir_each(&self.config.config_dir).map_err(|e| vec![e.to_string()])?;
-        for (file, parsed) in files {
-            match parsed {
+        let files = store::yaml_files(&self.config.config_dir).map_err(|e| vec![e.to_string()])?;
+        // Only files whose text changed are parsed again.
+        let mut parsed = self.parsed.lock().expect("parse cache");
+        parsed.retain(|path, _| files.contains(path));
+        for file in files {
+            let result = store::read(&file).and_then(|text| {
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                std::hash::Hash::hash(&text, &mut h);
+                let hash = std::hash::Hasher::finish(&h);
+                match parsed.get(&file) {
+                    Some((seen, resources)) if *seen == hash => Ok(resources.clone()),
+                    _ => {
+                        let resources = store::parse_file(&file, &text)?;
+                        parsed.insert(file.clone(), (hash, resources.clone()));
+                        Ok(resources)
+                    }
+                }
+            });
+            match result {
                 Ok(resources) => set.extend(resources),
                 Err(e) => unread.push(store::Unread {
                     file,
@@ -219,6 +240,7 @@ impl Pilot {
                 }),
             }
         }
+        drop(parsed);
         if let Some(cluster) = self.cluster.get() {
             // The mesh config read now, else (its file unreadable) the one in force.
             let selectors = set

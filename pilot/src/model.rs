@@ -1241,6 +1241,28 @@ impl Model {
         }
     }
 
+    /// Every service's endpoints by host, as [`Model::endpoints_of`] gives
+    /// them, in one pass over the workloads (grouped by namespace first):
+    /// what snapshots are built from.
+    pub fn members(&self) -> std::collections::HashMap<&str, Vec<&Workload>> {
+        let mut by_ns: std::collections::HashMap<&str, Vec<&Workload>> = Default::default();
+        for w in self.workloads.values() {
+            by_ns.entry(w.namespace.as_str()).or_default().push(w);
+        }
+        self.services
+            .values()
+            .map(|svc| {
+                let selected = by_ns
+                    .get(svc.namespace.as_str())
+                    .into_iter()
+                    .flatten()
+                    .copied()
+                    .filter(|w| !svc.selector.is_empty() && selects(&svc.selector, &w.labels));
+                (svc.host.as_str(), selected.chain(&svc.inline).collect())
+            })
+            .collect()
+    }
+
     /// Workloads a service selects (and a ServiceEntry's own endpoints),
     /// optionally narrowed to a subset's labels.
     pub fn endpoints_of<'a>(
@@ -1550,7 +1572,9 @@ spec:
         .unwrap();
         let eps = |host: &str| {
             let svc = &m.services[host];
-            crate::generate::cluster_endpoints(&m, svc, &svc.ports[0], None, "c").endpoints
+            let members: Vec<_> = m.endpoints_of(svc, None).collect();
+            crate::generate::cluster_endpoints(&m, svc, &members, &svc.ports[0], None, "c")
+                .endpoints
         };
         let a = eps("a.shop.svc.cluster.local");
         let by = |addr: &str| a.iter().find(|e| e.address == addr).unwrap().clone();

@@ -141,6 +141,25 @@ pub fn load_dir(dir: &Path) -> Result<ConfigSet, ConfigError> {
 pub fn load_dir_each(
     dir: &Path,
 ) -> Result<Vec<(PathBuf, Result<Vec<(Meta, Resource)>, ConfigError>)>, ConfigError> {
+    Ok(yaml_files(dir)?
+        .into_iter()
+        .map(|file| {
+            let parsed = read(&file).and_then(|text| parse_file(&file, &text));
+            (file, parsed)
+        })
+        .collect())
+}
+
+/// A file's text, or an error naming it.
+pub fn read(file: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
+        path: file.to_path_buf(),
+        source,
+    })
+}
+
+/// The `.yaml`/`.yml` files directly in `dir`, in name order.
+pub fn yaml_files(dir: &Path) -> Result<Vec<PathBuf>, ConfigError> {
     let read_err = |source| ConfigError::Read {
         path: dir.to_path_buf(),
         source,
@@ -151,18 +170,7 @@ pub fn load_dir_each(
         .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
         .collect();
     files.sort();
-    Ok(files
-        .into_iter()
-        .map(|file| {
-            let parsed = std::fs::read_to_string(&file)
-                .map_err(|source| ConfigError::Read {
-                    path: file.clone(),
-                    source,
-                })
-                .and_then(|text| parse_file(&file, &text));
-            (file, parsed)
-        })
-        .collect())
+    Ok(files)
 }
 
 /// Parses one file's documents. Kinds the mesh does not know yet are skipped

@@ -41,8 +41,13 @@ impl DirWatcher {
     }
 }
 
+/// A steady stream of changes (a rollout, endpoints churning) never
+/// settles: reload at the latest this long after the first change.
+const MAX_DELAY: Duration = Duration::from_millis(200);
+
 /// Reloads `pilot` after each burst of changes sent on `changes` has
-/// settled, until every sender is gone.
+/// settled (or after [`MAX_DELAY`]), until every sender is gone. The
+/// reload runs off the async workers, which keep serving proxies.
 pub(crate) fn reload_on(
     pilot: Arc<Pilot>,
     mut changes: tokio::sync::mpsc::UnboundedReceiver<()>,
@@ -50,14 +55,25 @@ pub(crate) fn reload_on(
     tokio::spawn(async move {
         while changes.recv().await.is_some() {
             // Settle: drain the burst of events one save (or one rollout) makes.
+            let first = tokio::time::Instant::now();
             loop {
-                match tokio::time::timeout(SETTLE, changes.recv()).await {
+                let left = MAX_DELAY.saturating_sub(first.elapsed());
+                if left.is_zero() {
+                    break;
+                }
+                match tokio::time::timeout(SETTLE.min(left), changes.recv()).await {
                     Ok(Some(())) => continue,
                     Ok(None) => return,
                     Err(_) => break,
                 }
             }
-            pilot.reload();
+            let pilot = pilot.clone();
+            if tokio::task::spawn_blocking(move || pilot.reload())
+                .await
+                .is_err()
+            {
+                tracing::error!("a config reload panicked; the last good config keeps serving");
+            }
         }
     })
 }

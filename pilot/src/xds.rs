@@ -199,29 +199,32 @@ impl Connection {
         let started = std::time::Instant::now();
         let desired = snapshot.for_proxy(t, &self.id);
         let state = self.types.entry(t.to_string()).or_default();
+        // Only what changed is copied out of the snapshot.
         let resources: Vec<Resource> = desired
             .iter()
-            .filter(|(name, r)| state.sent.get(*name) != Some(&r.version))
+            .filter(|(name, r)| state.sent.get(**name) != Some(&r.version))
             .map(|(name, r)| Resource {
                 version: r.version.clone(),
                 resource: Some(r.any.clone()),
-                name: name.clone(),
+                name: name.to_string(),
                 aliases: vec![],
             })
             .collect();
         let removed: Vec<String> = state
             .sent
             .keys()
-            .filter(|n| !desired.contains_key(*n))
+            .filter(|n| !desired.contains_key(n.as_str()))
             .cloned()
             .collect();
         if resources.is_empty() && removed.is_empty() && !always && state.answered {
             return true;
         }
-        state.sent = desired
-            .iter()
-            .map(|(n, r)| (n.clone(), r.version.clone()))
-            .collect();
+        for n in &removed {
+            state.sent.remove(n);
+        }
+        for r in &resources {
+            state.sent.insert(r.name.clone(), r.version.clone());
+        }
         state.answered = true;
         self.nonce += 1;
         let nonce = format!("{}-{}", snapshot.version, self.nonce);

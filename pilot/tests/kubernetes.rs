@@ -324,9 +324,8 @@ fn endpoint_addresses(model: &Model, host: &str) -> Vec<String> {
 
 /// The endpoints a proxy is sent for `cluster`.
 fn sent_endpoints(pilot: &Pilot, cluster: &str) -> Vec<pb::Endpoint> {
-    let resources = pilot
-        .snapshot()
-        .for_proxy(type_url::ENDPOINTS, &format!("{V1_POD}.default"));
+    let snapshot = pilot.snapshot();
+    let resources = snapshot.for_proxy(type_url::ENDPOINTS, &format!("{V1_POD}.default"));
     let any = &resources
         .get(cluster)
         .unwrap_or_else(|| panic!("no {cluster} sent"))
@@ -372,9 +371,8 @@ async fn services_endpoint_slices_and_pods_become_what_proxies_are_sent() {
         "spiffe://cluster.local/ns/default/sa/bookinfo-reviews"
     );
     // The pod's own sidecar is sent its inbound listener for reviews.
-    let listeners = pilot
-        .snapshot()
-        .for_proxy(type_url::LISTENER, &format!("{V1_POD}.default"));
+    let snapshot = pilot.snapshot();
+    let listeners = snapshot.for_proxy(type_url::LISTENER, &format!("{V1_POD}.default"));
     let listener = pb::Listener::decode(
         listeners
             .values()
@@ -569,10 +567,11 @@ async fn port_protocols_come_from_app_protocol_then_the_port_name() {
     ]);
     let api = FakeApi::new(&[fixture("namespace.json"), svc]);
     let (pilot, _watchers) = start(&api, dir.path()).await;
-    let clusters = pilot.snapshot().for_proxy(type_url::CLUSTER, "any.default");
+    let snapshot = pilot.snapshot();
+    let clusters = snapshot.for_proxy(type_url::CLUSTER, "any.default");
     let protocol = |port: u32| {
         let any = &clusters
-            .get(&format!("outbound|{port}||{REVIEWS}"))
+            .get(format!("outbound|{port}||{REVIEWS}").as_str())
             .unwrap_or_else(|| panic!("no cluster for {port}: {:?}", clusters.keys()))
             .any;
         pb::Cluster::decode(any.value.as_slice())
