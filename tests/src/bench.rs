@@ -430,27 +430,26 @@ pub fn kill_on_signal(
 /// Builds the sidecar as deployed (`cargo build --profile sidecar -p
 /// mesh-proxy`) and returns the binary's path.
 pub fn build_sidecar() -> anyhow::Result<PathBuf> {
+    build("sidecar", "mesh-proxy", "mesh-proxy")
+}
+
+/// Builds `package` with `profile` (`cargo build --profile P -p PKG`) and
+/// returns the path of its binary `bin`.
+pub fn build(profile: &str, package: &str, bin: &str) -> anyhow::Result<PathBuf> {
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("tests/ has a parent");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    eprintln!("building the sidecar: cargo build --profile sidecar -p mesh-proxy");
+    eprintln!("building: cargo build --profile {profile} -p {package}");
     let ok = Command::new(cargo)
-        .args([
-            "build",
-            "--quiet",
-            "--profile",
-            "sidecar",
-            "-p",
-            "mesh-proxy",
-        ])
+        .args(["build", "--quiet", "--profile", profile, "-p", package])
         .current_dir(workspace)
         .status()
         .context("running cargo")?
         .success();
-    anyhow::ensure!(ok, "building mesh-proxy with the sidecar profile failed");
+    anyhow::ensure!(ok, "building {package} with the {profile} profile failed");
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace.join("target"));
-    Ok(target.join("sidecar").join("mesh-proxy"))
+    Ok(target.join(profile).join(bin))
 }
