@@ -76,6 +76,8 @@ pub struct Pilot {
     extra_metrics: std::sync::OnceLock<Box<dyn Fn() -> String + Send + Sync>>,
     /// The Kubernetes source, once [`Pilot::watch_kubernetes`] has synced it.
     cluster: std::sync::OnceLock<kubernetes::Cache>,
+    /// Held for the length of a load.
+    loading: std::sync::Mutex<()>,
     /// The resources the model in force was built from.
     accepted: std::sync::Mutex<Vec<(store::Meta, store::Resource)>>,
     /// Each config file's last parse, by the hash of its text.
@@ -100,6 +102,7 @@ impl Pilot {
             metrics: Arc::default(),
             extra_metrics: std::sync::OnceLock::new(),
             cluster: std::sync::OnceLock::new(),
+            loading: std::sync::Mutex::default(),
             accepted: std::sync::Mutex::default(),
             parsed: std::sync::Mutex::default(),
         });
@@ -163,6 +166,9 @@ impl Pilot {
     /// attributed to one resource rejects the whole load, and the last
     /// good config keeps serving. Returns whether the model changed.
     pub fn reload(&self) -> bool {
+        // One load at a time: the directory's and the cluster's watchers
+        // both reload, and a slower, older load must not publish last.
+        let _one = self.loading.lock().expect("load lock");
         let last = self.accepted.lock().expect("accepted set").clone();
         let result = self.gather(&last).and_then(|(set, unread)| {
             accept::accept(set, &unread, &last, |set| {

@@ -1241,9 +1241,9 @@ impl Model {
         }
     }
 
-    /// Every service's endpoints by host, as [`Model::endpoints_of`] gives
-    /// them, in one pass over the workloads (grouped by namespace first):
-    /// what snapshots are built from.
+    /// Every service's endpoints by host: the workloads of its namespace
+    /// its selector picks, and a ServiceEntry's own endpoints. One pass over
+    /// the workloads, grouped by namespace first.
     pub fn members(&self) -> std::collections::HashMap<&str, Vec<&Workload>> {
         let mut by_ns: std::collections::HashMap<&str, Vec<&Workload>> = Default::default();
         for w in self.workloads.values() {
@@ -1261,23 +1261,6 @@ impl Model {
                 (svc.host.as_str(), selected.chain(&svc.inline).collect())
             })
             .collect()
-    }
-
-    /// Workloads a service selects (and a ServiceEntry's own endpoints),
-    /// optionally narrowed to a subset's labels.
-    pub fn endpoints_of<'a>(
-        &'a self,
-        svc: &'a Service,
-        subset: Option<&'a Labels>,
-    ) -> impl Iterator<Item = &'a Workload> + 'a {
-        let selected = self.workloads.values().filter(move |w| {
-            w.namespace == svc.namespace
-                && !svc.selector.is_empty()
-                && selects(&svc.selector, &w.labels)
-        });
-        selected
-            .chain(&svc.inline)
-            .filter(move |w| subset.is_none_or(|s| selects(s, &w.labels)))
     }
 }
 
@@ -1572,7 +1555,7 @@ spec:
         .unwrap();
         let eps = |host: &str| {
             let svc = &m.services[host];
-            let members: Vec<_> = m.endpoints_of(svc, None).collect();
+            let members = m.members()[host].clone();
             crate::generate::cluster_endpoints(&m, svc, &members, &svc.ports[0], None, "c")
                 .endpoints
         };
