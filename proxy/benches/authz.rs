@@ -77,6 +77,7 @@ fn bench(c: &mut Criterion) {
             headers: &headers,
         }),
         auth: None,
+        sni: Some("outbound_.9080_._.ratings.default.svc.cluster.local"),
     };
     let last = req("cluster.local/ns/team-89/sa/app-2", "/api/v89/items");
     assert!(compiled.decide(&last).allowed());

@@ -148,6 +148,10 @@ pub struct Entry<'a> {
     pub upstream_service_time: Option<Duration>,
     /// The route that took the request (Envoy's `%ROUTE_NAME%`).
     pub route_name: Option<&'a str>,
+    /// The server name the client asked for in its TLS handshake
+    /// (`%REQUESTED_SERVER_NAME%`): on the serving side, the calling
+    /// sidecar's `outbound_.<port>_.<subset>_.<host>`.
+    pub requested_server_name: Option<&'a str>,
 }
 
 fn dash(v: Option<&str>) -> &str {
@@ -163,7 +167,7 @@ impl Entry<'_> {
     pub fn text(&self) -> String {
         let a = self.arrival;
         format!(
-            "[{}] \"{} {} {}\" {} {} {} - \"-\" {} {} {} {} \"{}\" \"{}\" \"{}\" \"{}\" \"{}\" {} - {} {} - {}\n",
+            "[{}] \"{} {} {}\" {} {} {} - \"-\" {} {} {} {} \"{}\" \"{}\" \"{}\" \"{}\" \"{}\" {} - {} {} {} {}\n",
             humantime::format_rfc3339_millis(a.time),
             a.method,
             a.path,
@@ -184,6 +188,7 @@ impl Entry<'_> {
             dash(self.upstream_cluster.as_deref()),
             addr(a.downstream_local),
             addr(a.downstream_remote),
+            dash(self.requested_server_name),
             dash(self.route_name),
         )
     }
@@ -216,6 +221,7 @@ impl Entry<'_> {
             "source_principal": self.source_principal,
             "destination_principal": self.destination_principal,
             "route_name": self.route_name,
+            "requested_server_name": self.requested_server_name,
         })
         .to_string();
         line.push('\n');
@@ -411,7 +417,25 @@ mod tests {
             mtls: true,
             upstream_service_time: Some(Duration::from_millis(3)),
             route_name: Some("default"),
+            requested_server_name: None,
         }
+    }
+
+    #[test]
+    fn the_serving_side_logs_the_server_name_the_caller_asked_for() {
+        let a = arrival();
+        let sni = "outbound_.8000_._.httpbin.foo.svc.cluster.local";
+        let e = Entry {
+            requested_server_name: Some(sni),
+            ..entry(&a)
+        };
+        assert!(
+            e.text().ends_with(&format!(" {sni} default\n")),
+            "{}",
+            e.text()
+        );
+        let v: serde_json::Value = serde_json::from_str(&e.json()).unwrap();
+        assert_eq!(v["requested_server_name"], sni);
     }
 
     #[test]

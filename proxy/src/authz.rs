@@ -37,6 +37,9 @@ pub struct Request<'a> {
     pub http: Option<HttpParts<'a>>,
     /// A JWT that RequestAuthentication verified, if the request had one.
     pub auth: Option<&'a crate::jwt::Verified>,
+    /// The server name the peer asked for in its TLS handshake (`None`
+    /// for plaintext): sidecars send `outbound_.<port>_.<subset>_.<host>`.
+    pub sni: Option<&'a str>,
 }
 
 #[derive(Debug)]
@@ -180,6 +183,8 @@ impl Described {
             port,
             http,
             auth: auth.as_ref(),
+            // The offline check describes no TLS handshake.
+            sni: None,
         }))
     }
 }
@@ -813,7 +818,7 @@ impl Condition {
             Key::SourceNamespace => self.values.matches(req.namespace),
             Key::SourcePrincipal => self.values.matches(req.principal),
             Key::DestinationPort => self.ports.as_ref().is_some_and(|p| p.matches(req.port)),
-            Key::Sni => self.values.matches(None),
+            Key::Sni => self.values.matches(req.sni),
             Key::Header(name) => match &req.http {
                 // TCP: ignored in a DENY rule (an ALLOW one never gets here).
                 None => true,
@@ -917,6 +922,7 @@ mod tests {
             &'static str,
             Vec<(&'static str, &'static str)>,
         )>,
+        sni: Option<&'static str>,
     }
 
     fn get(principal: Option<&'static str>, path: &'static str) -> Req {
@@ -926,6 +932,7 @@ mod tests {
             ip: "10.244.0.12",
             port: 9080,
             http: Some(("ratings:9080", "GET", path, vec![])),
+            sni: Some("outbound_.9080_._.ratings.default.svc.cluster.local"),
         }
     }
 
@@ -951,6 +958,7 @@ mod tests {
                 headers: &headers,
             }),
             auth: None,
+            sni: r.sni,
         };
         Policies::compile(policies).unwrap().decide(&req)
     }
@@ -1200,6 +1208,38 @@ mod tests {
     }
 
     #[test]
+    fn connection_sni_is_the_name_the_calling_sidecar_asked_for() {
+        // Istio's documented use: allow only connections meant for one
+        // service's port, by the SNI the client sidecar sends.
+        let only_ratings_9080 = policy(
+            "default/sni",
+            Action::Allow,
+            vec![pb::AuthzRule {
+                when: vec![pb::AuthzCondition {
+                    key: "connection.sni".into(),
+                    values: strs(&["outbound_.9080_.*"]),
+                    not_values: strs(&["*_.v2_.ratings.default.svc.cluster.local"]),
+                }],
+                ..Default::default()
+            }],
+        );
+        assert!(allowed(
+            &[only_ratings_9080.clone()],
+            &get(Some(REVIEWS), "/")
+        ));
+        let mut v2 = get(Some(REVIEWS), "/");
+        v2.sni = Some("outbound_.9080_.v2_.ratings.default.svc.cluster.local");
+        assert!(!allowed(&[only_ratings_9080.clone()], &v2), "notValues");
+        let mut other_port = get(Some(REVIEWS), "/");
+        other_port.sni = Some("outbound_.9091_._.ratings.default.svc.cluster.local");
+        assert!(!allowed(&[only_ratings_9080.clone()], &other_port));
+        // Plaintext has no SNI: a condition with values cannot match it.
+        let mut plaintext = get(None, "/");
+        plaintext.sni = None;
+        assert!(!allowed(&[only_ratings_9080], &plaintext));
+    }
+
+    #[test]
     fn request_principals_without_a_token() {
         // Requiring a JWT: no token, no request principal, no match.
         let require_jwt = policy(
@@ -1242,6 +1282,7 @@ mod tests {
             ip: "10.244.0.12",
             port: 7000,
             http: None,
+            sni: Some("outbound_.7000_._.db.default.svc.cluster.local"),
         };
         // ALLOW with an HTTP-only field never matches TCP...
         let allow_get = reviews_may_get("default/allow-get");
@@ -1294,6 +1335,7 @@ mod tests {
             port: port.unwrap_or(0),
             http: None,
             auth: None,
+            sni: None,
         };
         Policies::compile(policies).unwrap().revokes(&conn, port)
     }

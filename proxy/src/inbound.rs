@@ -33,11 +33,18 @@ pub struct Conn {
     principal: Option<String>,
     pub peer_addr: Option<std::net::SocketAddr>,
     xfcc: Option<HeaderValue>,
+    /// The server name the peer sidecar asked for (`connection.sni`).
+    pub sni: Option<Box<str>>,
     series: SeriesCache<SeriesKey>,
 }
 
 impl Conn {
-    pub fn new(own: &SpiffeId, peer: SpiffeId, peer_addr: std::net::SocketAddr) -> Self {
+    pub fn new(
+        own: &SpiffeId,
+        peer: SpiffeId,
+        peer_addr: std::net::SocketAddr,
+        sni: Option<&str>,
+    ) -> Self {
         let principal = peer.to_string();
         Self {
             xfcc: format!("By={own};URI={peer}").parse().ok(),
@@ -50,6 +57,7 @@ impl Conn {
             peer: Some(peer),
             plain_port: None,
             peer_addr: Some(peer_addr),
+            sni: sni.map(Box::from),
             series: SeriesCache::default(),
         }
     }
@@ -62,6 +70,7 @@ impl Conn {
             principal: None,
             peer_addr: Some(peer_addr),
             xfcc: None,
+            sni: None,
             series: SeriesCache::default(),
         }
     }
@@ -80,6 +89,7 @@ impl Conn {
             port,
             http,
             auth,
+            sni: self.sni.as_deref(),
         }
     }
 
@@ -256,6 +266,7 @@ pub async fn handle(
                 upstream_service_time: upstream_time,
                 // Istio's inbound route has this one name.
                 route_name: port.as_ref().map(|_| "default"),
+                requested_server_name: conn.sni.as_deref(),
             };
             shared.report(snapshot.access_log.server.as_deref(), "inbound", &entry);
         }

@@ -163,6 +163,8 @@ pub async fn handle(
                     Chosen::Outside(_) => Some("block_all"),
                     _ => served.route.as_deref(),
                 },
+                // The app's own connection is plaintext.
+                requested_server_name: None,
             };
             shared.report(snapshot.access_log.client.as_deref(), "outbound", &entry);
         }
@@ -720,7 +722,7 @@ async fn send_to(
         Via::Sidecar(id) => {
             shared
                 .pool
-                .send_within(tls, endpoint.tunnel, id, req, connect_timeout)
+                .send_within(tls, endpoint.tunnel, id, &cluster.sni, req, connect_timeout)
                 .await
         }
         // Boxed: paths off the mesh stay out of the size of every

@@ -1,10 +1,14 @@
 //! Connections to other sidecars: HTTP/2 over mutual TLS, one multiplexed
-//! connection per (address, expected identity), made on first use and
-//! replaced when it closes.
+//! connection per (address, expected identity, server name), made on first
+//! use and replaced when it closes. The server name is the cluster's, in
+//! Istio's form (`outbound_.9080_.v1_.reviews.default.svc.cluster.local`),
+//! so the serving sidecar's `connection.sni` conditions see which service
+//! and subset the connection is for; a connection carries one cluster's
+//! requests, as Envoy's per-cluster pools do.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http_body_util::combinators::BoxBody;
@@ -73,9 +77,16 @@ impl PoolError {
 
 #[derive(Default)]
 pub struct Pool {
-    conns: Mutex<HashMap<(SocketAddr, SpiffeId), SendRequest<Body>>>,
+    /// By address, then a short list (usually one) by identity and name.
+    conns: Mutex<HashMap<SocketAddr, Vec<Open>>>,
     /// Mark for the sockets to peers (`Config::socket_mark`).
     mark: Option<u32>,
+}
+
+struct Open {
+    expected: SpiffeId,
+    sni: Arc<str>,
+    sender: SendRequest<Body>,
 }
 
 impl Pool {
@@ -91,9 +102,10 @@ impl Pool {
         tls: &Tls,
         addr: SocketAddr,
         expected: &SpiffeId,
+        sni: &Arc<str>,
         req: http::Request<Body>,
     ) -> Result<http::Response<Incoming>, PoolError> {
-        self.send_within(tls, addr, expected, req, CONNECT_TIMEOUT)
+        self.send_within(tls, addr, expected, sni, req, CONNECT_TIMEOUT)
             .await
     }
 
@@ -103,24 +115,39 @@ impl Pool {
         tls: &Tls,
         addr: SocketAddr,
         expected: &SpiffeId,
+        sni: &Arc<str>,
         req: http::Request<Body>,
         connect_timeout: Duration,
     ) -> Result<http::Response<Incoming>, PoolError> {
-        let key = (addr, expected.clone());
-        let existing = self
-            .conns
-            .lock()
-            .unwrap()
-            .get(&key)
-            .filter(|s| !s.is_closed())
-            .cloned();
+        let existing = self.conns.lock().unwrap().get(&addr).and_then(|open| {
+            open.iter()
+                .find(|o| o.expected == *expected && o.sni == *sni && !o.sender.is_closed())
+                .map(|o| o.sender.clone())
+        });
         let mut sender = match existing {
             Some(s) => s,
             None => {
                 // Boxed: connecting is rare, and inlined it would make every
                 // request's future several kilobytes larger.
-                let s = Box::pin(connect(tls, addr, expected, self.mark, connect_timeout)).await?;
-                self.conns.lock().unwrap().insert(key, s.clone());
+                let s = Box::pin(connect(
+                    tls,
+                    addr,
+                    expected,
+                    sni,
+                    self.mark,
+                    connect_timeout,
+                ))
+                .await?;
+                let mut conns = self.conns.lock().unwrap();
+                let open = conns.entry(addr).or_default();
+                open.retain(|o| {
+                    !o.sender.is_closed() && (o.expected != *expected || o.sni != *sni)
+                });
+                open.push(Open {
+                    expected: expected.clone(),
+                    sni: sni.clone(),
+                    sender: s.clone(),
+                });
                 s
             }
         };
@@ -135,6 +162,7 @@ async fn connect(
     tls: &Tls,
     addr: SocketAddr,
     expected: &SpiffeId,
+    sni: &str,
     mark: Option<u32>,
     connect_timeout: Duration,
 ) -> Result<SendRequest<Body>, PoolError> {
@@ -145,7 +173,7 @@ async fn connect(
         .map_err(|e| PoolError::Connect(addr, e))?;
     let _ = tcp.set_nodelay(true);
     let stream = tokio_rustls::TlsConnector::from(config)
-        .connect(ServerName::IpAddress(addr.ip().into()), tcp)
+        .connect(server_name(sni, addr), tcp)
         .await
         .map_err(|source| PoolError::Tls {
             addr,
@@ -162,4 +190,35 @@ async fn connect(
         }
     });
     Ok(sender)
+}
+
+/// `sni` as a TLS server name; the address when it is not a DNS name
+/// (a host that is an IP literal).
+fn server_name(sni: &str, addr: SocketAddr) -> ServerName<'static> {
+    ServerName::try_from(sni.to_string())
+        .ok()
+        .filter(|n| matches!(n, ServerName::DnsName(_)))
+        .unwrap_or(ServerName::IpAddress(addr.ip().into()))
+}
+
+/// The server name a sidecar sends for cluster `outbound|9080|v1|reviews...`:
+/// `outbound_.9080_.v1_.reviews...`, and `outbound_.9080_._.reviews...`
+/// without a subset, as Istio's do.
+pub fn cluster_sni(cluster: &str) -> Arc<str> {
+    Arc::from(cluster.replace('|', "_."))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_server_name_is_istios_form_of_the_cluster() {
+        assert_eq!(
+            &*super::cluster_sni("outbound|9080||ratings.default.svc.cluster.local"),
+            "outbound_.9080_._.ratings.default.svc.cluster.local"
+        );
+        assert_eq!(
+            &*super::cluster_sni("outbound|9080|v1|reviews.default.svc.cluster.local"),
+            "outbound_.9080_.v1_.reviews.default.svc.cluster.local"
+        );
+    }
 }

@@ -87,10 +87,14 @@ pub async fn serve_inbound(listener: TcpListener, shared: Arc<Shared>) {
                     return;
                 }
             };
-            let conn = match mesh_identity::peer_identity(stream.get_ref().1.peer_certificates()) {
-                mesh_identity::PeerIdentity::Mesh(id) => {
-                    Arc::new(inbound::Conn::new(&shared.cfg.identity, id, peer_addr))
-                }
+            let session = stream.get_ref().1;
+            let conn = match mesh_identity::peer_identity(session.peer_certificates()) {
+                mesh_identity::PeerIdentity::Mesh(id) => Arc::new(inbound::Conn::new(
+                    &shared.cfg.identity,
+                    id,
+                    peer_addr,
+                    session.server_name(),
+                )),
                 mesh_identity::PeerIdentity::Unauthenticated => {
                     tracing::warn!(%peer_addr, "inbound peer has no SPIFFE identity");
                     return;

@@ -89,6 +89,8 @@ pub struct Cluster {
     pub balancer: crate::balance::Balancer,
     /// Counts requests and retries to this destination.
     pub budget: Arc<crate::budget::RetryBudget>,
+    /// The server name sent to its endpoints' sidecars.
+    pub sni: Arc<str>,
 }
 
 /// An endpoint, parsed once: where its sidecar listens, what identity it must
@@ -243,6 +245,7 @@ impl Resources {
                     config: c.clone(),
                     endpoints,
                     budget: before.map(|b| b.budget.clone()).unwrap_or_default(),
+                    sni: crate::pool::cluster_sni(name),
                 };
                 (name.clone(), Arc::new(cluster))
             })

@@ -66,7 +66,11 @@ pub async fn outbound(shared: Arc<Shared>, mut client: TcpStream, cluster: Arc<C
     if let Some(src) = &shared.snapshot.borrow().own.source_header {
         req.headers_mut().insert(wire::SOURCE, src.clone());
     }
-    let resp = match shared.pool.send(&tls, ep.tunnel, &id, req).await {
+    let resp = match shared
+        .pool
+        .send(&tls, ep.tunnel, &id, &cluster.sni, req)
+        .await
+    {
         Ok(r) if r.status() == StatusCode::OK => r,
         Ok(r) => {
             tracing::warn!(%target, status = %r.status(), "peer sidecar refused the TCP tunnel");

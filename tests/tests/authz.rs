@@ -221,6 +221,61 @@ async fn a_new_policy_closes_connections_it_no_longer_allows() {
     mesh.stop().await;
 }
 
+/// A calling sidecar sends the destination's cluster as its TLS server
+/// name (`outbound_.<port>_.<subset>_.<host>`, as Istio's do), so a
+/// `connection.sni` condition tells apart connections meant for different
+/// subsets of the same service.
+#[tokio::test(flavor = "multi_thread")]
+async fn connection_sni_names_the_service_and_subset_called() {
+    let mesh = Mesh::start().await;
+    let http = mesh.client();
+    let ratings = "http://ratings:9080/ratings/0";
+    let only_unsubsetted = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: by-sni, namespace: default}
+spec:
+  selector: {matchLabels: {app: ratings}}
+  rules:
+  - when:
+    - key: connection.sni
+      values: [outbound_.9080_._.ratings.default.svc.cluster.local]
+";
+    mesh.write_config("authz.yaml", only_unsubsetted);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        get(&http, ratings).await.0,
+        200,
+        "the SNI names ratings:9080"
+    );
+    // Routed to subset v1, the connection names the subset: no longer allowed.
+    let subset = "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: ratings, namespace: default}
+spec:
+  host: ratings
+  subsets:
+  - {name: v1, labels: {version: v1}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: ratings, namespace: default}
+spec:
+  hosts: [ratings]
+  http:
+  - route:
+    - destination: {host: ratings, subset: v1}
+";
+    mesh.write_config("routes.yaml", subset);
+    let body = wait_for(&http, ratings, 403).await;
+    assert_eq!(body.trim(), "RBAC: access denied");
+    mesh.write_config(
+        "authz.yaml",
+        &only_unsubsetted.replace("_._.ratings", "_.v1_.ratings"),
+    );
+    wait_for(&http, ratings, 200).await;
+    mesh.stop().await;
+}
+
 /// RequestAuthentication for ratings with `jwks`, and a policy requiring a
 /// token from the issuer on /ratings/*.
 fn jwt_config(jwks: &str) -> String {
