@@ -219,6 +219,17 @@ impl Originate {
         })
     }
 
+    /// TLS over `tcp`, for an opaque TCP cluster: no ALPN, the same name
+    /// sent and checked, the same client certificate.
+    pub async fn handshake(
+        &self,
+        tcp: tokio::net::TcpStream,
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+        tokio_rustls::TlsConnector::from(self.config.clone())
+            .connect(self.server_name.clone(), tcp)
+            .await
+    }
+
     /// The client, made on first use; its sockets carry `mark`.
     pub fn client(&self, mark: Option<u32>) -> &Client<HttpsConnector<Dialer>, Body> {
         self.client.get_or_init(|| {

@@ -37,12 +37,8 @@ pub async fn outbound(shared: Arc<Shared>, mut client: TcpStream, cluster: Arc<C
     };
     let id = match cluster.transport.via(&ep) {
         Via::Sidecar(id) => id.clone(),
-        Via::Plain => return direct(&shared, client, &cluster, &ep).await,
-        Via::Tls(_) => {
-            tracing::warn!(cluster = %name, "TLS origination is for HTTP clusters: closing the TCP connection");
-            count_failed(&shared, &cluster, Some(&ep), "UF");
-            return;
-        }
+        Via::Plain => return direct(&shared, client, &cluster, &ep, None).await,
+        Via::Tls(tls) => return direct(&shared, client, &cluster, &ep, Some(tls)).await,
         Via::Refused(why) => {
             tracing::warn!(cluster = %name, "{why}: closing the TCP connection");
             count_failed(&shared, &cluster, Some(&ep), "UF");
@@ -96,38 +92,63 @@ pub async fn outbound(shared: Arc<Shared>, mut client: TcpStream, cluster: Arc<C
     }
 }
 
-/// Carries a connection to an endpoint without a sidecar: plaintext to
-/// its own address, as Istio's auto mutual TLS does.
+/// Carries a connection to an endpoint's own address: plaintext to one
+/// without a sidecar (auto mutual TLS) or under DISABLE, or with TLS this
+/// sidecar originates (`tls`: SIMPLE or MUTUAL). The connect and the TLS
+/// handshake together get the cluster's connectTimeout; a failed
+/// handshake closes the app's connection, which never goes out in
+/// plaintext instead.
 async fn direct(
     shared: &Shared,
     mut client: TcpStream,
     cluster: &Cluster,
     ep: &crate::state::Endpoint,
+    tls: Option<&crate::origin::Originate>,
 ) {
-    let dial = mesh_identity::grpc::dial(ep.tunnel, shared.cfg.socket_mark);
     let within = cluster
         .balancer
         .connect_timeout
         .unwrap_or(crate::pool::CONNECT_TIMEOUT);
-    let mut upstream = match tokio::time::timeout(within, dial).await {
+    let connect = async {
+        let tcp = mesh_identity::grpc::dial(ep.tunnel, shared.cfg.socket_mark)
+            .await
+            .map_err(|e| format!("TCP connect failed: {e}"))?;
+        Ok::<_, String>(match tls {
+            None => Upstream::Plain(tcp),
+            Some(o) => Upstream::Tls(Box::new(
+                o.handshake(tcp)
+                    .await
+                    .map_err(|e| format!("TLS origination failed: {e}"))?,
+            )),
+        })
+    };
+    let upstream = match tokio::time::timeout(within, connect).await {
         Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            tracing::warn!(endpoint = %ep.tunnel, error = %e, "TCP connect failed");
+        Ok(Err(why)) => {
+            tracing::warn!(endpoint = %ep.tunnel, cluster = %cluster.config.name, "{why}");
             count_failed(shared, cluster, Some(ep), "UF");
             return;
         }
         Err(_) => {
-            tracing::warn!(endpoint = %ep.tunnel, "TCP connect timed out");
+            tracing::warn!(endpoint = %ep.tunnel, cluster = %cluster.config.name, "TCP connect timed out");
             count_failed(shared, cluster, Some(ep), "UF");
             return;
         }
     };
     let series = outbound_series(shared, cluster, Some(ep), "-");
     let mut client = Counting::new(&mut client);
-    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+    let _ = match upstream {
+        Upstream::Plain(mut s) => tokio::io::copy_bidirectional(&mut client, &mut s).await,
+        Upstream::Tls(mut s) => tokio::io::copy_bidirectional(&mut client, &mut *s).await,
+    };
     if let Some(series) = series {
         series.closed(client.written, client.read);
     }
+}
+
+enum Upstream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
 /// Counts a connection to `cluster` that failed before carrying a byte.

@@ -6,8 +6,9 @@
 pub mod bench;
 pub mod otlp;
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use meshctl::controlplane::ControlPlane;
@@ -25,6 +26,15 @@ pub struct Mesh {
 /// The sample's addresses, moved to 127.A.B.*.
 fn relocate(text: &str, block: &str) -> String {
     text.replace("127.0.10.", block)
+}
+
+/// Reports whatever original destination the test sets.
+struct Redirected(Arc<Mutex<Option<SocketAddr>>>);
+
+impl mesh_proxy::platform::Sockets for Redirected {
+    fn original_dst(&self, _: &tokio::net::TcpStream) -> Option<SocketAddr> {
+        *self.0.lock().unwrap()
+    }
 }
 
 impl Mesh {
@@ -78,6 +88,49 @@ impl Mesh {
         )
         .await
         .expect("citadel issues")
+    }
+
+    /// Starts a sidecar for the client's identity on `ip`, as if
+    /// interception sent the app's connections to it: each connection's
+    /// original destination is whatever `dst` holds when it arrives.
+    pub async fn captured_sidecar(
+        &self,
+        ip: IpAddr,
+        policy: mesh_proxy::OutboundPolicy,
+        dst: Arc<Mutex<Option<SocketAddr>>>,
+    ) {
+        let identity = self.identity_of("client");
+        let cfg = mesh_proxy::Config {
+            ca_token: self.cp.token_for(&identity),
+            roots_pem: self.cp.citadel.roots_pem().to_string(),
+            outbound_policy: policy,
+            ..mesh_proxy::Config::new(
+                format!("captured-{ip}.default"),
+                identity,
+                ip,
+                self.cp.pilot_addr,
+                self.cp.ca_addr,
+            )
+        };
+        tokio::spawn(mesh_proxy::run_with_sockets(
+            cfg,
+            Box::new(Redirected(dst)),
+            std::future::pending(),
+        ));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let http = reqwest::Client::builder().no_proxy().build().unwrap();
+        while !http
+            .get(format!("http://{ip}:15021/healthz/ready"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "captured sidecar on {ip} not ready"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Where citadel's state, tokens and config live (`meshctl --state-dir`).

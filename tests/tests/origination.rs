@@ -350,6 +350,121 @@ async fn plaintext_to_endpoints_without_a_sidecar_and_tls_originated_as_destinat
     mesh.stop().await;
 }
 
+/// A TLS echo server on 127.0.0.1 with `config`; records each
+/// connection's SNI and client certificate.
+async fn tls_echo(config: Arc<rustls::ServerConfig>) -> (u16, Arc<Mutex<Vec<Seen>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+    let log = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (config, log) = (config.clone(), log.clone());
+            tokio::spawn(async move {
+                let Ok(mut stream) = tokio_rustls::TlsAcceptor::from(config).accept(tcp).await
+                else {
+                    return;
+                };
+                let (_, conn) = stream.get_ref();
+                log.lock().unwrap().push(Seen {
+                    sni: conn.server_name().map(str::to_string),
+                    client_cert: conn.peer_certificates().is_some_and(|c| !c.is_empty()),
+                    ..Default::default()
+                });
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = stream.read(&mut buf).await {
+                    if n == 0 || stream.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (port, seen)
+}
+
+/// What an app connected through `pod`'s captured sidecar hears back
+/// after saying `ping`: `None` when the connection is closed first.
+async fn ping_through(pod: std::net::IpAddr) -> Option<Vec<u8>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect((pod, 15001)).await.unwrap();
+    tcp.write_all(b"ping").await.ok()?;
+    let mut echoed = [0u8; 4];
+    match tokio::time::timeout(Duration::from_secs(3), tcp.read_exact(&mut echoed)).await {
+        Ok(Ok(_)) => Some(echoed.to_vec()),
+        _ => None,
+    }
+}
+
+/// A DestinationRule's SIMPLE or MUTUAL tls on an opaque TCP service: the
+/// sidecar wraps the app's plaintext connection in TLS to the server, and
+/// when the server cannot be verified the app's connection is closed,
+/// never sent in plaintext.
+#[tokio::test(flavor = "multi_thread")]
+async fn tls_is_originated_for_tcp_services_too() {
+    let mesh = Mesh::start().await;
+    let dir = mesh.state_dir().to_path_buf();
+    let pki = Pki::new(&dir, "db");
+    let other = Pki::new(&dir, "other");
+    let (port, seen) = tls_echo(pki.server("db.example.com", true)).await;
+    let entry = format!(
+        "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: db, namespace: default}}
+spec:
+  hosts: [db.example.com]
+  addresses: [240.240.2.1]
+  location: MESH_EXTERNAL
+  resolution: STATIC
+  ports: [{{number: 5432, name: tcp-db, protocol: TCP}}]
+  endpoints: [{{address: 127.0.0.1, ports: {{tcp-db: {port}}}}}]
+---
+"
+    );
+    let mutual = destination_rule("db.example.com", &mutual_tls(&pki, "", &pki.client_key));
+    mesh.write_config("db.yaml", &format!("{entry}{mutual}"));
+    let std::net::IpAddr::V4(client) = mesh.workload("client").address else {
+        unreachable!("the mesh runs on IPv4 loopback")
+    };
+    let [a, b, c, _] = client.octets();
+    let pod = std::net::IpAddr::from([a, b, c, 102]);
+    let dst = Arc::new(Mutex::new(Some("240.240.2.1:5432".parse().unwrap())));
+    mesh.captured_sidecar(pod, mesh_proxy::OutboundPolicy::RegistryOnly, dst)
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ping_through(pod).await.as_deref() != Some(b"ping") {
+        assert!(Instant::now() < deadline, "no echo through originated TLS");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let s = seen.lock().unwrap().clone();
+    assert_eq!(s[0].sni.as_deref(), Some("db.example.com"), "{s:?}");
+    assert!(s[0].client_cert, "MUTUAL presents the client's certificate");
+
+    // A CA that does not vouch for the server: the app's connection closes.
+    let wrong_ca = destination_rule(
+        "db.example.com",
+        &format!("{{mode: SIMPLE, caCertificates: {}}}", other.ca.display()),
+    );
+    mesh.write_config("db.yaml", &format!("{entry}{wrong_ca}"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ping_through(pod).await.is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "still echoed under an unverifiable server"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let verified = seen.lock().unwrap().len();
+    assert_eq!(ping_through(pod).await, None);
+    assert_eq!(
+        seen.lock().unwrap().len(),
+        verified,
+        "a connection reached the server unverified"
+    );
+    mesh.stop().await;
+}
+
 /// A listener on 127.0.0.1 that never accepts, its queue full: a connect
 /// to it hangs (the kernel drops the SYN) instead of being refused. The
 /// connections filling the queue are returned to keep them open.

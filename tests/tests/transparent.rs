@@ -6,60 +6,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use mesh_proxy::platform::Sockets;
-use mesh_proxy::{Config, OutboundPolicy};
+use mesh_proxy::OutboundPolicy;
 use mesh_tests::Mesh;
-
-/// Reports whatever original destination the test sets.
-struct Redirected(Arc<Mutex<Option<SocketAddr>>>);
-
-impl Sockets for Redirected {
-    fn original_dst(&self, _: &tokio::net::TcpStream) -> Option<SocketAddr> {
-        *self.0.lock().unwrap()
-    }
-}
-
-/// Starts a sidecar for the client's identity on `ip`, as if interception
-/// sent the app's connections to it.
-async fn captured_sidecar(
-    mesh: &Mesh,
-    ip: IpAddr,
-    policy: OutboundPolicy,
-    dst: Arc<Mutex<Option<SocketAddr>>>,
-) {
-    let identity = mesh.identity_of("client");
-    let cfg = Config {
-        ca_token: mesh.cp.token_for(&identity),
-        roots_pem: mesh.cp.citadel.roots_pem().to_string(),
-        outbound_policy: policy,
-        ..Config::new(
-            format!("captured-{ip}.default"),
-            identity,
-            ip,
-            mesh.cp.pilot_addr,
-            mesh.cp.ca_addr,
-        )
-    };
-    tokio::spawn(mesh_proxy::run_with_sockets(
-        cfg,
-        Box::new(Redirected(dst)),
-        std::future::pending(),
-    ));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let http = reqwest::Client::builder().no_proxy().build().unwrap();
-    while !http
-        .get(format!("http://{ip}:15021/healthz/ready"))
-        .send()
-        .await
-        .is_ok_and(|r| r.status() == 200)
-    {
-        assert!(
-            Instant::now() < deadline,
-            "captured sidecar on {ip} not ready"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 /// A plain HTTP server standing for something outside the mesh.
 async fn outside_server(addr: SocketAddr) {
@@ -114,14 +62,10 @@ async fn captured_requests_go_to_vips_through_to_the_outside_or_nowhere() {
     outside_server(outside).await;
     let dst = Arc::new(Mutex::new(None));
     let (allow, registry_only) = (ip(100), ip(101));
-    captured_sidecar(&mesh, allow, OutboundPolicy::AllowAny, dst.clone()).await;
-    captured_sidecar(
-        &mesh,
-        registry_only,
-        OutboundPolicy::RegistryOnly,
-        dst.clone(),
-    )
-    .await;
+    mesh.captured_sidecar(allow, OutboundPolicy::AllowAny, dst.clone())
+        .await;
+    mesh.captured_sidecar(registry_only, OutboundPolicy::RegistryOnly, dst.clone())
+        .await;
 
     // The app dialled reviews' VIP; its Host names nothing the mesh knows.
     *dst.lock().unwrap() = Some("240.240.0.4:9080".parse().unwrap());
@@ -187,7 +131,8 @@ async fn a_sidecar_resource_limits_what_a_proxy_is_told_of_and_sets_its_outbound
     );
     let dst = Arc::new(Mutex::new(None));
     // The proxy's own flag says ALLOW_ANY.
-    captured_sidecar(&mesh, pod, OutboundPolicy::AllowAny, dst.clone()).await;
+    mesh.captured_sidecar(pod, OutboundPolicy::AllowAny, dst.clone())
+        .await;
     let (reviews, ratings) = ("240.240.0.4:9080", "240.240.0.5:9080");
     let call = |to: &str| {
         *dst.lock().unwrap() = Some(to.parse().unwrap());
@@ -298,7 +243,8 @@ async fn echo_tunnel(mesh: &Mesh, octet: u8) -> (IpAddr, tokio::net::TcpStream) 
     };
     let pod = IpAddr::from([block[0], block[1], block[2], octet]);
     let dst = Arc::new(Mutex::new(Some("240.240.1.1:7000".parse().unwrap())));
-    captured_sidecar(mesh, pod, OutboundPolicy::RegistryOnly, dst).await;
+    mesh.captured_sidecar(pod, OutboundPolicy::RegistryOnly, dst)
+        .await;
     // The app connects and, without sending anything, hears the server first.
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
