@@ -18,6 +18,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     // The mesh's own resources serialize to JSON for the admin config dump.
     tonic_prost_build::configure()
+        .codec_path("crate::LeanCodec")
         .type_attribute(".mesh.v1", "#[derive(serde::Serialize)]")
         .compile_protos(&files, &["proto"])?;
     Ok(())

@@ -14,26 +14,46 @@ use crate::istio::ServicePort;
 use crate::model::{Model, Service, Workload};
 
 /// One resource as it goes on the wire, with a version that changes exactly
-/// when its content does.
+/// when its content does. The name is shared with every proxy stream that
+/// remembers having sent it, so 2,000 streams hold one copy.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Versioned {
-    pub version: String,
+    pub name: Arc<str>,
+    /// A hash of the encoded resource; on the wire as 16 hex digits.
+    pub version: u64,
     pub any: prost_types::Any,
 }
 
 impl Versioned {
-    fn new<M: Message>(type_url: &str, msg: &M) -> Self {
+    fn new<M: Message>(name: &str, type_url: &str, msg: &M) -> Self {
         let value = msg.encode_to_vec();
         let mut h = std::collections::hash_map::DefaultHasher::new();
         value.hash(&mut h);
         Self {
-            version: format!("{:016x}", h.finish()),
+            name: Arc::from(name),
+            version: h.finish(),
             any: prost_types::Any {
                 type_url: type_url.to_string(),
                 value,
             },
         }
     }
+
+    /// The version as xDS carries it.
+    pub fn version_string(&self) -> String {
+        wire_version(self.version)
+    }
+}
+
+/// A version as xDS carries it: 16 hex digits.
+pub fn wire_version(v: u64) -> String {
+    format!("{v:016x}")
+}
+
+/// A version a proxy reports having (`initial_resource_versions`); `None`
+/// when it is not one pilot could have sent, so it never matches.
+pub fn parse_version(v: &str) -> Option<u64> {
+    (v.len() == 16).then(|| u64::from_str_radix(v, 16).ok())?
 }
 
 pub type ByName = BTreeMap<String, Versioned>;
@@ -82,11 +102,20 @@ impl Snapshot {
                     let mut c = cluster(svc, port, subset);
                     crate::dr::apply(model.policies.get(&svc.host), subset, port.number, &mut c);
                     let eps = cluster_endpoints(&model, svc, svc_members, port, subset, &c.name);
-                    endpoints.insert(c.name.clone(), Versioned::new(type_url::ENDPOINTS, &eps));
-                    clusters.insert(c.name.clone(), Versioned::new(type_url::CLUSTER, &c));
+                    endpoints.insert(
+                        c.name.clone(),
+                        Versioned::new(&c.name, type_url::ENDPOINTS, &eps),
+                    );
+                    clusters.insert(
+                        c.name.clone(),
+                        Versioned::new(&c.name, type_url::CLUSTER, &c),
+                    );
                 }
                 let rc = route_config(&model, svc, port);
-                routes.insert(rc.name.clone(), Versioned::new(type_url::ROUTE, &rc));
+                routes.insert(
+                    rc.name.clone(),
+                    Versioned::new(&rc.name, type_url::ROUTE, &rc),
+                );
             }
             let types = BTreeMap::from([
                 (type_url::CLUSTER, clusters),
@@ -102,6 +131,7 @@ impl Snapshot {
                 (
                     w.proxy_id(),
                     Versioned::new(
+                        LISTENER_NAME,
                         type_url::LISTENER,
                         &listener(
                             &model,

@@ -5,6 +5,7 @@
 pub mod accept;
 mod debug;
 pub mod dr;
+mod framing;
 pub mod generate;
 pub mod istio;
 pub mod jwks;
@@ -23,7 +24,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use mesh_identity::SpiffeId;
-use mesh_proto::discovery::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch as tokio_watch;
 
@@ -79,7 +79,8 @@ pub struct Pilot {
     /// Held for the length of a load.
     loading: std::sync::Mutex<()>,
     /// The resources the model in force was built from.
-    accepted: std::sync::Mutex<Vec<(store::Meta, store::Resource)>>,
+    /// Shared, so a load reads it without copying every resource.
+    accepted: std::sync::Mutex<Arc<Vec<(store::Meta, store::Resource)>>>,
     /// Each config file's last parse, by the hash of its text.
     #[allow(clippy::type_complexity)]
     parsed: std::sync::Mutex<
@@ -194,7 +195,7 @@ impl Pilot {
             tracing::error!("resource rejected, its last good version (if any) keeps serving: {e}");
         }
         self.errors.send_replace(accepted.errors);
-        *self.accepted.lock().expect("accepted set") = accepted.resources;
+        *self.accepted.lock().expect("accepted set") = Arc::new(accepted.resources);
         let model = accepted.model;
         if *self.snapshots.borrow().model == model {
             return false;
@@ -332,7 +333,7 @@ impl Pilot {
         };
         tracing::info!(addr = ?listener.local_addr().ok(), "pilot serving delta xDS over mTLS");
         let served = tonic::transport::Server::builder()
-            .add_service(AggregatedDiscoveryServiceServer::new(ads))
+            .add_service(framing::AdsServer::new(ads))
             .serve_with_incoming_shutdown(
                 mesh_identity::grpc::tls_incoming(listener, tls),
                 shutdown,

@@ -2,11 +2,11 @@
 //! subscription with that type's resources, pushes only what changed when a
 //! new snapshot arrives, and records ACKs and NACKs.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
 use std::sync::Arc;
 
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use mesh_proto::discovery::aggregated_discovery_service_server::AggregatedDiscoveryService;
 use mesh_proto::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource};
 use mesh_proto::type_url;
@@ -82,15 +82,16 @@ impl AggregatedDiscoveryService for Ads {
         };
         tokio::spawn(conn.run(first, inbound, self.snapshots.clone(), self.closing.clone()));
         Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
+            tokio_stream::wrappers::ReceiverStream::new(rx).map(|r| Ok(*r)),
         )))
     }
 }
 
 #[derive(Default)]
 struct TypeState {
-    /// Name -> version the proxy has (as far as we know).
-    sent: BTreeMap<String, String>,
+    /// Name -> version the proxy has (as far as we know): names shared with
+    /// the snapshot, versions as numbers (`None`: one pilot never sent).
+    sent: HashMap<Arc<str>, Option<u64>>,
     answered: bool,
     /// The nonce of a push not yet acknowledged.
     pending: Option<String>,
@@ -98,7 +99,8 @@ struct TypeState {
 
 struct Connection {
     id: String,
-    tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+    /// Boxed: the channel's slots are allocated up front, per proxy.
+    tx: mpsc::Sender<Box<DeltaDiscoveryResponse>>,
     status: Arc<Tracker>,
     metrics: Arc<crate::metrics::Metrics>,
     types: BTreeMap<String, TypeState>,
@@ -190,7 +192,11 @@ impl Connection {
         // A (re)subscription: wildcard, and whatever the proxy already holds
         // need not be sent again.
         let state = self.types.entry(t.clone()).or_default();
-        state.sent = req.initial_resource_versions.into_iter().collect();
+        state.sent = req
+            .initial_resource_versions
+            .into_iter()
+            .map(|(name, v)| (Arc::from(name), crate::generate::parse_version(&v)))
+            .collect();
         state.answered = false;
         self.push(&t, snapshot, true).await
     }
@@ -200,31 +206,35 @@ impl Connection {
         let desired = snapshot.for_proxy(t, &self.id);
         let state = self.types.entry(t.to_string()).or_default();
         // Only what changed is copied out of the snapshot.
-        let resources: Vec<Resource> = desired
-            .iter()
-            .filter(|(name, r)| state.sent.get(**name) != Some(&r.version))
-            .map(|(name, r)| Resource {
-                version: r.version.clone(),
-                resource: Some(r.any.clone()),
-                name: name.to_string(),
-                aliases: vec![],
-            })
+        let changed: Vec<&crate::generate::Versioned> = desired
+            .values()
+            .filter(|r| state.sent.get(&*r.name) != Some(&Some(r.version)))
+            .copied()
             .collect();
         let removed: Vec<String> = state
             .sent
             .keys()
-            .filter(|n| !desired.contains_key(n.as_str()))
-            .cloned()
+            .filter(|n| !desired.contains_key(&***n))
+            .map(|n| n.to_string())
             .collect();
-        if resources.is_empty() && removed.is_empty() && !always && state.answered {
+        if changed.is_empty() && removed.is_empty() && !always && state.answered {
             return true;
         }
         for n in &removed {
-            state.sent.remove(n);
+            state.sent.remove(n.as_str());
         }
-        for r in &resources {
-            state.sent.insert(r.name.clone(), r.version.clone());
-        }
+        let resources = changed
+            .into_iter()
+            .map(|r| {
+                state.sent.insert(r.name.clone(), Some(r.version));
+                Resource {
+                    version: r.version_string(),
+                    resource: Some(r.any.clone()),
+                    name: r.name.to_string(),
+                    aliases: vec![],
+                }
+            })
+            .collect();
         state.answered = true;
         self.nonce += 1;
         let nonce = format!("{}-{}", snapshot.version, self.nonce);
@@ -238,7 +248,7 @@ impl Connection {
             nonce,
             removed_resources: removed,
         };
-        let sent = self.tx.send(Ok(resp)).await.is_ok();
+        let sent = self.tx.send(Box::new(resp)).await.is_ok();
         self.metrics.pushed(t);
         self.metrics
             .push_time

@@ -3,6 +3,47 @@
 //! the rest of the workspace uses.
 #![forbid(unsafe_code)]
 
+use std::marker::PhantomData;
+
+use tonic::codec::{BufferSettings, Codec};
+use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
+
+/// Protobuf over gRPC, as tonic's own codec, with 1 KiB starting buffers
+/// instead of 8 KiB. Each stream keeps one buffer per direction, grown to
+/// its largest message; xDS requests (ACKs) and most pushes are far
+/// smaller than 8 KiB, and pilot holds one stream per proxy.
+#[derive(Debug, Clone)]
+pub struct LeanCodec<T, U>(PhantomData<(T, U)>);
+
+impl<T, U> Default for LeanCodec<T, U> {
+    fn default() -> Self {
+        Self(PhantomData)
+    }
+}
+
+fn lean() -> BufferSettings {
+    BufferSettings::new(1024, 32 * 1024)
+}
+
+impl<T, U> Codec for LeanCodec<T, U>
+where
+    T: prost::Message + Send + 'static,
+    U: prost::Message + Default + Send + 'static,
+{
+    type Encode = T;
+    type Decode = U;
+    type Encoder = ProstEncoder<T>;
+    type Decoder = ProstDecoder<U>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        ProstCodec::<T, U>::raw_encoder(lean())
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        ProstCodec::<T, U>::raw_decoder(lean())
+    }
+}
+
 pub mod google {
     pub mod rpc {
         tonic::include_proto!("google.rpc");

@@ -194,6 +194,54 @@ async fn a_client_expecting_identity_b_refuses_a_sidecar_holding_a() {
     mesh.stop().await;
 }
 
+/// pilot serves a proxy's config only to the identity its workload runs
+/// as: the client's certificate asking for reviews' listener is refused,
+/// and the same stream under its own name is answered.
+#[tokio::test(flavor = "multi_thread")]
+async fn pilot_refuses_a_proxy_asking_for_another_workloads_config() {
+    use mesh_proto::core::Node;
+    use mesh_proto::discovery::DeltaDiscoveryRequest;
+    use mesh_proto::discovery::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+    let mesh = Mesh::start().await;
+    let creds = mesh.creds_for(&mesh.identity_of("client")).await;
+    let pilot_id = mesh_identity::SpiffeId::new("cluster.local", "mesh-system", "pilot");
+    let tls = mesh_identity::client_config(Some(&creds), creds.roots.clone(), pilot_id, &[b"h2"])
+        .unwrap();
+    let ask = async |node: &str| {
+        let mut ads = AggregatedDiscoveryServiceClient::new(mesh_identity::grpc::channel(
+            mesh.cp.pilot_addr,
+            tls.clone(),
+        ));
+        let first = DeltaDiscoveryRequest {
+            node: Some(Node {
+                id: node.to_string(),
+                ..Default::default()
+            }),
+            type_url: mesh_proto::type_url::LISTENER.to_string(),
+            ..Default::default()
+        };
+        let mut responses = ads
+            .delta_aggregated_resources(tokio_stream::iter([first]))
+            .await?
+            .into_inner();
+        responses.message().await
+    };
+    let err = ask("reviews-v1.default").await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    assert!(
+        err.message()
+            .contains("must present spiffe://cluster.local/ns/default/sa/bookinfo-reviews"),
+        "{err:?}"
+    );
+    let own = ask("client.default")
+        .await
+        .expect("its own config is served")
+        .expect("a response");
+    assert_eq!(own.type_url, mesh_proto::type_url::LISTENER);
+    assert_eq!(own.resources.len(), 1, "{own:?}");
+    mesh.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_peer_with_an_untrusted_certificate_is_refused() {
     let mesh = Mesh::start().await;
