@@ -72,6 +72,12 @@ fn directories(
             d
         }
     };
+    // `meshctl apply`, `delete` and `exec` find the running mesh from here.
+    let config_dir = std::path::absolute(&config_dir)?;
+    std::fs::write(
+        state_dir.join(crate::apply::CONFIG_POINTER),
+        config_dir.to_string_lossy().as_bytes(),
+    )?;
     Ok((temp, state_dir, config_dir))
 }
 
@@ -144,6 +150,7 @@ pub async fn run(opts: Options) -> anyhow::Result<bool> {
         Ok(()) => {
             println!("mesh ready in {:.2}s", started.elapsed().as_secs_f64());
             print_endpoints(&cp, &specs, &config_dir, &log_dir);
+            print_workflow(&state_dir);
             for (name, pid) in pods
                 .sidecar_pids()
                 .iter()
@@ -265,6 +272,15 @@ async fn send(cp: &ControlPlane, specs: &[WorkloadSpec], load: Load) -> anyhow::
     Ok(summary.failed == 0 && summary.ok > 0)
 }
 
+/// How to change the running mesh and run commands in it, Istio's task
+/// guides' `kubectl apply` and `kubectl exec` in local form.
+fn print_workflow(state_dir: &std::path::Path) {
+    println!(
+        "\nIstio's task guides on this mesh (in another shell):\n  export MESH_STATE_DIR={}\n  meshctl apply -f virtual-service-reviews-v3.yaml\n  meshctl exec sleep -- curl -s http://reviews:9080/reviews/0",
+        state_dir.display()
+    );
+}
+
 fn print_endpoints(
     cp: &ControlPlane,
     specs: &[WorkloadSpec],
@@ -379,6 +395,14 @@ fn transparent(opts: Options) -> anyhow::Result<bool> {
                 Ok(()) => {
                     println!("mesh ready in {:.2}s", started.elapsed().as_secs_f64());
                     let client = mesh.node.pod_namespace(CLIENT_WORKLOAD);
+                    let entered = if pods::rootless() {
+                        crate::workloads::PodNamespaces::rootless(std::process::id())
+                    } else {
+                        crate::workloads::PodNamespaces::default()
+                    };
+                    entered
+                        .with(mesh.specs.iter().map(|w| (w.name.clone(), mesh.node.pod_namespace(&w.name))))
+                        .save(&state_dir)?;
                     println!(
                         "\nproductpage, from the client pod (the app needs no proxy settings):"
                     );
@@ -400,6 +424,7 @@ fn transparent(opts: Options) -> anyhow::Result<bool> {
                         config_dir.display(),
                         mesh.logs.display()
                     );
+                    print_workflow(&state_dir);
                     if let Some(p) = &prometheus {
                         println!(
                             "Prometheus, in the node namespace:\n  {enter} ip netns exec {} curl -s 'http://{}/api/v1/query?query=istio_requests_total'",

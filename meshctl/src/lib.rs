@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod analyze;
+pub mod apply;
 pub mod authz;
 pub mod ca;
 pub mod controlplane;

@@ -157,6 +157,40 @@ enum Command {
         #[arg(long, env = "KUBECONFIG")]
         kubeconfig: Option<PathBuf>,
     },
+    /// Apply Istio resources to the running local mesh, as `kubectl apply`:
+    /// each replaces the resource of its kind, namespace and name.
+    Apply {
+        /// Files, directories or `-` (standard input).
+        #[arg(short = 'f', long = "filename", required = true)]
+        filename: Vec<PathBuf>,
+        /// The running mesh's state directory (`meshctl demo` prints it).
+        #[arg(long, env = "MESH_STATE_DIR")]
+        state_dir: Option<PathBuf>,
+    },
+    /// Delete the Istio resources a file names from the running local mesh.
+    Delete {
+        /// Files, directories or `-` (standard input).
+        #[arg(short = 'f', long = "filename", required = true)]
+        filename: Vec<PathBuf>,
+        /// Exit 0 even when a resource is not there.
+        #[arg(long)]
+        ignore_not_found: bool,
+        /// The running mesh's state directory (`meshctl demo` prints it).
+        #[arg(long, env = "MESH_STATE_DIR")]
+        state_dir: Option<PathBuf>,
+    },
+    /// Run a command as a workload of the running local mesh, behind its
+    /// sidecar: `meshctl exec sleep -- curl -s http://reviews:9080/reviews/0`.
+    Exec {
+        /// The workload (its WorkloadEntry's name), e.g. `sleep`.
+        workload: String,
+        /// The command and its arguments, after `--`.
+        #[arg(last = true, required = true)]
+        command: Vec<std::ffi::OsString>,
+        /// The running mesh's state directory (`meshctl demo` prints it).
+        #[arg(long, env = "MESH_STATE_DIR")]
+        state_dir: Option<PathBuf>,
+    },
     /// Load a pod's capture rules (used by `demo --transparent` in each pod).
     #[command(hide = true)]
     Capture(mesh_proxy::capture::CaptureConfig),
@@ -324,6 +358,44 @@ fn main() {
             mesh_proxy::cli::run_process(args).map_err(|e| anyhow::anyhow!("{e}"))
         }
         Command::KubeInject { filename, config } => kube_inject(&filename, config.into()),
+        Command::Apply {
+            filename,
+            state_dir,
+        } => state_dir_of(state_dir).and_then(|dir| {
+            let config = meshctl::apply::config_dir(&dir);
+            for line in meshctl::apply::apply(&config, &filename)? {
+                println!("{line}");
+            }
+            Ok(())
+        }),
+        Command::Delete {
+            filename,
+            ignore_not_found,
+            state_dir,
+        } => state_dir_of(state_dir).and_then(|dir| {
+            let config = meshctl::apply::config_dir(&dir);
+            let (lines, all_found) = meshctl::apply::delete(&config, &filename)?;
+            for line in lines {
+                if line.starts_with("Error") {
+                    eprintln!("{line}");
+                } else {
+                    println!("{line}");
+                }
+            }
+            if !all_found && !ignore_not_found {
+                std::process::exit(1);
+            }
+            Ok(())
+        }),
+        Command::Exec {
+            workload,
+            command,
+            state_dir,
+        } => state_dir_of(state_dir).and_then(|dir| {
+            let status = meshctl::workloads::exec(&dir, &workload, &command)?;
+            // The command's own exit status, as kubectl exec gives it.
+            std::process::exit(status.code().unwrap_or(1));
+        }),
         Command::Analyze { paths, output } => {
             let report = meshctl::analyze::analyze(&paths);
             match output {
@@ -354,6 +426,15 @@ fn main() {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
+}
+
+/// The running mesh's state directory, or an error saying where to find it.
+fn state_dir_of(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    given.ok_or_else(|| {
+        anyhow::anyhow!(
+            "--state-dir (or MESH_STATE_DIR) is needed: the run directory `meshctl demo` printed"
+        )
+    })
 }
 
 fn kube_inject(file: &Path, cfg: mesh_injector::Config) -> anyhow::Result<()> {
@@ -521,11 +602,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             ca_addr,
             state_dir,
         } => {
-            let Some(state_dir) = state_dir else {
-                anyhow::bail!(
-                    "--state-dir (or MESH_STATE_DIR) is needed: the directory `meshctl demo` printed"
-                );
-            };
+            let state_dir = state_dir_of(state_dir)?;
             let admin = meshctl::ca::Admin::local(ca_addr, &state_dir.join("citadel"))?;
             match command {
                 CaCommand::Status { output } => {
@@ -551,7 +628,12 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Authz { .. } | Command::Analyze { .. } | Command::KubeInject { .. } => {
+        Command::Authz { .. }
+        | Command::Analyze { .. }
+        | Command::KubeInject { .. }
+        | Command::Apply { .. }
+        | Command::Delete { .. }
+        | Command::Exec { .. } => {
             unreachable!("handled before the runtime starts")
         }
         Command::Install {

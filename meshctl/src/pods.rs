@@ -5,7 +5,7 @@
 //! deleted (processes by PID first) on drop.
 
 use std::net::Ipv4Addr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
 use anyhow::{Context, bail};
@@ -113,6 +113,10 @@ pub struct Node {
     /// pod's veth vanishes asynchronously and may still hold its name.
     links: usize,
     children: Vec<Child>,
+    /// What each pod's `/etc/hosts` says (see [`Node::set_hosts`]).
+    hosts: Option<String>,
+    /// `/etc/netns/<pod>` directories made, removed on drop.
+    etc: Vec<PathBuf>,
 }
 
 /// How old a namespace of ours with no process in it must be before it is
@@ -171,6 +175,8 @@ impl Node {
             pods: vec![],
             links: 0,
             children: vec![],
+            hosts: None,
+            etc: vec![],
         };
         node.add_node(0)?;
         Ok(node)
@@ -245,7 +251,31 @@ impl Node {
              ip -n {ns} link set eth0 up; ip -n {ns} link set lo up; \
              ip -n {ns} route add default via {gateway}"
         ))
-        .with_context(|| format!("creating pod {pod}"))
+        .with_context(|| format!("creating pod {pod}"))?;
+        self.write_hosts(&ns)
+    }
+
+    /// Names every pod made from now on resolves, as cluster DNS would:
+    /// written to `/etc/netns/<pod>/hosts`, which `ip netns exec` shows a
+    /// command in the pod as `/etc/hosts` (so `meshctl exec sleep -- curl
+    /// http://reviews:9080/` works). Only as root: a run without root
+    /// cannot write `/etc`, and its pods resolve nothing.
+    pub fn set_hosts(&mut self, hosts: String) {
+        self.hosts = Some(hosts);
+    }
+
+    fn write_hosts(&mut self, ns: &str) -> anyhow::Result<()> {
+        let Some(hosts) = &self.hosts else {
+            return Ok(());
+        };
+        if rootless() {
+            return Ok(());
+        }
+        let dir = Path::new("/etc/netns").join(ns);
+        self.etc.push(dir.clone());
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join("hosts"), hosts)
+            .with_context(|| format!("writing {}/hosts", dir.display()))
     }
 
     /// Deletes a pod's namespace (its veth goes with it).
@@ -295,6 +325,9 @@ impl Drop for Node {
         for ns in self.pods.drain(..).chain(nodes) {
             let _ = Command::new("ip").args(["netns", "del", &ns]).output();
         }
+        for dir in self.etc.drain(..) {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 
@@ -312,6 +345,28 @@ pub fn pod_config(text: &str) -> String {
     text.replace("127.0.10.6", "10.244.1.16")
         .replace("127.0.10.7", "10.244.1.17")
         .replace("127.0.10.", "10.244.0.1")
+}
+
+/// `/etc/hosts` for a pod: each service's first VIP under the names a pod
+/// in its namespace would resolve through cluster DNS (`reviews`,
+/// `reviews.default`, `reviews.default.svc`, the full name), or under its
+/// host alone for a host outside `.svc.cluster.local`.
+fn hosts_file(model: &mesh_pilot::model::Model) -> String {
+    let mut out = String::from("127.0.0.1 localhost\n::1 localhost\n");
+    for s in model.services.values() {
+        let Some(vip) = s.vips.first() else { continue };
+        match s.host.strip_suffix(".svc.cluster.local") {
+            Some(name_ns) => {
+                let short = name_ns.split('.').next().unwrap_or(name_ns);
+                out.push_str(&format!(
+                    "{vip} {short} {name_ns} {name_ns}.svc {}\n",
+                    s.host
+                ));
+            }
+            None => out.push_str(&format!("{vip} {}\n", s.host)),
+        }
+    }
+    out
 }
 
 /// A mesh whose workloads are pods with captured traffic. `exe` runs what
@@ -354,6 +409,7 @@ impl PodMesh {
                 ))
             })
             .collect();
+        node.set_hosts(hosts_file(&model));
         let cp = crate::controlplane::ControlPlane::start(
             state_dir,
             config_dir,

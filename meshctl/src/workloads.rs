@@ -404,3 +404,106 @@ pub async fn wait_ready(
     }
     Ok(())
 }
+
+/// How to run a command inside each pod of a `demo --transparent` mesh,
+/// recorded in its state directory for `meshctl exec`.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct PodNamespaces {
+    /// What enters the namespaces the pods' network namespaces live in
+    /// (empty when they are the host's).
+    pub enter: Vec<String>,
+    /// Network namespace (`ip netns`) by workload.
+    pub pods: std::collections::BTreeMap<String, String>,
+}
+
+impl PodNamespaces {
+    const FILE: &str = "pods.json";
+
+    /// Pods kept in the user, mount and network namespaces of process `pid`
+    /// (a demo run without root).
+    pub fn rootless(pid: u32) -> Self {
+        Self {
+            enter: [
+                "nsenter",
+                "--target",
+                &pid.to_string(),
+                "--user",
+                "--mount",
+                "--net",
+                "--preserve-credentials",
+            ]
+            .map(str::to_string)
+            .to_vec(),
+            pods: Default::default(),
+        }
+    }
+
+    pub fn with(mut self, pods: impl IntoIterator<Item = (String, String)>) -> Self {
+        self.pods.extend(pods);
+        self
+    }
+
+    pub fn save(&self, state_dir: &Path) -> anyhow::Result<()> {
+        std::fs::write(state_dir.join(Self::FILE), serde_json::to_vec_pretty(self)?)
+            .context("recording the pods for `meshctl exec`")
+    }
+
+    fn load(state_dir: &Path) -> Option<Self> {
+        serde_json::from_slice(&std::fs::read(state_dir.join(Self::FILE)).ok()?).ok()
+    }
+}
+
+/// Runs `argv` as `workload` of the mesh whose state directory is
+/// `state_dir`, behind its sidecar: in a `--transparent` demo, inside the
+/// workload's pod, where capture sends its traffic through the sidecar;
+/// otherwise with `http_proxy` naming the workload's outbound sidecar (the
+/// explicit mode), so `curl http://reviews:9080/` works as in a pod.
+pub fn exec(
+    state_dir: &Path,
+    workload: &str,
+    argv: &[std::ffi::OsString],
+) -> anyhow::Result<std::process::ExitStatus> {
+    let (program, args) = argv.split_first().context("no command given after --")?;
+    let mut cmd = if let Some(pods) = PodNamespaces::load(state_dir) {
+        let Some(ns) = pods.pods.get(workload) else {
+            anyhow::bail!(
+                "no pod {workload:?} in this mesh; its pods: {}",
+                pods.pods.keys().cloned().collect::<Vec<_>>().join(", ")
+            );
+        };
+        let mut words = pods
+            .enter
+            .iter()
+            .map(std::ffi::OsString::from)
+            .collect::<Vec<_>>();
+        words.extend(["ip", "netns", "exec", ns].map(std::ffi::OsString::from));
+        words.push(program.clone());
+        let mut cmd = std::process::Command::new(&words[0]);
+        cmd.args(&words[1..]).args(args);
+        cmd
+    } else {
+        let config = crate::apply::config_dir(state_dir);
+        let specs = from_config(&config)?;
+        let Some(spec) = specs.iter().find(|w| w.name == workload) else {
+            anyhow::bail!(
+                "no workload {workload:?} in {}; its workloads: {}",
+                config.display(),
+                specs
+                    .iter()
+                    .map(|w| w.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        };
+        let proxy = format!("http://{}", spec.outbound());
+        let mut cmd = std::process::Command::new(program);
+        cmd.args(args)
+            .env("http_proxy", &proxy)
+            .env("HTTP_PROXY", &proxy)
+            .env_remove("no_proxy")
+            .env_remove("NO_PROXY");
+        cmd
+    };
+    cmd.status()
+        .with_context(|| format!("running {}", program.to_string_lossy()))
+}

@@ -169,7 +169,7 @@ async fn the_root_rotates_under_load_with_no_request_failed() {
         .collect();
     assert_eq!(steps, ["prepare", "switch", "commit"], "{said:?}");
 
-    // One root now, a new one, and every watcher (7 sidecars and pilot)
+    // One root now, a new one, and every watcher (each sidecar and pilot)
     // holds a certificate from it.
     assert_eq!(status.phase, "steady");
     assert_eq!(status.roots.len(), 1);
