@@ -335,14 +335,30 @@ fn route_config(model: &Model, svc: &Service, port: &ServicePort) -> pb::RouteCo
                 });
                 cluster_name(dest_port, dest.subset.as_deref(), &dest.host)
             };
-            r.http
-                .iter()
-                .enumerate()
-                .map(|(i, h)| {
-                    let name = h.name.clone().unwrap_or_else(|| format!("route-{i}"));
-                    crate::vs::to_wire(name, h, &cluster_of)
-                })
-                .collect()
+            if protocol(port) == pb::Protocol::Tcp {
+                // An opaque port: the tcp routes, else the service itself.
+                let mut routes: Vec<pb::HttpRoute> = r
+                    .tcp
+                    .iter()
+                    .enumerate()
+                    .map(|(i, t)| crate::vs::tcp_to_wire(format!("tcp-{i}"), t, &cluster_of))
+                    .collect();
+                routes.push(crate::vs::default_route(cluster_name(
+                    port.number,
+                    None,
+                    &svc.host,
+                )));
+                routes
+            } else {
+                r.http
+                    .iter()
+                    .enumerate()
+                    .map(|(i, h)| {
+                        let name = h.name.clone().unwrap_or_else(|| format!("route-{i}"));
+                        crate::vs::to_wire(name, h, &cluster_of)
+                    })
+                    .collect()
+            }
         }
     };
     let mut domains = domains(&svc.host);

@@ -73,11 +73,47 @@ pub struct VirtualService {
     pub export_to: Vec<String>,
     #[serde(default)]
     pub http: Vec<HttpRoute>,
-    /// TCP and TLS routes are parsed loosely and reported as unsupported.
     #[serde(default)]
-    pub tcp: Vec<serde_json::Value>,
+    pub tcp: Vec<TcpRoute>,
+    /// TLS routes are parsed loosely and reported as unsupported.
     #[serde(default)]
     pub tls: Vec<serde_json::Value>,
+}
+
+/// A VirtualService's route for opaque TCP: the first whose match holds
+/// takes the connection, to one of its destinations by weight.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TcpRoute {
+    #[serde(default, rename = "match")]
+    pub matches: Vec<L4Match>,
+    #[serde(default)]
+    pub route: Vec<RouteDestination>,
+}
+
+/// Istio's L4MatchAttributes.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct L4Match {
+    #[serde(default)]
+    pub destination_subnets: Vec<String>,
+    #[serde(default)]
+    pub port: Option<u32>,
+    #[serde(default)]
+    pub source_labels: Labels,
+    #[serde(default)]
+    pub gateways: Vec<String>,
+    #[serde(default)]
+    pub source_namespace: Option<String>,
+}
+
+/// A weighted destination of a TCP (or TLS) route.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RouteDestination {
+    pub destination: Destination,
+    #[serde(default)]
+    pub weight: Option<u32>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]

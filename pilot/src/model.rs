@@ -114,6 +114,8 @@ impl Workload {
 pub struct Routes {
     pub namespace: String,
     pub http: Vec<HttpRoute>,
+    /// For the service's opaque TCP ports.
+    pub tcp: Vec<crate::istio::TcpRoute>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -1158,11 +1160,19 @@ impl Model {
         if !vs.gateways.is_empty() && !vs.gateways.iter().any(|g| g == "mesh") {
             return;
         }
-        for (kind, list) in [("tcp", &vs.tcp), ("tls", &vs.tls)] {
-            if !list.is_empty() {
-                errors.push(format!(
-                    "{ctx}: spec.{kind}: {kind} routes are not supported yet; use http routes, or a ServiceEntry port with protocol TCP"
-                ));
+        if !vs.tls.is_empty() {
+            errors.push(format!(
+                "{ctx}: spec.tls: tls routes are not supported yet; use tcp routes (by port) for TLS the apps originate"
+            ));
+        }
+        let mut tcp = vs.tcp.clone();
+        for (i, route) in tcp.iter_mut().enumerate() {
+            let field = format!("spec.tcp[{i}]");
+            crate::vs::check_tcp(&format!("{ctx}: {field}"), route, errors);
+            for (j, d) in route.route.iter_mut().enumerate() {
+                d.destination.host = fqdn(&d.destination.host, &meta.namespace);
+                let where_ = format!("{field}.route[{j}].destination");
+                self.check_destination(&ctx, &where_, &d.destination, errors);
             }
         }
         let mut http = vs.http.clone();
@@ -1201,6 +1211,7 @@ impl Model {
             self.routes.entry(host).or_insert_with(|| Routes {
                 namespace: meta.namespace.clone(),
                 http: http.clone(),
+                tcp: tcp.clone(),
             });
         }
     }

@@ -430,6 +430,66 @@ fn retries(r: &HttpRoute) -> Option<pb::RetryPolicy> {
 
 /// One checked route in the proxies' form. `cluster_of` names the cluster a
 /// destination resolves to.
+/// Checks one TCP route: a destination, weights adding up to 100 when
+/// there are several, and matches on what a sidecar can see of a
+/// connection (port, source labels and namespace).
+pub fn check_tcp(at: &str, r: &crate::istio::TcpRoute, errors: &mut Vec<String>) {
+    let mut err = |field: &str, what: String| errors.push(format!("{at}{field}: {what}"));
+    if r.route.is_empty() {
+        err(".route", "needs at least one destination".to_string());
+    }
+    let weights: u32 = r.route.iter().map(|d| d.weight.unwrap_or(0)).sum();
+    if r.route.len() > 1 && weights != 100 {
+        err(".route", format!("weights add up to {weights}, not 100"));
+    }
+    for (i, m) in r.matches.iter().enumerate() {
+        if !m.destination_subnets.is_empty() {
+            err(
+                &format!(".match[{i}].destinationSubnets"),
+                "is not supported yet; match on port instead".to_string(),
+            );
+        }
+        if m.gateways.iter().any(|g| g != "mesh") {
+            err(
+                &format!(".match[{i}].gateways"),
+                "only `mesh` (the sidecars) is supported".to_string(),
+            );
+        }
+    }
+}
+
+/// A TCP route in wire form: an HTTP route whose matches carry only the
+/// port and the source, and whose destinations are weighted clusters.
+pub fn tcp_to_wire(
+    name: String,
+    r: &crate::istio::TcpRoute,
+    cluster_of: &dyn Fn(&Destination) -> String,
+) -> pb::HttpRoute {
+    pb::HttpRoute {
+        name,
+        matches: r
+            .matches
+            .iter()
+            .map(|m| pb::HttpMatch {
+                port: m.port.unwrap_or(0),
+                source_labels: m.source_labels.clone().into_iter().collect(),
+                source_namespace: m.source_namespace.clone().unwrap_or_default(),
+                ..Default::default()
+            })
+            .collect(),
+        clusters: r
+            .route
+            .iter()
+            .map(|d| pb::WeightedCluster {
+                cluster: cluster_of(&d.destination),
+                weight: d.weight.unwrap_or(if r.route.len() == 1 { 100 } else { 0 }),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
 pub fn to_wire(
     name: String,
     r: &HttpRoute,
@@ -676,5 +736,43 @@ fault:
         let a = f.abort.unwrap();
         assert!(a.grpc);
         assert_eq!((a.grpc_status, a.percentage), (14, 100.0));
+    }
+
+    #[test]
+    fn tcp_routes_are_checked_and_carry_port_source_and_weights() {
+        let tcp = |yaml: &str| -> crate::istio::TcpRoute { serde_saphyr::from_str(yaml).unwrap() };
+        let mut e = Vec::new();
+        check_tcp(
+            "vs: spec.tcp[0]",
+            &tcp(
+                "match: [{destinationSubnets: [10.0.0.0/8], gateways: [ingress]}]\nroute:\n- {destination: {host: a}, weight: 70}\n- {destination: {host: b}, weight: 20}",
+            ),
+            &mut e,
+        );
+        let all = e.join("\n");
+        for want in [
+            "spec.tcp[0].route: weights add up to 90, not 100",
+            "spec.tcp[0].match[0].destinationSubnets: is not supported yet",
+            "spec.tcp[0].match[0].gateways: only `mesh`",
+        ] {
+            assert!(all.contains(want), "missing {want:?} in:\n{all}");
+        }
+        assert!(
+            serde_saphyr::from_str::<crate::istio::TcpRoute>("route: []\ntimeout: 1s").is_err()
+        );
+        let wire = tcp_to_wire(
+            "tcp-0".into(),
+            &tcp(
+                "match: [{port: 9000, sourceLabels: {app: sleep}, sourceNamespace: default}]\nroute: [{destination: {host: a}}]",
+            ),
+            &|d| d.host.clone(),
+        );
+        assert_eq!(wire.matches[0].port, 9000);
+        assert_eq!(wire.matches[0].source_labels["app"], "sleep");
+        assert_eq!(wire.matches[0].source_namespace, "default");
+        assert_eq!(
+            (wire.clusters[0].cluster.as_str(), wire.clusters[0].weight),
+            ("a", 100)
+        );
     }
 }

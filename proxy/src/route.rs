@@ -579,6 +579,13 @@ impl Route {
         self.matches.iter().find(|m| m.matches(req)).map(Some)
     }
 
+    /// Whether this route takes a TCP connection to `port`: TCP routes
+    /// match on the port and the source only, and the source was settled
+    /// when the route was compiled.
+    pub fn takes_port(&self, port: u32) -> bool {
+        self.matches.is_empty() || self.matches.iter().any(|m| m.port == 0 || m.port == port)
+    }
+
     /// A weighted random pick among the destinations.
     pub fn pick(&self) -> Option<&Dest> {
         if self.dests.len() <= 1 || self.total_weight == 0 {
@@ -634,6 +641,11 @@ impl RouteTable {
                 .map_err(|e| format!("{}: {e}", rc.name))?,
             config: rc.clone(),
         })
+    }
+
+    /// The first route that takes a TCP connection to `port`.
+    pub fn select_tcp(&self, port: u32) -> Option<&Route> {
+        self.routes.iter().find(|r| r.takes_port(port))
     }
 
     /// The first route that matches, and the match that did.

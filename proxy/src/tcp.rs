@@ -27,8 +27,17 @@ use crate::pool::Body;
 use crate::state::Cluster;
 use crate::wire::{self, local_reply};
 
-/// Carries one captured connection to a TCP service's endpoint.
-pub async fn outbound(shared: Arc<Shared>, mut client: TcpStream, cluster: Arc<Cluster>) {
+/// Carries one captured connection to a TCP service's endpoint: of the
+/// cluster the service port's TCP routes choose, else of `service`.
+pub async fn outbound(shared: Arc<Shared>, mut client: TcpStream, service: Arc<Cluster>) {
+    let cluster = match routed(&shared, &service) {
+        Ok(c) => c,
+        Err(missing) => {
+            tracing::warn!(cluster = %missing, "TCP route to a cluster this sidecar does not have: closing the connection");
+            count_failed(&shared, &service, None, "NR");
+            return;
+        }
+    };
     let name = &cluster.config.name;
     let Some(ep) = cluster.pick(None).cloned() else {
         tracing::warn!(cluster = %name, "no endpoints: closing the TCP connection");
@@ -90,6 +99,32 @@ pub async fn outbound(shared: Arc<Shared>, mut client: TcpStream, cluster: Arc<C
         }
         Err(e) => tracing::warn!(%target, error = %e, "TCP tunnel upgrade failed"),
     }
+}
+
+/// The cluster a connection to `service`'s port goes to: a destination,
+/// by weight, of the first of the port's TCP routes that takes it (routes
+/// pilot sends as the port's route config); `service` itself without one.
+/// `Err` names a cluster the route chose that this sidecar does not have.
+fn routed(shared: &Shared, service: &Arc<Cluster>) -> Result<Arc<Cluster>, String> {
+    let snapshot = shared.snapshot.borrow();
+    let port = service.config.port;
+    let name = format!("{}:{port}", service.config.service);
+    let Some(dest) = snapshot
+        .routes
+        .get(&name)
+        .and_then(|t| t.select_tcp(port))
+        .and_then(|r| r.pick())
+    else {
+        return Ok(service.clone());
+    };
+    if dest.cluster == service.config.name {
+        return Ok(service.clone());
+    }
+    snapshot
+        .clusters
+        .get(&dest.cluster)
+        .cloned()
+        .ok_or_else(|| dest.cluster.clone())
 }
 
 /// Carries a connection to an endpoint's own address: plaintext to one

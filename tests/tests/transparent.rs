@@ -201,13 +201,35 @@ async fn an_app_may_call_a_service_by_its_vip() {
 
 /// A TCP service that speaks first (like SMTP or MySQL), then echoes.
 async fn greeting_echo_server(addr: SocketAddr) {
+    greeting_server(addr, b"220 hello from echo\n").await;
+}
+
+/// An app's connection through `pod`'s captured sidecar, and the first
+/// `len` bytes the server sends on it, if they come within `wait`.
+async fn first_bytes(
+    pod: IpAddr,
+    len: usize,
+    wait: Duration,
+) -> (tokio::net::TcpStream, Option<Vec<u8>>) {
+    use tokio::io::AsyncReadExt;
+    let mut tcp = tokio::net::TcpStream::connect(SocketAddr::new(pod, 15001))
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; len];
+    let read = tokio::time::timeout(wait, tcp.read_exact(&mut buf)).await;
+    let got = matches!(read, Ok(Ok(_))).then_some(buf);
+    (tcp, got)
+}
+
+/// A TCP server that sends `greeting` first, then echoes.
+async fn greeting_server(addr: SocketAddr, greeting: &'static [u8]) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
     tokio::spawn(async move {
         loop {
             let (mut tcp, _) = listener.accept().await.unwrap();
             tokio::spawn(async move {
-                tcp.write_all(b"220 hello from echo\n").await.unwrap();
+                tcp.write_all(greeting).await.unwrap();
                 let mut buf = [0u8; 1024];
                 while let Ok(n) = tcp.read(&mut buf).await {
                     if n == 0 || tcp.write_all(&buf[..n]).await.is_err() {
@@ -233,7 +255,6 @@ spec:
 /// captured sidecar for the client on 127.A.B.`octet`, and returns the
 /// pod and an app connection through it that has heard the greeting.
 async fn echo_tunnel(mesh: &Mesh, octet: u8) -> (IpAddr, tokio::net::TcpStream) {
-    use tokio::io::AsyncReadExt;
     let ratings = mesh.workload("ratings-v1").address;
     greeting_echo_server(SocketAddr::new(ratings, 7000)).await;
     mesh.write_config("echo.yaml", ECHO_SERVICE);
@@ -248,13 +269,8 @@ async fn echo_tunnel(mesh: &Mesh, octet: u8) -> (IpAddr, tokio::net::TcpStream) 
     // The app connects and, without sending anything, hears the server first.
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let mut tcp = tokio::net::TcpStream::connect(SocketAddr::new(pod, 15001))
-            .await
-            .unwrap();
-        let mut greeting = [0u8; 20];
-        let read =
-            tokio::time::timeout(Duration::from_secs(1), tcp.read_exact(&mut greeting)).await;
-        if matches!(read, Ok(Ok(_))) {
+        let (tcp, greeting) = first_bytes(pod, 20, Duration::from_secs(1)).await;
+        if let Some(greeting) = greeting {
             assert_eq!(&greeting, b"220 hello from echo\n");
             return (pod, tcp);
         }
@@ -317,5 +333,109 @@ spec:
     );
     drop(again);
     drop(tcp);
+    mesh.stop().await;
+}
+
+/// Istio's TCP traffic-shifting task: a VirtualService's tcp route splits
+/// connections to tcp-echo's port 9000 80/20 between subsets v1 and v3
+/// (none to v2), then moves them all to v2.
+#[tokio::test(flavor = "multi_thread")]
+async fn tcp_routes_shift_connections_between_subsets_by_weight() {
+    let mesh = Mesh::start().await;
+    for (w, greeting) in [
+        ("reviews-v1", b"one\n" as &'static [u8]),
+        ("reviews-v2", b"two\n"),
+        ("reviews-v3", b"six\n"),
+    ] {
+        greeting_server(SocketAddr::new(mesh.workload(w).address, 9000), greeting).await;
+    }
+    let service = "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: tcp-echo, namespace: default}
+spec:
+  hosts: [tcp-echo.default.svc.cluster.local]
+  addresses: [240.240.1.2]
+  ports: [{number: 9000, name: tcp, protocol: TCP}]
+  workloadSelector: {labels: {app: reviews}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: tcp-echo, namespace: default}
+spec:
+  host: tcp-echo
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+  - {name: v3, labels: {version: v3}}
+";
+    let routes = |v1: u32, v2: u32, v3: u32| {
+        format!(
+            "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: tcp-echo, namespace: default}}
+spec:
+  hosts: [tcp-echo]
+  tcp:
+  - match:
+    - port: 9000
+    route:
+    - {{destination: {{host: tcp-echo, port: {{number: 9000}}, subset: v1}}, weight: {v1}}}
+    - {{destination: {{host: tcp-echo, port: {{number: 9000}}, subset: v2}}, weight: {v2}}}
+    - {{destination: {{host: tcp-echo, port: {{number: 9000}}, subset: v3}}, weight: {v3}}}
+"
+        )
+    };
+    mesh.write_config(
+        "tcp-echo.yaml",
+        &format!("{service}---\n{}", routes(80, 0, 20)),
+    );
+    let block = match mesh.workload("client").address {
+        IpAddr::V4(v4) => v4.octets(),
+        _ => unreachable!(),
+    };
+    let pod = IpAddr::from([block[0], block[1], block[2], 103]);
+    let dst = Arc::new(Mutex::new(Some("240.240.1.2:9000".parse().unwrap())));
+    mesh.captured_sidecar(pod, OutboundPolicy::RegistryOnly, dst)
+        .await;
+    // Which version greets one new connection (None: none did).
+    let greeted_by = async || {
+        let greeting = first_bytes(pod, 4, Duration::from_secs(2)).await.1?;
+        Some(String::from_utf8_lossy(&greeting[..3]).into_owned())
+    };
+    let tally = async |n: usize| {
+        let mut seen = std::collections::BTreeMap::<String, usize>::new();
+        for _ in 0..n {
+            let who = greeted_by().await.unwrap_or_else(|| "none".into());
+            *seen.entry(who).or_default() += 1;
+        }
+        seen
+    };
+    // The route reaches the captured sidecar: v3 shows up.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while greeted_by().await.as_deref() != Some("six") {
+        assert!(Instant::now() < deadline, "the tcp route never took effect");
+    }
+    let seen = tally(200).await;
+    let (one, six) = (
+        seen.get("one").copied().unwrap_or(0),
+        seen.get("six").copied().unwrap_or(0),
+    );
+    assert_eq!(one + six, 200, "{seen:?}");
+    // 80/20 of 200: 160 +- 5.7 (one standard deviation); 5 sigma either way.
+    assert!((130..=190).contains(&one), "{seen:?}");
+
+    mesh.write_config(
+        "tcp-echo.yaml",
+        &format!("{service}---\n{}", routes(0, 100, 0)),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while greeted_by().await.as_deref() != Some("two") {
+        assert!(
+            Instant::now() < deadline,
+            "the new weights never took effect"
+        );
+    }
+    let seen = tally(50).await;
+    assert_eq!(seen.get("two"), Some(&50), "{seen:?}");
     mesh.stop().await;
 }
