@@ -28,6 +28,20 @@ impl Running {
     }
 }
 
+/// A pilot replica beside the control plane's own (see
+/// [`ControlPlane::start_replica`]).
+pub struct Replica {
+    pub pilot: Arc<Pilot>,
+    _watcher: mesh_pilot::DirWatcher,
+    running: Running,
+}
+
+impl Replica {
+    pub async fn stop(self) {
+        self.running.stop().await;
+    }
+}
+
 pub struct ControlPlane {
     pub citadel: Arc<Citadel>,
     pub ca_addr: SocketAddr,
@@ -89,6 +103,34 @@ impl ControlPlane {
     /// Starts a fresh pilot (no state carried over, as after a crash).
     pub async fn start_pilot(&mut self) -> anyhow::Result<()> {
         anyhow::ensure!(self.pilot.is_none(), "pilot is already running");
+        let launched = self
+            .launch_pilot(self.pilot_addr, self.pilot_debug_addr)
+            .await?;
+        self.pilot = Some(launched);
+        Ok(())
+    }
+
+    /// Starts another pilot replica on `xds` (its monitoring port on
+    /// `debug`) over the same config, with its own certificate: proxies
+    /// told of both fail over to it.
+    pub async fn start_replica(
+        &self,
+        xds: SocketAddr,
+        debug: SocketAddr,
+    ) -> anyhow::Result<Replica> {
+        let (pilot, watcher, running) = self.launch_pilot(xds, debug).await?;
+        Ok(Replica {
+            pilot,
+            _watcher: watcher,
+            running,
+        })
+    }
+
+    async fn launch_pilot(
+        &self,
+        xds: SocketAddr,
+        debug: SocketAddr,
+    ) -> anyhow::Result<(Arc<Pilot>, mesh_pilot::DirWatcher, Running)> {
         let pilot = Pilot::new(mesh_pilot::Config::new(&self.config_dir));
         // One process, one monitoring port: citadel's metrics beside pilot's.
         let citadel = self.citadel.clone();
@@ -105,17 +147,12 @@ impl ControlPlane {
             .await
             .context("pilot's certificate")?;
         let watcher = pilot.watch().context("watching the config directory")?;
-        let listener = tokio::net::TcpListener::bind(self.pilot_addr)
+        let listener = tokio::net::TcpListener::bind(xds)
             .await
-            .with_context(|| format!("pilot cannot listen on {}", self.pilot_addr))?;
-        let debug = tokio::net::TcpListener::bind(self.pilot_debug_addr)
+            .with_context(|| format!("pilot cannot listen on {xds}"))?;
+        let debug = tokio::net::TcpListener::bind(debug)
             .await
-            .with_context(|| {
-                format!(
-                    "pilot's debug server cannot listen on {}",
-                    self.pilot_debug_addr
-                )
-            })?;
+            .with_context(|| format!("pilot's debug server cannot listen on {debug}"))?;
         let (stop, stopped) = oneshot::channel();
         let p = pilot.clone();
         let task = tokio::spawn(async move {
@@ -136,8 +173,7 @@ impl ControlPlane {
             let _ = debug_stop.send(());
             let _ = debug_task.await;
         });
-        self.pilot = Some((pilot, watcher, Running { stop, task }));
-        Ok(())
+        Ok((pilot, watcher, Running { stop, task }))
     }
 
     /// Stops pilot; proxies keep serving their last config and reconnect.

@@ -141,7 +141,7 @@ fn proxy_args(cp: &ControlPlane, w: &WorkloadSpec, token_file: PathBuf) -> Proxy
         service_account: w.service_account.clone(),
         trust_domain: cp.citadel.trust_domain().to_string(),
         pod_ip: w.address,
-        pilot_addr: cp.pilot_addr,
+        pilot_addr: cp.pilot_addr.into(),
         ca_addr: cp.ca_addr,
         ca_root_file: cp.root_file.clone(),
         token_file,

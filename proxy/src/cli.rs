@@ -24,9 +24,11 @@ pub struct ProxyArgs {
     #[arg(long, env = "MESH_POD_IP")]
     pub pod_ip: IpAddr,
     /// pilot: `ip:port` or `host:port` (looked up once, at start: a
-    /// Kubernetes Service's cluster IP does not move).
-    #[arg(long, env = "PILOT_ADDR", default_value = "127.0.0.1:15012", value_parser = resolve)]
-    pub pilot_addr: SocketAddr,
+    /// Kubernetes Service's cluster IP does not move), or several,
+    /// comma-separated, for pilot replicas; every address a name resolves
+    /// to is a replica (a headless Service).
+    #[arg(long, env = "PILOT_ADDR", default_value = "127.0.0.1:15012", value_parser = resolve_all)]
+    pub pilot_addr: Replicas,
     /// citadel: `ip:port` or `host:port`, looked up as pilot's is.
     #[arg(long, env = "CA_ADDR", default_value = "127.0.0.1:15011", value_parser = resolve)]
     pub ca_addr: SocketAddr,
@@ -101,6 +103,49 @@ fn parse_probers(s: &str) -> Result<mesh_proto::probers::Probers, String> {
     serde_json::from_str(s).map_err(|e| format!("not the injector's probe JSON: {e}"))
 }
 
+/// Addresses of pilot's replicas, in the order to try them.
+#[derive(Clone, Debug)]
+pub struct Replicas(pub Vec<SocketAddr>);
+
+impl From<SocketAddr> for Replicas {
+    fn from(a: SocketAddr) -> Self {
+        Self(vec![a])
+    }
+}
+
+/// As `--pilot-addr` takes them: comma-separated.
+impl std::fmt::Display for Replicas {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let all: Vec<String> = self.0.iter().map(ToString::to_string).collect();
+        f.write_str(&all.join(","))
+    }
+}
+
+/// Comma-separated addresses or names, each name standing for every
+/// address it resolves to.
+fn resolve_all(s: &str) -> Result<Replicas, String> {
+    let mut all = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        if let Ok(addr) = part.parse() {
+            all.push(addr);
+            continue;
+        }
+        use std::net::ToSocketAddrs;
+        let found: Vec<SocketAddr> = part
+            .to_socket_addrs()
+            .map_err(|e| format!("{part} is not ip:port, and looking it up failed: {e}"))?
+            .collect();
+        if found.is_empty() {
+            return Err(format!("{part} resolves to no address"));
+        }
+        all.extend(found);
+    }
+    if all.is_empty() {
+        return Err("no pilot address given".into());
+    }
+    Ok(Replicas(all))
+}
+
 /// A socket address, or a name and port looked up through the system's
 /// resolver (the first address it gives).
 fn resolve(s: &str) -> Result<SocketAddr, String> {
@@ -137,7 +182,8 @@ impl ProxyArgs {
             proxy_id: format!("{}.{}", self.workload, self.namespace),
             identity: SpiffeId::new(&self.trust_domain, &self.namespace, &self.service_account),
             pod_ip: self.pod_ip,
-            pilot_addr: self.pilot_addr,
+            pilot_addr: self.pilot_addr.0[0],
+            pilot_replicas: self.pilot_addr.0[1..].to_vec(),
             ca_addr: self.ca_addr,
             ca_token: read(&self.token_file, "--token-file")?.trim().to_string(),
             roots_pem: read(&self.ca_root_file, "--ca-root-file")?,
@@ -237,6 +283,18 @@ mod tests {
         let err = super::resolve("no-such-host.invalid:15012").unwrap_err();
         assert!(
             err.starts_with("no-such-host.invalid:15012 is not ip:port"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn pilot_replicas_are_listed_with_commas() {
+        let r = super::resolve_all("10.0.0.7:15012, 10.0.0.8:15012").unwrap();
+        assert_eq!(r.to_string(), "10.0.0.7:15012,10.0.0.8:15012");
+        assert!(super::resolve_all(" , ").is_err());
+        let err = super::resolve_all("10.0.0.7:15012,no-such-host.invalid:1").unwrap_err();
+        assert!(
+            err.starts_with("no-such-host.invalid:1 is not ip:port"),
             "{err}"
         );
     }

@@ -15,6 +15,10 @@ pub struct Config {
     /// The pod's address: every listener binds here, the app is reached here.
     pub pod_ip: IpAddr,
     pub pilot_addr: SocketAddr,
+    /// Other pilot replicas: when the stream to one fails or ends, the
+    /// proxy goes on to the next (pilot's state is all in its config, so
+    /// any replica serves the same resources, at the same versions).
+    pub pilot_replicas: Vec<SocketAddr>,
     pub ca_addr: SocketAddr,
     /// Token granting `identity` at citadel.
     pub ca_token: String,
@@ -98,6 +102,7 @@ impl Config {
             identity,
             pod_ip,
             pilot_addr,
+            pilot_replicas: vec![],
             ca_addr,
             ca_token: String::new(),
             roots_pem: String::new(),

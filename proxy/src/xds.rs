@@ -26,6 +26,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct XdsStatus {
     pub connected: bool,
+    /// The pilot replica connected to, or last tried.
+    pub pilot: String,
     /// pilot's snapshot version of the last accepted response.
     pub version: String,
     /// Why the last rejected response was rejected, until a response of
@@ -62,33 +64,45 @@ impl Client {
     }
 
     pub async fn run(mut self, mut tls: watch::Receiver<Option<Arc<Tls>>>) {
+        let replicas: Vec<std::net::SocketAddr> = std::iter::once(self.cfg.pilot_addr)
+            .chain(self.cfg.pilot_replicas.iter().copied())
+            .collect();
         let mut backoff = MIN_BACKOFF;
-        loop {
+        // Each failure moves on to the next replica; backing off only
+        // after every one has been tried.
+        for (attempt, pilot) in replicas.iter().copied().cycle().enumerate() {
             let current = match tls.wait_for(Option::is_some).await {
                 Ok(t) => t.clone().expect("waited for Some"),
                 Err(_) => return,
             };
-            match self.session(&current).await {
+            self.status_tx.send_modify(|s| s.pilot = pilot.to_string());
+            match self.session(&current, pilot).await {
                 Ok(()) => backoff = MIN_BACKOFF,
                 Err(e) => {
-                    tracing::warn!(error = %e, retry_in = ?backoff, "xDS stream to pilot failed; serving the last good config")
+                    tracing::warn!(%pilot, error = %e, retry_in = ?backoff, "xDS stream to pilot failed; serving the last good config")
                 }
             }
             self.status_tx.send_modify(|s| s.connected = false);
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(MAX_BACKOFF);
+            let wait = if (attempt + 1) % replicas.len() == 0 {
+                let wait = backoff;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                wait
+            } else {
+                MIN_BACKOFF
+            };
+            tokio::time::sleep(wait).await;
         }
     }
 
-    async fn session(&mut self, tls: &Tls) -> Result<(), tonic::Status> {
+    async fn session(
+        &mut self,
+        tls: &Tls,
+        pilot: std::net::SocketAddr,
+    ) -> Result<(), tonic::Status> {
         let client_cfg = tls
             .client_for(&self.cfg.pilot_identity())
             .map_err(|e| tonic::Status::internal(e.to_string()))?;
-        let channel = mesh_identity::grpc::channel_marked(
-            self.cfg.pilot_addr,
-            client_cfg,
-            self.cfg.socket_mark,
-        );
+        let channel = mesh_identity::grpc::channel_marked(pilot, client_cfg, self.cfg.socket_mark);
         let (tx, rx) = mpsc::channel(16);
         for (i, t) in type_url::ALL.iter().enumerate() {
             let req = DeltaDiscoveryRequest {
@@ -108,7 +122,7 @@ impl Client {
             .await?
             .into_inner();
         self.status_tx.send_modify(|s| s.connected = true);
-        tracing::info!(pilot = %self.cfg.pilot_addr, "connected to pilot");
+        tracing::info!(%pilot, "connected to pilot");
         while let Some(resp) = stream.message().await? {
             let mut ack = DeltaDiscoveryRequest {
                 type_url: resp.type_url.clone(),

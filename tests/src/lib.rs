@@ -99,11 +99,23 @@ impl Mesh {
         policy: mesh_proxy::OutboundPolicy,
         dst: Arc<Mutex<Option<SocketAddr>>>,
     ) {
+        self.client_sidecar(ip, dst, |cfg| cfg.outbound_policy = policy)
+            .await;
+    }
+
+    /// Starts another sidecar for the client's identity on `ip`, its
+    /// config as `edit` leaves it, and waits until it is ready. Its
+    /// captured connections' original destination is what `dst` holds.
+    pub async fn client_sidecar(
+        &self,
+        ip: IpAddr,
+        dst: Arc<Mutex<Option<SocketAddr>>>,
+        edit: impl FnOnce(&mut mesh_proxy::Config),
+    ) {
         let identity = self.identity_of("client");
-        let cfg = mesh_proxy::Config {
+        let mut cfg = mesh_proxy::Config {
             ca_token: self.cp.token_for(&identity),
             roots_pem: self.cp.citadel.roots_pem().to_string(),
-            outbound_policy: policy,
             ..mesh_proxy::Config::new(
                 format!("captured-{ip}.default"),
                 identity,
@@ -112,6 +124,7 @@ impl Mesh {
                 self.cp.ca_addr,
             )
         };
+        edit(&mut cfg);
         tokio::spawn(mesh_proxy::run_with_sockets(
             cfg,
             Box::new(Redirected(dst)),

@@ -345,6 +345,95 @@ async fn editing_the_virtualservice_takes_effect_within_a_second_under_load() {
     mesh.stop().await;
 }
 
+/// Two pilots serve the mesh. A proxy told of both keeps its config when
+/// the one it is connected to stops, reconnects to the other, and takes
+/// the next change from it: no state lived only in the first.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_proxy_fails_over_to_another_pilot_replica() {
+    let mut mesh = Mesh::start().await;
+    let ip = mesh.cp.pilot_addr.ip();
+    let replica_addr = std::net::SocketAddr::new(ip, 15112);
+    let replica = mesh
+        .cp
+        .start_replica(replica_addr, std::net::SocketAddr::new(ip, 15114))
+        .await
+        .expect("a second pilot starts");
+    let std::net::IpAddr::V4(client) = mesh.workload("client").address else {
+        unreachable!("the mesh runs on IPv4 loopback")
+    };
+    let [a, b, c, _] = client.octets();
+    let pod = std::net::IpAddr::from([a, b, c, 104]);
+    mesh.client_sidecar(pod, Arc::default(), |cfg| {
+        cfg.pilot_replicas = vec![replica_addr];
+    })
+    .await;
+    let http = reqwest::Client::builder()
+        .proxy(reqwest::Proxy::http(format!("http://{pod}:15001")).unwrap())
+        .build()
+        .unwrap();
+    let ratings = async || {
+        http.get("http://ratings:9080/ratings/0")
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+    };
+    let xds = async || -> serde_json::Value {
+        reqwest::get(format!("http://{pod}:15000/config_dump"))
+            .await
+            .unwrap()
+            .json::<serde_json::Value>()
+            .await
+            .unwrap()["xds"]
+            .clone()
+    };
+    assert_eq!(ratings().await.unwrap(), 200);
+    assert_eq!(xds().await["pilot"], mesh.cp.pilot_addr.to_string());
+
+    mesh.cp.stop_pilot().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let x = xds().await;
+        if x["connected"] == true && x["pilot"] == replica_addr.to_string() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never reached the replica: {x}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(ratings().await.unwrap(), 200, "served while failing over");
+    assert!(
+        replica
+            .pilot
+            .proxies()
+            .iter()
+            .any(|p| p.id == format!("captured-{pod}.default") && p.connected),
+        "the replica lists the proxy"
+    );
+    // A change made now reaches the proxy through the replica.
+    mesh.write_config(
+        "teapot.yaml",
+        "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: ratings, namespace: default}
+spec:
+  hosts: [ratings]
+  http:
+  - fault: {abort: {httpStatus: 418}}
+    route:
+    - destination: {host: ratings}
+",
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while ratings().await.unwrap() != 418 {
+        assert!(
+            Instant::now() < deadline,
+            "the replica's push never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    replica.stop().await;
+    mesh.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn pilot_killed_and_restarted_under_load_loses_no_request() {
     let mut mesh = Mesh::start().await;
