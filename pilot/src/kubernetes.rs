@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Namespace, Pod, Service as KubeService};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Service as KubeService};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -71,7 +71,15 @@ pub struct Cache {
     slices: Store<EndpointSlice>,
     pods: Store<Pod>,
     namespaces: Store<Namespace>,
-    istio: Vec<(ApiResource, Store<DynamicObject>)>,
+    /// Istio's mesh config: ConfigMap `istio` in the root namespace.
+    mesh_config: Store<ConfigMap>,
+    /// Each Istio kind's store, and whether its CRD is missing (the
+    /// API server answered its list 404).
+    istio: Vec<(
+        ApiResource,
+        Store<DynamicObject>,
+        tokio::sync::watch::Receiver<bool>,
+    )>,
 }
 
 /// Keeps the watchers running; dropping it stops them.
@@ -98,18 +106,28 @@ impl Cache {
     /// the cache (the end of a list, an added, modified or deleted object).
     pub fn watch(client: &kube::Client, changed: &UnboundedSender<()>) -> (Self, Watchers) {
         let mut tasks = Vec::new();
-        let services = reflect(Api::all(client.clone()), (), changed, &mut tasks);
-        let slices = reflect(Api::all(client.clone()), (), changed, &mut tasks);
-        let pods = reflect(Api::all(client.clone()), (), changed, &mut tasks);
-        let namespaces = reflect(Api::all(client.clone()), (), changed, &mut tasks);
+        let all = watcher::Config::default();
+        let services = reflect(Api::all(client.clone()), (), &all, changed, &mut tasks).0;
+        let slices = reflect(Api::all(client.clone()), (), &all, changed, &mut tasks).0;
+        let pods = reflect(Api::all(client.clone()), (), &all, changed, &mut tasks).0;
+        let namespaces = reflect(Api::all(client.clone()), (), &all, changed, &mut tasks).0;
+        let mesh_config = reflect(
+            Api::namespaced(client.clone(), ROOT_NAMESPACE),
+            (),
+            &watcher::Config::default()
+                .fields(&format!("metadata.name={}", crate::store::MESH_CONFIG_NAME)),
+            changed,
+            &mut tasks,
+        )
+        .0;
         let istio = ISTIO_KINDS
             .iter()
             .map(|(group, kind, plural)| {
                 let gvk = GroupVersionKind::gvk(group, "v1", kind);
                 let ar = ApiResource::from_gvk_with_plural(&gvk, plural);
                 let api = Api::all_with(client.clone(), &ar);
-                let store = reflect(api, ar.clone(), changed, &mut tasks);
-                (ar, store)
+                let (store, missing) = reflect(api, ar.clone(), &all, changed, &mut tasks);
+                (ar, store, missing)
             })
             .collect();
         let cache = Self {
@@ -117,13 +135,17 @@ impl Cache {
             slices,
             pods,
             namespaces,
+            mesh_config,
             istio,
         };
         (cache, Watchers { tasks })
     }
 
     /// Waits until every kind has been listed once: before that, the
-    /// cluster would look empty and proxies would lose their endpoints.
+    /// cluster would look empty and proxies would lose their endpoints. An
+    /// Istio kind whose CRD is not installed counts as listed, with
+    /// nothing in it; its watcher keeps trying, and once the CRD is
+    /// installed its objects arrive as any change does.
     pub async fn synced(&self) {
         // A store's writer lives as long as its watcher task; the tasks
         // run until dropped, so waiting cannot fail while they run.
@@ -131,8 +153,13 @@ impl Cache {
         let _ = self.slices.wait_until_ready().await;
         let _ = self.pods.wait_until_ready().await;
         let _ = self.namespaces.wait_until_ready().await;
-        for (_, store) in &self.istio {
-            let _ = store.wait_until_ready().await;
+        let _ = self.mesh_config.wait_until_ready().await;
+        for (_, store, missing) in &self.istio {
+            let mut missing = missing.clone();
+            tokio::select! {
+                _ = store.wait_until_ready() => {}
+                _ = missing.wait_for(|m| *m) => {}
+            }
         }
     }
 
@@ -218,7 +245,7 @@ impl Cache {
         let mut objects: Vec<(&ApiResource, Arc<DynamicObject>)> = self
             .istio
             .iter()
-            .flat_map(|(ar, store)| store.state().into_iter().map(move |o| (ar, o)))
+            .flat_map(|(ar, store, _)| store.state().into_iter().map(move |o| (ar, o)))
             .filter(|(_, o)| in_scope(o.metadata.namespace.as_deref().unwrap_or_default()))
             .collect();
         objects.sort_by(|(_, a), (_, b)| {
@@ -254,17 +281,53 @@ impl Cache {
                 }),
             }
         }
+        match self.mesh_config() {
+            Some(Ok(r)) => out.push(r),
+            Some(Err(error)) => unread.push(Unread {
+                file: PathBuf::from(SOURCE),
+                object: Some((
+                    "ConfigMap".into(),
+                    ROOT_NAMESPACE.into(),
+                    crate::store::MESH_CONFIG_NAME.into(),
+                )),
+                error,
+            }),
+            None => {}
+        }
         (out, unread)
+    }
+
+    /// Istio's mesh config from the cluster (ConfigMap `istio` in the root
+    /// namespace), if there is one, parsed as a file's would be.
+    pub fn mesh_config(&self) -> Option<Result<(Meta, Resource), String>> {
+        let cm = self
+            .mesh_config
+            .state()
+            .into_iter()
+            .find(|cm| cm.metadata.name.as_deref() == Some(crate::store::MESH_CONFIG_NAME))?;
+        Some(
+            serde_json::to_value(&*cm)
+                .map_err(|e| e.to_string())
+                .and_then(|mut value| {
+                    value["apiVersion"] = "v1".into();
+                    value["kind"] = "ConfigMap".into();
+                    crate::store::parse_json(Path::new(SOURCE), value).map_err(|e| e.to_string())
+                })
+                .and_then(|r| r.ok_or_else(|| "not Istio's mesh config".to_string())),
+        )
     }
 }
 
 /// Runs a watcher and reflector for `api`, telling `changed` of each change.
+/// The receiver turns true when the API server does not know the kind (its
+/// list answered 404: a CRD not installed).
 fn reflect<K>(
     api: Api<K>,
     dyntype: K::DynamicType,
+    config: &watcher::Config,
     changed: &UnboundedSender<()>,
     tasks: &mut Vec<JoinHandle<()>>,
-) -> Store<K>
+) -> (Store<K>, tokio::sync::watch::Receiver<bool>)
 where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Clone + Eq + std::hash::Hash + Send + Sync,
@@ -273,22 +336,32 @@ where
     let writer = reflector::store::Writer::new(dyntype);
     let store = writer.as_reader();
     let changed = changed.clone();
+    let (missing_tx, missing) = tokio::sync::watch::channel(false);
+    let config = config.clone();
     tasks.push(tokio::spawn(async move {
-        let events = reflector::reflector(writer, watcher(api, watcher::Config::default()))
+        let events = reflector::reflector(writer, watcher(api, config))
             .default_backoff();
         let mut events = std::pin::pin!(events);
         while let Some(event) = events.next().await {
             match event {
                 Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
                 Ok(_) => {
+                    if missing_tx.send_replace(false) {
+                        tracing::info!(%kind, "kubernetes: the kind is installed now");
+                    }
                     let _ = changed.send(());
+                }
+                Err(watcher::Error::InitialListFailed(kube::Error::Api(e))) if e.code == 404 => {
+                    if !missing_tx.send_replace(true) {
+                        tracing::warn!(%kind, "kubernetes: the API server does not know this kind (its CRD is not installed: `meshctl install` installs it); taken as none until it is");
+                    }
                 }
                 // A 410 Gone is among these: the watcher lists again.
                 Err(e) => tracing::warn!(%kind, "kubernetes watch: {e}"),
             }
         }
     }));
-    store
+    (store, missing)
 }
 
 /// A pod as a workload: its name, namespace, address, labels and service

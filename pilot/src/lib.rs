@@ -256,7 +256,15 @@ impl Pilot {
                     last.iter()
                         .filter(|(m, r)| unread.iter().any(|u| u.covers(m, r))),
                 )
-                .find_map(|(_, r)| match r {
+                .map(|(_, r)| r)
+                .chain(
+                    cluster
+                        .mesh_config()
+                        .and_then(Result::ok)
+                        .map(|(_, r)| r)
+                        .as_ref(),
+                )
+                .find_map(|r| match r {
                     store::Resource::MeshConfig(mc) => Some(mc.discovery_selectors.clone()),
                     _ => None,
                 })

@@ -47,6 +47,12 @@ fn collections() -> Vec<(String, String, String)> {
         ("/api/v1/services", "v1", "Service"),
         ("/api/v1/pods", "v1", "Pod"),
         ("/api/v1/namespaces", "v1", "Namespace"),
+        // Istio's mesh config: pilot watches this one namespace's.
+        (
+            "/api/v1/namespaces/istio-system/configmaps",
+            "v1",
+            "ConfigMap",
+        ),
         (
             "/apis/discovery.k8s.io/v1/endpointslices",
             "discovery.k8s.io/v1",
@@ -81,6 +87,8 @@ struct State {
     /// Watches from before this resourceVersion are answered 410 Gone.
     compacted: u64,
     collections: HashMap<String, Collection>,
+    /// Collections whose CRD is not installed: answered 404.
+    uninstalled: std::collections::HashSet<String>,
 }
 
 #[derive(Clone, Default)]
@@ -169,6 +177,15 @@ impl FakeApi {
         }
     }
 
+    /// Takes a kind's CRD away: its lists and watches get 404.
+    fn uninstall(&self, path: &str) {
+        self.0.lock().unwrap().uninstalled.insert(path.to_string());
+    }
+
+    fn install(&self, path: &str) {
+        self.0.lock().unwrap().uninstalled.remove(path);
+    }
+
     fn lists(&self, path: &str) -> usize {
         self.0
             .lock()
@@ -206,7 +223,9 @@ impl FakeApi {
                 .body(StreamBody::new(UnboundedReceiverStream::new(rx)))
                 .unwrap()
         };
-        let Some((_, api_version, kind)) = collections().into_iter().find(|(p, _, _)| *p == path)
+        let known = collections().into_iter().find(|(p, _, _)| *p == path);
+        let Some((_, api_version, kind)) =
+            known.filter(|_| !self.0.lock().unwrap().uninstalled.contains(&path))
         else {
             let status = json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
                 "status": "Failure", "message": "the server could not find the requested resource",
@@ -516,14 +535,14 @@ async fn a_bad_istio_resource_in_the_cluster_is_rejected_alone_while_the_rest_ap
     until_errors(&pilot, "accepted again", str::is_empty).await;
 }
 
+/// Istio's mesh config, as its ConfigMap: discovery selects namespaces
+/// labelled `istio-discovery: enabled` or `team: payments`.
+const SELECTING_MESH_CONFIG: &str = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: istio, namespace: istio-system}\ndata:\n  mesh: |\n    discoverySelectors:\n    - matchLabels: {istio-discovery: enabled}\n    - matchExpressions:\n      - {key: team, operator: In, values: [payments]}\n";
+
 #[tokio::test]
 async fn discovery_selectors_limit_the_namespaces_pilot_reads() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("mesh.yaml"),
-        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: istio, namespace: istio-system}\ndata:\n  mesh: |\n    discoverySelectors:\n    - matchLabels: {istio-discovery: enabled}\n    - matchExpressions:\n      - {key: team, operator: In, values: [payments]}\n",
-    )
-    .unwrap();
+    std::fs::write(dir.path().join("mesh.yaml"), SELECTING_MESH_CONFIG).unwrap();
     let mut legacy_ns = fixture("namespace.json");
     legacy_ns["metadata"]["name"] = "legacy".into();
     legacy_ns["metadata"]["labels"] = json!({"kubernetes.io/metadata.name": "legacy"});
@@ -590,4 +609,57 @@ async fn port_protocols_come_from_app_protocol_then_the_port_name() {
         !clusters.keys().any(|k| k.contains("|53|")),
         "UDP is not proxied"
     );
+}
+
+/// A cluster without one of Istio's CRDs (an older install, or none yet):
+/// pilot starts and serves everything else, and picks the kind up once its
+/// CRD is installed, without a restart.
+#[tokio::test]
+async fn a_kind_whose_crd_is_not_installed_is_waited_for_without_blocking_the_rest() {
+    let api = FakeApi::new(&bookinfo());
+    let virtual_services = "/apis/networking.istio.io/v1/virtualservices";
+    api.uninstall(virtual_services);
+    let dir = tempfile::tempdir().unwrap();
+    let (pilot, _watchers) = start(&api, dir.path()).await;
+    until(&pilot, "reviews, without its routes", |m| {
+        m.services.contains_key(REVIEWS) && !m.routes.contains_key(REVIEWS)
+    })
+    .await;
+    assert!(pilot.errors().is_empty(), "{:?}", pilot.errors());
+    api.install(virtual_services);
+    until(&pilot, "the VirtualService, once its CRD is there", |m| {
+        m.routes.contains_key(REVIEWS)
+    })
+    .await;
+}
+
+/// The mesh config may live in the cluster, as Istio keeps it (ConfigMap
+/// `istio-system/istio`): pilot reads it there, and a change to it applies
+/// without a restart.
+#[tokio::test]
+async fn the_mesh_config_is_read_from_the_clusters_configmap() {
+    let mut mesh_config: Value = serde_saphyr::from_str(SELECTING_MESH_CONFIG).unwrap();
+    let mut legacy_ns = fixture("namespace.json");
+    legacy_ns["metadata"]["name"] = "legacy".into();
+    let mut legacy = fixture("service.json");
+    legacy["metadata"]["namespace"] = "legacy".into();
+    let mut objects = bookinfo();
+    objects.extend([mesh_config.clone(), legacy_ns, legacy]);
+    let api = FakeApi::new(&objects);
+    let dir = tempfile::tempdir().unwrap();
+    let (pilot, _watchers) = start(&api, dir.path()).await;
+    let legacy_reviews = "reviews.legacy.svc.cluster.local";
+    let model = pilot.snapshot().model.clone();
+    assert!(
+        !model.services.contains_key(legacy_reviews) && !model.services.contains_key(REVIEWS),
+        "neither namespace is selected: {:?}",
+        model.services.keys().collect::<Vec<_>>()
+    );
+    // The selectors edited away: every namespace is read again.
+    mesh_config["data"]["mesh"] = "discoverySelectors: []\n".into();
+    api.apply(mesh_config);
+    until(&pilot, "both namespaces read", |m| {
+        m.services.contains_key(legacy_reviews) && m.services.contains_key(REVIEWS)
+    })
+    .await;
 }
