@@ -26,7 +26,7 @@ pub struct Snapshot {
     pub routes: HashMap<String, Arc<RouteTable>>,
     pub clusters: HashMap<String, Arc<Cluster>>,
     /// Opaque TCP services by VIP and port.
-    pub tcp: HashMap<SocketAddr, Arc<Cluster>>,
+    pub tcp: HashMap<SocketAddr, TcpService>,
     /// Domain (host without port) -> route configs by port.
     domains: HashMap<String, Vec<Arc<RouteTable>>>,
     /// Which types pilot has answered at least once.
@@ -91,6 +91,15 @@ pub struct Cluster {
     pub budget: Arc<crate::budget::RetryBudget>,
     /// The server name sent to its endpoints' sidecars.
     pub sni: Arc<str>,
+}
+
+/// An opaque TCP service port: its own cluster, and the route config
+/// (the VirtualService's `tcp` routes) that may send a connection to
+/// another cluster instead.
+#[derive(Clone, Debug)]
+pub struct TcpService {
+    pub cluster: Arc<Cluster>,
+    pub routes: Option<Arc<RouteTable>>,
 }
 
 /// An endpoint, parsed once: where its sidecar listens, what identity it must
@@ -256,9 +265,15 @@ impl Resources {
             .values()
             .filter(|c| c.config.subset.is_empty() && c.config.protocol == pb::Protocol::Tcp as i32)
             .flat_map(|c| {
-                c.config.vips.iter().filter_map(|v| {
+                let service = TcpService {
+                    cluster: c.clone(),
+                    routes: routes
+                        .get(&format!("{}:{}", c.config.service, c.config.port))
+                        .cloned(),
+                };
+                c.config.vips.iter().filter_map(move |v| {
                     let ip: std::net::IpAddr = v.parse().ok()?;
-                    Some((SocketAddr::new(ip, c.config.port as u16), c.clone()))
+                    Some((SocketAddr::new(ip, c.config.port as u16), service.clone()))
                 })
             })
             .collect();

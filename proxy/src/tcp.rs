@@ -24,17 +24,17 @@ use crate::Shared;
 use crate::metrics::{Peers, TcpLabels, TcpSeries};
 use crate::origin::Via;
 use crate::pool::Body;
-use crate::state::Cluster;
+use crate::state::{Cluster, TcpService};
 use crate::wire::{self, local_reply};
 
 /// Carries one captured connection to a TCP service's endpoint: of the
-/// cluster the service port's TCP routes choose, else of `service`.
-pub async fn outbound(shared: Arc<Shared>, mut client: TcpStream, service: Arc<Cluster>) {
+/// cluster the service port's TCP routes choose, else the service's own.
+pub async fn outbound(shared: Arc<Shared>, mut client: TcpStream, service: TcpService) {
     let cluster = match routed(&shared, &service) {
         Ok(c) => c,
         Err(missing) => {
             tracing::warn!(cluster = %missing, "TCP route to a cluster this sidecar does not have: closing the connection");
-            count_failed(&shared, &service, None, "NR");
+            count_failed(&shared, &service.cluster, None, "NR");
             return;
         }
     };
@@ -103,24 +103,24 @@ pub async fn outbound(shared: Arc<Shared>, mut client: TcpStream, service: Arc<C
 
 /// The cluster a connection to `service`'s port goes to: a destination,
 /// by weight, of the first of the port's TCP routes that takes it (routes
-/// pilot sends as the port's route config); `service` itself without one.
+/// pilot sends as the port's route config); the service's own without one.
 /// `Err` names a cluster the route chose that this sidecar does not have.
-fn routed(shared: &Shared, service: &Arc<Cluster>) -> Result<Arc<Cluster>, String> {
-    let snapshot = shared.snapshot.borrow();
-    let port = service.config.port;
-    let name = format!("{}:{port}", service.config.service);
-    let Some(dest) = snapshot
+fn routed(shared: &Shared, service: &TcpService) -> Result<Arc<Cluster>, String> {
+    let own = &service.cluster;
+    let Some(dest) = service
         .routes
-        .get(&name)
-        .and_then(|t| t.select_tcp(port))
+        .as_ref()
+        .and_then(|t| t.select_tcp(own.config.port))
         .and_then(|r| r.pick())
     else {
-        return Ok(service.clone());
+        return Ok(own.clone());
     };
-    if dest.cluster == service.config.name {
-        return Ok(service.clone());
+    if dest.cluster == own.config.name {
+        return Ok(own.clone());
     }
-    snapshot
+    shared
+        .snapshot
+        .borrow()
         .clusters
         .get(&dest.cluster)
         .cloned()
