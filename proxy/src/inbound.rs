@@ -33,6 +33,8 @@ pub struct Conn {
     principal: Option<String>,
     pub peer_addr: Option<std::net::SocketAddr>,
     xfcc: Option<HeaderValue>,
+    /// The peer's address as `x-forwarded-for` gets it.
+    xff: Option<HeaderValue>,
     /// The server name the peer sidecar asked for (`connection.sni`).
     pub sni: Option<Box<str>>,
     series: SeriesCache<SeriesKey>,
@@ -57,6 +59,7 @@ impl Conn {
             peer: Some(peer),
             plain_port: None,
             peer_addr: Some(peer_addr),
+            xff: client_address(peer_addr),
             sni: sni.map(Box::from),
             series: SeriesCache::default(),
         }
@@ -69,10 +72,16 @@ impl Conn {
             plain_port: Some(port),
             principal: None,
             peer_addr: Some(peer_addr),
+            xff: client_address(peer_addr),
             xfcc: None,
             sni: None,
             series: SeriesCache::default(),
         }
+    }
+
+    /// What `x-forwarded-proto` says when no hop before set it.
+    fn proto(&self) -> &'static str {
+        if self.peer.is_some() { "https" } else { "http" }
     }
 
     /// What authorization knows of this connection, for a request to `port`.
@@ -116,6 +125,10 @@ impl Conn {
             .revokes(&conn, self.plain_port)
             .map(|d| d.reason())
     }
+}
+
+fn client_address(addr: std::net::SocketAddr) -> Option<HeaderValue> {
+    HeaderValue::from_str(&addr.ip().to_string()).ok()
 }
 
 /// Resolves once a new config allows nothing more on `conn`; the
@@ -436,6 +449,7 @@ async fn forward(
     if let Some(v) = &conn.xfcc {
         parts.headers.insert(wire::XFCC, v.clone());
     }
+    wire::forwarded(&mut parts.headers, conn.xff.as_ref(), conn.proto());
     let client = if port.h2 {
         &shared.app_h2
     } else {

@@ -844,6 +844,7 @@ async fn outside_the_mesh(
         wire::strip_hop_by_hop(&mut parts.headers);
     }
     parts.version = http::Version::HTTP_11;
+    wire::forwarded(&mut parts.headers, None, "http");
     if let Ok(h) = http::HeaderValue::from_str(&host) {
         parts.headers.insert(http::header::HOST, h);
     }
@@ -892,6 +893,8 @@ fn prepare(
         parts.headers.remove(http::header::HOST);
     }
     parts.version = http::Version::HTTP_2;
+    // The app spoke plaintext HTTP to this sidecar.
+    wire::forwarded(&mut parts.headers, None, "http");
     if let Some(src) = &snapshot.own.source_header {
         parts.headers.insert(wire::SOURCE, src.clone());
     }

@@ -1,6 +1,6 @@
 //! Small helpers shared by the inbound and outbound request paths.
 
-use http::header::{self, HeaderMap, HeaderName};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 
@@ -41,6 +41,29 @@ pub fn since_start(t: std::time::Instant) -> std::time::Duration {
     static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
     t.saturating_duration_since(*START.get_or_init(std::time::Instant::now))
 }
+
+/// `x-forwarded-for` and `x-forwarded-proto`, as a request leaves for the
+/// app: `client` (the address the request came from, one value per
+/// connection) is appended to the caller's `x-forwarded-for`, so the app
+/// learns who called it although its own connection comes from the
+/// sidecar; `x-forwarded-proto` is set to `proto` unless a hop before set it.
+pub fn forwarded(headers: &mut HeaderMap, client: Option<&HeaderValue>, proto: &'static str) {
+    if let Some(client) = client {
+        let joined = headers.get(&XFF).and_then(|prior| {
+            let mut v = prior.as_bytes().to_vec();
+            v.extend_from_slice(b", ");
+            v.extend_from_slice(client.as_bytes());
+            HeaderValue::from_bytes(&v).ok()
+        });
+        headers.insert(XFF, joined.unwrap_or_else(|| client.clone()));
+    }
+    if !headers.contains_key(&XFP) {
+        headers.insert(XFP, HeaderValue::from_static(proto));
+    }
+}
+
+pub const XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub const XFP: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
 /// Removes hop-by-hop headers, including those named in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {

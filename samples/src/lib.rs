@@ -146,10 +146,13 @@ impl App {
             .get("x-forwarded-client-cert")
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
+        let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
         let hop = json!({
             "service": format!("{:?}", self.service).to_lowercase(),
             "version": self.version,
             "xfcc": caller,
+            "xff": header("x-forwarded-for"),
+            "xfp": header("x-forwarded-proto"),
         });
         let path = req.uri().path();
         let pass = propagated(req.headers());

@@ -432,7 +432,19 @@ fn a_pod_without_a_sidecar_is_refused_under_strict_and_served_under_permissive()
         let hops = body["hops"].as_array().unwrap();
         let pp = hops.iter().find(|h| h["service"] == "productpage").unwrap();
         assert!(pp["xfcc"].is_null(), "{pp}");
+        // Both apps learn who called them although their connections come
+        // from their own sidecars: the legacy pod, then productpage's pod.
+        assert_eq!(
+            (pp["xff"].as_str(), pp["xfp"].as_str()),
+            (Some("10.244.0.50"), Some("http")),
+            "{pp}"
+        );
         let reviews = hops.iter().find(|h| h["service"] == "reviews").unwrap();
+        assert_eq!(
+            (reviews["xff"].as_str(), reviews["xfp"].as_str()),
+            (Some("10.244.0.12"), Some("http")),
+            "{reviews}"
+        );
         assert!(
             reviews["xfcc"]
                 .as_str()

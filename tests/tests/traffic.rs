@@ -407,6 +407,7 @@ spec:
     let resp = http
         .get("http://reviews:9080/old/?q=2")
         .header("x-drop", "secret")
+        .header("x-forwarded-for", "203.0.113.9")
         .send()
         .await
         .unwrap();
@@ -416,6 +417,12 @@ spec:
     assert_eq!(echo["path"], "/echo?q=2", "{echo}");
     assert_eq!(echo["headers"]["x-added"], "yes");
     assert!(echo["headers"].get("x-drop").is_none(), "{echo}");
+    // The caller's x-forwarded-for is kept and the calling sidecar's address
+    // appended; the protocol is the one the client spoke.
+    let xff = echo["headers"]["x-forwarded-for"].as_str().unwrap_or("");
+    let appended = xff.strip_prefix("203.0.113.9, ").unwrap_or_default();
+    assert!(appended.parse::<std::net::IpAddr>().is_ok(), "{echo}");
+    assert_eq!(echo["headers"]["x-forwarded-proto"], "http", "{echo}");
 
     // Mirrored to v2 while v1 answers.
     for _ in 0..30 {
