@@ -149,6 +149,7 @@ fn proxy_args(cp: &ControlPlane, w: &WorkloadSpec, token_file: PathBuf) -> Proxy
         threads: mesh_proxy::cli::DEFAULT_THREADS,
         drain_grace_secs: mesh_proxy::drain::DEFAULT_GRACE.as_secs(),
         outbound_traffic_policy: Default::default(),
+        protocol_detection_timeout: mesh_proxy::config::DEFAULT_DETECTION_TIMEOUT,
         capture: false,
         proxy_mark: None,
         retry_budget_percent: 20.0,

@@ -236,7 +236,8 @@ fn protocol(port: &ServicePort) -> pb::Protocol {
         "HTTP2" => pb::Protocol::Http2,
         "GRPC" | "GRPC-WEB" => pb::Protocol::Grpc,
         // HTTPS is TLS the app speaks itself: opaque to the sidecar, as in Istio.
-        "TCP" | "TLS" | "HTTPS" | "MONGO" | "MYSQL" | "REDIS" => pb::Protocol::Tcp,
+        "TLS" | "HTTPS" => pb::Protocol::Tls,
+        "TCP" | "MONGO" | "MYSQL" | "REDIS" => pb::Protocol::Tcp,
         _ => pb::Protocol::Http,
     }
 }
@@ -335,14 +336,18 @@ fn route_config(model: &Model, svc: &Service, port: &ServicePort) -> pb::RouteCo
                 });
                 cluster_name(dest_port, dest.subset.as_deref(), &dest.host)
             };
-            if protocol(port) == pb::Protocol::Tcp {
-                // An opaque port: the tcp routes, else the service itself.
-                let mut routes: Vec<pb::HttpRoute> = r
-                    .tcp
-                    .iter()
-                    .enumerate()
-                    .map(|(i, t)| crate::vs::tcp_to_wire(format!("tcp-{i}"), t, &cluster_of))
-                    .collect();
+            let proto = protocol(port);
+            if matches!(proto, pb::Protocol::Tcp | pb::Protocol::Tls) {
+                // An opaque port: on a TLS port the tls routes (by server
+                // name) first; then the tcp routes, else the service itself.
+                let tls = r.tls.iter().filter(|_| proto == pb::Protocol::Tls);
+                let mut routes: Vec<pb::HttpRoute> =
+                    tls.enumerate()
+                        .map(|(i, t)| crate::vs::tls_to_wire(format!("tls-{i}"), t, &cluster_of))
+                        .chain(r.tcp.iter().enumerate().map(|(i, t)| {
+                            crate::vs::tcp_to_wire(format!("tcp-{i}"), t, &cluster_of)
+                        }))
+                        .collect();
                 routes.push(crate::vs::default_route(cluster_name(
                     port.number,
                     None,
@@ -426,6 +431,7 @@ fn listener(model: &Model, w: &Workload, serves: &[&Service]) -> pb::Listener {
             Some(crate::model::Outbound::AllowAny) => pb::OutboundPolicy::AllowAny,
             Some(crate::model::Outbound::RegistryOnly) => pb::OutboundPolicy::RegistryOnly,
         } as i32,
+        protocol_detection_timeout_ms: model.protocol_detection_ms,
     }
 }
 
@@ -613,6 +619,38 @@ mod tests {
         };
         assert_eq!(policy("w-a.a"), pb::OutboundPolicy::RegistryOnly);
         assert_eq!(policy("w-open.a"), pb::OutboundPolicy::AllowAny);
+    }
+
+    #[test]
+    fn the_protocol_detection_timeout_comes_from_the_mesh_config() {
+        let timeout = |mesh: &str| {
+            let yaml = [
+                mesh.to_string(),
+                entry("a", "svc-a", "[]"),
+                workload("a", "w-a", "x"),
+            ]
+            .concat();
+            let snapshot = Snapshot::build(Arc::new(model(&yaml).unwrap()), 1);
+            let l = &snapshot.for_proxy(type_url::LISTENER, "w-a.a")[LISTENER_NAME];
+            pb::Listener::decode(l.any.value.as_slice())
+                .unwrap()
+                .protocol_detection_timeout_ms
+        };
+        let mesh = |v: &str| {
+            format!(
+                "---\napiVersion: v1\nkind: ConfigMap\nmetadata: {{name: istio, namespace: istio-system}}\ndata:\n  mesh: |\n    protocolDetectionTimeout: {v}\n"
+            )
+        };
+        assert_eq!(timeout(&mesh("1.5s")), Some(1500));
+        assert_eq!(timeout(&mesh("0s")), Some(0));
+        assert_eq!(timeout(""), None, "unset: the proxy's own setting");
+        let err = model(&[mesh("soon"), entry("a", "svc-a", "[]")].concat())
+            .unwrap_err()
+            .join("\n");
+        assert!(
+            err.contains("data.mesh.protocolDetectionTimeout") && err.contains("\"soon\""),
+            "{err}"
+        );
     }
 
     #[test]

@@ -75,9 +75,37 @@ pub struct VirtualService {
     pub http: Vec<HttpRoute>,
     #[serde(default)]
     pub tcp: Vec<TcpRoute>,
-    /// TLS routes are parsed loosely and reported as unsupported.
     #[serde(default)]
-    pub tls: Vec<serde_json::Value>,
+    pub tls: Vec<TlsRoute>,
+}
+
+/// A VirtualService's route for TLS the apps speak themselves (TLS and
+/// HTTPS ports): chosen by the ClientHello's server name, unterminated.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TlsRoute {
+    #[serde(rename = "match")]
+    pub matches: Vec<TlsMatch>,
+    #[serde(default)]
+    pub route: Vec<RouteDestination>,
+}
+
+/// Istio's TLSMatchAttributes.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TlsMatch {
+    #[serde(default)]
+    pub sni_hosts: Vec<String>,
+    #[serde(default)]
+    pub destination_subnets: Vec<String>,
+    #[serde(default)]
+    pub port: Option<u32>,
+    #[serde(default)]
+    pub source_labels: Labels,
+    #[serde(default)]
+    pub gateways: Vec<String>,
+    #[serde(default)]
+    pub source_namespace: Option<String>,
 }
 
 /// A VirtualService's route for opaque TCP: the first whose match holds
@@ -983,6 +1011,10 @@ pub struct MeshConfig {
     /// Istio's mesh-wide `outboundTrafficPolicy`; a Sidecar's overrides it.
     #[serde(default)]
     pub outbound_traffic_policy: Option<OutboundTrafficPolicy>,
+    /// How long a sidecar waits for a client's first bytes to tell its
+    /// protocol (`0s`: until they come).
+    #[serde(default)]
+    pub protocol_detection_timeout: Option<String>,
     /// Which namespaces pilot reads from Kubernetes (all when empty).
     #[serde(default)]
     pub discovery_selectors: Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector>,

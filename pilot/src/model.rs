@@ -116,6 +116,8 @@ pub struct Routes {
     pub http: Vec<HttpRoute>,
     /// For the service's opaque TCP ports.
     pub tcp: Vec<crate::istio::TcpRoute>,
+    /// For the service's TLS ports, by server name.
+    pub tls: Vec<crate::istio::TlsRoute>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -143,6 +145,8 @@ pub struct Model {
     pub sidecars: Vec<SidecarScope>,
     /// The mesh config's `outboundTrafficPolicy.mode`, when it sets one.
     pub outbound: Option<Outbound>,
+    /// The mesh config's `protocolDetectionTimeout`, when it sets one.
+    pub protocol_detection_ms: Option<u64>,
     /// Access logs as JSON rather than Istio's text format (pilot's
     /// `--access-log-encoding`, Istio's `meshConfig.accessLogEncoding`).
     pub access_log_json: bool,
@@ -470,6 +474,12 @@ impl Model {
         let ctx = at(meta, "ConfigMap");
         if let Some(o) = &mc.outbound_traffic_policy {
             self.outbound = outbound_mode(&ctx, "data.mesh.outboundTrafficPolicy.mode", o, errors);
+        }
+        if let Some(t) = &mc.protocol_detection_timeout {
+            match crate::istio::parse_duration(t) {
+                Ok(d) => self.protocol_detection_ms = Some(d.as_millis() as u64),
+                Err(e) => errors.push(format!("{ctx}: data.mesh.protocolDetectionTimeout: {e}")),
+            }
         }
         let ignored: Vec<&str> = mc
             .other
@@ -1160,16 +1170,25 @@ impl Model {
         if !vs.gateways.is_empty() && !vs.gateways.iter().any(|g| g == "mesh") {
             return;
         }
-        if !vs.tls.is_empty() {
-            errors.push(format!(
-                "{ctx}: spec.tls: tls routes are not supported yet; use tcp routes (by port) for TLS the apps originate"
-            ));
-        }
         let mut tcp = vs.tcp.clone();
         for (i, route) in tcp.iter_mut().enumerate() {
-            let field = format!("spec.tcp[{i}]");
-            crate::vs::check_tcp(&format!("{ctx}: {field}"), route, errors);
-            for (j, d) in route.route.iter_mut().enumerate() {
+            crate::vs::check_tcp(&format!("{ctx}: spec.tcp[{i}]"), route, errors);
+        }
+        let mut tls = vs.tls.clone();
+        for (i, route) in tls.iter_mut().enumerate() {
+            crate::vs::check_tls(&format!("{ctx}: spec.tls[{i}]"), route, errors);
+        }
+        let l4 = tcp
+            .iter_mut()
+            .enumerate()
+            .map(|(i, r)| (format!("spec.tcp[{i}]"), &mut r.route))
+            .chain(
+                tls.iter_mut()
+                    .enumerate()
+                    .map(|(i, r)| (format!("spec.tls[{i}]"), &mut r.route)),
+            );
+        for (field, route) in l4 {
+            for (j, d) in route.iter_mut().enumerate() {
                 d.destination.host = fqdn(&d.destination.host, &meta.namespace);
                 let where_ = format!("{field}.route[{j}].destination");
                 self.check_destination(&ctx, &where_, &d.destination, errors);
@@ -1212,6 +1231,7 @@ impl Model {
                 namespace: meta.namespace.clone(),
                 http: http.clone(),
                 tcp: tcp.clone(),
+                tls: tls.clone(),
             });
         }
     }

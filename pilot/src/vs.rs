@@ -434,22 +434,72 @@ fn retries(r: &HttpRoute) -> Option<pb::RetryPolicy> {
 /// there are several, and matches on what a sidecar can see of a
 /// connection (port, source labels and namespace).
 pub fn check_tcp(at: &str, r: &crate::istio::TcpRoute, errors: &mut Vec<String>) {
-    let mut err = |field: &str, what: String| errors.push(format!("{at}{field}: {what}"));
-    if r.route.is_empty() {
-        err(".route", "needs at least one destination".to_string());
-    }
-    let weights: u32 = r.route.iter().map(|d| d.weight.unwrap_or(0)).sum();
-    if r.route.len() > 1 && weights != 100 {
-        err(".route", format!("weights add up to {weights}, not 100"));
+    let matches = r
+        .matches
+        .iter()
+        .map(|m| (&m.destination_subnets, &m.gateways));
+    check_l4(at, &r.route, matches, errors);
+}
+
+/// Checks one TLS route as a TCP route, and that each match names the
+/// server names it is for (Istio requires `sniHosts`).
+pub fn check_tls(at: &str, r: &crate::istio::TlsRoute, errors: &mut Vec<String>) {
+    let matches = r
+        .matches
+        .iter()
+        .map(|m| (&m.destination_subnets, &m.gateways));
+    check_l4(at, &r.route, matches, errors);
+    if r.matches.is_empty() {
+        errors.push(format!(
+            "{at}.match: needs at least one match with sniHosts"
+        ));
     }
     for (i, m) in r.matches.iter().enumerate() {
-        if !m.destination_subnets.is_empty() {
+        if m.sni_hosts.is_empty() {
+            errors.push(format!(
+                "{at}.match[{i}].sniHosts: needs at least one server name"
+            ));
+        }
+        for (j, h) in m.sni_hosts.iter().enumerate() {
+            let name = h.strip_prefix("*.").unwrap_or(h);
+            let valid = h == "*"
+                || (!name.is_empty()
+                    && name.split('.').all(|l| {
+                        !l.is_empty()
+                            && l.len() <= 63
+                            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                    }));
+            if !valid {
+                errors.push(format!(
+                    "{at}.match[{i}].sniHosts[{j}]: {h:?} is not a server name (`name.example.com` or `*.example.com`)"
+                ));
+            }
+        }
+    }
+}
+
+fn check_l4<'a>(
+    at: &str,
+    route: &[crate::istio::RouteDestination],
+    matches: impl Iterator<Item = (&'a Vec<String>, &'a Vec<String>)>,
+    errors: &mut Vec<String>,
+) {
+    let mut err = |field: &str, what: String| errors.push(format!("{at}{field}: {what}"));
+    if route.is_empty() {
+        err(".route", "needs at least one destination".to_string());
+    }
+    let weights: u32 = route.iter().map(|d| d.weight.unwrap_or(0)).sum();
+    if route.len() > 1 && weights != 100 {
+        err(".route", format!("weights add up to {weights}, not 100"));
+    }
+    for (i, (subnets, gateways)) in matches.enumerate() {
+        if !subnets.is_empty() {
             err(
                 &format!(".match[{i}].destinationSubnets"),
                 "is not supported yet; match on port instead".to_string(),
             );
         }
-        if m.gateways.iter().any(|g| g != "mesh") {
+        if gateways.iter().any(|g| g != "mesh") {
             err(
                 &format!(".match[{i}].gateways"),
                 "only `mesh` (the sidecars) is supported".to_string(),
@@ -465,24 +515,46 @@ pub fn tcp_to_wire(
     r: &crate::istio::TcpRoute,
     cluster_of: &dyn Fn(&Destination) -> String,
 ) -> pb::HttpRoute {
+    let matches = r.matches.iter().map(|m| pb::HttpMatch {
+        port: m.port.unwrap_or(0),
+        source_labels: m.source_labels.clone().into_iter().collect(),
+        source_namespace: m.source_namespace.clone().unwrap_or_default(),
+        ..Default::default()
+    });
+    l4_to_wire(name, matches.collect(), &r.route, cluster_of)
+}
+
+/// A TLS route in wire form: a TCP route whose matches also name the
+/// server names (lower case) they take.
+pub fn tls_to_wire(
+    name: String,
+    r: &crate::istio::TlsRoute,
+    cluster_of: &dyn Fn(&Destination) -> String,
+) -> pb::HttpRoute {
+    let matches = r.matches.iter().map(|m| pb::HttpMatch {
+        port: m.port.unwrap_or(0),
+        source_labels: m.source_labels.clone().into_iter().collect(),
+        source_namespace: m.source_namespace.clone().unwrap_or_default(),
+        sni_hosts: m.sni_hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
+        ..Default::default()
+    });
+    l4_to_wire(name, matches.collect(), &r.route, cluster_of)
+}
+
+fn l4_to_wire(
+    name: String,
+    matches: Vec<pb::HttpMatch>,
+    route: &[crate::istio::RouteDestination],
+    cluster_of: &dyn Fn(&Destination) -> String,
+) -> pb::HttpRoute {
     pb::HttpRoute {
         name,
-        matches: r
-            .matches
-            .iter()
-            .map(|m| pb::HttpMatch {
-                port: m.port.unwrap_or(0),
-                source_labels: m.source_labels.clone().into_iter().collect(),
-                source_namespace: m.source_namespace.clone().unwrap_or_default(),
-                ..Default::default()
-            })
-            .collect(),
-        clusters: r
-            .route
+        matches,
+        clusters: route
             .iter()
             .map(|d| pb::WeightedCluster {
                 cluster: cluster_of(&d.destination),
-                weight: d.weight.unwrap_or(if r.route.len() == 1 { 100 } else { 0 }),
+                weight: d.weight.unwrap_or(if route.len() == 1 { 100 } else { 0 }),
                 ..Default::default()
             })
             .collect(),
@@ -511,6 +583,7 @@ pub fn to_wire(
             source_labels: m.source_labels.clone().into_iter().collect(),
             source_namespace: m.source_namespace.clone().unwrap_or_default(),
             ignore_uri_case: m.ignore_uri_case,
+            sni_hosts: Vec::new(),
         })
         .collect();
     let clusters = r
@@ -774,5 +847,37 @@ fault:
             (wire.clusters[0].cluster.as_str(), wire.clusters[0].weight),
             ("a", 100)
         );
+    }
+
+    #[test]
+    fn tls_routes_need_server_names_and_carry_them_lower_case() {
+        let tls = |yaml: &str| -> crate::istio::TlsRoute { serde_saphyr::from_str(yaml).unwrap() };
+        let mut e = Vec::new();
+        check_tls(
+            "vs: spec.tls[0]",
+            &tls(
+                "match: [{port: 443}, {sniHosts: [\"bad name\", \"*.ok.example\"]}]\nroute: [{destination: {host: a}}]",
+            ),
+            &mut e,
+        );
+        let all = e.join("\n");
+        for want in [
+            "spec.tls[0].match[0].sniHosts: needs at least one server name",
+            "spec.tls[0].match[1].sniHosts[0]: \"bad name\" is not a server name",
+        ] {
+            assert!(all.contains(want), "missing {want:?} in:\n{all}");
+        }
+        assert!(!all.contains("sniHosts[1]"), "{all}");
+        // `match` is required, as in Istio.
+        assert!(serde_saphyr::from_str::<crate::istio::TlsRoute>("route: []").is_err());
+        let wire = tls_to_wire(
+            "tls-0".into(),
+            &tls(
+                "match: [{sniHosts: [Api.Example.com], port: 443}]\nroute: [{destination: {host: a}}]",
+            ),
+            &|d| d.host.clone(),
+        );
+        assert_eq!(wire.matches[0].sni_hosts, ["api.example.com"]);
+        assert_eq!(wire.matches[0].port, 443);
     }
 }

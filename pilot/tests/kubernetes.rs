@@ -599,8 +599,8 @@ async fn port_protocols_come_from_app_protocol_then_the_port_name() {
     };
     assert_eq!(
         protocol(443),
-        pb::Protocol::Tcp,
-        "HTTPS is the app's own TLS"
+        pb::Protocol::Tls,
+        "HTTPS is the app's own TLS, routed by server name"
     );
     assert_eq!(protocol(8080), pb::Protocol::Http2);
     assert_eq!(protocol(9090), pb::Protocol::Grpc);

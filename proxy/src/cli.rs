@@ -53,6 +53,13 @@ pub struct ProxyArgs {
         default_value = "ALLOW_ANY"
     )]
     pub outbound_traffic_policy: crate::config::OutboundPolicy,
+    /// How long a captured outbound connection to a destination of unknown
+    /// protocol may stay silent before it is taken for a server-first
+    /// protocol and carried as opaque TCP (`0s`: wait for the client); the
+    /// same bounds the inbound port's wait for a TLS ClientHello. The mesh
+    /// config's `protocolDetectionTimeout` overrides it.
+    #[arg(long, env = "MESH_PROTOCOL_DETECTION_TIMEOUT", default_value = "100ms", value_parser = humantime::parse_duration)]
+    pub protocol_detection_timeout: Duration,
     /// The pod's traffic is captured by iptables (mesh-iptables): bind every
     /// address and reach the app on 127.0.0.1.
     #[arg(long, env = "MESH_CAPTURE")]
@@ -190,6 +197,7 @@ impl ProxyArgs {
             cert_lifetime: Duration::from_secs(self.cert_lifetime_secs),
             drain_grace: Duration::from_secs(self.drain_grace_secs),
             outbound_policy: self.outbound_traffic_policy,
+            protocol_detection_timeout: self.protocol_detection_timeout,
             capture: self.capture,
             socket_mark: self.proxy_mark,
             ports: Ports::default(),

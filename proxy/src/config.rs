@@ -30,6 +30,9 @@ pub struct Config {
     pub drain_grace: Duration,
     /// What captured traffic to destinations outside the mesh gets.
     pub outbound_policy: OutboundPolicy,
+    /// How long a connection of unknown protocol may stay silent before it
+    /// is taken for a server-first protocol; zero waits for the client.
+    pub protocol_detection_timeout: Duration,
     /// The pod's traffic is captured by iptables (`mesh-iptables`):
     /// listeners bind every address (an OUTPUT redirect arrives on
     /// 127.0.0.1) and the app is reached on 127.0.0.1.
@@ -50,6 +53,10 @@ pub struct Config {
     /// The app's own metrics, merged into the agent port's `/stats/prometheus`.
     pub app_metrics: Option<mesh_proto::app_metrics::AppMetrics>,
 }
+
+/// How long a client may stay silent before its protocol is taken for one
+/// where the server speaks first.
+pub const DEFAULT_DETECTION_TIMEOUT: Duration = Duration::from_millis(100);
 
 /// Istio's outboundTrafficPolicy modes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -109,6 +116,7 @@ impl Config {
             cert_lifetime: Duration::ZERO,
             drain_grace: Duration::ZERO,
             outbound_policy: OutboundPolicy::default(),
+            protocol_detection_timeout: DEFAULT_DETECTION_TIMEOUT,
             capture: false,
             socket_mark: None,
             ports: Ports::default(),

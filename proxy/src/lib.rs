@@ -11,6 +11,7 @@ pub mod budget;
 pub mod capture;
 pub mod cli;
 pub mod config;
+mod detect;
 pub mod drain;
 pub mod flags;
 mod http_extra;

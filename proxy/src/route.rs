@@ -72,6 +72,8 @@ pub struct Match {
     without_headers: Vec<(HeaderName, Option<Str>)>,
     query: Vec<(String, Option<Str>)>,
     port: u32,
+    /// tls routes: server names (lower case; `*.x` covers names under x).
+    sni_hosts: Vec<String>,
 }
 
 /// What the request looks like to the matchers.
@@ -124,7 +126,16 @@ impl Match {
                 .map(|q| Ok((q.name.clone(), opt_str(&q.value, at)?)))
                 .collect::<Result<_, String>>()?,
             port: m.port,
+            sni_hosts: m.sni_hosts.clone(),
         })
+    }
+
+    /// Whether a connection to `port` asking for server name `sni` (TLS)
+    /// meets this match's port and server names.
+    fn takes(&self, port: u32, sni: Option<&str>) -> bool {
+        (self.port == 0 || self.port == port)
+            && (self.sni_hosts.is_empty()
+                || sni.is_some_and(|name| self.sni_hosts.iter().any(|h| sni_matches(h, name))))
     }
 
     pub fn matches(&self, r: &RequestView<'_>) -> bool {
@@ -152,6 +163,15 @@ impl Match {
             && self.query.iter().all(|(n, m)| {
                 query_param(r.query, n).is_some_and(|v| m.as_ref().is_none_or(|m| m.matches(v)))
             })
+    }
+}
+
+/// Whether server name `name` is `host`, or under `*.suffix`; `*` takes all.
+fn sni_matches(host: &str, name: &str) -> bool {
+    match host.strip_prefix('*') {
+        Some("") => true,
+        Some(suffix) => name.len() > suffix.len() && name.ends_with(suffix),
+        None => host == name,
     }
 }
 
@@ -579,11 +599,12 @@ impl Route {
         self.matches.iter().find(|m| m.matches(req)).map(Some)
     }
 
-    /// Whether this route takes a TCP connection to `port`: TCP routes
-    /// match on the port and the source only, and the source was settled
-    /// when the route was compiled.
-    pub fn takes_port(&self, port: u32) -> bool {
-        self.matches.is_empty() || self.matches.iter().any(|m| m.port == 0 || m.port == port)
+    /// Whether this route takes a TCP connection to `port` (with TLS
+    /// server name `sni`): TCP and TLS routes match on the port, the
+    /// server name and the source, which was settled when the route was
+    /// compiled.
+    pub fn takes_connection(&self, port: u32, sni: Option<&str>) -> bool {
+        self.matches.is_empty() || self.matches.iter().any(|m| m.takes(port, sni))
     }
 
     /// A weighted random pick among the destinations.
@@ -644,8 +665,8 @@ impl RouteTable {
     }
 
     /// The first route that takes a TCP connection to `port`.
-    pub fn select_tcp(&self, port: u32) -> Option<&Route> {
-        self.routes.iter().find(|r| r.takes_port(port))
+    pub fn select_tcp(&self, port: u32, sni: Option<&str>) -> Option<&Route> {
+        self.routes.iter().find(|r| r.takes_connection(port, sni))
     }
 
     /// The first route that matches, and the match that did.
@@ -660,6 +681,42 @@ impl RouteTable {
 mod tests {
     use super::*;
     use pb::string_match::Kind;
+
+    #[test]
+    fn tls_routes_take_the_server_names_they_list() {
+        let rc = pb::RouteConfig {
+            name: "db:443".into(),
+            port: 443,
+            routes: vec![
+                pb::HttpRoute {
+                    name: "tls-0".into(),
+                    matches: vec![pb::HttpMatch {
+                        sni_hosts: vec!["*.internal.example".into(), "db.example".into()],
+                        ..Default::default()
+                    }],
+                    clusters: vec![pb::WeightedCluster {
+                        cluster: "internal".into(),
+                        weight: 100,
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                },
+                pb::HttpRoute {
+                    name: "default".into(),
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        };
+        let table = RouteTable::compile(&rc, None).unwrap();
+        let chosen = |sni: Option<&str>| table.select_tcp(443, sni).map(|r| &*r.name);
+        assert_eq!(chosen(Some("db.example")), Some("tls-0"));
+        assert_eq!(chosen(Some("a.b.internal.example")), Some("tls-0"));
+        // The wildcard needs a name under it, not the bare suffix.
+        assert_eq!(chosen(Some("internal.example")), Some("default"));
+        assert_eq!(chosen(Some("other.example")), Some("default"));
+        assert_eq!(chosen(None), Some("default"));
+    }
 
     fn sm(kind: Kind) -> Option<pb::StringMatch> {
         Some(pb::StringMatch { kind: Some(kind) })

@@ -10,6 +10,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::detect::Detected;
 use crate::{Shared, admin, inbound, outbound};
 
 /// The next connection, or `None` once draining has started (the listener
@@ -36,24 +37,52 @@ async fn accept(listener: &TcpListener, shared: &Shared) -> Option<(TcpStream, S
 /// case the connection's original destination is known.
 pub async fn serve_outbound(listener: TcpListener, shared: Arc<Shared>) {
     while let Some((tcp, peer)) = accept(&listener, &shared).await {
-        let original_dst = shared.sockets.original_dst(&tcp);
-        // A declared TCP service is tunnelled as it is: no HTTP parsing,
-        // no waiting for the client to speak first.
-        let tcp_service = original_dst.and_then(|d| shared.snapshot.borrow().tcp.get(&d).cloned());
-        if let Some(cluster) = tcp_service {
+        // An explicit proxy's clients speak HTTP.
+        let Some(dst) = shared.sockets.original_dst(&tcp) else {
+            serve_http(&shared, tcp, peer, None);
+            continue;
+        };
+        let snapshot = shared.snapshot.borrow().clone();
+        // A declared TCP or TLS service is tunnelled as it is: no HTTP
+        // parsing, no waiting for the client to speak first.
+        if let Some(service) = snapshot.tcp.get(&dst).cloned() {
             shared
                 .drain
-                .track(crate::tcp::outbound(shared.clone(), tcp, cluster));
+                .track(crate::tcp::outbound(shared.clone(), tcp, service));
             continue;
         }
-        let conn = Arc::new(outbound::Conn { original_dst, peer });
+        // A port declared HTTP: nothing to detect.
+        if snapshot.speaks_http(dst) {
+            serve_http(&shared, tcp, peer, Some(dst));
+            continue;
+        }
+        // Anywhere else the first bytes say what the connection is; a
+        // client silent for the detection timeout waits for its server.
+        let within = snapshot.detection_timeout(shared.cfg.protocol_detection_timeout);
         let s = shared.clone();
-        let svc = service_fn(move |req| outbound::handle(s.clone(), conn.clone(), req));
-        let conn = auto::Builder::new(TokioExecutor::new())
-            .serve_connection(TokioIo::new(tcp), svc)
-            .into_owned();
-        shared.drain.serve(conn);
+        shared.drain.track(async move {
+            match crate::detect::detect(&tcp, within).await {
+                Detected::Http => serve_http(&s, tcp, peer, Some(dst)),
+                Detected::Tls(sni) => crate::tcp::by_server_name(s, tcp, dst, sni).await,
+                Detected::Opaque => crate::tcp::passthrough(s, tcp, dst).await,
+                Detected::Closed => {}
+            }
+        });
     }
+}
+
+/// Serves HTTP/1.1 or h2c from the app on `tcp`.
+fn serve_http(shared: &Arc<Shared>, tcp: TcpStream, peer: SocketAddr, dst: Option<SocketAddr>) {
+    let conn = Arc::new(outbound::Conn {
+        original_dst: dst,
+        peer,
+    });
+    let s = shared.clone();
+    let svc = service_fn(move |req| outbound::handle(s.clone(), conn.clone(), req));
+    let conn = auto::Builder::new(TokioExecutor::new())
+        .serve_connection(TokioIo::new(tcp), svc)
+        .into_owned();
+    shared.drain.serve(conn);
 }
 
 /// Mutual TLS from other sidecars: the inbound listener.
@@ -65,7 +94,15 @@ pub async fn serve_inbound(listener: TcpListener, shared: Arc<Shared>) {
             // A TLS ClientHello starts with 0x16; anything else (or nothing
             // within the sniff window: a server-first protocol) is plaintext.
             let mut first = [0u8; 1];
-            match tokio::time::timeout(SNIFF_TIMEOUT, tcp.peek(&mut first)).await {
+            let within = shared
+                .snapshot
+                .borrow()
+                .detection_timeout(shared.cfg.protocol_detection_timeout);
+            let peeked = match within {
+                Some(t) => tokio::time::timeout(t, tcp.peek(&mut first)).await,
+                None => Ok(tcp.peek(&mut first).await),
+            };
+            match peeked {
                 Ok(Ok(1)) if first[0] == 0x16 => {}
                 Ok(Ok(0) | Err(_)) => return,
                 _ => {
@@ -110,10 +147,6 @@ pub async fn serve_inbound(listener: TcpListener, shared: Arc<Shared>) {
         });
     }
 }
-
-/// How long an inbound connection may stay silent before it is taken for
-/// plaintext whose server speaks first.
-const SNIFF_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// Plaintext arriving on the inbound port: a client without a sidecar,
 /// redirected by the pod's capture rules. Served only where the workload's

@@ -25,8 +25,12 @@ pub struct Snapshot {
     /// Route configs by name, compiled.
     pub routes: HashMap<String, Arc<RouteTable>>,
     pub clusters: HashMap<String, Arc<Cluster>>,
-    /// Opaque TCP services by VIP and port.
+    /// Opaque TCP and TLS services by VIP and port.
     pub tcp: HashMap<SocketAddr, TcpService>,
+    /// TLS services by port, then host name (`*.example.com` for a
+    /// wildcard host): found by the ClientHello's server name, whatever
+    /// address the app dialled, as Envoy's filter chains match SNI.
+    tls_hosts: HashMap<u16, HashMap<String, TcpService>>,
     /// Domain (host without port) -> route configs by port.
     domains: HashMap<String, Vec<Arc<RouteTable>>>,
     /// Which types pilot has answered at least once.
@@ -100,6 +104,8 @@ pub struct Cluster {
 pub struct TcpService {
     pub cluster: Arc<Cluster>,
     pub routes: Option<Arc<RouteTable>>,
+    /// A TLS port: the ClientHello's server name takes part in routing.
+    pub tls: bool,
 }
 
 /// An endpoint, parsed once: where its sidecar listens, what identity it must
@@ -261,22 +267,42 @@ impl Resources {
             .collect();
         let (own, inbound) = self.own();
         let telemetry = self.listener.as_ref().and_then(|l| l.telemetry.as_ref());
-        let tcp = clusters
+        let opaque: Vec<TcpService> = clusters
             .values()
-            .filter(|c| c.config.subset.is_empty() && c.config.protocol == pb::Protocol::Tcp as i32)
-            .flat_map(|c| {
-                let service = TcpService {
+            .filter(|c| c.config.subset.is_empty())
+            .filter_map(|c| {
+                let tls = match pb::Protocol::try_from(c.config.protocol) {
+                    Ok(pb::Protocol::Tcp) => false,
+                    Ok(pb::Protocol::Tls) => true,
+                    _ => return None,
+                };
+                Some(TcpService {
                     cluster: c.clone(),
                     routes: routes
                         .get(&format!("{}:{}", c.config.service, c.config.port))
                         .cloned(),
-                };
-                c.config.vips.iter().filter_map(move |v| {
-                    let ip: std::net::IpAddr = v.parse().ok()?;
-                    Some((SocketAddr::new(ip, c.config.port as u16), service.clone()))
+                    tls,
                 })
             })
             .collect();
+        let tcp = opaque
+            .iter()
+            .flat_map(|s| {
+                let port = s.cluster.config.port as u16;
+                s.cluster.config.vips.iter().filter_map(move |v| {
+                    let ip: std::net::IpAddr = v.parse().ok()?;
+                    Some((SocketAddr::new(ip, port), s.clone()))
+                })
+            })
+            .collect();
+        let mut tls_hosts: HashMap<u16, HashMap<String, TcpService>> = HashMap::new();
+        for s in opaque.into_iter().filter(|s| s.tls) {
+            let host = s.cluster.config.service.to_ascii_lowercase();
+            tls_hosts
+                .entry(s.cluster.config.port as u16)
+                .or_default()
+                .insert(host, s);
+        }
         Snapshot {
             listener: self.listener.clone(),
             own,
@@ -284,6 +310,7 @@ impl Resources {
             routes,
             clusters,
             tcp,
+            tls_hosts,
             domains,
             answered: self.answered.len(),
             // Checked when the listener arrived (a bad one is NACKed), so
@@ -377,6 +404,46 @@ impl Snapshot {
     /// True once pilot has answered every type the proxy subscribes to.
     pub fn complete(&self) -> bool {
         self.answered >= mesh_proto::type_url::ALL.len()
+    }
+
+    /// The TLS service on `port` whose host is the server name `sni`, or
+    /// the most specific wildcard host (`*.example.com`) covering it.
+    pub fn tls_service(&self, port: u16, sni: &str) -> Option<&TcpService> {
+        let hosts = self.tls_hosts.get(&port)?;
+        if let Some(s) = hosts.get(sni) {
+            return Some(s);
+        }
+        let mut rest = sni;
+        while let Some((_, parent)) = rest.split_once('.') {
+            if let Some(s) = hosts.get(&format!("*.{parent}")) {
+                return Some(s);
+            }
+            rest = parent;
+        }
+        hosts.get("*")
+    }
+
+    /// Whether `dst` is a VIP and port of a service declared HTTP (or
+    /// HTTP/2, gRPC): its connections are HTTP, with nothing to detect.
+    pub fn speaks_http(&self, dst: SocketAddr) -> bool {
+        self.domains
+            .get(&dst.ip().to_string())
+            .is_some_and(|configs| {
+                configs
+                    .iter()
+                    .any(|rc| rc.config.port == u32::from(dst.port()))
+            })
+    }
+
+    /// How long a silent client is waited for (pilot's word, else
+    /// `default`); `None`: until it speaks.
+    pub fn detection_timeout(&self, default: std::time::Duration) -> Option<std::time::Duration> {
+        let t = self
+            .listener
+            .as_ref()
+            .and_then(|l| l.protocol_detection_timeout_ms)
+            .map_or(default, std::time::Duration::from_millis);
+        (!t.is_zero()).then_some(t)
     }
 
     /// The route config for an authority (`host` or `host:port`). Without a

@@ -29,8 +29,13 @@ use crate::wire::{self, local_reply};
 
 /// Carries one captured connection to a TCP service's endpoint: of the
 /// cluster the service port's TCP routes choose, else the service's own.
+/// On a TLS port the routes see the ClientHello's server name.
 pub async fn outbound(shared: Arc<Shared>, mut client: TcpStream, service: TcpService) {
-    let cluster = match routed(&shared, &service) {
+    let sni = match service.tls {
+        true => crate::detect::server_name(&client, None).await,
+        false => None,
+    };
+    let cluster = match routed(&shared, &service, sni.as_deref()) {
         Ok(c) => c,
         Err(missing) => {
             tracing::warn!(cluster = %missing, "TCP route to a cluster this sidecar does not have: closing the connection");
@@ -105,12 +110,16 @@ pub async fn outbound(shared: Arc<Shared>, mut client: TcpStream, service: TcpSe
 /// by weight, of the first of the port's TCP routes that takes it (routes
 /// pilot sends as the port's route config); the service's own without one.
 /// `Err` names a cluster the route chose that this sidecar does not have.
-fn routed(shared: &Shared, service: &TcpService) -> Result<Arc<Cluster>, String> {
+fn routed(
+    shared: &Shared,
+    service: &TcpService,
+    sni: Option<&str>,
+) -> Result<Arc<Cluster>, String> {
     let own = &service.cluster;
     let Some(dest) = service
         .routes
         .as_ref()
-        .and_then(|t| t.select_tcp(own.config.port))
+        .and_then(|t| t.select_tcp(own.config.port, sni))
         .and_then(|r| r.pick())
     else {
         return Ok(own.clone());
@@ -125,6 +134,90 @@ fn routed(shared: &Shared, service: &TcpService) -> Result<Arc<Cluster>, String>
         .get(&dest.cluster)
         .cloned()
         .ok_or_else(|| dest.cluster.clone())
+}
+
+/// A captured connection of TLS to no service's address: the service
+/// whose host is the ClientHello's server name on that port takes it, as
+/// a TLS service's connections do; with none, it passes through.
+pub async fn by_server_name(
+    shared: Arc<Shared>,
+    client: TcpStream,
+    dst: std::net::SocketAddr,
+    sni: Option<String>,
+) {
+    let service = sni.and_then(|name| {
+        let snapshot = shared.snapshot.borrow();
+        snapshot.tls_service(dst.port(), &name).cloned()
+    });
+    match service {
+        Some(service) => outbound(shared, client, service).await,
+        None => passthrough(shared, client, dst).await,
+    }
+}
+
+/// A captured connection to no mesh service that is not HTTP (or was
+/// silent: a server-first protocol): spliced to its original destination
+/// under ALLOW_ANY (`PassthroughCluster`), closed under REGISTRY_ONLY
+/// (`BlackHoleCluster`).
+pub async fn passthrough(shared: Arc<Shared>, mut client: TcpStream, dst: std::net::SocketAddr) {
+    let snapshot = shared.snapshot.borrow().clone();
+    let policy = snapshot.outbound_policy(shared.cfg.outbound_policy);
+    if shared.cfg.is_own_listener(dst) {
+        tracing::warn!(%dst, "TCP to this sidecar's own listener: refusing to loop");
+        return;
+    }
+    if policy == crate::OutboundPolicy::RegistryOnly {
+        tracing::warn!(%dst, "TCP to a destination outside the mesh refused: the outbound traffic policy is REGISTRY_ONLY (BlackHoleCluster)");
+        if let Some(series) = outside_series(&shared, &snapshot, "BlackHoleCluster", "UH") {
+            series.closed(0, 0);
+        }
+        return;
+    }
+    let connect = mesh_identity::grpc::dial(dst, shared.cfg.socket_mark);
+    let mut upstream = match tokio::time::timeout(crate::pool::CONNECT_TIMEOUT, connect).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::warn!(%dst, error = %e, "TCP passthrough connect failed");
+            if let Some(series) = outside_series(&shared, &snapshot, "PassthroughCluster", "UF") {
+                series.closed(0, 0);
+            }
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(%dst, "TCP passthrough connect timed out");
+            if let Some(series) = outside_series(&shared, &snapshot, "PassthroughCluster", "UF") {
+                series.closed(0, 0);
+            }
+            return;
+        }
+    };
+    let series = outside_series(&shared, &snapshot, "PassthroughCluster", "-");
+    let mut client = Counting::new(&mut client);
+    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+    if let Some(series) = series {
+        series.closed(client.written, client.read);
+    }
+}
+
+/// Counts a connection to a destination outside the mesh, named as Istio
+/// names those (`PassthroughCluster`, `BlackHoleCluster`).
+fn outside_series(
+    shared: &Shared,
+    snapshot: &crate::state::Snapshot,
+    name: &str,
+    flags: &'static str,
+) -> Option<TcpSeries> {
+    if snapshot.client_metrics_off {
+        return None;
+    }
+    let mut peers = Peers::new("source");
+    peers.source(&snapshot.own.meta, &shared.cfg.identity);
+    peers.service(name);
+    Some(shared.metrics.tcp_opened(&TcpLabels {
+        peers,
+        request_protocol: "tcp",
+        response_flags: flags,
+    }))
 }
 
 /// Carries a connection to an endpoint's own address: plaintext to one

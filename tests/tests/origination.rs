@@ -165,7 +165,11 @@ impl Pki {
 fn leaf(issuer: &Issuer<'static, KeyPair>, name: &str) -> (rcgen::Certificate, KeyPair) {
     let key = KeyPair::generate().unwrap();
     let mut p = CertificateParams::new(vec![]).unwrap();
-    p.subject_alt_names = vec![SanType::DnsName(name.try_into().unwrap())];
+    // Several names, comma-separated.
+    p.subject_alt_names = name
+        .split(',')
+        .map(|n| SanType::DnsName(n.try_into().unwrap()))
+        .collect();
     (p.signed_by(&key, issuer).unwrap(), key)
 }
 
@@ -529,5 +533,263 @@ spec:
         );
         assert!(body.contains("timed out after 200ms"), "{host}: {body}");
     }
+    mesh.stop().await;
+}
+
+/// What an app hears back after saying `ping` over TLS (server name `sni`,
+/// trusting `pki`'s CA) through `pod`'s captured sidecar: `None` when the
+/// connection is closed or the handshake fails.
+async fn tls_ping_through(pod: std::net::IpAddr, sni: &str, pki: &Pki) -> Option<Vec<u8>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(pki.ca_der.clone()).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect((pod, 15001)).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from(sni.to_string()).unwrap();
+    let talk = async {
+        let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(name, tcp)
+            .await
+            .ok()?;
+        tls.write_all(b"ping").await.ok()?;
+        let mut echoed = [0u8; 4];
+        tls.read_exact(&mut echoed).await.ok()?;
+        Some(echoed.to_vec())
+    };
+    tokio::time::timeout(Duration::from_secs(3), talk)
+        .await
+        .ok()
+        .flatten()
+}
+
+/// A ServiceEntry for TLS to `host` on port 8443, known by name only (no
+/// addresses), its one endpoint 127.0.0.1:`port` without a sidecar.
+fn tls_entry(name: &str, host: &str, port: u16) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: {name}, namespace: default}}
+spec:
+  hosts: [{host}]
+  location: MESH_EXTERNAL
+  resolution: STATIC
+  ports: [{{number: 8443, name: tls, protocol: TLS}}]
+  endpoints: [{{address: 127.0.0.1, ports: {{tls: {port}}}}}]
+---
+"
+    )
+}
+
+fn last_sni(seen: &Mutex<Vec<Seen>>) -> Option<String> {
+    seen.lock().unwrap().last().and_then(|s| s.sni.clone())
+}
+
+/// TLS the apps speak themselves, to services the mesh knows by host name
+/// only: the calling sidecar reads the ClientHello's server name (never
+/// terminating the TLS) to find the service, whatever address the app
+/// dialled, and a VirtualService's `tls` routes choose by that name.
+#[tokio::test(flavor = "multi_thread")]
+async fn tls_routes_choose_a_destination_by_server_name() {
+    let mesh = Mesh::start().await;
+    let pki = Pki::new(mesh.state_dir(), "sni");
+    let names = "*.example.test,*.wild.test";
+    let (a_port, a_seen) = tls_echo(pki.server(names, false)).await;
+    let (b_port, b_seen) = tls_echo(pki.server(names, false)).await;
+    let entries = format!(
+        "{}{}",
+        tls_entry("a", "a.example.test", a_port),
+        tls_entry("b", "b.example.test", b_port)
+    );
+    mesh.write_config("sni.yaml", &entries);
+    let std::net::IpAddr::V4(client) = mesh.workload("client").address else {
+        unreachable!("the mesh runs on IPv4 loopback")
+    };
+    let [x, y, z, _] = client.octets();
+    let pod = std::net::IpAddr::from([x, y, z, 103]);
+    // Whatever the app's resolver gave it: no address the mesh knows.
+    let dst = Arc::new(Mutex::new(Some("240.240.3.9:8443".parse().unwrap())));
+    mesh.captured_sidecar(pod, mesh_proxy::OutboundPolicy::RegistryOnly, dst)
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tls_ping_through(pod, "a.example.test", &pki)
+        .await
+        .is_none()
+    {
+        assert!(Instant::now() < deadline, "a.example.test never answered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(last_sni(&a_seen).as_deref(), Some("a.example.test"));
+    assert_eq!(
+        tls_ping_through(pod, "b.example.test", &pki)
+            .await
+            .as_deref(),
+        Some(&b"ping"[..])
+    );
+    assert_eq!(last_sni(&b_seen).as_deref(), Some("b.example.test"));
+    // A name no service has, under REGISTRY_ONLY: closed.
+    assert_eq!(tls_ping_through(pod, "c.example.test", &pki).await, None);
+
+    // Istio's tls route: b.example.test's connections go to a's server.
+    let routes = "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: b-to-a, namespace: default}
+spec:
+  hosts: [b.example.test]
+  tls:
+  - match: [{sniHosts: [b.example.test], port: 8443}]
+    route: [{destination: {host: a.example.test}}]
+";
+    mesh.write_config("sni.yaml", &format!("{entries}{routes}"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let before = a_seen.lock().unwrap().len();
+        let echoed = tls_ping_through(pod, "b.example.test", &pki).await;
+        if echoed.is_some() && a_seen.lock().unwrap().len() > before {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the tls route never applied");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(last_sni(&a_seen).as_deref(), Some("b.example.test"));
+    let on_b = b_seen.lock().unwrap().len();
+    for _ in 0..5 {
+        assert!(
+            tls_ping_through(pod, "b.example.test", &pki)
+                .await
+                .is_some()
+        );
+    }
+    assert_eq!(
+        b_seen.lock().unwrap().len(),
+        on_b,
+        "b's server got a connection"
+    );
+
+    // A wildcard host served by b's server, whose route takes one name
+    // under it to a's: the other names stay with the service itself.
+    let wild = format!(
+        "{}apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: wild, namespace: default}}
+spec:
+  hosts: [\"*.wild.test\"]
+  tls:
+  - match: [{{sniHosts: [x.wild.test]}}]
+    route: [{{destination: {{host: a.example.test}}}}]
+",
+        tls_entry("wild", "\"*.wild.test\"", b_port)
+    );
+    mesh.write_config("wild.yaml", &wild);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tls_ping_through(pod, "y.wild.test", &pki).await.is_none() {
+        assert!(Instant::now() < deadline, "*.wild.test never answered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(last_sni(&b_seen).as_deref(), Some("y.wild.test"));
+    assert!(tls_ping_through(pod, "x.wild.test", &pki).await.is_some());
+    assert_eq!(last_sni(&a_seen).as_deref(), Some("x.wild.test"));
+    assert!(tls_ping_through(pod, "z.wild.test", &pki).await.is_some());
+    assert_eq!(last_sni(&b_seen).as_deref(), Some("z.wild.test"));
+    mesh.stop().await;
+}
+
+/// A server on 127.0.0.1 that greets each client first, then echoes.
+async fn greeting_server() -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                if tcp.write_all(b"220 ready\r\n").await.is_err() {
+                    return;
+                }
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = tcp.read(&mut buf).await {
+                    if n == 0 || tcp.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+/// How long a silent client waits for the greeting through `pod`'s
+/// captured sidecar, and that its bytes then flow both ways.
+async fn greeted_after(pod: std::net::IpAddr) -> Duration {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let started = Instant::now();
+    let mut tcp = tokio::net::TcpStream::connect((pod, 15001)).await.unwrap();
+    let mut greeting = [0u8; 11];
+    tokio::time::timeout(Duration::from_secs(10), tcp.read_exact(&mut greeting))
+        .await
+        .expect("no greeting within 10 s")
+        .expect("closed before the greeting");
+    let waited = started.elapsed();
+    assert_eq!(&greeting, b"220 ready\r\n");
+    tcp.write_all(b"ping").await.unwrap();
+    let mut echoed = [0u8; 4];
+    tcp.read_exact(&mut echoed).await.unwrap();
+    assert_eq!(&echoed, b"ping");
+    waited
+}
+
+/// Captured connections to destinations nobody declared a protocol for:
+/// a server that speaks first is heard after the detection timeout (short
+/// by default, and configurable), never
+/// stalled waiting for the client; TLS passes through unterminated.
+#[tokio::test(flavor = "multi_thread")]
+async fn server_first_protocols_and_tls_pass_through_undeclared_ports() {
+    let mesh = Mesh::start().await;
+    let greeting_port = greeting_server().await;
+    let std::net::IpAddr::V4(client) = mesh.workload("client").address else {
+        unreachable!("the mesh runs on IPv4 loopback")
+    };
+    let [x, y, z, _] = client.octets();
+    let pod = std::net::IpAddr::from([x, y, z, 104]);
+    let dst = Arc::new(Mutex::new(Some(
+        format!("127.0.0.1:{greeting_port}").parse().unwrap(),
+    )));
+    mesh.captured_sidecar(pod, mesh_proxy::OutboundPolicy::AllowAny, dst.clone())
+        .await;
+    let waited = greeted_after(pod).await;
+    assert!(
+        waited < Duration::from_secs(1),
+        "the greeting took {waited:?} (default detection timeout: 100 ms)"
+    );
+
+    // TLS to a server the mesh does not know: through, unterminated.
+    let pki = Pki::new(mesh.state_dir(), "passthrough");
+    let (tls_port, seen) = tls_echo(pki.server("db.example.org", false)).await;
+    *dst.lock().unwrap() = Some(format!("127.0.0.1:{tls_port}").parse().unwrap());
+    assert_eq!(
+        tls_ping_through(pod, "db.example.org", &pki)
+            .await
+            .as_deref(),
+        Some(&b"ping"[..])
+    );
+    assert_eq!(last_sni(&seen).as_deref(), Some("db.example.org"));
+
+    // A longer detection timeout (`--protocol-detection-timeout`, or the
+    // mesh config's protocolDetectionTimeout through pilot) is waited out.
+    let slower = std::net::IpAddr::from([x, y, z, 105]);
+    mesh.client_sidecar(slower, dst.clone(), |cfg| {
+        cfg.protocol_detection_timeout = Duration::from_millis(1500);
+    })
+    .await;
+    *dst.lock().unwrap() = Some(format!("127.0.0.1:{greeting_port}").parse().unwrap());
+    let waited = greeted_after(slower).await;
+    assert!(
+        waited >= Duration::from_millis(1500) && waited < Duration::from_secs(5),
+        "the greeting took {waited:?} under a 1.5 s detection timeout"
+    );
     mesh.stop().await;
 }
