@@ -131,6 +131,16 @@ fn client_address(addr: std::net::SocketAddr) -> Option<HeaderValue> {
     HeaderValue::from_str(&addr.ip().to_string()).ok()
 }
 
+/// Marks an upgrade request with [`wire::Upgrade`] (an extended CONNECT
+/// becoming the app's `GET`); whether it is one.
+fn mark_upgrade<B>(req: &mut Request<B>) -> bool {
+    let upgrade = match req.method() == http::Method::CONNECT {
+        true => wire::Upgrade::from_connect(req),
+        false => wire::upgrade_asked(req.version(), req.headers()),
+    };
+    upgrade.map(|u| req.extensions_mut().insert(u)).is_some()
+}
+
 /// Resolves once a new config allows nothing more on `conn`; the
 /// connection is then closed. Never resolves otherwise.
 pub fn revoked(shared: &Shared, conn: Arc<Conn>) -> impl Future<Output = ()> + Send + 'static {
@@ -153,8 +163,12 @@ pub async fn handle(
     conn: Arc<Conn>,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, std::convert::Infallible> {
-    let (begun, req) = observe::Begun::new(req);
-    if req.method() == http::Method::CONNECT {
+    let (begun, mut req) = observe::Begun::new(req);
+    // An upgrade (WebSocket and the like): from a peer sidecar as HTTP/2
+    // extended CONNECT, from a client without one as HTTP/1.1's. It takes
+    // the HTTP path (authorization sees the GET the app sent) and switches
+    // once the app does.
+    if !mark_upgrade(&mut req) && req.method() == http::Method::CONNECT {
         if conn.peer.is_none() {
             return Ok(local_reply(
                 StatusCode::FORBIDDEN,
@@ -422,6 +436,7 @@ async fn forward(
     req: Request<ReqBody>,
 ) -> (Response<Body>, bool) {
     let (mut parts, body) = req.into_parts();
+    let upgrading = parts.extensions.get::<wire::Upgrade>().is_some();
     let original = parts.uri.authority().cloned();
     let mut uri = std::mem::take(&mut parts.uri).into_parts();
     uri.scheme = Some(Scheme::HTTP);
@@ -450,33 +465,75 @@ async fn forward(
         parts.headers.insert(wire::XFCC, v.clone());
     }
     wire::forwarded(&mut parts.headers, conn.xff.as_ref(), conn.proto());
+    if !port.h2 || upgrading {
+        // An upgrade's caller is told apart by its version (`switch_app`).
+        if !upgrading {
+            parts.version = http::Version::HTTP_11;
+        }
+        if let Some(host) = original.and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
+            parts.headers.insert(http::header::HOST, host);
+        }
+    }
+    let req = Request::from_parts(parts, body.boxed());
+    if upgrading {
+        // Boxed: rare, and kept out of every request's future.
+        return Box::pin(switch_app(shared, port, req)).await;
+    }
     let client = if port.h2 {
         &shared.app_h2
     } else {
         &shared.app_h1
     };
-    if !port.h2 {
-        parts.version = http::Version::HTTP_11;
-        if let Some(host) = original.and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
-            parts.headers.insert(http::header::HOST, host);
-        }
-    }
-    match client
-        .request(Request::from_parts(parts, body.boxed()))
-        .await
-    {
+    match client.request(req).await {
         Ok(resp) => {
             let (mut parts, body) = resp.into_parts();
             wire::strip_hop_by_hop(&mut parts.headers);
             (Response::from_parts(parts, body.boxed()), true)
         }
-        Err(e) => {
-            tracing::warn!(app = %port.app, error = %e, "app request failed");
-            let reply = local_reply(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("app at {} unreachable: {e}", port.app),
-            );
-            (reply, false)
+        Err(e) => (app_unreachable(port, e), false),
+    }
+}
+
+fn app_unreachable(port: &InboundPort, e: hyper_util::client::legacy::Error) -> Response<Body> {
+    tracing::warn!(app = %port.app, error = %e, "app request failed");
+    local_reply(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("app at {} unreachable: {e}", port.app),
+    )
+}
+
+/// An upgrade the caller asked for, sent to the app as HTTP/1.1's; when
+/// the app switches, the caller's side (a peer sidecar's HTTP/2 stream,
+/// answered 200, or an HTTP/1.1 client, answered 101) is joined to it.
+async fn switch_app(
+    shared: &Shared,
+    port: &InboundPort,
+    mut req: Request<Body>,
+) -> (Response<Body>, bool) {
+    let Some(u) = req.extensions_mut().remove::<wire::Upgrade>() else {
+        let reply = local_reply(StatusCode::INTERNAL_SERVER_ERROR, "not an upgrade");
+        return (reply, false);
+    };
+    let caller = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>();
+    let from_sidecar = req.version() == http::Version::HTTP_2;
+    u.to_h1(&mut req);
+    match shared.app_h1.request(req).await {
+        Ok(mut resp) => {
+            if let Some(caller) = caller
+                && resp.status() == StatusCode::SWITCHING_PROTOCOLS
+            {
+                let app = hyper::upgrade::on(&mut resp);
+                shared.drain.track(wire::splice_upgraded(caller, app));
+                let answer = match from_sidecar {
+                    true => wire::Upgrade::accepted(resp.headers()),
+                    false => u.switched(resp.headers()),
+                };
+                return (answer, true);
+            }
+            let (mut parts, body) = resp.into_parts();
+            wire::strip_hop_by_hop(&mut parts.headers);
+            (Response::from_parts(parts, body.boxed()), true)
         }
+        Err(e) => (app_unreachable(port, e), false),
     }
 }

@@ -255,6 +255,8 @@ async fn forward(
         None => conn.original_dst.map(|d| d.to_string()).unwrap_or_default(),
     };
     let (mut parts, body) = req.into_parts();
+    // Asked before `prepare` drops the hop-by-hop headers that ask it.
+    let upgrade = wire::upgrade_asked(parts.version, &parts.headers);
     let view = RequestView {
         path: parts.uri.path(),
         query: parts.uri.query(),
@@ -364,6 +366,12 @@ async fn forward(
         .map_err(|m| refuse(StatusCode::BAD_REQUEST, Flags::NONE, m))?;
     route.request_headers.apply(&mut parts.headers);
     dest.request_headers.apply(&mut parts.headers);
+    // The app's side of a switch it asked for; each attempt's transport
+    // puts the upgrade in its own form (`send_to`).
+    let downstream = upgrade.as_ref().and_then(|u| {
+        parts.extensions.insert(u.clone());
+        parts.extensions.remove::<hyper::upgrade::OnUpgrade>()
+    });
 
     let (hash, set_cookie) = match cluster.balancer.hash_key() {
         Some(k) => hash_of(k, &parts, conn),
@@ -386,7 +394,7 @@ async fn forward(
     } else {
         (None, Sent::Once(Some(body)))
     };
-    for m in &route.mirrors {
+    for m in route.mirrors.iter().filter(|_| upgrade.is_none()) {
         if route::roll(m.percentage)
             && let Some(c) = snapshot.clusters.get(&m.cluster)
             && (replay.is_some() || matches!(body, Sent::Empty))
@@ -399,6 +407,22 @@ async fn forward(
     let sent = std::time::Instant::now();
     let mut resp = Box::pin(attempts.run(parts, body, chosen, flags)).await?;
     served.upstream_time = Some(sent.elapsed());
+    if let (Some(u), Some(down)) = (&upgrade, downstream)
+        && matches!(
+            resp.status(),
+            StatusCode::OK | StatusCode::SWITCHING_PROTOCOLS
+        )
+        && resp
+            .extensions()
+            .get::<hyper::upgrade::OnUpgrade>()
+            .is_some()
+    {
+        // The far side switched: the app hears its 101 and the two
+        // connections are joined.
+        let up = hyper::upgrade::on(&mut resp);
+        shared.drain.track(wire::splice_upgraded(down, up));
+        resp = u.switched(resp.headers());
+    }
     route.response_headers.apply(resp.headers_mut());
     dest.response_headers.apply(resp.headers_mut());
     if let Some(c) = set_cookie {
@@ -710,15 +734,23 @@ async fn send_to(
     tls: &crate::identity::Tls,
     cluster: &Cluster,
     endpoint: &Endpoint,
-    req: Request<Body>,
+    mut req: Request<Body>,
     connect_timeout: std::time::Duration,
 ) -> Result<Response<Incoming>, PoolError> {
     let h2 = crate::state::speaks_h2(cluster.config.protocol);
+    let upgrade = req.extensions_mut().remove::<wire::Upgrade>();
+    let via = cluster.transport.via(endpoint);
+    if let Some(u) = upgrade {
+        match via {
+            Via::Sidecar(_) => u.to_connect(&mut req),
+            _ => u.to_h1(&mut req),
+        }
+    }
     let direct = |error| PoolError::Direct {
         addr: endpoint.tunnel,
         error,
     };
-    match cluster.transport.via(endpoint) {
+    match via {
         Via::Sidecar(id) => {
             shared
                 .pool

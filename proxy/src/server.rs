@@ -79,8 +79,8 @@ fn serve_http(shared: &Arc<Shared>, tcp: TcpStream, peer: SocketAddr, dst: Optio
     });
     let s = shared.clone();
     let svc = service_fn(move |req| outbound::handle(s.clone(), conn.clone(), req));
-    let conn = auto::Builder::new(TokioExecutor::new())
-        .serve_connection(TokioIo::new(tcp), svc)
+    let conn = http_server()
+        .serve_connection_with_upgrades(TokioIo::new(tcp), svc)
         .into_owned();
     shared.drain.serve(conn);
 }
@@ -140,8 +140,8 @@ pub async fn serve_inbound(listener: TcpListener, shared: Arc<Shared>) {
             let s = shared.clone();
             let revoked = inbound::revoked(&shared, conn.clone());
             let svc = service_fn(move |req| inbound::handle(s.clone(), conn.clone(), req));
-            let conn = auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), svc)
+            let conn = http_server()
+                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
                 .into_owned();
             shared.drain.serve_until(conn, revoked);
         });
@@ -190,10 +190,19 @@ async fn plaintext_inbound(
     let s = shared.clone();
     let revoked = inbound::revoked(&shared, conn.clone());
     let svc = service_fn(move |req| inbound::handle(s.clone(), conn.clone(), req));
-    let conn = auto::Builder::new(TokioExecutor::new())
-        .serve_connection(TokioIo::new(tcp), svc)
+    let conn = http_server()
+        .serve_connection_with_upgrades(TokioIo::new(tcp), svc)
         .into_owned();
     shared.drain.serve_until(conn, revoked);
+}
+
+/// HTTP/1.1 and HTTP/2 served alike, upgrades included: HTTP/1.1's
+/// `Connection: upgrade` and HTTP/2's extended CONNECT (`:protocol`,
+/// RFC 8441), which carries them between sidecars.
+fn http_server() -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http2().enable_connect_protocol();
+    builder
 }
 
 /// Admin, readiness and stats: served until the proxy stops.

@@ -213,3 +213,92 @@ impl PeerMeta {
         m
     }
 }
+
+/// An HTTP upgrade (WebSocket and the like) in flight: the protocol the app
+/// asked to switch to. Between sidecars it travels as HTTP/2 extended
+/// CONNECT (RFC 8441, `:protocol`); to and from the apps as HTTP/1.1's
+/// `Connection: upgrade` and `101 Switching Protocols`. Carried in request
+/// extensions to the code that picks the wire form.
+#[derive(Clone, Debug)]
+pub struct Upgrade(pub HeaderValue);
+
+/// The protocol an HTTP/1.1 request asks to switch to, if it asks.
+pub fn upgrade_asked(version: http::Version, headers: &HeaderMap) -> Option<Upgrade> {
+    if version != http::Version::HTTP_11 {
+        return None;
+    }
+    let asks = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    let proto = headers.get(header::UPGRADE)?;
+    asks.then(|| Upgrade(proto.clone()))
+}
+
+impl Upgrade {
+    /// As HTTP/2 extended CONNECT, for a peer sidecar.
+    pub fn to_connect<B>(&self, req: &mut http::Request<B>) {
+        *req.method_mut() = http::Method::CONNECT;
+        let proto = self.0.to_str().unwrap_or("websocket");
+        req.extensions_mut()
+            .insert(hyper::ext::Protocol::from(proto));
+    }
+
+    /// As HTTP/1.1's upgrade request, for an app.
+    pub fn to_h1<B>(&self, req: &mut http::Request<B>) {
+        *req.method_mut() = http::Method::GET;
+        *req.version_mut() = http::Version::HTTP_11;
+        let headers = req.headers_mut();
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, self.0.clone());
+    }
+
+    /// The extended CONNECT a peer sidecar received, as an upgrade request
+    /// (method GET, as the app sent it), or `None` for a plain CONNECT.
+    pub fn from_connect<B>(req: &mut http::Request<B>) -> Option<Self> {
+        let proto = req.extensions_mut().remove::<hyper::ext::Protocol>()?;
+        let value = HeaderValue::from_str(proto.as_str()).ok()?;
+        *req.method_mut() = http::Method::GET;
+        Some(Upgrade(value))
+    }
+
+    /// The app's `101` to the app that asked: its headers (WebSocket's
+    /// accept key among them) with the upgrade's own.
+    pub fn switched(&self, from: &HeaderMap) -> http::Response<Body> {
+        let mut resp = http::Response::new(empty());
+        *resp.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
+        let headers = resp.headers_mut();
+        headers.clone_from(from);
+        strip_hop_by_hop(headers);
+        headers.remove(header::CONTENT_LENGTH);
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, self.0.clone());
+        resp
+    }
+
+    /// The `200` a peer sidecar's extended CONNECT gets once the app
+    /// switched: the app's headers, without the hop-by-hop ones.
+    pub fn accepted(from: &HeaderMap) -> http::Response<Body> {
+        let mut resp = http::Response::new(empty());
+        let headers = resp.headers_mut();
+        headers.clone_from(from);
+        strip_hop_by_hop(headers);
+        headers.remove(header::CONTENT_LENGTH);
+        resp
+    }
+}
+
+/// Joins two switched connections and copies bytes both ways until
+/// either side is done.
+pub async fn splice_upgraded(a: hyper::upgrade::OnUpgrade, b: hyper::upgrade::OnUpgrade) {
+    match tokio::try_join!(a, b) {
+        Ok((a, b)) => {
+            let mut a = hyper_util::rt::TokioIo::new(a);
+            let mut b = hyper_util::rt::TokioIo::new(b);
+            let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+        }
+        Err(e) => tracing::debug!(error = %e, "upgrade did not complete"),
+    }
+}

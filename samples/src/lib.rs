@@ -103,7 +103,7 @@ pub async fn serve(
                 async move { Ok::<_, Infallible>(app.handle(req).await) }
             });
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(tcp), svc)
+                .serve_connection_with_upgrades(TokioIo::new(tcp), svc)
                 .await;
         });
     }
@@ -140,7 +140,10 @@ fn reply(status: StatusCode, body: &Value) -> Response<Full<Bytes>> {
 }
 
 impl App {
-    async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    async fn handle(&self, mut req: Request<Incoming>) -> Response<Full<Bytes>> {
+        if req.uri().path() == "/ws" {
+            return self.websocket(&mut req);
+        }
         let caller = req
             .headers()
             .get("x-forwarded-client-cert")
@@ -239,6 +242,54 @@ impl App {
             Ok(v) => reply(StatusCode::OK, &v),
             Err(e) => reply(StatusCode::BAD_GATEWAY, &json!({"error": e, "hops": [hop]})),
         }
+    }
+
+    /// `/ws`: a WebSocket whose every text message comes back prefixed
+    /// with the service and version that answered (`reviews v2: hello`).
+    fn websocket(&self, req: &mut Request<Incoming>) -> Response<Full<Bytes>> {
+        use futures::{SinkExt, StreamExt};
+        use tokio_tungstenite::tungstenite::{
+            Message, handshake::derive_accept_key, protocol::Role,
+        };
+        let key = req.headers().get("sec-websocket-key").cloned();
+        let asks = req
+            .headers()
+            .get(http::header::UPGRADE)
+            .is_some_and(|u| u.as_bytes().eq_ignore_ascii_case(b"websocket"));
+        let Some(key) = key.filter(|_| asks) else {
+            return reply(
+                StatusCode::BAD_REQUEST,
+                &json!({"error": "/ws takes a WebSocket handshake"}),
+            );
+        };
+        let tag = format!("{:?} {}", self.service, self.version).to_lowercase();
+        let upgrade = hyper::upgrade::on(req);
+        tokio::spawn(async move {
+            let Ok(io) = upgrade.await else { return };
+            let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+                TokioIo::new(io),
+                Role::Server,
+                None,
+            )
+            .await;
+            while let Some(Ok(msg)) = ws.next().await {
+                let reply = match msg {
+                    Message::Text(t) => Message::text(format!("{tag}: {t}")),
+                    Message::Close(_) => return,
+                    _ => continue,
+                };
+                if ws.send(reply).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Response::builder()
+            .status(StatusCode::SWITCHING_PROTOCOLS)
+            .header(http::header::CONNECTION, "upgrade")
+            .header(http::header::UPGRADE, "websocket")
+            .header("sec-websocket-accept", derive_accept_key(key.as_bytes()))
+            .body(Full::new(Bytes::new()))
+            .expect("valid response")
     }
 
     /// The app's own Prometheus metrics: requests it served.

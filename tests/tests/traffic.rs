@@ -639,3 +639,63 @@ spec:
     }
     mesh.stop().await;
 }
+
+/// WebSockets through the sidecars, as Istio carries them: the handshake
+/// is routed like any request (here by the `end-user` header), travels
+/// between the sidecars as HTTP/2 extended CONNECT over mutual TLS, and
+/// once the app switches, messages flow both ways on the one connection.
+#[tokio::test(flavor = "multi_thread")]
+async fn websockets_are_routed_and_carried_both_ways() {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest};
+    let mesh = Mesh::start().await;
+    let vs = format!(
+        "{SUBSETS}
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: reviews, namespace: default}}
+spec:
+  hosts: [reviews]
+  http:
+  - name: jason-to-v2
+    match: [{{headers: {{end-user: {{exact: jason}}}}}}]
+    route: [{{destination: {{host: reviews, subset: v2}}}}]
+  - name: everyone-else-to-v1
+    route: [{{destination: {{host: reviews, subset: v1}}}}]
+"
+    );
+    mesh.apply("reviews-routing.yaml", &vs, "client", "everyone-else-to-v1")
+        .await;
+    let outbound = mesh.workload("client").outbound();
+    for (user, version) in [("jason", "v2"), ("someone", "v1")] {
+        let mut req = "ws://reviews:9080/ws".into_client_request().unwrap();
+        req.headers_mut().insert("end-user", user.parse().unwrap());
+        // The app talks to its sidecar, as an HTTP proxy, in plain HTTP/1.1.
+        let tcp = tokio::net::TcpStream::connect(outbound).await.unwrap();
+        let (mut ws, resp) = tokio_tungstenite::client_async(req, tcp)
+            .await
+            .unwrap_or_else(|e| panic!("WebSocket handshake as {user}: {e}"));
+        assert_eq!(resp.status().as_u16(), 101);
+        for i in 0..3 {
+            ws.send(Message::text(format!("hello {i}"))).await.unwrap();
+            let answer = tokio::time::timeout(Duration::from_secs(5), ws.next())
+                .await
+                .expect("no answer within 5 s")
+                .expect("the WebSocket closed")
+                .unwrap();
+            assert_eq!(
+                answer.into_text().unwrap().as_str(),
+                format!("reviews {version}: hello {i}")
+            );
+        }
+        ws.close(None).await.unwrap();
+    }
+    // A handshake the route answers itself never switches.
+    let mut req = "ws://reviews:9080/nowhere".into_client_request().unwrap();
+    req.headers_mut()
+        .insert("end-user", "jason".parse().unwrap());
+    let tcp = tokio::net::TcpStream::connect(outbound).await.unwrap();
+    let refused = tokio_tungstenite::client_async(req, tcp).await;
+    assert!(refused.is_err(), "switched on a page that is no WebSocket");
+    mesh.stop().await;
+}
