@@ -56,6 +56,10 @@ pub async fn handle(
 ) -> Result<Response<Body>, std::convert::Infallible> {
     let protocol = wire::protocol_label(&req);
     let (begun, mut req) = observe::Begun::new(req);
+    if req.method() == http::Method::CONNECT {
+        // Boxed: a rare path, kept out of every request's future.
+        return Ok(Box::pin(crate::tcp::tunnel(shared, req)).await);
+    }
     let snapshot = shared.snapshot.borrow().clone();
     let span = snapshot.tracing.begin(
         &shared.tracer,

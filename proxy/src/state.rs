@@ -31,6 +31,9 @@ pub struct Snapshot {
     /// wildcard host): found by the ClientHello's server name, whatever
     /// address the app dialled, as Envoy's filter chains match SNI.
     tls_hosts: HashMap<u16, HashMap<String, TcpService>>,
+    /// Opaque TCP and TLS services by route config name (`host:port`),
+    /// for CONNECT tunnels apps open by name.
+    opaque_by_route: HashMap<String, TcpService>,
     /// Domain (host without port) -> route configs by port.
     domains: HashMap<String, Vec<Arc<RouteTable>>>,
     /// Which types pilot has answered at least once.
@@ -295,6 +298,13 @@ impl Resources {
                 })
             })
             .collect();
+        let opaque_by_route = opaque
+            .iter()
+            .map(|s| {
+                let c = &s.cluster.config;
+                (format!("{}:{}", c.service, c.port), s.clone())
+            })
+            .collect();
         let mut tls_hosts: HashMap<u16, HashMap<String, TcpService>> = HashMap::new();
         for s in opaque.into_iter().filter(|s| s.tls) {
             let host = s.cluster.config.service.to_ascii_lowercase();
@@ -311,6 +321,7 @@ impl Resources {
             clusters,
             tcp,
             tls_hosts,
+            opaque_by_route,
             domains,
             answered: self.answered.len(),
             // Checked when the listener arrived (a bad one is NACKed), so
@@ -421,6 +432,20 @@ impl Snapshot {
             rest = parent;
         }
         hosts.get("*")
+    }
+
+    /// The opaque TCP or TLS service an authority (`host:port`, short
+    /// names and VIPs as for HTTP) names, if it names one.
+    pub fn opaque_service(&self, authority: &str) -> Option<&TcpService> {
+        let rc = self.route_config_exact(authority)?;
+        self.opaque_by_route.get(&rc.config.name)
+    }
+
+    /// The route config for `host:port` with exactly that port.
+    pub fn route_config_exact(&self, authority: &str) -> Option<&Arc<RouteTable>> {
+        let port = split_authority(authority).1?;
+        self.route_config(authority, port)
+            .filter(|rc| rc.config.port == u32::from(port))
     }
 
     /// Whether `dst` is a VIP and port of a service declared HTTP (or

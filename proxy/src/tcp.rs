@@ -30,11 +30,27 @@ use crate::wire::{self, local_reply};
 /// Carries one captured connection to a TCP service's endpoint: of the
 /// cluster the service port's TCP routes choose, else the service's own.
 /// On a TLS port the routes see the ClientHello's server name.
-pub async fn outbound(shared: Arc<Shared>, mut client: TcpStream, service: TcpService) {
+pub async fn outbound(shared: Arc<Shared>, client: TcpStream, service: TcpService) {
     let sni = match service.tls {
         true => crate::detect::server_name(&client, None).await,
         false => None,
     };
+    carry(shared, client, service, sni).await;
+}
+
+/// A client stream (captured, or a CONNECT tunnel the app opened), the
+/// way to a TCP service's endpoint; `sni` for its tls routes.
+pub trait Client: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Client for T {}
+
+/// Carries `client` to an endpoint of the cluster `service`'s routes
+/// choose (by `sni` on a TLS port), else of the service's own.
+pub async fn carry(
+    shared: Arc<Shared>,
+    mut client: impl Client,
+    service: TcpService,
+    sni: Option<String>,
+) {
     let cluster = match routed(&shared, &service, sni.as_deref()) {
         Ok(c) => c,
         Err(missing) => {
@@ -136,6 +152,73 @@ fn routed(
         .ok_or_else(|| dest.cluster.clone())
 }
 
+/// `CONNECT host:port` from the app (an HTTP proxy's tunnel, as
+/// `https_proxy` clients open): to a mesh TCP or TLS service by name, its
+/// routes and endpoints as for a captured connection (no server name is
+/// read, so tls routes that need one do not match); to a destination
+/// outside the mesh, resolved and passed through under ALLOW_ANY. An HTTP
+/// service is refused: its requests go through the sidecar as HTTP.
+pub async fn tunnel(shared: Arc<Shared>, req: Request<crate::observe::ReqBody>) -> Response<Body> {
+    let Some(target) = req.uri().authority().map(|a| a.as_str().to_string()) else {
+        return local_reply(StatusCode::BAD_REQUEST, "CONNECT needs host:port");
+    };
+    let snapshot = shared.snapshot.borrow().clone();
+    if let Some(service) = snapshot.opaque_service(&target).cloned() {
+        let upgrade = hyper::upgrade::on(req);
+        let s = shared.clone();
+        shared.drain.track(async move {
+            match upgrade.await {
+                Ok(io) => carry(s, TokioIo::new(io), service, None).await,
+                Err(e) => tracing::debug!(error = %e, "CONNECT tunnel not opened"),
+            }
+        });
+        return Response::new(wire::empty());
+    }
+    if snapshot.route_config_exact(&target).is_some() {
+        return local_reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!(
+                "{target} is an HTTP service: send its requests through the sidecar, not a CONNECT tunnel"
+            ),
+        );
+    }
+    if snapshot.outbound_policy(shared.cfg.outbound_policy) == crate::OutboundPolicy::RegistryOnly {
+        return local_reply(
+            StatusCode::BAD_GATEWAY,
+            format!(
+                "{target} is outside the mesh and the outbound traffic policy is REGISTRY_ONLY (BlackHoleCluster)"
+            ),
+        );
+    }
+    let addrs: Vec<std::net::SocketAddr> = match tokio::net::lookup_host(target.as_str()).await {
+        Ok(addrs) => addrs.collect(),
+        Err(e) => {
+            return local_reply(StatusCode::BAD_GATEWAY, format!("{target}: {e}"));
+        }
+    };
+    // Each address the name has, in the resolver's order, until one answers.
+    let mut last = format!("{target}: no address");
+    for dst in addrs {
+        let connect = mesh_identity::grpc::dial(dst, shared.cfg.socket_mark);
+        match tokio::time::timeout(crate::pool::CONNECT_TIMEOUT, connect).await {
+            Ok(Ok(upstream)) => {
+                let upgrade = hyper::upgrade::on(req);
+                let s = shared.clone();
+                shared.drain.track(async move {
+                    match upgrade.await {
+                        Ok(io) => splice_outside(&s, TokioIo::new(io), upstream).await,
+                        Err(e) => tracing::debug!(error = %e, "CONNECT tunnel not opened"),
+                    }
+                });
+                return Response::new(wire::empty());
+            }
+            Ok(Err(e)) => last = format!("{target} ({dst}): {e}"),
+            Err(_) => last = format!("{target} ({dst}): connect timed out"),
+        }
+    }
+    local_reply(StatusCode::SERVICE_UNAVAILABLE, last)
+}
+
 /// A captured connection of TLS to no service's address: the service
 /// whose host is the ClientHello's server name on that port takes it, as
 /// a TLS service's connections do; with none, it passes through.
@@ -159,7 +242,7 @@ pub async fn by_server_name(
 /// silent: a server-first protocol): spliced to its original destination
 /// under ALLOW_ANY (`PassthroughCluster`), closed under REGISTRY_ONLY
 /// (`BlackHoleCluster`).
-pub async fn passthrough(shared: Arc<Shared>, mut client: TcpStream, dst: std::net::SocketAddr) {
+pub async fn passthrough(shared: Arc<Shared>, client: impl Client, dst: std::net::SocketAddr) {
     let snapshot = shared.snapshot.borrow().clone();
     let policy = snapshot.outbound_policy(shared.cfg.outbound_policy);
     if shared.cfg.is_own_listener(dst) {
@@ -174,7 +257,7 @@ pub async fn passthrough(shared: Arc<Shared>, mut client: TcpStream, dst: std::n
         return;
     }
     let connect = mesh_identity::grpc::dial(dst, shared.cfg.socket_mark);
-    let mut upstream = match tokio::time::timeout(crate::pool::CONNECT_TIMEOUT, connect).await {
+    let upstream = match tokio::time::timeout(crate::pool::CONNECT_TIMEOUT, connect).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             tracing::warn!(%dst, error = %e, "TCP passthrough connect failed");
@@ -191,7 +274,14 @@ pub async fn passthrough(shared: Arc<Shared>, mut client: TcpStream, dst: std::n
             return;
         }
     };
-    let series = outside_series(&shared, &snapshot, "PassthroughCluster", "-");
+    splice_outside(&shared, client, upstream).await;
+}
+
+/// Copies a connection to a destination outside the mesh both ways,
+/// counted under `PassthroughCluster`.
+async fn splice_outside(shared: &Shared, mut client: impl Client, mut upstream: TcpStream) {
+    let snapshot = shared.snapshot.borrow().clone();
+    let series = outside_series(shared, &snapshot, "PassthroughCluster", "-");
     let mut client = Counting::new(&mut client);
     let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
     if let Some(series) = series {
@@ -228,7 +318,7 @@ fn outside_series(
 /// plaintext instead.
 async fn direct(
     shared: &Shared,
-    mut client: TcpStream,
+    mut client: impl Client,
     cluster: &Cluster,
     ep: &crate::state::Endpoint,
     tls: Option<&crate::origin::Originate>,

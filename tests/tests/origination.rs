@@ -793,3 +793,92 @@ async fn server_first_protocols_and_tls_pass_through_undeclared_ports() {
     );
     mesh.stop().await;
 }
+
+/// curl with `args`: its stdout, and stderr when it fails. `None` when
+/// there is no curl.
+fn curl(args: &[&str]) -> Option<Result<String, String>> {
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "-m", "5"])
+        .args(args)
+        .output()
+        .ok()?;
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    Some(match out.status.success() {
+        true => Ok(text(&out.stdout)),
+        false => Err(text(&out.stderr)),
+    })
+}
+
+/// CONNECT tunnels an app opens through its sidecar as an HTTP proxy, as
+/// `https_proxy` clients do (curl here): to a mesh TLS service by name,
+/// and through to an HTTPS server outside the mesh; an HTTP service's
+/// requests must come as HTTP, so a tunnel to one is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn connect_tunnels_reach_tls_services_and_servers_outside_the_mesh() {
+    if curl(&["--version"]).is_none() {
+        eprintln!("SKIPPED: curl is not installed (CI installs it)");
+        return;
+    }
+    let mesh = Mesh::start().await;
+    let pki = Pki::new(mesh.state_dir(), "tunnel");
+    let inside = Server::start("secure", Some(pki.server("secure.example.com", false))).await;
+    let outside = Server::start("outside", Some(pki.server("localhost", false))).await;
+    mesh.write_config(
+        "secure.yaml",
+        &format!(
+            "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: secure, namespace: default}}
+spec:
+  hosts: [secure.example.com]
+  location: MESH_EXTERNAL
+  resolution: STATIC
+  ports: [{{number: 8443, name: https, protocol: HTTPS}}]
+  endpoints: [{{address: 127.0.0.1, ports: {{https: {}}}}}]
+",
+            inside.port
+        ),
+    );
+    let proxy = format!("http://{}", mesh.workload("client").outbound());
+    let ca = pki.ca.display().to_string();
+    let via = |url: &str| {
+        let (proxy, ca, url) = (proxy.clone(), ca.clone(), url.to_string());
+        async move {
+            tokio::task::spawn_blocking(move || {
+                curl(&["--proxy", &proxy, "--cacert", &ca, &url]).unwrap()
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match via("https://secure.example.com:8443/").await {
+            Ok(body) => {
+                assert_eq!(body, "secure");
+                break;
+            }
+            Err(e) => assert!(Instant::now() < deadline, "no tunnel to the service: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // TLS end to end: the server saw the name curl asked for.
+    assert_eq!(
+        inside.seen().last().and_then(|s| s.sni.clone()).as_deref(),
+        Some("secure.example.com")
+    );
+    let url = format!("https://localhost:{}/", outside.port);
+    assert_eq!(via(&url).await.as_deref(), Ok("outside"));
+    let plain = via("http://reviews:9080/").await;
+    assert!(plain.is_ok(), "plain HTTP through the proxy: {plain:?}");
+    let tunnelled = tokio::task::spawn_blocking(move || {
+        curl(&["--proxytunnel", "--proxy", &proxy, "http://reviews:9080/"]).unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        tunnelled.as_ref().is_err_and(|e| e.contains("405")),
+        "a CONNECT tunnel to an HTTP service: {tunnelled:?}"
+    );
+    mesh.stop().await;
+}
