@@ -10,7 +10,7 @@ pub struct Flags(u16);
 
 /// In Envoy's order, which is also the order they print in.
 const NAMES: &[&str] = &[
-    "UH", "UF", "UO", "NR", "URX", "UC", "DC", "UT", "DI", "FI", "RBAC", "UAEX",
+    "UH", "UF", "UO", "NR", "URX", "UC", "DC", "UT", "DI", "FI", "RBAC", "UAEX", "DPE",
 ];
 
 impl Flags {
@@ -35,6 +35,8 @@ impl Flags {
     pub const DI: Flags = Flags(1 << 8);
     /// Abort injected.
     pub const FI: Flags = Flags(1 << 9);
+    /// Downstream protocol error: the client's request was malformed.
+    pub const DPE: Flags = Flags(1 << 12);
 
     pub fn contains(self, other: Flags) -> bool {
         self.0 & other.0 == other.0 && other.0 != 0

@@ -251,9 +251,19 @@ pub async fn handle(
             }
         }
     };
+    // A request body that broke on the way in is the caller's fault.
+    let malformed = details != "via_upstream" && begun.request_failed();
+    let resp = match malformed {
+        true => local_reply(StatusCode::BAD_REQUEST, "malformed request body"),
+        false => resp,
+    };
     let code = resp.status().as_u16();
     // The app unreachable is the one failure the inbound side tells apart yet.
-    let flags = if code == 503 { "UF" } else { "-" };
+    let flags = match (malformed, code) {
+        (true, _) => "DPE",
+        (false, 503) => "UF",
+        _ => "-",
+    };
     let finish = move |done: observe::Done| {
         let o = Observation::from(&done);
         let key = (

@@ -7,7 +7,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -19,13 +19,18 @@ use hyper::body::Incoming;
 use crate::pool::Body;
 
 /// Request body bytes seen so far, shared by the counting body and the
-/// response's observer.
+/// response's observer, and whether the body failed (a malformed one,
+/// such as bad chunking, or a client that went away mid-body).
 #[derive(Debug, Default)]
-pub struct Tally(AtomicU64);
+pub struct Tally(AtomicU64, AtomicBool);
 
 impl Tally {
     pub fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
+    }
+
+    pub fn failed(&self) -> bool {
+        self.1.load(Ordering::Relaxed)
     }
 }
 
@@ -61,6 +66,8 @@ impl<B: HttpBody<Data = Bytes> + Unpin> HttpBody for Counted<B> {
                 _ => 0,
             };
             self.tally.0.fetch_add(n as u64, Ordering::Relaxed);
+        } else if let Poll::Ready(Some(Err(_))) = &r {
+            self.tally.1.store(true, Ordering::Relaxed);
         }
         r
     }
@@ -95,6 +102,12 @@ pub struct Begun {
 }
 
 impl Begun {
+    /// Whether reading the request's body failed: what went wrong is the
+    /// client's, not the upstream's.
+    pub fn request_failed(&self) -> bool {
+        self.tally.failed()
+    }
+
     /// Starts watching `req`: its body now counts its bytes.
     pub fn new(req: http::Request<Incoming>) -> (Self, http::Request<ReqBody>) {
         let tally = Arc::new(Tally::default());

@@ -85,6 +85,12 @@ pub async fn handle(
     .await;
     let resp = match result {
         Ok(resp) => resp,
+        // The request never went whole: the client's fault, not the
+        // upstream's (Envoy's DPE).
+        Err(_) if begun.request_failed() => {
+            flags |= Flags::DPE;
+            local_reply(StatusCode::BAD_REQUEST, "malformed request body")
+        }
         Err(r) => {
             flags |= r.flags;
             local_reply(r.status, r.message)

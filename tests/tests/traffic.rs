@@ -699,3 +699,109 @@ spec:
     assert!(refused.is_err(), "switched on a page that is no WebSocket");
     mesh.stop().await;
 }
+
+/// HTTP/2 frames in `bytes`: (type, payload).
+fn frames(mut bytes: &[u8]) -> impl Iterator<Item = (u8, &[u8])> {
+    std::iter::from_fn(move || {
+        if bytes.len() < 9 {
+            return None;
+        }
+        let len = u32::from_be_bytes([0, bytes[0], bytes[1], bytes[2]]) as usize;
+        let kind = bytes[3];
+        let payload = bytes.get(9..9 + len)?;
+        bytes = &bytes[9 + len..];
+        Some((kind, payload))
+    })
+}
+
+/// Sends `bytes` on a fresh connection to `addr` and returns what comes
+/// back until the peer closes or goes quiet for a second.
+async fn raw_exchange(addr: std::net::SocketAddr, bytes: &[u8]) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    // The peer may answer and close before it reads everything.
+    let _ = tcp.write_all(bytes).await;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    while let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(1), tcp.read(&mut buf)).await {
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+    out
+}
+
+/// Malformed HTTP from an app gets the status HTTP says (or, for HTTP/2,
+/// a GOAWAY) and never takes the sidecar down: it serves the next request.
+#[tokio::test(flavor = "multi_thread")]
+async fn malformed_http_is_answered_and_the_sidecar_keeps_serving() {
+    let mesh = Mesh::start().await;
+    let outbound = mesh.workload("client").outbound();
+    let status = |answer: &[u8]| {
+        String::from_utf8_lossy(answer)
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_string()
+    };
+
+    // Header section far beyond any limit.
+    let big = format!(
+        "GET http://reviews:9080/health HTTP/1.1\r\nHost: reviews:9080\r\nx-big: {}\r\n\r\n",
+        "a".repeat(1024 * 1024)
+    );
+    let answer = raw_exchange(outbound, big.as_bytes()).await;
+    assert_eq!(
+        status(&answer),
+        "HTTP/1.1 431 Request Header Fields Too Large"
+    );
+
+    // Too many header fields.
+    let many: String = (0..200).map(|i| format!("x-h{i}: v\r\n")).collect();
+    let req =
+        format!("GET http://reviews:9080/health HTTP/1.1\r\nHost: reviews:9080\r\n{many}\r\n");
+    let answer = raw_exchange(outbound, req.as_bytes()).await;
+    assert_eq!(
+        status(&answer),
+        "HTTP/1.1 431 Request Header Fields Too Large"
+    );
+
+    // A chunked body whose chunk size is not hex: the client's fault,
+    // answered 400 and flagged DPE, not blamed on the upstream.
+    let req = "POST http://reviews:9080/echo HTTP/1.1\r\nHost: reviews:9080\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n";
+    let answer = raw_exchange(outbound, req.as_bytes()).await;
+    assert_eq!(status(&answer), "HTTP/1.1 400 Bad Request");
+
+    // Two different Content-Lengths.
+    let req = "POST http://reviews:9080/echo HTTP/1.1\r\nHost: reviews:9080\r\nContent-Length: 5\r\nContent-Length: 7\r\n\r\nhello";
+    let answer = raw_exchange(outbound, req.as_bytes()).await;
+    assert_eq!(status(&answer), "HTTP/1.1 400 Bad Request");
+
+    // A request line that is not HTTP.
+    let answer = raw_exchange(outbound, b"GET /\x01\x02 HTTP/9.9\r\n\r\n").await;
+    assert_eq!(status(&answer), "HTTP/1.1 400 Bad Request");
+
+    // HTTP/2 (prior knowledge): a SETTINGS frame 5 bytes long, which
+    // must be a multiple of 6: a connection error, answered with GOAWAY.
+    let mut h2 = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    h2.extend_from_slice(&[0, 0, 5, 0x4, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5]);
+    let answer = raw_exchange(outbound, &h2).await;
+    let goaway = frames(&answer).find(|(kind, _)| *kind == 0x7);
+    let code = goaway.map(|(_, p)| u32::from_be_bytes(p[4..8].try_into().unwrap()));
+    assert!(
+        code.is_some_and(|c| c != 0),
+        "no GOAWAY with an error: {answer:?}"
+    );
+
+    // Still serving, and the malformed body was counted as the client's.
+    let (code, body) = get(&client(&mesh), "http://reviews:9080/health", &[]).await;
+    assert_eq!(code, 200, "{body}");
+    let dpe = counter(
+        &mesh.stats("client").await,
+        "istio_requests_total",
+        &["response_flags=\"DPE\"", "response_code=\"400\""],
+    );
+    assert_eq!(dpe, 1.0);
+    mesh.stop().await;
+}
