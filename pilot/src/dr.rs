@@ -68,6 +68,18 @@ fn check_policy(at: &str, field: &str, p: &TrafficPolicy, errors: &mut Vec<Strin
                     "http.idleTimeout",
                     pool.http.as_ref().and_then(|h| h.idle_timeout.as_ref()),
                 ),
+                (
+                    "tcp.tcpKeepalive.time",
+                    pool.tcp
+                        .as_ref()
+                        .and_then(|t| t.tcp_keepalive.as_ref()?.time.as_ref()),
+                ),
+                (
+                    "tcp.tcpKeepalive.interval",
+                    pool.tcp
+                        .as_ref()
+                        .and_then(|t| t.tcp_keepalive.as_ref()?.interval.as_ref()),
+                ),
             ];
             for (name, d) in durations {
                 if let Some(d) = d
@@ -243,6 +255,12 @@ fn wire_pool(p: &ConnectionPoolSettings) -> pb::ConnectionPool {
         max_requests_per_connection: http.max_requests_per_connection.unwrap_or(0),
         max_retries: http.max_retries.unwrap_or(0),
         idle_timeout_ms: ms(http.idle_timeout.as_ref().or(tcp.idle_timeout.as_ref())),
+        tcp_keepalive: tcp.tcp_keepalive.as_ref().map(|k| pb::TcpKeepalive {
+            probes: k.probes.unwrap_or(0),
+            time_ms: ms(k.time.as_ref()),
+            interval_ms: ms(k.interval.as_ref()),
+        }),
+        max_connection_duration_ms: ms(tcp.max_connection_duration.as_ref()),
     }
 }
 

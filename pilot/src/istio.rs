@@ -613,11 +613,24 @@ pub struct TcpSettings {
     #[serde(default)]
     pub connect_timeout: Option<String>,
     #[serde(default)]
-    pub tcp_keepalive: Option<serde_json::Value>,
+    pub tcp_keepalive: Option<TcpKeepalive>,
     #[serde(default)]
     pub max_connection_duration: Option<String>,
     #[serde(default)]
     pub idle_timeout: Option<String>,
+}
+
+/// Istio's TcpKeepalive: probes, and the idle time before the first and
+/// between probes.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TcpKeepalive {
+    #[serde(default)]
+    pub probes: Option<u32>,
+    #[serde(default)]
+    pub time: Option<String>,
+    #[serde(default)]
+    pub interval: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]

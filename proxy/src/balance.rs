@@ -217,6 +217,8 @@ pub struct Balancer {
     ejected_until: std::sync::atomic::AtomicU64,
     pub breaker: Option<Arc<Breaker>>,
     pub connect_timeout: Option<Duration>,
+    /// Retries that may be in flight at once (`maxRetries`); `None`: any.
+    retries: Option<Arc<Semaphore>>,
 }
 
 impl Default for Balancer {
@@ -228,9 +230,14 @@ impl Default for Balancer {
             ejected_until: Default::default(),
             breaker: None,
             connect_timeout: None,
+            retries: None,
         }
     }
 }
+
+/// One retry in flight, counted against the cluster's `maxRetries` until
+/// it is dropped.
+pub struct RetrySlot(#[allow(dead_code)] Option<OwnedSemaphorePermit>);
 
 fn ring(endpoints: &[Arc<Endpoint>], size: u64) -> Table {
     let size = size.clamp(1024, 8 * 1024 * 1024) as usize;
@@ -368,6 +375,23 @@ impl Balancer {
                 .as_ref()
                 .filter(|p| p.connect_timeout_ms > 0)
                 .map(|p| Duration::from_millis(p.connect_timeout_ms)),
+            retries: c
+                .pool
+                .as_ref()
+                .filter(|p| p.max_retries > 0)
+                .map(|p| Arc::new(Semaphore::new(p.max_retries as usize))),
+        }
+    }
+
+    /// A slot for one more retry, or `None` when `maxRetries` are in flight.
+    pub fn retry_slot(&self) -> Option<RetrySlot> {
+        match &self.retries {
+            None => Some(RetrySlot(None)),
+            Some(s) => s
+                .clone()
+                .try_acquire_owned()
+                .ok()
+                .map(|p| RetrySlot(Some(p))),
         }
     }
 
@@ -497,6 +521,34 @@ impl Balancer {
         s.consecutive_5xx = 0;
         s.consecutive_gateway = 0;
         tracing::info!(endpoint = %e.tunnel, for_ = ?for_, "ejecting endpoint (outlier detection)");
+    }
+}
+
+#[cfg(test)]
+mod retry_slots {
+    use super::*;
+
+    #[test]
+    fn max_retries_bounds_the_retries_in_flight() {
+        let cluster = pb::Cluster {
+            pool: Some(pb::ConnectionPool {
+                max_retries: 2,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let b = Balancer::new(&cluster, &[], None);
+        let first = b.retry_slot().expect("one");
+        let _second = b.retry_slot().expect("two");
+        assert!(b.retry_slot().is_none(), "a third retry in flight");
+        drop(first);
+        assert!(
+            b.retry_slot().is_some(),
+            "a slot comes back when its retry ends"
+        );
+        let unlimited = Balancer::new(&pb::Cluster::default(), &[], None);
+        let held: Vec<_> = (0..100).filter_map(|_| unlimited.retry_slot()).collect();
+        assert_eq!(held.len(), 100);
     }
 }
 

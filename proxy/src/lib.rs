@@ -171,22 +171,24 @@ pub async fn run_with_sockets(
     let access_log = Arc::new(accesslog::Writer::new(cfg.access_log_file.clone()));
     let tap = Arc::new(tap::Tap::default());
     let tracer = trace::Tracer::default();
+    let metrics = Metrics::new(metrics::Health {
+        xds: status_rx.clone(),
+        tls: tls_rx.clone(),
+        access_log: access_log.clone(),
+        tap: tap.clone(),
+        trace: tracer.stats.clone(),
+    });
+    let pool = Pool::new(cfg.socket_mark, metrics.sidecar_connections.clone());
     let shared = Arc::new(Shared {
         cfg: cfg.clone(),
         tls: tls_rx.clone(),
         snapshot: snap_rx,
         xds_status: status_rx.clone(),
-        metrics: Metrics::new(metrics::Health {
-            xds: status_rx.clone(),
-            tls: tls_rx.clone(),
-            access_log: access_log.clone(),
-            tap: tap.clone(),
-            trace: tracer.stats.clone(),
-        }),
+        metrics,
         access_log,
         tap,
         tracer,
-        pool: Pool::new(cfg.socket_mark),
+        pool,
         app_h1: platform::Dialer::new(cfg.socket_mark, None).client(false),
         app_h2: platform::Dialer::new(cfg.socket_mark, None).client(true),
         drain: Drain::default(),

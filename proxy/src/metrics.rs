@@ -165,8 +165,12 @@ pub struct Metrics {
     pub retries: Counter,
     /// Retries the policy wanted but the retry budget refused.
     pub retries_over_budget: Counter,
+    /// Retries the policy wanted beyond the cluster's maxRetries in flight.
+    pub retries_overflow: Counter,
     /// The app's metrics could not be read for the agent port's merge.
     pub app_scrape_failures: Counter,
+    /// Connections to other sidecars opened.
+    pub sidecar_connections: Counter,
 }
 
 /// What one finished request adds to its series.
@@ -274,11 +278,23 @@ impl Metrics {
             "Retries not sent because the destination's retry budget was spent",
             retries_over_budget.clone(),
         );
+        let retries_overflow = Counter::default();
+        registry.register(
+            "mesh_retries_overflow",
+            "Retries not sent because the destination's connectionPool.http.maxRetries were all in flight",
+            retries_overflow.clone(),
+        );
         let app_scrape_failures = Counter::default();
         registry.register(
             "istio_agent_scrape_failures",
             "Scrapes of the app's own metrics (for the merge on the agent port) that failed",
             app_scrape_failures.clone(),
+        );
+        let sidecar_connections = Counter::default();
+        registry.register(
+            "mesh_sidecar_connections_opened",
+            "HTTP/2 connections to other sidecars this sidecar opened (a DestinationRule's connectionPool retires and closes them)",
+            sidecar_connections.clone(),
         );
         registry.register_collector(Box::new(health));
         Self {
@@ -293,7 +309,9 @@ impl Metrics {
             tcp_received,
             retries,
             retries_over_budget,
+            retries_overflow,
             app_scrape_failures,
+            sidecar_connections,
         }
     }
 

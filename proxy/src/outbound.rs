@@ -19,7 +19,7 @@ use crate::flags::Flags;
 use crate::metrics::{Observation, Peers, RequestLabels};
 use crate::observe::{self, ReqBody};
 use crate::origin::{self, Via};
-use crate::pool::{Body, CONNECT_TIMEOUT, PoolError};
+use crate::pool::{Body, PoolError};
 use crate::replay::Replay;
 use crate::route::{self, Action, Failure, RequestView};
 use crate::state::{Cluster, Endpoint, Snapshot};
@@ -503,6 +503,9 @@ impl Attempts<'_> {
         };
         self.cluster.budget.deposit();
         let mut attempt = 0;
+        // The cluster's slot (maxRetries) for the retry in flight, held
+        // until the next attempt ends.
+        let mut _retrying = None;
         loop {
             let Some(endpoint) = self.cluster.pick(self.hash).cloned() else {
                 return Err(refuse(
@@ -541,15 +544,23 @@ impl Attempts<'_> {
                 .balancer
                 .record(&self.cluster.endpoints, &endpoint, outcome);
             let retriable = self.retry.is_some_and(|r| r.retries(failure));
-            let again = retriable
+            let wanted = retriable
                 && !timed_out_overall
                 && attempt < max
                 && match &body {
                     Sent::Empty => true,
                     Sent::Replay(r) => r.can_replay(),
                     Sent::Once(_) => false,
-                }
-                && self.cluster.budget.withdraw(&self.shared.cfg.retry_budget);
+                };
+            let slot = wanted.then(|| self.cluster.balancer.retry_slot()).flatten();
+            if wanted && slot.is_none() {
+                self.shared.metrics.retries_overflow.inc();
+            }
+            let had_slot = slot.is_some();
+            let again = had_slot && self.cluster.budget.withdraw(&self.shared.cfg.retry_budget);
+            if again {
+                _retrying = slot;
+            }
             if again {
                 if let Tried::Failed(_, e) = &tried {
                     tracing::debug!(endpoint = %endpoint.tunnel, error = %e, attempt, "retrying");
@@ -561,7 +572,7 @@ impl Attempts<'_> {
             if retriable && attempt >= max && max > 0 {
                 *flags |= Flags::URX;
             }
-            if retriable && attempt < max && !timed_out_overall {
+            if had_slot {
                 self.shared.metrics.retries_over_budget.inc();
             }
             return match tried {
@@ -608,17 +619,7 @@ impl Attempts<'_> {
         let _done = scopeguard(|| {
             endpoint.stats.active.fetch_sub(1, Ordering::Relaxed);
         });
-        let send = send_to(
-            self.shared,
-            self.tls,
-            self.cluster,
-            endpoint,
-            req,
-            self.cluster
-                .balancer
-                .connect_timeout
-                .unwrap_or(crate::pool::CONNECT_TIMEOUT),
-        );
+        let send = send_to(self.shared, self.tls, self.cluster, endpoint, req);
         let per_try = self
             .retry
             .and_then(|r| r.per_try_timeout)
@@ -745,7 +746,6 @@ async fn send_to(
     cluster: &Cluster,
     endpoint: &Endpoint,
     mut req: Request<Body>,
-    connect_timeout: std::time::Duration,
 ) -> Result<Response<Incoming>, PoolError> {
     let h2 = crate::state::speaks_h2(cluster.config.protocol);
     let upgrade = req.extensions_mut().remove::<wire::Upgrade>();
@@ -764,7 +764,7 @@ async fn send_to(
         Via::Sidecar(id) => {
             shared
                 .pool
-                .send_within(tls, endpoint.tunnel, id, &cluster.sni, req, connect_timeout)
+                .send(tls, endpoint.tunnel, id, &cluster.sni, &cluster.conns, req)
                 .await
         }
         // Boxed: paths off the mesh stay out of the size of every
@@ -825,7 +825,7 @@ fn mirror(
                 Some(_) => return,
             };
             let req = Request::from_parts(parts, body);
-            let sent = send_to(&shared, &tls, &cluster, &endpoint, req, CONNECT_TIMEOUT);
+            let sent = send_to(&shared, &tls, &cluster, &endpoint, req);
             if let Ok(resp) = sent.await {
                 let _ = resp.into_body().collect().await;
             }

@@ -75,69 +75,174 @@ impl PoolError {
     }
 }
 
+/// How one cluster's connections to sidecars are made and kept, from its
+/// DestinationRule's `connectionPool`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Settings {
+    pub connect_timeout: Duration,
+    /// Requests a connection carries before it is retired (0: no limit).
+    pub max_requests: u32,
+    /// How long a connection is used before it is retired.
+    pub max_age: Option<Duration>,
+    /// How long a connection may go unused before it is closed.
+    pub idle: Option<Duration>,
+    pub keepalive: Option<Keepalive>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            connect_timeout: CONNECT_TIMEOUT,
+            max_requests: 0,
+            max_age: None,
+            idle: None,
+            keepalive: None,
+        }
+    }
+}
+
+/// TCP keepalive probes; `None` fields keep the system's setting.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Keepalive {
+    pub time: Option<Duration>,
+    pub interval: Option<Duration>,
+    pub probes: Option<u32>,
+}
+
+impl Settings {
+    pub fn of(pool: Option<&mesh_proto::resources::ConnectionPool>) -> Self {
+        let ms = |v: u64| (v > 0).then(|| Duration::from_millis(v));
+        let Some(p) = pool else {
+            return Self::default();
+        };
+        Self {
+            connect_timeout: ms(p.connect_timeout_ms).unwrap_or(CONNECT_TIMEOUT),
+            max_requests: p.max_requests_per_connection,
+            max_age: ms(p.max_connection_duration_ms),
+            idle: ms(p.idle_timeout_ms),
+            keepalive: p.tcp_keepalive.as_ref().map(|k| Keepalive {
+                time: ms(k.time_ms),
+                interval: ms(k.interval_ms),
+                probes: (k.probes > 0).then_some(k.probes),
+            }),
+        }
+    }
+}
+
+/// Turns on TCP keepalive on `tcp` as `k` says.
+pub fn keepalive(tcp: &tokio::net::TcpStream, k: &Keepalive) -> std::io::Result<()> {
+    let mut ka = socket2::TcpKeepalive::new();
+    if let Some(t) = k.time {
+        ka = ka.with_time(t);
+    }
+    if let Some(i) = k.interval {
+        ka = ka.with_interval(i);
+    }
+    if let Some(p) = k.probes {
+        ka = ka.with_retries(p);
+    }
+    socket2::SockRef::from(tcp).set_tcp_keepalive(&ka)
+}
+
+type Conns = Arc<Mutex<HashMap<SocketAddr, Vec<Open>>>>;
+
 #[derive(Default)]
 pub struct Pool {
     /// By address, then a short list (usually one) by identity and name.
-    conns: Mutex<HashMap<SocketAddr, Vec<Open>>>,
+    conns: Conns,
     /// Mark for the sockets to peers (`Config::socket_mark`).
     mark: Option<u32>,
+    /// Connections opened, for the proxy's metrics.
+    opened: prometheus_client::metrics::counter::Counter,
 }
 
 struct Open {
     expected: SpiffeId,
     sni: Arc<str>,
     sender: SendRequest<Body>,
+    usage: Arc<Usage>,
 }
 
-impl Pool {
-    pub fn new(mark: Option<u32>) -> Self {
+/// What a connection has carried, for the settings that retire it.
+struct Usage {
+    requests: std::sync::atomic::AtomicU32,
+    born: std::time::Instant,
+    /// When last used, in milliseconds since `born`.
+    last: std::sync::atomic::AtomicU64,
+    /// Whether a task closes it once idle.
+    reaped: std::sync::atomic::AtomicBool,
+}
+
+impl Usage {
+    fn new() -> Self {
         Self {
-            conns: Mutex::default(),
-            mark,
+            requests: Default::default(),
+            born: std::time::Instant::now(),
+            last: Default::default(),
+            reaped: Default::default(),
         }
     }
 
+    /// Takes one more request, unless `settings` retire the connection.
+    fn take(&self, settings: &Settings) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        let age = self.born.elapsed();
+        if settings.max_age.is_some_and(|max| age >= max) {
+            return false;
+        }
+        let n = self.requests.fetch_add(1, Relaxed);
+        if settings.max_requests > 0 && n >= settings.max_requests {
+            return false;
+        }
+        self.last.store(age.as_millis() as u64, Relaxed);
+        true
+    }
+
+    fn idle_for(&self) -> Duration {
+        let last = Duration::from_millis(self.last.load(std::sync::atomic::Ordering::Relaxed));
+        self.born.elapsed().saturating_sub(last)
+    }
+}
+
+impl Pool {
+    pub fn new(mark: Option<u32>, opened: prometheus_client::metrics::counter::Counter) -> Self {
+        Self {
+            conns: Conns::default(),
+            mark,
+            opened,
+        }
+    }
+
+    /// Sends `req` to the sidecar at `addr` on a pooled connection for
+    /// (`expected`, `sni`), opening one as `settings` say when none is
+    /// open or the open one is retired.
     pub async fn send(
         &self,
         tls: &Tls,
         addr: SocketAddr,
         expected: &SpiffeId,
         sni: &Arc<str>,
+        settings: &Settings,
         req: http::Request<Body>,
-    ) -> Result<http::Response<Incoming>, PoolError> {
-        self.send_within(tls, addr, expected, sni, req, CONNECT_TIMEOUT)
-            .await
-    }
-
-    /// As `send`, connecting (when no connection is open) within `connect_timeout`.
-    pub async fn send_within(
-        &self,
-        tls: &Tls,
-        addr: SocketAddr,
-        expected: &SpiffeId,
-        sni: &Arc<str>,
-        req: http::Request<Body>,
-        connect_timeout: Duration,
     ) -> Result<http::Response<Incoming>, PoolError> {
         let existing = self.conns.lock().unwrap().get(&addr).and_then(|open| {
             open.iter()
                 .find(|o| o.expected == *expected && o.sni == *sni && !o.sender.is_closed())
-                .map(|o| o.sender.clone())
+                .filter(|o| o.usage.take(settings))
+                .map(|o| {
+                    self.close_when_idle(addr, &o.usage, settings);
+                    o.sender.clone()
+                })
         });
         let mut sender = match existing {
             Some(s) => s,
             None => {
                 // Boxed: connecting is rare, and inlined it would make every
                 // request's future several kilobytes larger.
-                let s = Box::pin(connect(
-                    tls,
-                    addr,
-                    expected,
-                    sni,
-                    self.mark,
-                    connect_timeout,
-                ))
-                .await?;
+                let s = Box::pin(connect(tls, addr, expected, sni, self.mark, settings)).await?;
+                self.opened.inc();
+                let usage = Arc::new(Usage::new());
+                usage.take(settings);
                 let mut conns = self.conns.lock().unwrap();
                 let open = conns.entry(addr).or_default();
                 open.retain(|o| {
@@ -147,7 +252,9 @@ impl Pool {
                     expected: expected.clone(),
                     sni: sni.clone(),
                     sender: s.clone(),
+                    usage: usage.clone(),
                 });
+                self.close_when_idle(addr, &usage, settings);
                 s
             }
         };
@@ -155,6 +262,43 @@ impl Pool {
             .send_request(req)
             .await
             .map_err(|e| PoolError::Http(addr, e))
+    }
+
+    /// Under an idle timeout, makes sure a task closes the connection
+    /// once it goes unused that long (also for one opened before the
+    /// rule said so).
+    fn close_when_idle(&self, addr: SocketAddr, usage: &Arc<Usage>, settings: &Settings) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if let Some(idle) = settings.idle
+            && !usage.reaped.swap(true, Relaxed)
+        {
+            tokio::spawn(close_when_idle(
+                self.conns.clone(),
+                addr,
+                usage.clone(),
+                idle,
+            ));
+        }
+    }
+}
+
+/// Drops the pool's hold on the connection `usage` tracks once it has gone
+/// unused for `idle`: it then closes as soon as no request is on it.
+async fn close_when_idle(conns: Conns, addr: SocketAddr, usage: Arc<Usage>, idle: Duration) {
+    loop {
+        let unused = usage.idle_for();
+        if unused < idle {
+            tokio::time::sleep(idle - unused).await;
+            continue;
+        }
+        let mut conns = conns.lock().unwrap();
+        if let Some(open) = conns.get_mut(&addr) {
+            open.retain(|o| !Arc::ptr_eq(&o.usage, &usage));
+            if open.is_empty() {
+                conns.remove(&addr);
+            }
+        }
+        return;
     }
 }
 
@@ -164,14 +308,22 @@ async fn connect(
     expected: &SpiffeId,
     sni: &str,
     mark: Option<u32>,
-    connect_timeout: Duration,
+    settings: &Settings,
 ) -> Result<SendRequest<Body>, PoolError> {
     let config = tls.client_for(expected)?;
-    let tcp = tokio::time::timeout(connect_timeout, mesh_identity::grpc::dial(addr, mark))
-        .await
-        .map_err(|_| PoolError::Timeout(addr))?
-        .map_err(|e| PoolError::Connect(addr, e))?;
+    let tcp = tokio::time::timeout(
+        settings.connect_timeout,
+        mesh_identity::grpc::dial(addr, mark),
+    )
+    .await
+    .map_err(|_| PoolError::Timeout(addr))?
+    .map_err(|e| PoolError::Connect(addr, e))?;
     let _ = tcp.set_nodelay(true);
+    if let Some(k) = &settings.keepalive
+        && let Err(e) = keepalive(&tcp, k)
+    {
+        tracing::debug!(%addr, error = %e, "TCP keepalive not set");
+    }
     let stream = tokio_rustls::TlsConnector::from(config)
         .connect(server_name(sni, addr), tcp)
         .await
@@ -210,6 +362,48 @@ pub fn cluster_sni(cluster: &str) -> Arc<str> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn keepalive_probes_are_set_as_the_rule_says() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let tcp = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let k = Keepalive {
+            time: Some(Duration::from_secs(7)),
+            interval: Some(Duration::from_secs(3)),
+            probes: Some(4),
+        };
+        keepalive(&tcp, &k).unwrap();
+        let s = socket2::SockRef::from(&tcp);
+        assert!(s.keepalive().unwrap());
+        assert_eq!(s.tcp_keepalive_time().unwrap(), Duration::from_secs(7));
+        assert_eq!(s.tcp_keepalive_interval().unwrap(), Duration::from_secs(3));
+        assert_eq!(s.tcp_keepalive_retries().unwrap(), 4);
+    }
+
+    #[test]
+    fn a_connection_is_retired_after_its_requests_or_its_age() {
+        let settings = Settings {
+            max_requests: 2,
+            ..Settings::default()
+        };
+        let usage = Usage::new();
+        assert!(usage.take(&settings));
+        assert!(usage.take(&settings));
+        assert!(
+            !usage.take(&settings),
+            "a third request on a connection of two"
+        );
+        let aged = Settings {
+            max_age: Some(Duration::ZERO),
+            ..Settings::default()
+        };
+        assert!(!Usage::new().take(&aged));
+        assert!(Usage::new().take(&Settings::default()));
+    }
+
     #[test]
     fn the_server_name_is_istios_form_of_the_cluster() {
         assert_eq!(

@@ -98,6 +98,8 @@ pub struct Cluster {
     pub budget: Arc<crate::budget::RetryBudget>,
     /// The server name sent to its endpoints' sidecars.
     pub sni: Arc<str>,
+    /// How its connections to sidecars are made and kept.
+    pub conns: crate::pool::Settings,
 }
 
 /// An opaque TCP service port: its own cluster, and the route config
@@ -264,6 +266,7 @@ impl Resources {
                     endpoints,
                     budget: before.map(|b| b.budget.clone()).unwrap_or_default(),
                     sni: crate::pool::cluster_sni(name),
+                    conns: crate::pool::Settings::of(c.pool.as_ref()),
                 };
                 (name.clone(), Arc::new(cluster))
             })

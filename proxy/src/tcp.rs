@@ -94,7 +94,7 @@ pub async fn carry(
     }
     let resp = match shared
         .pool
-        .send(&tls, ep.tunnel, &id, &cluster.sni, req)
+        .send(&tls, ep.tunnel, &id, &cluster.sni, &cluster.conns, req)
         .await
     {
         Ok(r) if r.status() == StatusCode::OK => r,
@@ -331,6 +331,9 @@ async fn direct(
         let tcp = mesh_identity::grpc::dial(ep.tunnel, shared.cfg.socket_mark)
             .await
             .map_err(|e| format!("TCP connect failed: {e}"))?;
+        if let Some(k) = &cluster.conns.keepalive {
+            let _ = crate::pool::keepalive(&tcp, k);
+        }
         Ok::<_, String>(match tls {
             None => Upstream::Plain(tcp),
             Some(o) => Upstream::Tls(Box::new(

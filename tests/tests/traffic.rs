@@ -805,3 +805,93 @@ async fn malformed_http_is_answered_and_the_sidecar_keeps_serving() {
     assert_eq!(dpe, 1.0);
     mesh.stop().await;
 }
+
+/// A DestinationRule's connectionPool shapes the connections between the
+/// sidecars: `maxRequestsPerConnection` retires a connection after so
+/// many requests, `idleTimeout` closes one left unused; without either,
+/// one HTTP/2 connection carries every request.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_connection_pool_retires_and_closes_connections_between_sidecars() {
+    let mesh = Mesh::start().await;
+    let http = client(&mesh);
+    let opened = || async {
+        counter(
+            &mesh.stats("client").await,
+            "mesh_sidecar_connections_opened_total",
+            &[],
+        )
+    };
+    let ratings = |n: usize| {
+        let http = http.clone();
+        async move {
+            for _ in 0..n {
+                let (code, body) = get(&http, "http://ratings:9080/ratings/0", &[]).await;
+                assert_eq!(code, 200, "{body}");
+            }
+        }
+    };
+    ratings(1).await;
+    let before = opened().await;
+    ratings(5).await;
+    assert_eq!(opened().await, before, "one connection carries them all");
+
+    let rule = |pool: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: ratings-pool, namespace: default}}
+spec:
+  host: ratings
+  trafficPolicy:
+    connectionPool: {pool}
+"
+        )
+    };
+    mesh.write_config(
+        "ratings-pool.yaml",
+        &rule("{http: {maxRequestsPerConnection: 1}}"),
+    );
+    // Applied once a request opens a connection of its own.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let before = opened().await;
+        ratings(2).await;
+        if opened().await >= before + 2.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "maxRequestsPerConnection never applied"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let before = opened().await;
+    ratings(5).await;
+    assert_eq!(opened().await, before + 5.0, "one request per connection");
+
+    mesh.write_config(
+        "ratings-pool.yaml",
+        &rule("{http: {idleTimeout: 300ms}, tcp: {tcpKeepalive: {time: 60s, interval: 10s, probes: 3}}}"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let before = opened().await;
+        ratings(3).await;
+        if opened().await <= before + 1.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the new rule never applied");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let before = opened().await;
+    ratings(3).await;
+    assert_eq!(opened().await, before, "busy: the connection stays");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    ratings(1).await;
+    assert_eq!(
+        opened().await,
+        before + 1.0,
+        "idle past 300 ms: closed, and opened anew"
+    );
+    mesh.stop().await;
+}
