@@ -1,7 +1,13 @@
-"""Unmodified apps for the pod tests, knowing nothing of the mesh.
+"""Unmodified apps for the pod and traffic tests, knowing nothing of the mesh.
 
   pod_apps.py grpc-server PORT        gRPC echo.v1.Echo/Say (raw bytes in, b"echo: " + bytes out)
+                                      and echo.v1.Echo/Flaky ("KEY:N": UNAVAILABLE for the
+                                      first N calls with KEY, then b"ok after N")
   pod_apps.py grpc-client ADDR N      N calls; prints one line per answer; exit 0 if all answered
+  pod_apps.py grpc-probe ADDR AUTHORITY METHOD PAYLOAD [KEY=VALUE...]
+                                      one call to echo.v1.Echo/METHOD with :authority AUTHORITY
+                                      and the metadata given; prints "OK <answer>" or
+                                      "<STATUS> <details>"
   pod_apps.py greeter PORT            TCP: greets first ("220 hello\n"), then echoes lines
   pod_apps.py greeter-client ADDR     reads the greeting before sending, then checks the echo
 
@@ -19,8 +25,21 @@ def grpc_server(port):
     def say(request, context):
         return b"echo: " + request
 
+    calls = {}
+
+    def flaky(request, context):
+        key, n = request.decode().rsplit(":", 1)
+        calls[key] = calls.get(key, 0) + 1
+        if calls[key] <= int(n):
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"flaky call {calls[key]} of {key}")
+        return f"ok after {n}".encode()
+
     handler = grpc.method_handlers_generic_handler(
-        "echo.v1.Echo", {"Say": grpc.unary_unary_rpc_method_handler(say)}
+        "echo.v1.Echo",
+        {
+            "Say": grpc.unary_unary_rpc_method_handler(say),
+            "Flaky": grpc.unary_unary_rpc_method_handler(flaky),
+        },
     )
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     server.add_generic_rpc_handlers((handler,))
@@ -37,6 +56,19 @@ def grpc_client(addr, n):
         for i in range(n):
             answer = say(f"hello {i}".encode(), timeout=5)
             print(answer.decode(), flush=True)
+
+
+def grpc_probe(addr, authority, method, payload, metadata):
+    import grpc
+
+    options = [("grpc.default_authority", authority), ("grpc.enable_retries", 0)]
+    with grpc.insecure_channel(addr, options=options) as channel:
+        call = channel.unary_unary(f"/echo.v1.Echo/{method}")
+        try:
+            answer = call(payload.encode(), timeout=10, metadata=metadata)
+            print(f"OK {answer.decode()}", flush=True)
+        except grpc.RpcError as e:
+            print(f"{e.code().name} {e.details()}", flush=True)
 
 
 def greeter(port):
@@ -71,6 +103,9 @@ if __name__ == "__main__":
         grpc_server(int(sys.argv[2]))
     elif mode == "grpc-client":
         grpc_client(sys.argv[2], int(sys.argv[3]))
+    elif mode == "grpc-probe":
+        pairs = [kv.split("=", 1) for kv in sys.argv[6:]]
+        grpc_probe(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], [tuple(p) for p in pairs])
     elif mode == "greeter":
         greeter(int(sys.argv[2]))
     elif mode == "greeter-client":

@@ -506,6 +506,91 @@ spec:
     mesh.stop().await;
 }
 
+/// Istio's circuit-breaking task with a real load generator: h2load's ten
+/// concurrent clients against a destination allowed one request in flight
+/// and one waiting. Most are turned away at once (503, flag UO), the rest
+/// served; nothing else happens to them.
+#[tokio::test(flavor = "multi_thread")]
+async fn h2load_concurrency_trips_the_circuit_breaker() {
+    if std::process::Command::new("h2load")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("SKIPPED: h2load is not installed (Debian's nghttp2-client; CI installs it)");
+        return;
+    }
+    let mesh = Mesh::start().await;
+    let config = "
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: default}
+spec:
+  host: reviews
+  trafficPolicy:
+    connectionPool:
+      tcp: {maxConnections: 1}
+      http: {http1MaxPendingRequests: 1}
+  subsets:
+  - {name: v1, labels: {version: v1}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: default}
+spec:
+  hosts: [reviews]
+  http:
+  - name: breaker
+    route:
+    - destination: {host: reviews, subset: v1}
+";
+    mesh.apply("reviews-routing.yaml", config, "client", "breaker")
+        .await;
+    let url = format!("http://{}/delay/200", mesh.workload("client").outbound());
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("h2load")
+            .args([
+                "--h1",
+                "-n",
+                "40",
+                "-c",
+                "10",
+                "-H",
+                ":authority: reviews:9080",
+                &url,
+            ])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout).into_owned();
+    // "status codes: 4 2xx, 0 3xx, 0 4xx, 36 5xx"
+    let codes: Vec<u64> = report
+        .lines()
+        .find_map(|l| l.strip_prefix("status codes: "))
+        .unwrap_or_else(|| panic!("no status codes in h2load's report:\n{report}"))
+        .split(", ")
+        .map(|c| c.split_whitespace().next().unwrap().parse().unwrap())
+        .collect();
+    let (ok, turned_away) = (codes[0], codes[3]);
+    assert_eq!(ok + turned_away, 40, "{report}");
+    assert!(
+        ok >= 2,
+        "the request in flight and the one waiting are served:\n{report}"
+    );
+    assert!(
+        turned_away >= 20,
+        "ten at once against a limit of two:\n{report}"
+    );
+    let stats = mesh.stats("client").await;
+    assert_eq!(
+        counter(&stats, "istio_requests_total", &["response_flags=\"UO\""]),
+        turned_away as f64
+    );
+    mesh.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failing_endpoint_is_ejected_and_comes_back() {
     let mesh = Mesh::start().await;
@@ -893,5 +978,134 @@ spec:
         before + 1.0,
         "idle past 300 ms: closed, and opened anew"
     );
+    mesh.stop().await;
+}
+
+/// A child process killed (by PID) when dropped.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+const PY_APPS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/py/pod_apps.py");
+
+fn python_grpc_missing() -> Option<&'static str> {
+    let ok = std::process::Command::new("python3")
+        .args(["-c", "import grpc"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    (!ok).then_some("needs python3 with grpcio (python3 -m pip install grpcio; CI installs it)")
+}
+
+/// gRPC from an unmodified grpcio client through its sidecar (h2c to the
+/// outbound port, `:authority` naming the service), as Istio's fault and
+/// retry guides do it for gRPC: a fault aborts with a gRPC status the
+/// client sees as such, and `retryOn: unavailable` absorbs a server's
+/// UNAVAILABLE answers.
+#[tokio::test(flavor = "multi_thread")]
+async fn grpc_calls_get_grpc_faults_and_retries_on_grpc_status() {
+    if let Some(why) = python_grpc_missing() {
+        eprintln!("SKIPPED: {why}");
+        return;
+    }
+    let mesh = Mesh::start().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let _server = Child(
+        std::process::Command::new("python3")
+            .args([PY_APPS, "grpc-server", &port.to_string()])
+            .spawn()
+            .unwrap(),
+    );
+    mesh.write_config(
+        "echo.yaml",
+        &format!(
+            "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: echo, namespace: default}}
+spec:
+  hosts: [echo.grpc.test]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{{number: 50051, name: grpc, protocol: GRPC}}]
+  endpoints: [{{address: 127.0.0.1, ports: {{grpc: {port}}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: echo, namespace: default}}
+spec:
+  hosts: [echo.grpc.test]
+  http:
+  - name: abort-for-testers
+    match: [{{headers: {{x-fault: {{exact: abort}}}}}}]
+    fault: {{abort: {{grpcStatus: UNAVAILABLE, percentage: {{value: 100}}}}}}
+    route: [{{destination: {{host: echo.grpc.test}}}}]
+  - name: no-retries
+    match: [{{headers: {{x-retries: {{exact: \"off\"}}}}}}]
+    retries: {{attempts: 0}}
+    route: [{{destination: {{host: echo.grpc.test}}}}]
+  - name: retried
+    retries: {{attempts: 3, retryOn: unavailable}}
+    route: [{{destination: {{host: echo.grpc.test}}}}]
+"
+        ),
+    );
+    let outbound = mesh.workload("client").outbound().to_string();
+    let probe = |method: &str, payload: &str, metadata: &[&str]| {
+        let out = std::process::Command::new("python3")
+            .args([
+                PY_APPS,
+                "grpc-probe",
+                &outbound,
+                "echo.grpc.test:50051",
+                method,
+                payload,
+            ])
+            .args(metadata)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let answer = probe("Say", "hello", &[]);
+        if answer == "OK echo: hello" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "gRPC through the sidecar: {answer}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        probe("Say", "hello", &["x-fault=abort"]),
+        "UNAVAILABLE fault filter abort"
+    );
+    // Two UNAVAILABLE answers, then OK: retried within one call.
+    assert_eq!(probe("Flaky", "a:2", &[]), "OK ok after 2");
+    // The same server without retries: the client sees the status.
+    assert_eq!(
+        probe("Flaky", "b:1", &["x-retries=off"]),
+        "UNAVAILABLE flaky call 1 of b"
+    );
+    let stats = mesh.stats("client").await;
+    let unavailable = counter(
+        &stats,
+        "istio_requests_total",
+        &[
+            "request_protocol=\"grpc\"",
+            "grpc_response_status=\"14\"",
+            "response_flags=\"FI\"",
+        ],
+    );
+    assert_eq!(unavailable, 1.0, "the abort counted with its gRPC status");
     mesh.stop().await;
 }
