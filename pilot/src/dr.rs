@@ -160,7 +160,9 @@ fn check_lb(f: &str, lb: &LoadBalancerSettings, err: &mut impl FnMut(String, Str
     {
         err(
             format!("{f}.loadBalancer.simple"),
-            format!("{s:?} is not supported; use ROUND_ROBIN, LEAST_REQUEST, RANDOM or PEAK_EWMA"),
+            format!(
+                "{s:?} is not supported; use ROUND_ROBIN, LEAST_REQUEST, RANDOM, PASSTHROUGH or PEAK_EWMA"
+            ),
         );
     }
     if lb.simple.is_some() && lb.consistent_hash.is_some() {
@@ -169,11 +171,8 @@ fn check_lb(f: &str, lb: &LoadBalancerSettings, err: &mut impl FnMut(String, Str
             "sets both simple and consistentHash; keep one".into(),
         );
     }
-    if lb.locality_lb_setting.is_some() {
-        err(
-            format!("{f}.loadBalancer.localityLbSetting"),
-            "locality-aware load balancing is not supported yet".into(),
-        );
+    if let Some(l) = &lb.locality_lb_setting {
+        check_locality(&format!("{f}.loadBalancer.localityLbSetting"), l, err);
     }
     if let Some(h) = &lb.consistent_hash {
         let keys = [
@@ -197,6 +196,74 @@ fn check_lb(f: &str, lb: &LoadBalancerSettings, err: &mut impl FnMut(String, Str
     }
 }
 
+/// A locality pattern: `region`, `region/zone`, `region/zone/subzone`,
+/// any part `*` (the rest then left out).
+fn locality_pattern(p: &str) -> bool {
+    let parts: Vec<&str> = p.split('/').collect();
+    parts.len() <= 3
+        && parts
+            .iter()
+            .all(|s| !s.is_empty() && !s.contains(char::is_whitespace))
+        && parts
+            .iter()
+            .position(|s| *s == "*")
+            .is_none_or(|i| i == parts.len() - 1)
+}
+
+fn check_locality(
+    f: &str,
+    l: &crate::istio::LocalityLbSetting,
+    err: &mut impl FnMut(String, String),
+) {
+    let fails_over = !l.failover.is_empty() || !l.failover_priority.is_empty();
+    if !l.distribute.is_empty() && fails_over {
+        err(
+            f.to_string(),
+            "sets distribute together with failover or failoverPriority; keep one".into(),
+        );
+    }
+    for (i, d) in l.distribute.iter().enumerate() {
+        if !locality_pattern(&d.from) {
+            err(
+                format!("{f}.distribute[{i}].from"),
+                format!(
+                    "{:?} is not a locality (region/zone/subzone, `*` last)",
+                    d.from
+                ),
+            );
+        }
+        for to in d.to.keys().filter(|t| !locality_pattern(t)) {
+            err(
+                format!("{f}.distribute[{i}].to"),
+                format!("{to:?} is not a locality (region/zone/subzone, `*` last)"),
+            );
+        }
+        let total: u32 = d.to.values().sum();
+        if total != 100 {
+            err(
+                format!("{f}.distribute[{i}].to"),
+                format!("weights add up to {total}, not 100"),
+            );
+        }
+    }
+    for (i, r) in l.failover.iter().enumerate() {
+        for (side, region) in [("from", &r.from), ("to", &r.to)] {
+            if region.is_empty() || region.contains('/') || region == "*" {
+                err(
+                    format!("{f}.failover[{i}].{side}"),
+                    format!("{region:?} is not a region"),
+                );
+            }
+        }
+        if r.from == r.to {
+            err(
+                format!("{f}.failover[{i}]"),
+                format!("fails region {:?} over to itself", r.from),
+            );
+        }
+    }
+}
+
 fn simple(s: &str) -> Option<pb::load_balancer::Simple> {
     use pb::load_balancer::Simple;
     Some(match s {
@@ -204,6 +271,7 @@ fn simple(s: &str) -> Option<pb::load_balancer::Simple> {
         "LEAST_REQUEST" | "LEAST_CONN" => Simple::LeastRequest,
         "RANDOM" => Simple::Random,
         "PEAK_EWMA" => Simple::PeakEwma,
+        "PASSTHROUGH" => Simple::Passthrough,
         _ => return None,
     })
 }
@@ -241,6 +309,7 @@ fn wire_lb(lb: &LoadBalancerSettings) -> pb::LoadBalancer {
     pb::LoadBalancer {
         simple: lb.simple.as_deref().and_then(simple).unwrap_or_default() as i32,
         hash,
+        locality: None,
     }
 }
 
@@ -341,10 +410,47 @@ pub fn apply(dr: Option<&DestinationRule>, subset: Option<&str>, port: u32, c: &
         .and_then(|name| dr.subsets.iter().find(|s| s.name == name))
         .map(|s| resolve(s.traffic_policy.as_ref(), port))
         .unwrap_or((None, None, None, None));
-    c.lb = sub.0.or(top.0).map(wire_lb);
+    let lb = sub.0.or(top.0);
+    c.lb = lb.map(wire_lb);
     c.pool = sub.1.or(top.1).map(wire_pool);
     c.outlier = sub.2.or(top.2).map(wire_outlier);
     c.tls = sub.3.or(top.3).map(wire_tls);
+    // Locality-aware balancing, on unless the rule turns it off (Istio's
+    // mesh default), takes effect with outlier detection only, as in Istio:
+    // without it nothing would tell a locality's endpoints are failing.
+    let setting = lb.and_then(|l| l.locality_lb_setting.as_ref());
+    if c.outlier.is_some() && setting.is_none_or(|s| s.enabled.unwrap_or(true)) {
+        c.lb.get_or_insert_with(Default::default).locality = Some(wire_locality(setting));
+    }
+}
+
+fn wire_locality(s: Option<&crate::istio::LocalityLbSetting>) -> pb::LocalityLb {
+    let Some(s) = s else {
+        return pb::LocalityLb {
+            failover: true,
+            ..Default::default()
+        };
+    };
+    pb::LocalityLb {
+        failover: s.distribute.is_empty(),
+        distribute: s
+            .distribute
+            .iter()
+            .map(|d| pb::LocalityDistribute {
+                from: d.from.clone(),
+                to: d.to.clone().into_iter().collect(),
+            })
+            .collect(),
+        failover_rules: s
+            .failover
+            .iter()
+            .map(|r| pb::LocalityFailover {
+                from: r.from.clone(),
+                to: r.to.clone(),
+            })
+            .collect(),
+        failover_priority: s.failover_priority.clone(),
+    }
 }
 
 #[cfg(test)]
@@ -422,6 +528,58 @@ subsets:
     }
 
     #[test]
+    fn locality_settings_are_checked_and_apply_with_outlier_detection() {
+        let mut errors = Vec::new();
+        check(
+            "dr",
+            &dr("
+host: reviews
+trafficPolicy:
+  loadBalancer:
+    localityLbSetting:
+      distribute: [{from: \"us-east/*/x\", to: {\"us-east/*\": 60, \"eu west\": 30}}]
+      failover: [{from: us-east, to: us-east}]
+"),
+            &mut errors,
+        );
+        let all = errors.join("\n");
+        for want in [
+            "localityLbSetting: sets distribute together with failover",
+            "localityLbSetting.distribute[0].from: \"us-east/*/x\" is not a locality",
+            "localityLbSetting.distribute[0].to: \"eu west\" is not a locality",
+            "localityLbSetting.distribute[0].to: weights add up to 90, not 100",
+            "localityLbSetting.failover[0]: fails region \"us-east\" over to itself",
+        ] {
+            assert!(all.contains(want), "missing {want:?} in\n{all}");
+        }
+        let cluster = |yaml: &str| {
+            let mut c = pb::Cluster::default();
+            apply(Some(&dr(yaml)), None, 9080, &mut c);
+            c.lb.and_then(|lb| lb.locality)
+        };
+        assert_eq!(
+            cluster("host: r\ntrafficPolicy: {loadBalancer: {simple: RANDOM}}"),
+            None,
+            "without outlier detection, as in Istio"
+        );
+        let on = cluster("host: r\ntrafficPolicy: {outlierDetection: {consecutive5xxErrors: 1}}");
+        assert!(
+            on.is_some_and(|l| l.failover),
+            "on by default with outlier detection"
+        );
+        let off = cluster(
+            "host: r\ntrafficPolicy: {outlierDetection: {}, loadBalancer: {localityLbSetting: {enabled: false}}}",
+        );
+        assert_eq!(off, None);
+        let weighted = cluster(
+            "host: r\ntrafficPolicy: {outlierDetection: {}, loadBalancer: {localityLbSetting: {distribute: [{from: a/*, to: {a/*: 100}}]}}}",
+        )
+        .unwrap();
+        assert!(!weighted.failover);
+        assert_eq!(weighted.distribute[0].to["a/*"], 100);
+    }
+
+    #[test]
     fn unsupported_and_malformed_settings_are_named() {
         let mut errors = Vec::new();
         check(
@@ -429,7 +587,7 @@ subsets:
             &dr("
 host: reviews
 trafficPolicy:
-  loadBalancer: {simple: PASSTHROUGH}
+  loadBalancer: {simple: ORIGINAL}
   tls: {mode: STRICT, credentialName: shop-cert}
   outlierDetection: {interval: soon, maxEjectionPercent: 150}
   portLevelSettings:
@@ -440,7 +598,7 @@ trafficPolicy:
         );
         let all = errors.join("\n");
         for want in [
-            "spec.trafficPolicy.loadBalancer.simple: \"PASSTHROUGH\" is not supported",
+            "spec.trafficPolicy.loadBalancer.simple: \"ORIGINAL\" is not supported",
             "spec.trafficPolicy.tls.mode: \"STRICT\" is not one of DISABLE, SIMPLE, MUTUAL, ISTIO_MUTUAL",
             "spec.trafficPolicy.tls.credentialName: credentials from Kubernetes secrets are not supported",
             "spec.trafficPolicy.outlierDetection.interval: \"soon\" is not a duration",

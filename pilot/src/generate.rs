@@ -294,6 +294,7 @@ pub(crate) fn cluster_endpoints(
             namespace: w.namespace.clone(),
             labels: w.labels.clone().into_iter().collect(),
             cluster: model.cluster_id.clone(),
+            locality: w.locality.clone(),
         })
         .collect();
     pb::ClusterEndpoints {
@@ -402,6 +403,7 @@ fn listener(model: &Model, w: &Workload, serves: &[&Service]) -> pb::Listener {
             labels: w.labels.clone().into_iter().collect(),
             service_account: w.service_account.clone(),
             cluster: model.cluster_id.clone(),
+            locality: w.locality.clone(),
         }),
         ports: ports.into_values().collect(),
         mtls: wire_mode(mode) as i32,

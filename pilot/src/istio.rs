@@ -48,6 +48,34 @@ pub struct WorkloadSelector {
     pub labels: Labels,
 }
 
+/// Istio's LocalityLoadBalancerSetting.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LocalityLbSetting {
+    #[serde(default)]
+    pub distribute: Vec<LocalityDistribute>,
+    #[serde(default)]
+    pub failover: Vec<LocalityFailover>,
+    #[serde(default)]
+    pub failover_priority: Vec<String>,
+    #[serde(default)]
+    pub enabled: Option<bool>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LocalityDistribute {
+    pub from: String,
+    pub to: BTreeMap<String, u32>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LocalityFailover {
+    pub from: String,
+    pub to: String,
+}
+
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct WorkloadEntry {
@@ -58,6 +86,9 @@ pub struct WorkloadEntry {
     pub labels: Labels,
     #[serde(default)]
     pub service_account: Option<String>,
+    /// "region/zone/subzone".
+    #[serde(default)]
+    pub locality: Option<String>,
 }
 
 /// networking.istio.io VirtualService. Unknown fields are refused, so a
@@ -548,7 +579,7 @@ pub struct LoadBalancerSettings {
     #[serde(default)]
     pub consistent_hash: Option<ConsistentHashLb>,
     #[serde(default)]
-    pub locality_lb_setting: Option<serde_json::Value>,
+    pub locality_lb_setting: Option<LocalityLbSetting>,
     #[serde(default)]
     pub warmup_duration_secs: Option<String>,
 }

@@ -380,6 +380,7 @@ fn pod_workload(pod: &Pod) -> Option<Workload> {
         namespace: pod.metadata.namespace.clone()?,
         address,
         sidecar: labels.get(TLS_MODE_LABEL).is_some_and(|m| m == "istio"),
+        locality: crate::model::locality_of(None, &labels),
         labels,
         service_account: pod
             .spec
@@ -482,6 +483,7 @@ fn service(
                         service_account: "default".to_string(),
                         ports: BTreeMap::new(),
                         sidecar: false,
+                        locality: String::new(),
                     },
                 };
                 inline.push(workload);

@@ -93,6 +93,27 @@ pub struct Workload {
     /// Whether a sidecar stands in front of it (mutual TLS to its inbound
     /// listener) or requests go to its address as they are.
     pub sidecar: bool,
+    /// "region/zone/subzone" (`locality_of`).
+    pub locality: String,
+}
+
+/// A workload's locality: as its entry says, else from Istio's
+/// `istio-locality` label (`region.zone.subzone`), else the topology labels
+/// (`topology.kubernetes.io/region`, `.../zone`, `topology.istio.io/subzone`).
+pub fn locality_of(explicit: Option<&str>, labels: &Labels) -> String {
+    if let Some(l) = explicit.filter(|l| !l.is_empty()) {
+        return l.to_string();
+    }
+    if let Some(l) = labels.get("istio-locality") {
+        return l.replace('.', "/");
+    }
+    let part = |k: &str| labels.get(k).map(String::as_str).unwrap_or_default();
+    let parts = [
+        part("topology.kubernetes.io/region"),
+        part("topology.kubernetes.io/zone"),
+        part("topology.istio.io/subzone"),
+    ];
+    parts.join("/").trim_end_matches('/').to_string()
 }
 
 /// Istio's label saying whether an endpoint has a sidecar (`istio`) or not.
@@ -926,6 +947,7 @@ impl Model {
                         // The mesh runs a sidecar beside each of its
                         // WorkloadEntries unless its label says otherwise.
                         sidecar: we.labels.get(TLS_MODE_LABEL).is_none_or(|m| m == "istio"),
+                        locality: locality_of(we.locality.as_deref(), &we.labels),
                     };
                     if w.address.parse::<std::net::IpAddr>().is_err() {
                         errors.push(format!(
@@ -993,6 +1015,7 @@ impl Model {
                 ports: e.ports.clone(),
                 // As in Istio: only an endpoint labelled as having one.
                 sidecar: e.labels.get(TLS_MODE_LABEL).is_some_and(|m| m == "istio"),
+                locality: locality_of(e.locality.as_deref(), &e.labels),
             });
         }
         if !inline.is_empty() && se.workload_selector.is_some() {

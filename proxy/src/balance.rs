@@ -57,6 +57,8 @@ enum Policy {
     Random,
     LeastRequest,
     PeakEwma,
+    /// The endpoint the app dialled (`Balancer::passthrough`).
+    Passthrough,
     Hash(HashKey, Table),
 }
 
@@ -219,6 +221,114 @@ pub struct Balancer {
     pub connect_timeout: Option<Duration>,
     /// Retries that may be in flight at once (`maxRetries`); `None`: any.
     retries: Option<Arc<Semaphore>>,
+    /// The endpoints grouped by locality, when the cluster balances by it.
+    localities: Option<Localities>,
+}
+
+/// Endpoints grouped as a cluster's localityLbSetting says, seen from this
+/// proxy's locality.
+#[derive(Debug)]
+enum Localities {
+    /// Priority levels, nearest first: each takes the traffic its healthy
+    /// share allows (Envoy's overprovisioning factor 1.4), the rest spills
+    /// to the next.
+    Failover(Vec<Vec<Arc<Endpoint>>>),
+    /// Shares (`distribute`), each scaled by its group's health as a
+    /// level's is.
+    Weighted(Vec<(u32, Vec<Arc<Endpoint>>)>),
+}
+
+/// Envoy's overprovisioning factor: a level keeps all its traffic until
+/// fewer than 1/1.4 (about 71 %) of its endpoints are healthy.
+const OVERPROVISIONING: f64 = 1.4;
+
+/// One of `groups` at random, each as likely as its share; `None` when
+/// every share is zero.
+fn pick_share<'a>(
+    groups: impl Iterator<Item = &'a [Arc<Endpoint>]>,
+    shares: &[f64],
+) -> Option<&'a [Arc<Endpoint>]> {
+    let total: f64 = shares.iter().sum();
+    if total <= 0.0 {
+        return None;
+    }
+    let mut roll = rand::rng().random::<f64>() * total;
+    let mut last = None;
+    for (g, share) in groups.zip(shares) {
+        if *share > 0.0 {
+            last = Some(g);
+            if roll < *share {
+                return Some(g);
+            }
+        }
+        roll -= share;
+    }
+    last
+}
+
+/// "region/zone/subzone" as its three parts (missing ones empty).
+fn locality_parts(l: &str) -> [&str; 3] {
+    let mut it = l.splitn(3, '/');
+    [
+        it.next().unwrap_or_default(),
+        it.next().unwrap_or_default(),
+        it.next().unwrap_or_default(),
+    ]
+}
+
+/// Whether locality `l` is under `pattern` (`region/zone/*`, `region`, `*`).
+fn locality_matches(pattern: &str, l: &str) -> bool {
+    let have = locality_parts(l);
+    for (i, p) in pattern.split('/').enumerate() {
+        if p == "*" {
+            return true;
+        }
+        if i >= 3 || have[i] != p {
+            return false;
+        }
+    }
+    true
+}
+
+/// How far an endpoint is from this proxy (0: nearest), by `failoverPriority`
+/// labels when given, else by region, zone and subzone (and the failover
+/// region after the own region).
+fn priority(setting: &pb::LocalityLb, own: &pb::Workload, e: &pb::Endpoint) -> usize {
+    let mine = locality_parts(&own.locality);
+    let theirs = locality_parts(&e.locality);
+    if !setting.failover_priority.is_empty() {
+        let value = |labels: &std::collections::HashMap<String, String>,
+                     parts: [&str; 3],
+                     k: &str| match k {
+            "topology.kubernetes.io/region" => Some(parts[0].to_string()),
+            "topology.kubernetes.io/zone" => Some(parts[1].to_string()),
+            "topology.istio.io/subzone" => Some(parts[2].to_string()),
+            _ => labels.get(k).cloned(),
+        };
+        let matched = setting
+            .failover_priority
+            .iter()
+            .take_while(|k| {
+                let a = value(&own.labels, mine, k);
+                a.is_some() && a == value(&e.labels, theirs, k)
+            })
+            .count();
+        return setting.failover_priority.len() - matched;
+    }
+    match (mine, theirs) {
+        ([r, z, s], [r2, z2, s2]) if r == r2 && z == z2 && s == s2 => 0,
+        ([r, z, _], [r2, z2, _]) if r == r2 && z == z2 => 1,
+        ([r, ..], [r2, ..]) if r == r2 => 2,
+        ([r, ..], [r2, ..])
+            if setting
+                .failover_rules
+                .iter()
+                .any(|f| f.from == r && f.to == r2) =>
+        {
+            3
+        }
+        _ => 4,
+    }
 }
 
 impl Default for Balancer {
@@ -231,6 +341,7 @@ impl Default for Balancer {
             breaker: None,
             connect_timeout: None,
             retries: None,
+            localities: None,
         }
     }
 }
@@ -326,6 +437,7 @@ impl Balancer {
                 (None, Ok(Simple::Random)) => Policy::Random,
                 (None, Ok(Simple::LeastRequest)) => Policy::LeastRequest,
                 (None, Ok(Simple::PeakEwma)) => Policy::PeakEwma,
+                (None, Ok(Simple::Passthrough)) => Policy::Passthrough,
                 (None, _) => Policy::RoundRobin,
             },
         };
@@ -380,6 +492,97 @@ impl Balancer {
                 .as_ref()
                 .filter(|p| p.max_retries > 0)
                 .map(|p| Arc::new(Semaphore::new(p.max_retries as usize))),
+            localities: None,
+        }
+    }
+
+    /// Groups `endpoints` by locality as the cluster's setting says, seen
+    /// from `own` (this proxy's workload). Nothing to group without a
+    /// setting, without a locality of its own, or under consistent hashing
+    /// (whose table spans every endpoint).
+    pub fn with_localities(
+        mut self,
+        c: &pb::Cluster,
+        endpoints: &[Arc<Endpoint>],
+        own: Option<&pb::Workload>,
+    ) -> Self {
+        let setting = c.lb.as_ref().and_then(|lb| lb.locality.as_ref());
+        let (Some(setting), Some(own)) = (setting, own) else {
+            return self;
+        };
+        if own.locality.is_empty() || matches!(self.policy, Policy::Hash(..)) {
+            return self;
+        }
+        if let Some(rule) = setting
+            .distribute
+            .iter()
+            .find(|d| locality_matches(&d.from, &own.locality))
+        {
+            let mut to: Vec<(&String, &u32)> = rule.to.iter().collect();
+            // The most specific pattern takes an endpoint first.
+            to.sort_by_key(|(p, _)| std::cmp::Reverse(p.len()));
+            let mut groups: Vec<(u32, Vec<Arc<Endpoint>>)> =
+                to.iter().map(|(_, w)| (**w, Vec::new())).collect();
+            for e in endpoints {
+                if let Some(i) = to
+                    .iter()
+                    .position(|(p, _)| locality_matches(p, &e.pb.locality))
+                {
+                    groups[i].1.push(e.clone());
+                }
+            }
+            groups.retain(|(w, g)| *w > 0 && !g.is_empty());
+            self.localities = Some(Localities::Weighted(groups));
+        } else if setting.failover {
+            let mut levels: Vec<Vec<Arc<Endpoint>>> =
+                vec![Vec::new(); 5.max(setting.failover_priority.len() + 1)];
+            for e in endpoints {
+                levels[priority(setting, own, &e.pb)].push(e.clone());
+            }
+            levels.retain(|l| !l.is_empty());
+            if levels.len() > 1 {
+                self.localities = Some(Localities::Failover(levels));
+            }
+        }
+        self
+    }
+
+    /// The endpoints a request may go to: every one, or one locality
+    /// group chosen by the cluster's locality setting.
+    fn group<'a>(&'a self, endpoints: &'a [Arc<Endpoint>]) -> &'a [Arc<Endpoint>] {
+        let now = Instant::now();
+        // Nothing ejected: every group is whole.
+        let whole = since_epoch(now) >= self.ejected_until.load(Ordering::Relaxed);
+        let health = |g: &[Arc<Endpoint>]| match whole {
+            true => 1.0,
+            false => {
+                let healthy = g.iter().filter(|e| !e.stats.ejected(now)).count();
+                (OVERPROVISIONING * healthy as f64 / g.len() as f64).min(1.0)
+            }
+        };
+        match &self.localities {
+            None => endpoints,
+            Some(Localities::Weighted(groups)) => {
+                let shares: Vec<f64> = groups.iter().map(|(w, g)| *w as f64 * health(g)).collect();
+                pick_share(groups.iter().map(|(_, g)| g.as_slice()), &shares).unwrap_or(endpoints)
+            }
+            Some(Localities::Failover(levels)) => {
+                if whole {
+                    return &levels[0];
+                }
+                let mut left = 1.0f64;
+                let shares: Vec<f64> = levels
+                    .iter()
+                    .map(|l| {
+                        let share = health(l).min(left);
+                        left -= share;
+                        share
+                    })
+                    .collect();
+                // Everything ejected: the nearest level, whose ejections
+                // the outlier's own panic rules then weigh.
+                pick_share(levels.iter().map(Vec::as_slice), &shares).unwrap_or(&levels[0])
+            }
         }
     }
 
@@ -393,6 +596,23 @@ impl Balancer {
                 .ok()
                 .map(|p| RetrySlot(Some(p))),
         }
+    }
+
+    /// PASSTHROUGH: the endpoint at `dst`, the address the app dialled,
+    /// when the cluster has it. `None` when the policy is another, or
+    /// there is no such endpoint (then `pick` chooses round robin).
+    pub fn passthrough<'a>(
+        &self,
+        endpoints: &'a [Arc<Endpoint>],
+        dst: Option<std::net::SocketAddr>,
+    ) -> Option<&'a Arc<Endpoint>> {
+        if !matches!(self.policy, Policy::Passthrough) {
+            return None;
+        }
+        let dst = dst?;
+        endpoints
+            .iter()
+            .find(|e| e.pb.port == u32::from(dst.port()) && e.pb.address.parse() == Ok(dst.ip()))
     }
 
     /// Whether picks weigh latency (only then is it measured).
@@ -409,10 +629,11 @@ impl Balancer {
 
     /// An endpoint for a request (`key`: its hash, for consistent hashing).
     pub fn pick<'a>(
-        &self,
+        &'a self,
         endpoints: &'a [Arc<Endpoint>],
         key: Option<u64>,
     ) -> Option<&'a Arc<Endpoint>> {
+        let endpoints = self.group(endpoints);
         let n = endpoints.len();
         if n == 0 {
             return None;
@@ -433,7 +654,7 @@ impl Balancer {
         };
         let ok = |e: &Endpoint| panic_mode || usable(e);
         match &self.policy {
-            Policy::RoundRobin => {
+            Policy::RoundRobin | Policy::Passthrough => {
                 let start = self.next.fetch_add(1, Ordering::Relaxed);
                 (0..n).map(|i| &endpoints[(start + i) % n]).find(|e| ok(e))
             }
@@ -521,6 +742,66 @@ impl Balancer {
         s.consecutive_5xx = 0;
         s.consecutive_gateway = 0;
         tracing::info!(endpoint = %e.tunnel, for_ = ?for_, "ejecting endpoint (outlier detection)");
+    }
+}
+
+#[cfg(test)]
+mod localities {
+    use super::*;
+
+    fn own(locality: &str) -> pb::Workload {
+        pb::Workload {
+            locality: locality.into(),
+            labels: [("network".to_string(), "n1".to_string())].into(),
+            ..Default::default()
+        }
+    }
+
+    fn ep(locality: &str, network: &str) -> pb::Endpoint {
+        pb::Endpoint {
+            locality: locality.into(),
+            labels: [("network".to_string(), network.to_string())].into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn nearer_endpoints_come_first() {
+        let s = pb::LocalityLb {
+            failover: true,
+            failover_rules: vec![pb::LocalityFailover {
+                from: "us-east".into(),
+                to: "eu-west".into(),
+            }],
+            ..Default::default()
+        };
+        let me = own("us-east/a/1");
+        let p = |l: &str| priority(&s, &me, &ep(l, ""));
+        assert_eq!(p("us-east/a/1"), 0);
+        assert_eq!(p("us-east/a/2"), 1);
+        assert_eq!(p("us-east/b"), 2);
+        assert_eq!(p("eu-west/c"), 3, "the failover region");
+        assert_eq!(p("ap-south/d"), 4);
+        // By labels instead, in order.
+        let by_labels = pb::LocalityLb {
+            failover: true,
+            failover_priority: vec!["topology.kubernetes.io/region".into(), "network".into()],
+            ..Default::default()
+        };
+        let p = |l: &str, n: &str| priority(&by_labels, &me, &ep(l, n));
+        assert_eq!(p("us-east/z", "n1"), 0);
+        assert_eq!(p("us-east/z", "n2"), 1);
+        assert_eq!(p("eu-west/z", "n1"), 2, "the first label decides first");
+    }
+
+    #[test]
+    fn locality_patterns() {
+        assert!(locality_matches("us-east/zone-a/*", "us-east/zone-a/s1"));
+        assert!(locality_matches("us-east/*", "us-east/zone-b"));
+        assert!(locality_matches("*", "anywhere/at/all"));
+        assert!(locality_matches("us-east", "us-east/zone-a"));
+        assert!(!locality_matches("us-east/zone-a/*", "us-east/zone-b/s1"));
+        assert!(!locality_matches("eu-west/*", "us-east/zone-a"));
     }
 }
 

@@ -394,6 +394,7 @@ async fn forward(
         retry: route.retry.as_ref(),
         deadline: route.timeout.map(|t| tokio::time::Instant::now() + t),
         hash,
+        original_dst: conn.original_dst,
     };
     let (replay, body) = if http_body::Body::is_end_stream(&body) {
         // Nothing to keep: every attempt (and mirror) sends an empty body.
@@ -471,6 +472,8 @@ struct Attempts<'a> {
     deadline: Option<tokio::time::Instant>,
     /// The request's consistent-hash key.
     hash: Option<u64>,
+    /// Where the app was connecting to (PASSTHROUGH balancing).
+    original_dst: Option<std::net::SocketAddr>,
 }
 
 /// One attempt's result.
@@ -507,7 +510,11 @@ impl Attempts<'_> {
         // until the next attempt ends.
         let mut _retrying = None;
         loop {
-            let Some(endpoint) = self.cluster.pick(self.hash).cloned() else {
+            let dialled = self
+                .cluster
+                .balancer
+                .passthrough(&self.cluster.endpoints, self.original_dst);
+            let Some(endpoint) = dialled.or_else(|| self.cluster.pick(self.hash)).cloned() else {
                 return Err(refuse(
                     StatusCode::SERVICE_UNAVAILABLE,
                     Flags::UH,

@@ -27,6 +27,10 @@ pub struct Snapshot {
     pub clusters: HashMap<String, Arc<Cluster>>,
     /// Opaque TCP and TLS services by VIP and port.
     pub tcp: HashMap<SocketAddr, TcpService>,
+    /// Ports some service declares HTTP (HTTP/2, gRPC) on: captured
+    /// connections to them are HTTP, as Istio's wildcard HTTP listener per
+    /// port makes them, whatever address they were dialled to.
+    http_ports: std::collections::HashSet<u16>,
     /// TLS services by port, then host name (`*.example.com` for a
     /// wildcard host): found by the ClientHello's server name, whatever
     /// address the app dialled, as Envoy's filter chains match SNI.
@@ -235,7 +239,8 @@ impl Resources {
                 let breaker = before
                     .filter(|b| b.config.pool == c.pool && b.config.protocol == c.protocol)
                     .and_then(|b| b.balancer.breaker.clone());
-                let balancer = crate::balance::Balancer::new(c, &endpoints, breaker);
+                let balancer = crate::balance::Balancer::new(c, &endpoints, breaker)
+                    .with_localities(c, &endpoints, own_workload);
                 let connect = balancer.connect_timeout;
                 // Same settings: the same transport, pooled connections and all.
                 let transport = before
@@ -273,6 +278,16 @@ impl Resources {
             .collect();
         let (own, inbound) = self.own();
         let telemetry = self.listener.as_ref().and_then(|l| l.telemetry.as_ref());
+        let http_ports = clusters
+            .values()
+            .filter(|c| {
+                matches!(
+                    pb::Protocol::try_from(c.config.protocol),
+                    Ok(pb::Protocol::Http | pb::Protocol::Http2 | pb::Protocol::Grpc)
+                )
+            })
+            .map(|c| c.config.port as u16)
+            .collect();
         let opaque: Vec<TcpService> = clusters
             .values()
             .filter(|c| c.config.subset.is_empty())
@@ -325,6 +340,7 @@ impl Resources {
             tcp,
             tls_hosts,
             opaque_by_route,
+            http_ports,
             domains,
             answered: self.answered.len(),
             // Checked when the listener arrived (a bad one is NACKed), so
@@ -451,16 +467,12 @@ impl Snapshot {
             .filter(|rc| rc.config.port == u32::from(port))
     }
 
-    /// Whether `dst` is a VIP and port of a service declared HTTP (or
-    /// HTTP/2, gRPC): its connections are HTTP, with nothing to detect.
+    /// Whether `dst`'s port is one a service declares HTTP (or HTTP/2,
+    /// gRPC) on: its connections are HTTP, with nothing to detect (a
+    /// client that connects ahead of its first request is not mistaken
+    /// for a server-first protocol).
     pub fn speaks_http(&self, dst: SocketAddr) -> bool {
-        self.domains
-            .get(&dst.ip().to_string())
-            .is_some_and(|configs| {
-                configs
-                    .iter()
-                    .any(|rc| rc.config.port == u32::from(dst.port()))
-            })
+        self.http_ports.contains(&dst.port())
     }
 
     /// How long a silent client is waited for (pilot's word, else

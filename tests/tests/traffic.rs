@@ -1109,3 +1109,173 @@ spec:
     assert_eq!(unavailable, 1.0, "the abort counted with its gRPC status");
     mesh.stop().await;
 }
+
+/// Istio's locality load balancing: with outlier detection on, a client
+/// prefers endpoints in its own zone, then its region, then elsewhere,
+/// spilling over as the nearer ones are ejected; `distribute` instead
+/// shares traffic between localities by weight.
+#[tokio::test(flavor = "multi_thread")]
+async fn locality_failover_and_weighted_distribution() {
+    let mesh = Mesh::start().await;
+    // client and reviews-v1 in us-east/zone-a, v2 in us-east/zone-b, v3 in
+    // eu-west/zone-c.
+    let workloads = mesh.config_dir.join("workloads.yaml");
+    let mut text = std::fs::read_to_string(&workloads).unwrap();
+    for (name, locality) in [
+        ("client", "us-east/zone-a"),
+        ("reviews-v1", "us-east/zone-a"),
+        ("reviews-v2", "us-east/zone-b"),
+        ("reviews-v3", "eu-west/zone-c"),
+    ] {
+        let head = format!("metadata: {{name: {name}, namespace: default}}\nspec:\n");
+        assert!(text.contains(&head), "{name} in workloads.yaml");
+        text = text.replace(&head, &format!("{head}  locality: {locality}\n"));
+    }
+    mesh.write_config("workloads.yaml", &text);
+    let rule = |locality: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: reviews, namespace: default}}
+spec:
+  host: reviews
+  trafficPolicy:
+    outlierDetection: {{consecutive5xxErrors: 1, interval: 1s, baseEjectionTime: 30s, maxEjectionPercent: 100}}
+    loadBalancer: {{simple: ROUND_ROBIN{locality}}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: reviews, namespace: default}}
+spec:
+  hosts: [reviews]
+  http:
+  - name: by-locality{}
+    retries: {{attempts: 0}}
+    route: [{{destination: {{host: reviews}}}}]
+",
+            if locality.is_empty() { "" } else { "-weighted" }
+        )
+    };
+    let http = client(&mesh);
+    let versions = |n: usize| {
+        let http = http.clone();
+        async move {
+            let mut seen = std::collections::BTreeMap::new();
+            for _ in 0..n {
+                let (code, body) = get(&http, "http://reviews:9080/delay/0", &[]).await;
+                assert_eq!(code, 200, "{body}");
+                *seen.entry(version(&body)).or_insert(0) += 1;
+            }
+            seen
+        }
+    };
+
+    // distribute: from zone-a, 80 % to zone-a and 20 % to eu-west; zone-b
+    // none.
+    let weighted = ", localityLbSetting: {distribute: [{from: \"us-east/zone-a/*\", to: {\"us-east/zone-a/*\": 80, \"eu-west/*\": 20}}]}";
+    mesh.apply(
+        "reviews-routing.yaml",
+        &rule(weighted),
+        "client",
+        "by-locality-weighted",
+    )
+    .await;
+    // The localities reach the client's sidecar with a push of their own.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while versions(20).await.contains_key("v2") {
+        assert!(Instant::now() < deadline, "zone-b still served");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let seen = versions(500).await;
+    assert!(!seen.contains_key("v2"), "{seen:?}");
+    let v1 = seen.get("v1").copied().unwrap_or(0);
+    // 80 % of 500: the standard deviation is about 9.
+    assert!((355..=445).contains(&v1), "{seen:?}");
+
+    // Failover (the default with outlier detection): the client's own
+    // zone only, while it is healthy.
+    mesh.apply("reviews-routing.yaml", &rule(""), "client", "by-locality")
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while versions(20).await.keys().collect::<Vec<_>>() != ["v1"] {
+        assert!(
+            Instant::now() < deadline,
+            "the client never kept to its own zone"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // v1 fails once and is ejected: its region's other zone takes over.
+    assert_eq!(
+        get(&http, "http://reviews:9080/fail-on/v1", &[]).await.0,
+        503
+    );
+    assert_eq!(versions(20).await, [("v2".to_string(), 20)].into());
+    // v2 too: then the other region.
+    assert_eq!(
+        get(&http, "http://reviews:9080/fail-on/v2", &[]).await.0,
+        503
+    );
+    assert_eq!(versions(20).await, [("v3".to_string(), 20)].into());
+    mesh.stop().await;
+}
+
+/// `loadBalancer: {simple: PASSTHROUGH}`: a captured request goes to the
+/// very endpoint the app dialled (a pod address, as a headless service's
+/// clients dial), not one the balancer chooses.
+#[tokio::test(flavor = "multi_thread")]
+async fn passthrough_balancing_keeps_to_the_endpoint_the_app_dialled() {
+    let mesh = Mesh::start().await;
+    let std::net::IpAddr::V4(client) = mesh.workload("client").address else {
+        unreachable!("the mesh runs on IPv4 loopback")
+    };
+    let [a, b, c, _] = client.octets();
+    let pod = std::net::IpAddr::from([a, b, c, 106]);
+    let v2 = mesh.workload("reviews-v2").address;
+    let dst = std::sync::Arc::new(std::sync::Mutex::new(Some(std::net::SocketAddr::new(
+        v2, 9080,
+    ))));
+    mesh.captured_sidecar(pod, mesh_proxy::OutboundPolicy::AllowAny, dst)
+        .await;
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let versions = || {
+        let http = http.clone();
+        async move {
+            let mut seen = std::collections::BTreeSet::new();
+            for _ in 0..12 {
+                let body = http
+                    .get(format!("http://{pod}:15001/delay/0"))
+                    .header("host", "reviews:9080")
+                    .send()
+                    .await
+                    .unwrap()
+                    .text()
+                    .await
+                    .unwrap();
+                seen.insert(version(&body));
+            }
+            seen
+        }
+    };
+    assert!(
+        versions().await.len() > 1,
+        "round robin spreads the requests"
+    );
+    // The sample's split across subsets gives way to the service itself,
+    // balanced by where the app was going.
+    mesh.write_config(
+        "reviews-routing.yaml",
+        "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: default}
+spec:
+  host: reviews
+  trafficPolicy: {loadBalancer: {simple: PASSTHROUGH}}
+",
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while versions().await != ["v2".to_string()].into() {
+        assert!(Instant::now() < deadline, "PASSTHROUGH never kept to v2");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    mesh.stop().await;
+}
