@@ -975,6 +975,22 @@ mod tests {
             }
 
             #[test]
+            fn a_wildcard_server_name_covers_exactly_the_names_under_it(
+                labels in proptest::collection::vec("[a-c]{1,2}", 1..4),
+                suffix in proptest::collection::vec("[a-c]{1,2}", 1..3),
+            ) {
+                let suffix = suffix.join(".");
+                let name = labels.join(".");
+                let wildcard = format!("*.{suffix}");
+                let under = format!("{name}.{suffix}");
+                prop_assert!(sni_matches(&wildcard, &under));
+                prop_assert_eq!(sni_matches(&wildcard, &name), name.ends_with(&format!(".{suffix}")));
+                prop_assert!(!sni_matches(&wildcard, &suffix), "the bare suffix is not under it");
+                prop_assert!(sni_matches(&name, &name) && sni_matches("*", &name));
+                prop_assert_eq!(sni_matches(&name, &under), false);
+            }
+
+            #[test]
             fn ignore_case_equals_lowercased_comparison(value in "[a-zA-Z/]{0,12}", pat in "[a-zA-Z/]{0,4}") {
                 let prefix = Str::Prefix(pat.clone());
                 prop_assert_eq!(
