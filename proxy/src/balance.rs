@@ -550,6 +550,9 @@ impl Balancer {
     /// The endpoints a request may go to: every one, or one locality
     /// group chosen by the cluster's locality setting.
     fn group<'a>(&'a self, endpoints: &'a [Arc<Endpoint>]) -> &'a [Arc<Endpoint>] {
+        let Some(localities) = &self.localities else {
+            return endpoints;
+        };
         let now = Instant::now();
         // Nothing ejected: every group is whole.
         let whole = since_epoch(now) >= self.ejected_until.load(Ordering::Relaxed);
@@ -560,13 +563,12 @@ impl Balancer {
                 (OVERPROVISIONING * healthy as f64 / g.len() as f64).min(1.0)
             }
         };
-        match &self.localities {
-            None => endpoints,
-            Some(Localities::Weighted(groups)) => {
+        match localities {
+            Localities::Weighted(groups) => {
                 let shares: Vec<f64> = groups.iter().map(|(w, g)| *w as f64 * health(g)).collect();
                 pick_share(groups.iter().map(|(_, g)| g.as_slice()), &shares).unwrap_or(endpoints)
             }
-            Some(Localities::Failover(levels)) => {
+            Localities::Failover(levels) => {
                 if whole {
                     return &levels[0];
                 }

@@ -184,17 +184,23 @@ impl Usage {
     }
 
     /// Takes one more request, unless `settings` retire the connection.
+    /// The clock is read only under settings that need it.
     fn take(&self, settings: &Settings) -> bool {
         use std::sync::atomic::Ordering::Relaxed;
-        let age = self.born.elapsed();
-        if settings.max_age.is_some_and(|max| age >= max) {
+        let age =
+            (settings.max_age.is_some() || settings.idle.is_some()).then(|| self.born.elapsed());
+        if let (Some(max), Some(age)) = (settings.max_age, age)
+            && age >= max
+        {
             return false;
         }
         let n = self.requests.fetch_add(1, Relaxed);
         if settings.max_requests > 0 && n >= settings.max_requests {
             return false;
         }
-        self.last.store(age.as_millis() as u64, Relaxed);
+        if let Some(age) = age {
+            self.last.store(age.as_millis() as u64, Relaxed);
+        }
         true
     }
 

@@ -825,19 +825,7 @@ async fn connect_tunnels_reach_tls_services_and_servers_outside_the_mesh() {
     let outside = Server::start("outside", Some(pki.server("localhost", false))).await;
     mesh.write_config(
         "secure.yaml",
-        &format!(
-            "apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{name: secure, namespace: default}}
-spec:
-  hosts: [secure.example.com]
-  location: MESH_EXTERNAL
-  resolution: STATIC
-  ports: [{{number: 8443, name: https, protocol: HTTPS}}]
-  endpoints: [{{address: 127.0.0.1, ports: {{https: {}}}}}]
-",
-            inside.port
-        ),
+        &tls_entry("secure", "secure.example.com", inside.port),
     );
     let proxy = format!("http://{}", mesh.workload("client").outbound());
     let ca = pki.ca.display().to_string();

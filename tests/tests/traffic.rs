@@ -448,11 +448,9 @@ spec:
     mesh.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_burst_trips_the_circuit_breaker() {
-    let mesh = Mesh::start().await;
-    // Istio's circuit-breaking task: one connection, one pending request.
-    let config = "
+/// Istio's circuit-breaking task's rule: one request in flight to reviews
+/// v1 and one waiting, each on a connection of its own.
+const BREAKER: &str = "
 apiVersion: networking.istio.io/v1
 kind: DestinationRule
 metadata: {name: reviews, namespace: default}
@@ -475,7 +473,12 @@ spec:
     route:
     - destination: {host: reviews, subset: v1}
 ";
-    mesh.apply("reviews-routing.yaml", config, "client", "breaker")
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_burst_trips_the_circuit_breaker() {
+    let mesh = Mesh::start().await;
+    // Istio's circuit-breaking task: one connection, one pending request.
+    mesh.apply("reviews-routing.yaml", BREAKER, "client", "breaker")
         .await;
     let http = client(&mesh);
     let burst: Vec<_> = (0..20)
@@ -521,30 +524,7 @@ async fn h2load_concurrency_trips_the_circuit_breaker() {
         return;
     }
     let mesh = Mesh::start().await;
-    let config = "
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: reviews, namespace: default}
-spec:
-  host: reviews
-  trafficPolicy:
-    connectionPool:
-      tcp: {maxConnections: 1}
-      http: {http1MaxPendingRequests: 1}
-  subsets:
-  - {name: v1, labels: {version: v1}}
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: reviews, namespace: default}
-spec:
-  hosts: [reviews]
-  http:
-  - name: breaker
-    route:
-    - destination: {host: reviews, subset: v1}
-";
-    mesh.apply("reviews-routing.yaml", config, "client", "breaker")
+    mesh.apply("reviews-routing.yaml", BREAKER, "client", "breaker")
         .await;
     let url = format!("http://{}/delay/200", mesh.workload("client").outbound());
     let out = tokio::task::spawn_blocking(move || {
