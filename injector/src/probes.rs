@@ -1,14 +1,14 @@
 //! Kubelet probes through the proxy. Under STRICT mutual TLS kubelet (no
 //! mesh certificate) cannot reach the app's port, and under capture a TCP
-//! probe would only test the proxy's listener; so HTTP and TCP probes are
-//! rewritten to HTTP GETs on the proxy's agent port, and the proxy runs the
-//! original check against the app (`mesh_proto::probers`). gRPC, exec and
-//! HTTPS probes are left as they are (the proxy runs plain HTTP and TCP
-//! checks only).
+//! probe would only test the proxy's listener; so HTTP(S), TCP and gRPC
+//! probes are rewritten to HTTP GETs on the proxy's agent port, and the
+//! proxy runs the original check against the app (`mesh_proto::probers`),
+//! as Istio does. Exec probes run in the app's container and are left as
+//! they are.
 
 use k8s_openapi::api::core::v1::{Container, HTTPGetAction, Probe};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use mesh_proto::probers::{Header, HttpGet, Prober, Probers, TcpSocket};
+use mesh_proto::probers::{Grpc, Header, HttpGet, Prober, Probers, TcpSocket};
 
 use crate::{AGENT_PORT, InjectError};
 
@@ -35,17 +35,21 @@ pub fn rewrite(containers: &mut [Container]) -> Result<Probers, InjectError> {
                 })
             };
             let original = if let Some(get) = &probe.http_get {
-                if get
-                    .scheme
-                    .as_deref()
-                    .is_some_and(|s| !s.eq_ignore_ascii_case("HTTP"))
-                {
-                    continue;
-                }
+                let https = match get.scheme.as_deref().map(str::to_ascii_uppercase) {
+                    None => false,
+                    Some(s) if s == "HTTP" => false,
+                    Some(s) if s == "HTTPS" => true,
+                    Some(other) => {
+                        return Err(InjectError::Probe(format!(
+                            "container {name}: {field}.httpGet.scheme {other:?} is neither HTTP nor HTTPS"
+                        )));
+                    }
+                };
                 Prober {
                     http_get: Some(HttpGet {
                         path: get.path.clone().unwrap_or_else(|| "/".into()),
                         port: resolve(&get.port, "httpGet")?,
+                        https,
                         host: get.host.clone(),
                         http_headers: get
                             .http_headers
@@ -58,6 +62,7 @@ pub fn rewrite(containers: &mut [Container]) -> Result<Probers, InjectError> {
                             .collect(),
                     }),
                     tcp_socket: None,
+                    grpc: None,
                     timeout_seconds: timeout(probe),
                 }
             } else if let Some(tcp) = &probe.tcp_socket {
@@ -66,12 +71,24 @@ pub fn rewrite(containers: &mut [Container]) -> Result<Probers, InjectError> {
                     tcp_socket: Some(TcpSocket {
                         port: resolve(&tcp.port, "tcpSocket")?,
                     }),
+                    grpc: None,
+                    timeout_seconds: timeout(probe),
+                }
+            } else if let Some(g) = &probe.grpc {
+                Prober {
+                    http_get: None,
+                    tcp_socket: None,
+                    grpc: Some(Grpc {
+                        port: resolve(&IntOrString::Int(g.port), "grpc")?,
+                        service: g.service.clone().filter(|s| !s.is_empty()),
+                    }),
                     timeout_seconds: timeout(probe),
                 }
             } else {
                 continue;
             };
             probe.tcp_socket = None;
+            probe.grpc = None;
             probe.http_get = Some(HTTPGetAction {
                 path: Some(path.clone()),
                 port: IntOrString::Int(AGENT_PORT),
@@ -135,7 +152,7 @@ mod tests {
 - name: tls
   readinessProbe: {httpGet: {port: 8443, scheme: HTTPS}}
 - name: grpc
-  livenessProbe: {grpc: {port: 9090}}
+  livenessProbe: {grpc: {port: 9090, service: app}}
 ",
         )
         .unwrap();
@@ -152,25 +169,36 @@ mod tests {
             ready.http_get.as_ref().unwrap().path.as_deref(),
             Some("/app-health/web/readyz")
         );
-        assert!(cs[0].startup_probe.as_ref().unwrap().exec.is_some());
-        assert_eq!(
-            cs[1]
-                .readiness_probe
-                .as_ref()
-                .unwrap()
-                .http_get
-                .as_ref()
-                .unwrap()
-                .port,
-            IntOrString::Int(8443)
+        assert!(
+            cs[0].startup_probe.as_ref().unwrap().exec.is_some(),
+            "exec stays"
         );
-        assert!(cs[2].liveness_probe.as_ref().unwrap().grpc.is_some());
+        let tls = cs[1]
+            .readiness_probe
+            .as_ref()
+            .unwrap()
+            .http_get
+            .as_ref()
+            .unwrap();
+        assert_eq!(
+            (tls.port.clone(), tls.scheme.as_deref()),
+            (IntOrString::Int(15020), Some("HTTP"))
+        );
+        let grpc = cs[2].liveness_probe.as_ref().unwrap();
+        assert!(grpc.grpc.is_none());
+        assert_eq!(
+            grpc.http_get.as_ref().unwrap().path.as_deref(),
+            Some("/app-health/grpc/livez")
+        );
         assert_eq!(
             serde_json::to_value(&probers).unwrap(),
             serde_json::json!({
                 "/app-health/web/livez": {"httpGet": {"path": "/live", "port": 8080,
                     "httpHeaders": [{"name": "X-Probe", "value": "k"}]}, "timeoutSeconds": 3},
                 "/app-health/web/readyz": {"tcpSocket": {"port": 8080}, "timeoutSeconds": 1},
+                "/app-health/tls/readyz": {"httpGet": {"path": "/", "port": 8443, "https": true},
+                    "timeoutSeconds": 1},
+                "/app-health/grpc/livez": {"grpc": {"port": 9090, "service": "app"}, "timeoutSeconds": 1},
             })
         );
     }

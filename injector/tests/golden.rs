@@ -168,7 +168,13 @@ fn deployment_gets_a_native_sidecar_before_its_own_init_containers() {
     assert_eq!(live.path.as_deref(), Some("/app-health/reviews/livez"));
     let ready = app.readiness_probe.as_ref().unwrap();
     assert!(ready.tcp_socket.is_none());
-    assert!(app.startup_probe.as_ref().unwrap().grpc.is_some());
+    // gRPC probes go through the agent port too; exec probes stay.
+    let startup = app.startup_probe.as_ref().unwrap();
+    assert!(startup.grpc.is_none());
+    assert_eq!(
+        startup.http_get.as_ref().unwrap().path.as_deref(),
+        Some("/app-health/reviews/startupz")
+    );
     assert!(
         spec.containers[1]
             .liveness_probe

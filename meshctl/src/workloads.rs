@@ -177,6 +177,7 @@ fn app_probers(w: &WorkloadSpec) -> mesh_proto::probers::Probers {
     let prober = |http_get, tcp_socket| Prober {
         http_get,
         tcp_socket,
+        grpc: None,
         timeout_seconds: 1,
     };
     let get = HttpGet {
@@ -184,6 +185,7 @@ fn app_probers(w: &WorkloadSpec) -> mesh_proto::probers::Probers {
         port: mesh_samples::PORT,
         host: None,
         http_headers: vec![],
+        https: false,
     };
     let tcp = TcpSocket {
         port: mesh_samples::PORT,

@@ -137,6 +137,8 @@ pub mod probers {
         pub http_get: Option<HttpGet>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pub tcp_socket: Option<TcpSocket>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub grpc: Option<Grpc>,
         pub timeout_seconds: u32,
     }
 
@@ -144,8 +146,11 @@ pub mod probers {
     #[serde(rename_all = "camelCase", deny_unknown_fields)]
     pub struct HttpGet {
         pub path: String,
-        /// Always plain HTTP: HTTPS probes are not moved.
         pub port: u16,
+        /// `scheme: HTTPS`: TLS to the app, its certificate not checked
+        /// (as kubelet does not check it).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        pub https: bool,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pub host: Option<String>,
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -163,6 +168,16 @@ pub mod probers {
     #[serde(deny_unknown_fields)]
     pub struct TcpSocket {
         pub port: u16,
+    }
+
+    /// A gRPC probe: `grpc.health.v1.Health/Check` for `service` (the
+    /// server's overall health when absent) must answer SERVING.
+    #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Grpc {
+        pub port: u16,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub service: Option<String>,
     }
 }
 

@@ -348,6 +348,19 @@ impl ServerCertVerifier for AltNames {
     }
 }
 
+/// A client config that takes any server certificate (kubelet's HTTPS
+/// probes do not check it either).
+pub fn unverified_client() -> Arc<ClientConfig> {
+    let provider = mesh_identity::provider();
+    let config = ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .expect("the default provider supports the default versions")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(Unverified(provider)))
+        .with_no_client_auth();
+    Arc::new(config)
+}
+
 /// `insecureSkipVerify`: any certificate is taken; the handshake's
 /// signatures are still checked.
 #[derive(Debug)]

@@ -203,3 +203,150 @@ async fn kubelet_probes_reach_the_app_through_the_sidecar() {
         .unwrap()
         .unwrap();
 }
+
+/// An app whose probes are HTTPS and gRPC, as kubelet would run them.
+const SECURE_POD: &str = "
+apiVersion: v1
+kind: Pod
+metadata: {name: api-0, namespace: default}
+spec:
+  containers:
+    - name: api
+      image: example/api:1.0
+      readinessProbe: {httpGet: {path: /healthz, port: 8443, scheme: HTTPS}}
+      livenessProbe: {grpc: {port: 9090}}
+";
+
+/// A TLS server on `addr` with a self-signed certificate, answering
+/// `/healthz` 200 and everything else 404.
+async fn https_app(addr: SocketAddr) -> tokio::task::JoinHandle<()> {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["api.example".into()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![cert.der().clone()],
+        rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
+    )
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let svc = hyper::service::service_fn(
+                    |req: hyper::Request<hyper::body::Incoming>| async move {
+                        let status = if req.uri().path() == "/healthz" {
+                            200
+                        } else {
+                            404
+                        };
+                        let mut resp = hyper::Response::new(http_body_util::Empty::<
+                            hyper::body::Bytes,
+                        >::new());
+                        *resp.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
+                        Ok::<_, std::convert::Infallible>(resp)
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    })
+}
+
+/// HTTPS and gRPC probes are moved onto the agent port too, as Istio
+/// moves them: the sidecar runs an HTTPS GET taking any certificate (as
+/// kubelet does) and the gRPC health check, answering as the app does.
+#[tokio::test]
+async fn https_and_grpc_probes_reach_the_app_through_the_sidecar() {
+    const IP: &str = "127.0.10.82";
+    let pod: Pod = serde_json::from_value(serde_saphyr::from_str(SECURE_POD).unwrap()).unwrap();
+    let Outcome::Injected(pod) = mesh_injector::inject(
+        &pod,
+        "default",
+        &NamespacePolicy::Enabled,
+        &InjectConfig::default(),
+    )
+    .unwrap() else {
+        panic!("not injected");
+    };
+    let app = &pod.spec.as_ref().unwrap().containers[0];
+    let path = |p: &Option<k8s_openapi::api::core::v1::Probe>| {
+        let get = p.as_ref().unwrap().http_get.as_ref().unwrap();
+        format!("http://{IP}:15020{}", get.path.as_deref().unwrap())
+    };
+    let (ready, live) = (path(&app.readiness_probe), path(&app.liveness_probe));
+    assert!(app.liveness_probe.as_ref().unwrap().grpc.is_none(), "moved");
+
+    let ip: IpAddr = IP.parse().unwrap();
+    let https = https_app(SocketAddr::new(ip, 8443)).await;
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+    let grpc = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health)
+            .serve(SocketAddr::new(ip, 9090)),
+    );
+    let cfg = Config {
+        app_probers: serde_json::from_str(&sidecar_env(&pod, "MESH_APP_PROBERS")).unwrap(),
+        ..Config::new(
+            "api-0.default",
+            mesh_identity::SpiffeId::new("cluster.local", "default", "default"),
+            ip,
+            "127.0.0.1:9".parse().unwrap(),
+            "127.0.0.1:9".parse().unwrap(),
+        )
+    };
+    let _proxy = tokio::spawn(mesh_proxy::run(cfg, std::future::pending()));
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while http
+        .get(&ready)
+        .send()
+        .await
+        .map(|r| r.status() != 200)
+        .unwrap_or(true)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the HTTPS probe never passed: {:?}",
+            get(&http, &ready).await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(get(&http, &live).await, (200, "ok\n".into()));
+
+    // The app says it is not serving: the liveness probe fails, saying so.
+    reporter
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+    assert_eq!(
+        get(&http, &live).await,
+        (503, "the app's gRPC health is NOT_SERVING\n".into())
+    );
+    // The HTTPS server goes away: the readiness probe fails.
+    https.abort();
+    let _ = https.await;
+    let (status, why) = get(&http, &ready).await;
+    assert_eq!(status, 503, "{why}");
+    grpc.abort();
+}
