@@ -176,8 +176,19 @@ pub fn yaml_files(dir: &Path) -> Result<Vec<PathBuf>, ConfigError> {
 /// Parses one file's documents. Kinds the mesh does not know yet are skipped
 /// with a log line naming them.
 pub fn parse_file(path: &Path, text: &str) -> Result<Vec<(Meta, Resource)>, ConfigError> {
-    let docs: Vec<Option<RawObject>> =
-        serde_saphyr::from_multiple(text).map_err(|e| ConfigError::Yaml {
+    // The parser's default budget stops at 1,024 documents and 250,000
+    // nodes: a generated file of a few thousand ServiceEntries (a few MB)
+    // would be refused whole. The stack-protecting limits (nesting depth
+    // 64, flow nesting) stay; the counts scale to files of tens of MB.
+    let options = serde_saphyr::options! {
+        budget: serde_saphyr::budget! {
+            max_documents: 1_000_000,
+            max_nodes: 50_000_000,
+            max_events: 100_000_000,
+        },
+    };
+    let docs: Vec<Option<RawObject>> = serde_saphyr::from_multiple_with_options(text, options)
+        .map_err(|e| ConfigError::Yaml {
             path: path.to_path_buf(),
             reason: e.to_string(),
         })?;
@@ -352,5 +363,79 @@ spec:
             .unwrap_err()
             .to_string();
         assert!(err.starts_with("y.yaml: not valid YAML"), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod hostile_input {
+    use super::*;
+
+    /// Parses `text` on a thread with the stack of tokio's blocking pool,
+    /// where pilot's reloads run.
+    fn parse_on_a_reload_thread(text: String) -> Result<usize, String> {
+        std::thread::Builder::new()
+            .stack_size(2 * 1024 * 1024)
+            .spawn(move || {
+                parse_file(Path::new("hostile.yaml"), &text)
+                    .map(|v| v.len())
+                    .map_err(|e| e.to_string())
+            })
+            .unwrap()
+            .join()
+            .expect("the parser must not crash the thread")
+    }
+
+    const HEAD: &str = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: x, namespace: y}\n";
+
+    /// Nesting 100,000 deep, flow or block style, is refused with an error
+    /// naming the file, never a stack overflow (which would take pilot
+    /// down with every proxy's stream).
+    #[test]
+    fn deep_nesting_is_an_error_not_a_crash() {
+        let depth = 100_000;
+        let flow = format!(
+            "{HEAD}spec: {{x: {}{}}}\n",
+            "[".repeat(depth),
+            "]".repeat(depth)
+        );
+        let block = format!("{HEAD}spec:\n  x:\n")
+            + &(0..20_000)
+                .map(|i| format!("  {}-\n", "  ".repeat(i)))
+                .collect::<String>();
+        for (style, text) in [("flow", flow), ("block", block)] {
+            let err = parse_on_a_reload_thread(text).unwrap_err();
+            assert!(
+                err.starts_with("hostile.yaml: not valid YAML") && err.contains("line"),
+                "{style}: {err}"
+            );
+        }
+    }
+
+    /// A 10 MB file of valid resources parses whole; 10 MB of junk is an
+    /// error naming the file.
+    #[test]
+    fn a_ten_megabyte_file_is_read_or_refused_whole() {
+        let one = |i: usize| {
+            format!(
+                "---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: svc-{i}, namespace: big}}\nspec:\n  hosts: [svc-{i}.example.com]\n  ports: [{{number: 80, name: http, protocol: HTTP}}]\n  resolution: STATIC\n  endpoints: [{{address: 10.0.{}.{}}}]\n  # {}\n",
+                i / 250 % 250,
+                i % 250,
+                "padding ".repeat(30)
+            )
+        };
+        let mut text = String::new();
+        let mut n = 0;
+        while text.len() < 10 * 1024 * 1024 {
+            text.push_str(&one(n));
+            n += 1;
+        }
+        assert_eq!(parse_on_a_reload_thread(text), Ok(n));
+        let junk = "{[:".repeat(10 * 1024 * 1024 / 3);
+        let err = parse_on_a_reload_thread(junk).unwrap_err();
+        assert!(
+            err.starts_with("hostile.yaml: not valid YAML"),
+            "{}",
+            &err[..err.len().min(300)]
+        );
     }
 }

@@ -678,3 +678,86 @@ async fn proxy_status_and_proxy_config_show_what_each_proxy_holds() {
     );
     mesh.stop().await;
 }
+
+/// A resource rewritten every 10 ms for two seconds (an editor's autosave
+/// loop, a controller fighting another): pilot keeps answering, traffic
+/// keeps flowing, and once the writes stop the proxies hold the last one.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_file_rewritten_every_10ms_leaves_pilot_serving_and_ends_on_the_last_write() {
+    let mesh = Mesh::start().await;
+    let route = |name: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: ratings, namespace: default}}
+spec:
+  hosts: [ratings]
+  http:
+  - name: {name}
+    route: [{{destination: {{host: ratings}}}}]
+"
+        )
+    };
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (stop, dir) = (stop.clone(), mesh.config_dir.clone());
+        tokio::spawn(async move {
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                mesh_tests::write_atomically(
+                    &dir.join("churn.yaml"),
+                    &route(&format!("churn-{i}")),
+                );
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            i
+        })
+    };
+    let http = mesh.client();
+    let debug = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let syncz = format!("http://{}/debug/syncz", mesh.cp.pilot_debug_addr);
+    let until = Instant::now() + Duration::from_secs(2);
+    let mut requests = 0;
+    while Instant::now() < until {
+        let r = http
+            .get("http://ratings:9080/ratings/0")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "a request failed while the file churned");
+        let s = debug
+            .get(&syncz)
+            .send()
+            .await
+            .expect("pilot answers within 2 s");
+        assert_eq!(s.status(), 200);
+        requests += 1;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let writes = writer.await.unwrap();
+    assert!(
+        writes > 50 && requests > 10,
+        "{writes} writes, {requests} requests"
+    );
+    // The last write wins, with no further nudge.
+    let last = format!("\"churn-{}\"", writes - 1);
+    let dump = format!(
+        "http://{}:15000/config_dump",
+        mesh.workload("client").address
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = debug.get(&dump).send().await.unwrap().text().await.unwrap();
+        if text.contains(&last) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the client never got {last}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    mesh.stop().await;
+}
