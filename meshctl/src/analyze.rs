@@ -92,7 +92,10 @@ pub fn analyze(paths: &[PathBuf]) -> Report {
                 report.push(Level::Error, e);
             }
         }
-        Ok(model) => warnings(&set, &model, &mut report),
+        Ok(model) => {
+            warnings(&set, &model, &mut report);
+            peer_auth_overlaps(&model, &mut report);
+        }
     }
     report
 }
@@ -138,6 +141,37 @@ fn warnings(set: &ConfigSet, model: &Model, report: &mut Report) {
             ),
             Resource::VirtualService(vs) => {
                 shadowed(meta, vs, report);
+                not_acted_on(meta, "VirtualService", &vs.export_to, &[], report);
+                continue;
+            }
+            Resource::DestinationRule(dr) => {
+                let http = dr
+                    .traffic_policy
+                    .iter()
+                    .flat_map(|p| {
+                        let levels = p.port_level_settings.iter().map(|s| &s.connection_pool);
+                        std::iter::once(&p.connection_pool).chain(levels)
+                    })
+                    .chain(
+                        dr.subsets
+                            .iter()
+                            .flat_map(|s| s.traffic_policy.iter().map(|p| &p.connection_pool)),
+                    )
+                    .flatten()
+                    .filter_map(|pool| pool.http.as_ref());
+                let mut ignored = Vec::new();
+                for h in http {
+                    for (field, set) in [
+                        ("h2UpgradePolicy", h.h2_upgrade_policy.is_some()),
+                        ("useClientProtocol", h.use_client_protocol.is_some()),
+                        ("maxConcurrentStreams", h.max_concurrent_streams.is_some()),
+                    ] {
+                        if set && !ignored.contains(&field) {
+                            ignored.push(field);
+                        }
+                    }
+                }
+                not_acted_on(meta, "DestinationRule", &dr.export_to, &ignored, report);
                 continue;
             }
             _ => continue,
@@ -158,6 +192,78 @@ fn warnings(set: &ConfigSet, model: &Model, report: &mut Report) {
                     } else {
                         format!("namespace {}", meta.namespace)
                     }
+                ),
+            );
+        }
+    }
+}
+
+/// Settings pilot accepts but the mesh does not act on: said, so nothing
+/// is silently different. `exportTo` on a VirtualService or
+/// DestinationRule (the rule applies in every namespace), and the
+/// connection pool's HTTP/2 upgrade settings (sidecars always speak HTTP/2
+/// to each other).
+fn not_acted_on(
+    meta: &Meta,
+    kind: &str,
+    export_to: &[String],
+    pool_fields: &[&str],
+    report: &mut Report,
+) {
+    let at = format!(
+        "{}: {kind} {}/{}",
+        meta.file.display(),
+        meta.namespace,
+        meta.name
+    );
+    if !export_to.is_empty() && export_to.iter().any(|e| e != "*") {
+        report.push(
+            Level::Warning,
+            format!("{at}: spec.exportTo is not acted on: the rule applies in every namespace"),
+        );
+    }
+    for field in pool_fields {
+        report.push(
+            Level::Warning,
+            format!(
+                "{at}: connectionPool.http.{field} is not acted on: sidecars always speak HTTP/2 to each other"
+            ),
+        );
+    }
+}
+
+/// Workloads more than one selector PeerAuthentication picks: the first
+/// loaded applies, which is easy to get wrong.
+fn peer_auth_overlaps(model: &Model, report: &mut Report) {
+    for w in model.workloads.values() {
+        let picks: Vec<&mesh_pilot::model::PeerAuth> = model
+            .peer_auth
+            .iter()
+            .filter(|p| {
+                p.namespace == w.namespace
+                    && p.selector
+                        .as_ref()
+                        .is_some_and(|s| s.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
+            })
+            .collect();
+        if let [first, rest @ ..] = picks.as_slice()
+            && !rest.is_empty()
+        {
+            let others: Vec<String> = rest
+                .iter()
+                .map(|p| format!("{}/{}", p.namespace, p.name))
+                .collect();
+            report.push(
+                Level::Warning,
+                format!(
+                    "PeerAuthentication {}/{} and {} all select workload {}/{}: only {}/{} applies; narrow the selectors so one does",
+                    first.namespace,
+                    first.name,
+                    others.join(", "),
+                    w.namespace,
+                    w.name,
+                    first.namespace,
+                    first.name
                 ),
             );
         }

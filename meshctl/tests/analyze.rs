@@ -96,3 +96,56 @@ spec:
         "{report}"
     );
 }
+
+/// What pilot accepts but the mesh does not act on, and PeerAuthentications
+/// that fight over a workload, are warnings that say so.
+#[test]
+fn settings_not_acted_on_and_overlapping_peer_authentications_are_warned_of() {
+    let extra = "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: ratings, namespace: default}
+spec:
+  host: ratings
+  exportTo: [\".\"]
+  trafficPolicy:
+    connectionPool: {http: {h2UpgradePolicy: UPGRADE, maxConcurrentStreams: 10}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: details, namespace: default}
+spec:
+  hosts: [details]
+  exportTo: [\"*\"]
+  http:
+  - route: [{destination: {host: details}}]
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: ratings-strict, namespace: default}
+spec:
+  selector: {matchLabels: {app: ratings}}
+  mtls: {mode: STRICT}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: ratings-v1-permissive, namespace: default}
+spec:
+  selector: {matchLabels: {app: ratings, version: v1}}
+  mtls: {mode: PERMISSIVE}
+";
+    let (code, out) = analyze(extra, false);
+    assert_eq!(code, 0, "warnings only: {out}");
+    for want in [
+        "warning: extra.yaml: DestinationRule default/ratings: spec.exportTo is not acted on",
+        "warning: extra.yaml: DestinationRule default/ratings: connectionPool.http.h2UpgradePolicy is not acted on",
+        "warning: extra.yaml: DestinationRule default/ratings: connectionPool.http.maxConcurrentStreams is not acted on",
+        "warning: PeerAuthentication default/ratings-strict and default/ratings-v1-permissive all select workload default/ratings-v1: only default/ratings-strict applies",
+    ] {
+        assert!(out.contains(want), "missing {want:?} in:\n{out}");
+    }
+    assert!(
+        !out.contains("VirtualService default/details"),
+        "exportTo * is every namespace: {out}"
+    );
+    assert!(out.ends_with("0 errors, 4 warnings\n"), "{out}");
+}
