@@ -236,16 +236,8 @@ fn not_acted_on(
 /// loaded applies, which is easy to get wrong.
 fn peer_auth_overlaps(model: &Model, report: &mut Report) {
     for w in model.workloads.values() {
-        let picks: Vec<&mesh_pilot::model::PeerAuth> = model
-            .peer_auth
-            .iter()
-            .filter(|p| {
-                p.namespace == w.namespace
-                    && p.selector
-                        .as_ref()
-                        .is_some_and(|s| s.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
-            })
-            .collect();
+        let picks: Vec<&mesh_pilot::model::PeerAuth> =
+            model.peer_auth.iter().filter(|p| p.selects(w)).collect();
         if let [first, rest @ ..] = picks.as_slice()
             && !rest.is_empty()
         {

@@ -321,6 +321,18 @@ pub struct PeerAuth {
     pub ports: BTreeMap<u32, MtlsMode>,
 }
 
+impl PeerAuth {
+    /// Whether its selector picks `w` (one without a selector picks none
+    /// by itself: it is its namespace's).
+    pub fn selects(&self, w: &Workload) -> bool {
+        self.namespace == w.namespace
+            && self
+                .selector
+                .as_ref()
+                .is_some_and(|sel| sel.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
+    }
+}
+
 fn mtls_mode(mode: Option<&str>) -> Result<Option<MtlsMode>, String> {
     match mode.unwrap_or("UNSET") {
         "UNSET" => Ok(None),
@@ -339,13 +351,7 @@ impl Model {
     /// the root namespace's, else PERMISSIVE; UNSET inherits from the next
     /// level. Also the per-port overrides of the selecting one.
     pub fn mtls_for(&self, w: &Workload) -> (MtlsMode, BTreeMap<u32, MtlsMode>) {
-        let selects = |p: &&PeerAuth| {
-            p.namespace == w.namespace
-                && p.selector
-                    .as_ref()
-                    .is_some_and(|sel| sel.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
-        };
-        let workload = self.peer_auth.iter().find(selects);
+        let workload = self.peer_auth.iter().find(|p| p.selects(w));
         let namespace = self
             .peer_auth
             .iter()
