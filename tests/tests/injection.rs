@@ -86,6 +86,48 @@ fn sidecar_env(pod: &Pod, name: &str) -> String {
         .unwrap()
 }
 
+/// Starts the sidecar the injector gave `pod` (its app probes; no control
+/// plane: probes need none) on `ip`, and waits until kubelet's `ready`
+/// probe passes through it.
+async fn sidecar_until_ready(
+    pod: &Pod,
+    proxy_id: &str,
+    ip: IpAddr,
+    ready: &str,
+) -> (
+    tokio::task::JoinHandle<Result<(), mesh_proxy::ProxyError>>,
+    reqwest::Client,
+) {
+    let cfg = Config {
+        app_probers: serde_json::from_str(&sidecar_env(pod, "MESH_APP_PROBERS")).unwrap(),
+        ..Config::new(
+            proxy_id,
+            mesh_identity::SpiffeId::new("cluster.local", "default", "default"),
+            ip,
+            "127.0.0.1:9".parse().unwrap(),
+            "127.0.0.1:9".parse().unwrap(),
+        )
+    };
+    let proxy = tokio::spawn(mesh_proxy::run(cfg, std::future::pending()));
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let answer = http.get(ready).send().await;
+        if answer.as_ref().is_ok_and(|r| r.status() == 200) {
+            return (proxy, http);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the readiness probe {ready} never passed: {answer:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn get(http: &reqwest::Client, url: &str) -> (u16, String) {
     let r = http.get(url).send().await.unwrap();
     (r.status().as_u16(), r.text().await.unwrap())
@@ -114,37 +156,7 @@ async fn kubelet_probes_reach_the_app_through_the_sidecar() {
             let _ = stopped.await;
         },
     ));
-    let cfg = Config {
-        app_probers: serde_json::from_str(&sidecar_env(&pod, "MESH_APP_PROBERS")).unwrap(),
-        ..Config::new(
-            "details-v1-0.default",
-            mesh_identity::SpiffeId::new("cluster.local", "default", "default"),
-            ip,
-            "127.0.0.1:9".parse().unwrap(),
-            "127.0.0.1:9".parse().unwrap(),
-        )
-    };
-    let proxy = tokio::spawn(mesh_proxy::run(cfg, std::future::pending()));
-
-    let http = reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while http
-        .get(&ready)
-        .send()
-        .await
-        .map(|r| r.status() != 200)
-        .unwrap_or(true)
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the readiness probe never passed"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let (proxy, http) = sidecar_until_ready(&pod, "details-v1-0.default", ip, &ready).await;
     assert_eq!(get(&http, &live).await.0, 200);
     // The app's own failure comes through as its status.
     assert_eq!(
@@ -302,37 +314,7 @@ async fn https_and_grpc_probes_reach_the_app_through_the_sidecar() {
             .add_service(health)
             .serve(SocketAddr::new(ip, 9090)),
     );
-    let cfg = Config {
-        app_probers: serde_json::from_str(&sidecar_env(&pod, "MESH_APP_PROBERS")).unwrap(),
-        ..Config::new(
-            "api-0.default",
-            mesh_identity::SpiffeId::new("cluster.local", "default", "default"),
-            ip,
-            "127.0.0.1:9".parse().unwrap(),
-            "127.0.0.1:9".parse().unwrap(),
-        )
-    };
-    let _proxy = tokio::spawn(mesh_proxy::run(cfg, std::future::pending()));
-    let http = reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while http
-        .get(&ready)
-        .send()
-        .await
-        .map(|r| r.status() != 200)
-        .unwrap_or(true)
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the HTTPS probe never passed: {:?}",
-            get(&http, &ready).await
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let (_proxy, http) = sidecar_until_ready(&pod, "api-0.default", ip, &ready).await;
     assert_eq!(get(&http, &live).await, (200, "ok\n".into()));
 
     // The app says it is not serving: the liveness probe fails, saying so.
