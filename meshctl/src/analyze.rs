@@ -8,7 +8,7 @@
 //! workload, and HTTP routes that can never match because an earlier
 //! route matches every request.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use mesh_pilot::istio::Labels;
 use mesh_pilot::model::{Model, ROOT_NAMESPACE};
@@ -70,16 +70,33 @@ fn files(paths: &[PathBuf]) -> Vec<PathBuf> {
 
 pub fn analyze(paths: &[PathBuf]) -> Report {
     let mut report = Report::default();
-    let mut set = ConfigSet::default();
     for p in paths.iter().filter(|p| !p.exists()) {
         report.push(
             Level::Error,
             format!("{}: no such file or directory", p.display()),
         );
     }
-    for file in files(paths) {
-        match std::fs::read_to_string(&file)
-            .map_err(|e| format!("{}: cannot read: {e}", file.display()))
+    let texts = files(paths).into_iter().map(|file| {
+        let text = std::fs::read_to_string(&file)
+            .map_err(|e| format!("{}: cannot read: {e}", file.display()));
+        (file, text)
+    });
+    analyze_texts(report, texts)
+}
+
+/// As [`analyze`], of one file's text already read.
+pub fn analyze_text(file: &Path, text: &str) -> Report {
+    let texts = [(file.to_path_buf(), Ok(text.to_string()))];
+    analyze_texts(Report::default(), texts)
+}
+
+fn analyze_texts(
+    mut report: Report,
+    texts: impl IntoIterator<Item = (PathBuf, Result<String, String>)>,
+) -> Report {
+    let mut set = ConfigSet::default();
+    for (file, text) in texts {
+        match text
             .and_then(|text| mesh_pilot::store::parse_file(&file, &text).map_err(|e| e.to_string()))
         {
             Ok(resources) => set.resources.extend(resources),
@@ -303,4 +320,21 @@ pub fn render(r: &Report) -> String {
     }
     out.push_str(&format!("{} errors, {} warnings\n", r.errors, r.warnings));
     out
+}
+
+/// The config fuzz target's body (`pilot/fuzz/fuzz_targets/config.rs`), shared
+/// with the test that replays its seeds and every crash it found: any
+/// bytes through what pilot does on a reload and through `analyze`. It
+/// panics where either would, or where a refusal does not say why.
+#[doc(hidden)]
+pub fn fuzz_config(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    match mesh_pilot::serve_text(text) {
+        Ok((_, rejected)) => assert!(rejected.iter().all(|e| !e.is_empty())),
+        Err(errors) => assert!(!errors.is_empty() && errors.iter().all(|e| !e.is_empty())),
+    }
+    let report = analyze_text(Path::new("config.yaml"), text);
+    assert_eq!(report.errors + report.warnings, report.findings.len());
 }

@@ -207,6 +207,23 @@ fn visible_hosts(model: &Model, namespace: &str, labels: &crate::istio::Labels) 
         .collect()
 }
 
+/// Whether `any` decodes as the message `type_url` names: what a proxy
+/// does first with each resource it is sent.
+pub fn decode_check(type_url: &str, any: &prost_types::Any) -> Result<(), String> {
+    if any.type_url != type_url {
+        return Err(format!("sent as {} in a {type_url} push", any.type_url));
+    }
+    let value = any.value.as_slice();
+    let decoded = match type_url {
+        type_url::LISTENER => pb::Listener::decode(value).map(drop),
+        type_url::CLUSTER => pb::Cluster::decode(value).map(drop),
+        type_url::ENDPOINTS => pb::ClusterEndpoints::decode(value).map(drop),
+        type_url::ROUTE => pb::RouteConfig::decode(value).map(drop),
+        other => return Err(format!("unknown type {other}")),
+    };
+    decoded.map_err(|e| e.to_string())
+}
+
 pub const LISTENER_NAME: &str = "inbound";
 
 pub fn cluster_name(port: u32, subset: Option<&str>, host: &str) -> String {

@@ -32,6 +32,30 @@ use crate::model::Model;
 
 pub use watch::DirWatcher;
 
+/// What pilot would serve from one file's text: parsed, accepted as a
+/// reload accepts (a bad resource rejected alone), and every known proxy's
+/// view of every type worked out and decoded again. `Ok` holds the
+/// snapshot and what was rejected; `Err` what rejected the whole load.
+/// The fuzz target (`pilot/fuzz/`) and its seed test drive the YAML → model
+/// path through this, so both exercise exactly what a reload does.
+pub fn serve_text(text: &str) -> Result<(Snapshot, Vec<String>), Vec<String>> {
+    let path = std::path::Path::new("config.yaml");
+    let resources = store::parse_file(path, text).map_err(|e| vec![e.to_string()])?;
+    let accepted = accept::accept(resources, &[], &[], |set| {
+        Model::build(set, mesh_identity::DEFAULT_TRUST_DOMAIN)
+    })?;
+    let snapshot = Snapshot::build(Arc::new(accepted.model), 1);
+    for proxy in snapshot.model.workloads.keys() {
+        for type_url in mesh_proto::type_url::ALL {
+            for resource in snapshot.for_proxy(type_url, proxy).values() {
+                generate::decode_check(type_url, &resource.any)
+                    .map_err(|e| vec![format!("{proxy}: {type_url}: {e}")])?;
+            }
+        }
+    }
+    Ok((snapshot, accepted.errors))
+}
+
 /// Default address of the xDS server.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:15012";
 /// The service account pilot's identity names.
