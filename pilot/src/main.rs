@@ -41,8 +41,32 @@ struct Args {
     kubernetes: bool,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    limit_malloc_arenas();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?
+        .block_on(run())
+}
+
+/// glibc's malloc gives each thread that contends for memory an arena of
+/// its own, up to eight per core, and freed memory stays resident in
+/// each. Pilot allocates on its async workers (thousands of proxy streams)
+/// and on blocking threads (each config reload builds a whole new model):
+/// at 2,000 proxies the extra arenas held about 40 MB (`bench-pilot`'s
+/// rss_mb, 244 MB against 204 MB with two arenas). Two keep the workers
+/// from contending on one lock. Set before any other thread exists.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets a tunable of glibc's allocator; this runs
+    // first in main, before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
+async fn run() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
