@@ -309,7 +309,11 @@ pub(crate) fn cluster_endpoints(
             },
             workload: w.name.clone(),
             namespace: w.namespace.clone(),
-            labels: w.labels.clone().into_iter().collect(),
+            labels: w
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
             cluster: model.cluster_id.clone(),
             locality: w.locality.clone(),
         })
@@ -417,7 +421,11 @@ fn listener(model: &Model, w: &Workload, serves: &[&Service]) -> pb::Listener {
             namespace: w.namespace.clone(),
             identity: w.identity(&model.trust_domain).to_string(),
             address: w.address.clone(),
-            labels: w.labels.clone().into_iter().collect(),
+            labels: w
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
             service_account: w.service_account.clone(),
             cluster: model.cluster_id.clone(),
             locality: w.locality.clone(),

@@ -82,8 +82,9 @@ pub struct WorkloadEntry {
     pub address: String,
     #[serde(default)]
     pub ports: BTreeMap<String, u32>,
+    /// Shared with the model's workload, not copied.
     #[serde(default)]
-    pub labels: Labels,
+    pub labels: std::sync::Arc<Labels>,
     #[serde(default)]
     pub service_account: Option<String>,
     /// "region/zone/subzone".

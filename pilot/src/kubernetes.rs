@@ -204,7 +204,7 @@ impl Cache {
         out.extend(
             proxies
                 .into_iter()
-                .map(|w| (meta(&w.namespace, &w.name), Resource::Pod(w))),
+                .map(|w| (meta(&w.namespace, &w.name), Resource::Pod(Arc::new(w)))),
         );
 
         let mut slices: HashMap<(String, String), Vec<Arc<EndpointSlice>>> = HashMap::new();
@@ -238,7 +238,7 @@ impl Cache {
         out.extend(
             services
                 .into_iter()
-                .map(|(m, s)| (m, Resource::KubeService(Box::new(s)))),
+                .map(|(m, s)| (m, Resource::KubeService(Arc::new(s)))),
         );
 
         // Istio resolves conflicts between its resources oldest first.
@@ -381,7 +381,7 @@ fn pod_workload(pod: &Pod) -> Option<Workload> {
         address,
         sidecar: labels.get(TLS_MODE_LABEL).is_some_and(|m| m == "istio"),
         locality: crate::model::locality_of(None, &labels),
-        labels,
+        labels: Arc::new(labels),
         service_account: pod
             .spec
             .as_ref()
@@ -479,7 +479,7 @@ fn service(
                             .unwrap_or_default(),
                         namespace: namespace.clone(),
                         address: address.clone(),
-                        labels: Labels::new(),
+                        labels: Default::default(),
                         service_account: "default".to_string(),
                         ports: BTreeMap::new(),
                         sidecar: false,

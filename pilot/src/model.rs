@@ -3,6 +3,7 @@
 //! rejected whole and the previous one keeps serving.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use crate::istio::{DestinationRule, HttpRoute, Labels, ServiceEntry, ServicePort, VirtualService};
 use crate::store::{ConfigSet, Meta, Resource};
@@ -87,7 +88,8 @@ pub struct Workload {
     pub name: String,
     pub namespace: String,
     pub address: String,
-    pub labels: Labels,
+    /// Shared with the WorkloadEntry (or pod) it was made from.
+    pub labels: Arc<Labels>,
     pub service_account: String,
     pub ports: BTreeMap<String, u32>,
     /// Whether a sidecar stands in front of it (mutual TLS to its inbound
@@ -936,7 +938,7 @@ impl Model {
                     }
                 }
                 Resource::Pod(w) => {
-                    m.workloads.insert(w.proxy_id(), w.clone());
+                    m.workloads.insert(w.proxy_id(), (**w).clone());
                 }
                 Resource::ServiceEntry(se) => m.add_service(meta, se, &mut errors),
                 Resource::WorkloadEntry(we) => {

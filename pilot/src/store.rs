@@ -3,6 +3,7 @@
 //! the file, the resource and the reason; the caller keeps its last good set.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::Deserialize;
 
@@ -17,8 +18,10 @@ pub struct Meta {
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Resource {
-    ServiceEntry(ServiceEntry),
-    WorkloadEntry(WorkloadEntry),
+    // The kinds a large mesh has thousands of are shared, not copied,
+    // between the parse cache, the accepted set and each load's set.
+    ServiceEntry(Arc<ServiceEntry>),
+    WorkloadEntry(Arc<WorkloadEntry>),
     VirtualService(VirtualService),
     DestinationRule(Box<DestinationRule>),
     PeerAuthentication(crate::istio::PeerAuthentication),
@@ -29,9 +32,9 @@ pub enum Resource {
     MeshConfig(Box<crate::istio::MeshConfig>),
     /// A Kubernetes Service, its endpoints already read from its
     /// EndpointSlices and their pods (see [`crate::kubernetes`]).
-    KubeService(Box<crate::model::Service>),
+    KubeService(Arc<crate::model::Service>),
     /// A Kubernetes pod that runs a sidecar: a proxy that will connect.
-    Pod(crate::model::Workload),
+    Pod(Arc<crate::model::Workload>),
     Sidecar(crate::istio::Sidecar),
 }
 
@@ -288,8 +291,8 @@ fn parse_object(
             serde_json::from_value(v).map_err(|e| format!("spec: {e}"))
         }
         match kind.as_str() {
-            "ServiceEntry" => de(spec).map(Resource::ServiceEntry),
-            "WorkloadEntry" => de(spec).map(Resource::WorkloadEntry),
+            "ServiceEntry" => de(spec).map(|s| Resource::ServiceEntry(Arc::new(s))),
+            "WorkloadEntry" => de(spec).map(|w| Resource::WorkloadEntry(Arc::new(w))),
             "VirtualService" => de(spec).map(Resource::VirtualService),
             "DestinationRule" => de(spec).map(|d| Resource::DestinationRule(Box::new(d))),
             "PeerAuthentication" => de(spec).map(Resource::PeerAuthentication),

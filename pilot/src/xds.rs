@@ -234,13 +234,11 @@ impl Connection {
             .collect();
         let resources = changed
             .into_iter()
-            .map(|r| {
-                Resource {
-                    version: r.version_string(),
-                    resource: Some(r.any.clone()),
-                    name: r.name.to_string(),
-                    aliases: vec![],
-                }
+            .map(|r| Resource {
+                version: r.version_string(),
+                resource: Some(r.any.clone()),
+                name: r.name.to_string(),
+                aliases: vec![],
             })
             .collect();
         state.answered = true;
