@@ -56,7 +56,9 @@ pub fn parse_version(v: &str) -> Option<u64> {
     (v.len() == 16).then(|| u64::from_str_radix(v, 16).ok())?
 }
 
-pub type ByName = BTreeMap<String, Versioned>;
+/// Shared: a snapshot built after a change takes from the one before
+/// every resource the change left as it was.
+pub type ByName = BTreeMap<String, Arc<Versioned>>;
 
 /// All resources of a model: each service's clusters, endpoints and routes,
 /// listeners by proxy id, and which services each proxy is told of.
@@ -70,12 +72,21 @@ pub struct Snapshot {
     /// The hosts each proxy is told of (its services' `exportTo` and its
     /// Sidecar), shared by proxies of one namespace and Sidecar.
     views: BTreeMap<String, Arc<Vec<String>>>,
-    pub listeners: BTreeMap<String, Versioned>,
+    pub listeners: ByName,
     pub model: Arc<Model>,
 }
 
 impl Snapshot {
     pub fn build(model: Arc<Model>, version: u64) -> Self {
+        Self::build_after(model, version, None)
+    }
+
+    /// As [`Snapshot::build`], sharing with `previous` every resource that
+    /// encodes the same: after one endpoint changes, the two snapshots
+    /// that live side by side while proxies move over differ by that
+    /// resource, not by a whole copy of the mesh.
+    pub fn build_after(model: Arc<Model>, version: u64, previous: Option<&Snapshot>) -> Self {
+        let before = |host: &str, t: &str| previous?.by_host.get(host)?.get(t);
         let members = model.members();
         // Which services each workload is an endpoint of, for its listener.
         let mut serves: std::collections::HashMap<String, Vec<&Service>> = Default::default();
@@ -90,6 +101,11 @@ impl Snapshot {
         let mut by_host = BTreeMap::new();
         for svc in model.services.values() {
             let svc_members = &members[svc.host.as_str()];
+            let (clusters_before, endpoints_before, routes_before) = (
+                before(&svc.host, type_url::CLUSTER),
+                before(&svc.host, type_url::ENDPOINTS),
+                before(&svc.host, type_url::ROUTE),
+            );
             let mut clusters = ByName::new();
             let mut endpoints = ByName::new();
             let mut routes = ByName::new();
@@ -102,20 +118,14 @@ impl Snapshot {
                     let mut c = cluster(svc, port, subset);
                     crate::dr::apply(model.policies.get(&svc.host), subset, port.number, &mut c);
                     let eps = cluster_endpoints(&model, svc, svc_members, port, subset, &c.name);
-                    endpoints.insert(
-                        c.name.clone(),
-                        Versioned::new(&c.name, type_url::ENDPOINTS, &eps),
-                    );
-                    clusters.insert(
-                        c.name.clone(),
-                        Versioned::new(&c.name, type_url::CLUSTER, &c),
-                    );
+                    let fresh = Versioned::new(&c.name, type_url::ENDPOINTS, &eps);
+                    endpoints.insert(c.name.clone(), reuse(was(endpoints_before, &c.name), fresh));
+                    let fresh = Versioned::new(&c.name, type_url::CLUSTER, &c);
+                    clusters.insert(c.name.clone(), reuse(was(clusters_before, &c.name), fresh));
                 }
                 let rc = route_config(&model, svc, port);
-                routes.insert(
-                    rc.name.clone(),
-                    Versioned::new(&rc.name, type_url::ROUTE, &rc),
-                );
+                let fresh = Versioned::new(&rc.name, type_url::ROUTE, &rc);
+                routes.insert(rc.name.clone(), reuse(was(routes_before, &rc.name), fresh));
             }
             let types = BTreeMap::from([
                 (type_url::CLUSTER, clusters),
@@ -128,18 +138,12 @@ impl Snapshot {
             .workloads
             .values()
             .map(|w| {
-                (
-                    w.proxy_id(),
-                    Versioned::new(
-                        LISTENER_NAME,
-                        type_url::LISTENER,
-                        &listener(
-                            &model,
-                            w,
-                            serves.get(&w.proxy_id()).map_or(&[], Vec::as_slice),
-                        ),
-                    ),
-                )
+                let id = w.proxy_id();
+                let own = serves.get(&id).map_or(&[][..], Vec::as_slice);
+                let fresh =
+                    Versioned::new(LISTENER_NAME, type_url::LISTENER, &listener(&model, w, own));
+                let shared = reuse(previous.and_then(|p| p.listeners.get(&id)), fresh);
+                (id, shared)
             })
             .collect();
         let mut scopes: BTreeMap<(&str, Option<&str>), Arc<Vec<String>>> = BTreeMap::new();
@@ -175,7 +179,7 @@ impl Snapshot {
             return self
                 .listeners
                 .get(proxy_id)
-                .map(|l| BTreeMap::from([(LISTENER_NAME, l)]))
+                .map(|l| BTreeMap::from([(LISTENER_NAME, &**l)]))
                 .unwrap_or_default();
         }
         let unknown;
@@ -191,8 +195,21 @@ impl Snapshot {
         hosts
             .iter()
             .filter_map(|h| self.by_host.get(h)?.get(type_url))
-            .flat_map(|by_name| by_name.iter().map(|(n, r)| (n.as_str(), r)))
+            .flat_map(|by_name| by_name.iter().map(|(n, r)| (n.as_str(), &**r)))
             .collect()
+    }
+}
+
+/// The resource named `name` in `by_name`, if any.
+fn was<'a>(by_name: Option<&'a ByName>, name: &str) -> Option<&'a Arc<Versioned>> {
+    by_name?.get(name)
+}
+
+/// `fresh`, or the resource it replaces when that encodes the same.
+fn reuse(before: Option<&Arc<Versioned>>, fresh: Versioned) -> Arc<Versioned> {
+    match before {
+        Some(old) if **old == fresh => old.clone(),
+        _ => Arc::new(fresh),
     }
 }
 
@@ -618,6 +635,60 @@ mod tests {
                 .all(|k| !k.contains("svc-c"))
         );
         assert_eq!(snapshot.for_proxy(type_url::ENDPOINTS, "w-c.c").len(), 2);
+    }
+
+    #[test]
+    fn a_snapshot_after_a_change_shares_every_resource_the_change_left_alone() {
+        let mesh = |b_address: &str| {
+            let mut yaml = String::new();
+            for app in ["a", "b"] {
+                yaml += &format!(
+                    "---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {app}, namespace: ns}}\nspec:\n  hosts: [{app}]\n  ports: [{{number: 80, name: http}}]\n  workloadSelector: {{labels: {{app: {app}}}}}\n"
+                );
+            }
+            yaml += &workload("ns", "w-a", "a");
+            yaml += &workload("ns", "w-b", "b").replace("10.0.0.1", b_address);
+            Arc::new(model(&yaml).unwrap())
+        };
+        let first = Snapshot::build(mesh("10.0.0.2"), 1);
+        let second = Snapshot::build_after(mesh("10.0.0.3"), 2, Some(&first));
+        let resource = |s: &Snapshot, t: &str, host: &str| {
+            let name = if t == type_url::ROUTE {
+                "80".to_string()
+            } else {
+                cluster_name(80, None, host)
+            };
+            s.by_host[host][t][&name].clone()
+        };
+        let same = |t: &str, host: &str| {
+            Arc::ptr_eq(&resource(&first, t, host), &resource(&second, t, host))
+        };
+        assert!(
+            !same(type_url::ENDPOINTS, "b.ns.svc.cluster.local"),
+            "b's endpoint moved"
+        );
+        assert_ne!(
+            resource(&first, type_url::ENDPOINTS, "b.ns.svc.cluster.local").version,
+            resource(&second, type_url::ENDPOINTS, "b.ns.svc.cluster.local").version
+        );
+        assert!(same(type_url::ENDPOINTS, "a.ns.svc.cluster.local"));
+        for host in ["a.ns.svc.cluster.local", "b.ns.svc.cluster.local"] {
+            assert!(same(type_url::CLUSTER, host), "{host}");
+        }
+        assert!(Arc::ptr_eq(
+            &first.listeners["w-a.ns"],
+            &second.listeners["w-a.ns"]
+        ));
+        assert!(
+            !Arc::ptr_eq(&first.listeners["w-b.ns"], &second.listeners["w-b.ns"]),
+            "w-b's own listener names its new address"
+        );
+        // Built without a previous snapshot, nothing is shared.
+        let alone = Snapshot::build(mesh("10.0.0.3"), 2);
+        assert!(!Arc::ptr_eq(
+            &resource(&alone, type_url::CLUSTER, "a.ns.svc.cluster.local"),
+            &resource(&second, type_url::CLUSTER, "a.ns.svc.cluster.local")
+        ));
     }
 
     #[test]

@@ -225,7 +225,9 @@ impl Pilot {
             return false;
         }
         let version = self.version.fetch_add(1, Ordering::Relaxed) + 1;
-        let snapshot = Snapshot::build(Arc::new(model), version);
+        let previous = self.snapshots.borrow().clone();
+        let snapshot = Snapshot::build_after(Arc::new(model), version, Some(&previous));
+        drop(previous);
         tracing::info!(
             version,
             services = snapshot.model.services.len(),
