@@ -194,8 +194,11 @@ impl Pilot {
         // One load at a time: the directory's and the cluster's watchers
         // both reload, and a slower, older load must not publish last.
         let _one = self.loading.lock().expect("load lock");
+        let started = std::time::Instant::now();
         let last = self.accepted.lock().expect("accepted set").clone();
+        let mut read_ms = 0;
         let result = self.gather(&last).and_then(|(set, unread)| {
+            read_ms = started.elapsed().as_millis();
             accept::accept(set, &unread, &last, |set| {
                 Model::build_with(set, &self.config.trust_domain, |m| {
                     m.cluster_id.clone_from(&self.config.cluster_id);
@@ -225,6 +228,7 @@ impl Pilot {
             return false;
         }
         let version = self.version.fetch_add(1, Ordering::Relaxed) + 1;
+        let model_ms = started.elapsed().as_millis();
         let previous = self.snapshots.borrow().clone();
         let snapshot = Snapshot::build_after(Arc::new(model), version, Some(&previous));
         drop(previous);
@@ -232,6 +236,9 @@ impl Pilot {
             version,
             services = snapshot.model.services.len(),
             workloads = snapshot.model.workloads.len(),
+            read_ms,
+            model_ms,
+            total_ms = started.elapsed().as_millis(),
             "config loaded"
         );
         self.snapshots.send_replace(Arc::new(snapshot));
