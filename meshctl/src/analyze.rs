@@ -112,6 +112,7 @@ fn analyze_texts(
         Ok(model) => {
             warnings(&set, &model, &mut report);
             peer_auth_overlaps(&model, &mut report);
+            route_conflicts(&model, &mut report);
         }
     }
     report
@@ -158,7 +159,6 @@ fn warnings(set: &ConfigSet, model: &Model, report: &mut Report) {
             ),
             Resource::VirtualService(vs) => {
                 shadowed(meta, vs, report);
-                not_acted_on(meta, "VirtualService", &vs.export_to, &[], report);
                 continue;
             }
             Resource::DestinationRule(dr) => {
@@ -216,8 +216,8 @@ fn warnings(set: &ConfigSet, model: &Model, report: &mut Report) {
 }
 
 /// Settings pilot accepts but the mesh does not act on: said, so nothing
-/// is silently different. `exportTo` on a VirtualService or
-/// DestinationRule (the rule applies in every namespace), and the
+/// is silently different. `exportTo` on a DestinationRule (the rule
+/// applies in every namespace), and the
 /// connection pool's HTTP/2 upgrade settings (sidecars always speak HTTP/2
 /// to each other).
 fn not_acted_on(
@@ -275,6 +275,24 @@ fn peer_auth_overlaps(model: &Model, report: &mut Report) {
                     first.name
                 ),
             );
+        }
+    }
+}
+
+/// VirtualServices for one host that some namespace's proxies would both
+/// follow: only the first loaded applies there (Istio's IST0109).
+fn route_conflicts(model: &Model, report: &mut Report) {
+    for (host, all) in &model.routes {
+        for (i, later) in all.iter().enumerate() {
+            if let Some(first) = all[..i].iter().find(|r| r.overlaps(later)) {
+                report.push(
+                    Level::Warning,
+                    format!(
+                        "VirtualService {}/{} and {}/{} both route {host} for the same namespaces: only {}/{} applies there; merge them, or set exportTo so each namespace follows one",
+                        first.namespace, first.name, later.namespace, later.name, first.namespace, first.name
+                    ),
+                );
+            }
         }
     }
 }

@@ -115,9 +115,26 @@ kind: VirtualService
 metadata: {name: details, namespace: default}
 spec:
   hosts: [details]
-  exportTo: [\"*\"]
+  exportTo: [\".\"]
   http:
   - route: [{destination: {host: details}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: details-for-team, namespace: team}
+spec:
+  hosts: [details.default.svc.cluster.local]
+  exportTo: [\"team\"]
+  http:
+  - route: [{destination: {host: details.default.svc.cluster.local}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: details-everywhere, namespace: team}
+spec:
+  hosts: [details.default.svc.cluster.local]
+  http:
+  - route: [{destination: {host: details.default.svc.cluster.local}}]
 ---
 apiVersion: security.istio.io/v1
 kind: PeerAuthentication
@@ -140,12 +157,16 @@ spec:
         "warning: extra.yaml: DestinationRule default/ratings: connectionPool.http.h2UpgradePolicy is not acted on",
         "warning: extra.yaml: DestinationRule default/ratings: connectionPool.http.maxConcurrentStreams is not acted on",
         "warning: PeerAuthentication default/ratings-strict and default/ratings-v1-permissive all select workload default/ratings-v1: only default/ratings-strict applies",
+        "warning: VirtualService default/details and team/details-everywhere both route details.default.svc.cluster.local for the same namespaces: only default/details applies there",
     ] {
         assert!(out.contains(want), "missing {want:?} in:\n{out}");
     }
+    // exportTo on a VirtualService is acted on; and default/details (for
+    // default) and team/details-for-team (for team) never meet.
     assert!(
-        !out.contains("VirtualService default/details"),
-        "exportTo * is every namespace: {out}"
+        !out.contains("VirtualService default/details: spec.exportTo"),
+        "{out}"
     );
-    assert!(out.ends_with("0 errors, 4 warnings\n"), "{out}");
+    assert!(!out.contains("details-for-team"), "{out}");
+    assert!(out.ends_with("0 errors, 5 warnings\n"), "{out}");
 }

@@ -67,8 +67,12 @@ pub struct Snapshot {
     pub version: u64,
     /// When this config was built: convergence is measured from here.
     pub created: std::time::Instant,
-    /// By service host, then type.
+    /// By service host, then type: clusters and endpoints.
     by_host: BTreeMap<String, BTreeMap<&'static str, ByName>>,
+    /// By service host, its route configs for each VirtualService proxies
+    /// may follow to it ([`Model::route_choices`]): which one a proxy is
+    /// sent depends on its namespace, by the VirtualServices' `exportTo`.
+    routes: BTreeMap<String, Vec<(Option<usize>, ByName)>>,
     /// The hosts each proxy is told of (its services' `exportTo` and its
     /// Sidecar), shared by proxies of one namespace and Sidecar.
     views: BTreeMap<String, Arc<Vec<String>>>,
@@ -99,16 +103,15 @@ impl Snapshot {
             }
         }
         let mut by_host = BTreeMap::new();
+        let mut routes = BTreeMap::new();
         for svc in model.services.values() {
             let svc_members = &members[svc.host.as_str()];
-            let (clusters_before, endpoints_before, routes_before) = (
+            let (clusters_before, endpoints_before) = (
                 before(&svc.host, type_url::CLUSTER),
                 before(&svc.host, type_url::ENDPOINTS),
-                before(&svc.host, type_url::ROUTE),
             );
             let mut clusters = ByName::new();
             let mut endpoints = ByName::new();
-            let mut routes = ByName::new();
             for port in &svc.ports {
                 let mut subsets: Vec<Option<&str>> = vec![None];
                 if let Some(s) = model.subsets.get(&svc.host) {
@@ -123,14 +126,28 @@ impl Snapshot {
                     let fresh = Versioned::new(&c.name, type_url::CLUSTER, &c);
                     clusters.insert(c.name.clone(), reuse(was(clusters_before, &c.name), fresh));
                 }
-                let rc = route_config(&model, svc, port);
-                let fresh = Versioned::new(&rc.name, type_url::ROUTE, &rc);
-                routes.insert(rc.name.clone(), reuse(was(routes_before, &rc.name), fresh));
             }
+            let variants = model
+                .route_choices(&svc.host)
+                .into_iter()
+                .map(|choice| {
+                    let vs = choice.map(|i| &model.routes[&svc.host][i]);
+                    let routes_before = previous
+                        .and_then(|p| p.routes.get(&svc.host)?.iter().find(|(c, _)| *c == choice))
+                        .map(|(_, by_name)| by_name);
+                    let mut routes = ByName::new();
+                    for port in &svc.ports {
+                        let rc = route_config(&model, svc, port, vs);
+                        let fresh = Versioned::new(&rc.name, type_url::ROUTE, &rc);
+                        routes.insert(rc.name.clone(), reuse(was(routes_before, &rc.name), fresh));
+                    }
+                    (choice, routes)
+                })
+                .collect();
+            routes.insert(svc.host.clone(), variants);
             let types = BTreeMap::from([
                 (type_url::CLUSTER, clusters),
                 (type_url::ENDPOINTS, endpoints),
-                (type_url::ROUTE, routes),
             ]);
             by_host.insert(svc.host.clone(), types);
         }
@@ -163,6 +180,7 @@ impl Snapshot {
             version,
             created: std::time::Instant::now(),
             by_host,
+            routes,
             views,
             listeners,
             model,
@@ -182,19 +200,27 @@ impl Snapshot {
                 .map(|l| BTreeMap::from([(LISTENER_NAME, &**l)]))
                 .unwrap_or_default();
         }
+        // Names may hold dots; namespaces cannot.
+        let namespace = proxy_id.rsplit_once('.').map_or("", |(_, ns)| ns);
         let unknown;
         let hosts = match self.views.get(proxy_id) {
             Some(v) => v.as_slice(),
             None => {
-                // Names may hold dots; namespaces cannot.
-                let namespace = proxy_id.rsplit_once('.').map_or("", |(_, ns)| ns);
                 unknown = visible_hosts(&self.model, namespace, &Default::default());
                 unknown.as_slice()
             }
         };
+        let of_host = |h: &String| -> Option<&ByName> {
+            if type_url != type_url::ROUTE {
+                return self.by_host.get(h)?.get(type_url);
+            }
+            let choice = self.model.route_choice(h, namespace);
+            let variants = self.routes.get(h)?;
+            variants.iter().find(|(c, _)| *c == choice).map(|(_, r)| r)
+        };
         hosts
             .iter()
-            .filter_map(|h| self.by_host.get(h)?.get(type_url))
+            .filter_map(of_host)
             .flat_map(|by_name| by_name.iter().map(|(n, r)| (n.as_str(), &**r)))
             .collect()
     }
@@ -355,8 +381,15 @@ fn domains(host: &str) -> Vec<String> {
     out
 }
 
-fn route_config(model: &Model, svc: &Service, port: &ServicePort) -> pb::RouteConfig {
-    let routes = match model.routes.get(&svc.host) {
+/// The route config of `svc`'s `port` under the VirtualService `vs` (its
+/// default route without one).
+fn route_config(
+    model: &Model,
+    svc: &Service,
+    port: &ServicePort,
+    vs: Option<&crate::model::Routes>,
+) -> pb::RouteConfig {
+    let routes = match vs {
         None => vec![crate::vs::default_route(cluster_name(
             port.number,
             None,
@@ -689,6 +722,57 @@ mod tests {
             &resource(&alone, type_url::CLUSTER, "a.ns.svc.cluster.local"),
             &resource(&second, type_url::CLUSTER, "a.ns.svc.cluster.local")
         ));
+    }
+
+    #[test]
+    fn a_virtual_services_export_to_decides_which_namespaces_follow_it() {
+        let vs = |ns: &str, name: &str, export_to: &str| {
+            format!(
+                "---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  hosts: [svc.s.svc.cluster.local]\n  exportTo: {export_to}\n  http:\n  - name: {name}\n    route:\n    - destination: {{host: svc.s.svc.cluster.local}}\n"
+            )
+        };
+        let route_names = |snapshot: &Snapshot, proxy: &str| -> Vec<String> {
+            let routes = snapshot.for_proxy(type_url::ROUTE, proxy);
+            let rc =
+                pb::RouteConfig::decode(routes["svc.s.svc.cluster.local:80"].any.value.as_slice())
+                    .unwrap();
+            rc.routes.into_iter().map(|r| r.name).collect()
+        };
+        let base = [
+            entry("s", "svc", "[]"),
+            workload("a", "w-a", "x"),
+            workload("b", "w-b", "x"),
+            workload("c", "w-c", "x"),
+        ]
+        .concat();
+        // Team a's rule for itself only; the service owner's for everyone.
+        let yaml = [
+            base.clone(),
+            vs("a", "only-a", "[.]"),
+            vs("s", "owner", "[\"*\"]"),
+        ]
+        .concat();
+        let snapshot = Snapshot::build(Arc::new(model(&yaml).unwrap()), 1);
+        assert_eq!(route_names(&snapshot, "w-a.a"), ["only-a"]);
+        assert_eq!(
+            route_names(&snapshot, "w-b.b"),
+            ["owner"],
+            "a's rule is not exported to b"
+        );
+        // Exported to a and b by name: c follows no VirtualService.
+        let yaml = [base.clone(), vs("a", "a-and-b", "[a, b]")].concat();
+        let snapshot = Snapshot::build(Arc::new(model(&yaml).unwrap()), 1);
+        assert_eq!(route_names(&snapshot, "w-a.a"), ["a-and-b"]);
+        assert_eq!(route_names(&snapshot, "w-b.b"), ["a-and-b"]);
+        let default = route_names(&snapshot, "w-c.c");
+        assert_eq!(default.len(), 1);
+        assert_ne!(default, ["a-and-b"], "c gets the service's default route");
+        // Without exportTo a rule is everyone's, and the first loaded wins.
+        let yaml = [base, vs("a", "first", "[]"), vs("s", "second", "[]")].concat();
+        let snapshot = Snapshot::build(Arc::new(model(&yaml).unwrap()), 1);
+        for proxy in ["w-a.a", "w-b.b", "w-c.c"] {
+            assert_eq!(route_names(&snapshot, proxy), ["first"], "{proxy}");
+        }
     }
 
     #[test]

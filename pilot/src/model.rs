@@ -68,16 +68,51 @@ impl SidecarScope {
     }
 }
 
+impl Routes {
+    /// Whether some namespace's proxies are routed by both `self` and
+    /// `other` (where the one loaded first wins).
+    pub fn overlaps(&self, other: &Routes) -> bool {
+        let everywhere =
+            |r: &Routes| r.export_to.is_empty() || r.export_to.iter().any(|e| e == "*");
+        let named = |r: &Routes| -> Vec<String> {
+            r.export_to
+                .iter()
+                .filter(|e| *e != "~")
+                .map(|e| {
+                    if e == "." {
+                        r.namespace.clone()
+                    } else {
+                        e.clone()
+                    }
+                })
+                .collect()
+        };
+        match (everywhere(self), everywhere(other)) {
+            (true, true) => true,
+            (true, false) => !named(other).is_empty(),
+            (false, true) => !named(self).is_empty(),
+            (false, false) => named(self).iter().any(|n| named(other).contains(n)),
+        }
+    }
+}
+
 impl Service {
     /// Whether proxies in `namespace` may see it, by its `exportTo`.
     pub fn exported_to(&self, namespace: &str) -> bool {
-        self.export_to.is_empty()
-            || self.export_to.iter().any(|e| match e.as_str() {
-                "*" => true,
-                "." => self.namespace == namespace,
-                other => other == namespace,
-            })
+        exported(&self.export_to, &self.namespace, namespace)
     }
+}
+
+/// Istio's `exportTo` of a resource in `own` namespace: whether proxies in
+/// `namespace` see it. Everywhere when empty; `*` everywhere, `.` its own
+/// namespace, `~` nowhere, else the namespaces named.
+pub fn exported(export_to: &[String], own: &str, namespace: &str) -> bool {
+    export_to.is_empty()
+        || export_to.iter().any(|e| match e.as_str() {
+            "*" => true,
+            "." => own == namespace,
+            other => other == namespace,
+        })
 }
 
 /// Istio's default cluster ID.
@@ -136,6 +171,10 @@ impl Workload {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Routes {
     pub namespace: String,
+    /// The VirtualService's name, for messages.
+    pub name: String,
+    /// The VirtualService's `exportTo`: which namespaces' proxies it routes.
+    pub export_to: Vec<String>,
     pub http: Vec<HttpRoute>,
     /// For the service's opaque TCP ports.
     pub tcp: Vec<crate::istio::TcpRoute>,
@@ -150,7 +189,9 @@ pub struct Model {
     pub cluster_id: String,
     pub services: BTreeMap<String, Service>,
     pub workloads: BTreeMap<String, Workload>,
-    pub routes: BTreeMap<String, Routes>,
+    /// By host, every VirtualService for it in load order: a proxy takes
+    /// the first exported to its namespace ([`Model::routes_for`]).
+    pub routes: BTreeMap<String, Vec<Routes>>,
     pub subsets: BTreeMap<String, BTreeMap<String, Labels>>,
     /// The DestinationRule setting traffic policies, by host.
     pub policies: BTreeMap<String, DestinationRule>,
@@ -1152,6 +1193,38 @@ impl Model {
     /// The Sidecar that scopes a proxy in `namespace` with `labels`: the
     /// first (by name) in its namespace whose selector picks it, else its
     /// namespace's default, else the root namespace's default.
+    /// The VirtualService routes that proxies in `namespace` follow to
+    /// `host`: the first loaded of those exported to the namespace (two
+    /// for one host conflict, and the first wins, as in Istio). `None`:
+    /// the service's default route.
+    pub fn routes_for(&self, host: &str, namespace: &str) -> Option<&Routes> {
+        Some(&self.routes.get(host)?[self.route_choice(host, namespace)?])
+    }
+
+    /// Which of `host`'s VirtualServices ([`Model::routes`]) proxies in
+    /// `namespace` follow, by its place.
+    pub fn route_choice(&self, host: &str, namespace: &str) -> Option<usize> {
+        self.routes
+            .get(host)?
+            .iter()
+            .position(|r| exported(&r.export_to, &r.namespace, namespace))
+    }
+
+    /// Every choice [`Model::route_choice`] can make for `host`, whatever
+    /// the namespace: the VirtualServices up to the first exported
+    /// everywhere, and `None` when none is.
+    pub fn route_choices(&self, host: &str) -> Vec<Option<usize>> {
+        let mut choices = Vec::new();
+        for (i, r) in self.routes.get(host).into_iter().flatten().enumerate() {
+            choices.push(Some(i));
+            if r.export_to.is_empty() || r.export_to.iter().any(|e| e == "*") {
+                return choices;
+            }
+        }
+        choices.push(None);
+        choices
+    }
+
     pub fn sidecar_for(&self, namespace: &str, labels: &Labels) -> Option<&SidecarScope> {
         let default_of = |ns: &str| {
             self.sidecars
@@ -1258,8 +1331,10 @@ impl Model {
                 ));
                 continue;
             }
-            self.routes.entry(host).or_insert_with(|| Routes {
+            self.routes.entry(host).or_default().push(Routes {
                 namespace: meta.namespace.clone(),
+                name: meta.name.clone(),
+                export_to: vs.export_to.clone(),
                 http: http.clone(),
                 tcp: tcp.clone(),
                 tls: tls.clone(),
