@@ -126,6 +126,60 @@ mod tests {
     }
 
     #[test]
+    fn a_name_defined_twice_keeps_the_first_and_rejects_the_second_saying_where() {
+        let route = |subset_host: &str| {
+            format!(
+                "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: ratings}}\nspec:\n  hosts: [ratings]\n  http:\n  - route:\n    - destination: {{host: {subset_host}}}\n"
+            )
+        };
+        let set = [
+            parse("svc.yaml", SERVICES),
+            parse("a.yaml", &route("ratings")),
+            parse("b.yaml", &route("reviews")),
+        ]
+        .concat();
+        let loaded = accept(set, &[], &[], build).unwrap();
+        assert_eq!(loaded.errors.len(), 1, "{:?}", loaded.errors);
+        assert!(
+            loaded.errors[0].starts_with(
+                "b.yaml: VirtualService default/ratings: the name is taken by the VirtualService in a.yaml"
+            ),
+            "{:?}",
+            loaded.errors
+        );
+        let routes = &loaded.model.routes["ratings.default.svc.cluster.local"];
+        assert_eq!(routes.len(), 1);
+        assert_eq!(
+            routes[0].http[0].route[0].destination.host, "ratings.default.svc.cluster.local",
+            "a.yaml's route applies"
+        );
+        // Twice in one file: said so; a ServiceEntry of the same name is no clash.
+        let twice = format!("{}---\n{}", route("ratings"), route("reviews"));
+        let loaded = accept(
+            [parse("svc.yaml", SERVICES), parse("vs.yaml", &twice)].concat(),
+            &[],
+            &[],
+            build,
+        )
+        .unwrap();
+        assert_eq!(loaded.errors.len(), 1, "{:?}", loaded.errors);
+        assert!(
+            loaded.errors[0]
+                .contains("the name is taken by the VirtualService earlier in the same file"),
+            "{:?}",
+            loaded.errors
+        );
+        // Both stand at one place (file, kind, name), so neither applies;
+        // the version accepted last time would stand in, as for any bad resource.
+        assert!(
+            !loaded
+                .model
+                .routes
+                .contains_key("ratings.default.svc.cluster.local")
+        );
+    }
+
+    #[test]
     fn a_bad_resource_is_rejected_alone_and_its_last_good_version_stands_in() {
         let first = [
             parse("svc.yaml", SERVICES),

@@ -923,6 +923,35 @@ pub fn fqdn(host: &str, namespace: &str) -> String {
 }
 
 /// How errors name a resource: `<file>: <kind> <namespace>/<name>`.
+/// The resources of `set` but for any that repeats the kind, namespace
+/// and name of one before it: each such is an error naming where the name
+/// was taken, and is left out (a name is one resource, as in Kubernetes).
+fn unique<'a>(set: &'a ConfigSet, errors: &mut Vec<String>) -> Vec<&'a (Meta, Resource)> {
+    let mut seen: std::collections::HashMap<(&str, &str, &str), &Meta> = Default::default();
+    let mut out = Vec::with_capacity(set.resources.len());
+    for item @ (meta, res) in &set.resources {
+        let kind = res.kind();
+        match seen.entry((kind, &meta.namespace, &meta.name)) {
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(meta);
+                out.push(item);
+            }
+            std::collections::hash_map::Entry::Occupied(first) => {
+                let place = if first.get().file == meta.file {
+                    "earlier in the same file".to_string()
+                } else {
+                    format!("in {}", first.get().file.display())
+                };
+                errors.push(format!(
+                    "{}: the name is taken by the {kind} {place}; names are unique per kind and namespace, so rename or remove one",
+                    at(meta, kind)
+                ));
+            }
+        }
+    }
+    out
+}
+
 pub fn at(meta: &Meta, kind: &str) -> String {
     format!(
         "{}: {kind} {}/{}",
@@ -950,8 +979,9 @@ impl Model {
         };
         mesh(&mut m);
         let mut errors = Vec::new();
+        let resources = unique(set, &mut errors);
         // Telemetry names the mesh config's providers: read it first.
-        let mut meshes = set.resources.iter().filter_map(|(meta, r)| match r {
+        let mut meshes = resources.iter().filter_map(|(meta, r)| match r {
             Resource::MeshConfig(mc) => Some((meta, mc)),
             _ => None,
         });
@@ -964,7 +994,7 @@ impl Model {
                 at(meta, "ConfigMap")
             ));
         }
-        for (meta, res) in &set.resources {
+        for (meta, res) in &resources {
             match res {
                 Resource::MeshConfig(_) => {}
                 Resource::KubeService(svc) => {
@@ -1016,7 +1046,7 @@ impl Model {
                 Resource::Sidecar(sc) => m.add_sidecar(meta, sc, &mut errors),
             }
         }
-        for (meta, res) in &set.resources {
+        for (meta, res) in &resources {
             if let Resource::VirtualService(vs) = res {
                 m.add_routes(meta, vs, &mut errors);
             }
