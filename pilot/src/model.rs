@@ -190,7 +190,7 @@ pub struct Model {
     pub services: BTreeMap<String, Service>,
     pub workloads: BTreeMap<String, Workload>,
     /// By host, every VirtualService for it in load order: a proxy takes
-    /// the first exported to its namespace ([`Model::routes_for`]).
+    /// the first exported to its namespace ([`Model::route_choice`]).
     pub routes: BTreeMap<String, Vec<Routes>>,
     pub subsets: BTreeMap<String, BTreeMap<String, Labels>>,
     /// The DestinationRule setting traffic policies, by host.
@@ -1223,16 +1223,10 @@ impl Model {
     /// The Sidecar that scopes a proxy in `namespace` with `labels`: the
     /// first (by name) in its namespace whose selector picks it, else its
     /// namespace's default, else the root namespace's default.
-    /// The VirtualService routes that proxies in `namespace` follow to
-    /// `host`: the first loaded of those exported to the namespace (two
-    /// for one host conflict, and the first wins, as in Istio). `None`:
-    /// the service's default route.
-    pub fn routes_for(&self, host: &str, namespace: &str) -> Option<&Routes> {
-        Some(&self.routes.get(host)?[self.route_choice(host, namespace)?])
-    }
-
     /// Which of `host`'s VirtualServices ([`Model::routes`]) proxies in
-    /// `namespace` follow, by its place.
+    /// `namespace` follow, by its place: the first loaded of those exported
+    /// to the namespace (two for one host conflict, and the first wins, as
+    /// in Istio). `None`: the service's default route.
     pub fn route_choice(&self, host: &str, namespace: &str) -> Option<usize> {
         self.routes
             .get(host)?

@@ -262,3 +262,99 @@ impl Connection {
         sent
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Model;
+    use crate::store::ConfigSet;
+
+    /// A mesh of a service per (name, endpoint address), plus the proxy's
+    /// own workload `w` in default.
+    fn snapshot(services: &[(&str, &str)], version: u64) -> Snapshot {
+        let mut yaml = "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {name: w}\nspec: {address: 10.0.0.9}\n".to_string();
+        for (app, address) in services {
+            yaml += &format!(
+                "---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {app}}}\nspec:\n  hosts: [{app}]\n  ports: [{{number: 80, name: http}}]\n  workloadSelector: {{labels: {{app: {app}}}}}\n---\napiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: w-{app}}}\nspec: {{address: {address}, labels: {{app: {app}}}}}\n"
+            );
+        }
+        let set = ConfigSet {
+            resources: crate::store::parse_file(std::path::Path::new("x.yaml"), &yaml).unwrap(),
+        };
+        Snapshot::build(
+            Arc::new(Model::build(&set, "cluster.local").unwrap()),
+            version,
+        )
+    }
+
+    fn names(resp: &DeltaDiscoveryResponse) -> Vec<&str> {
+        resp.resources.iter().map(|r| r.name.as_str()).collect()
+    }
+
+    #[tokio::test]
+    async fn a_push_sends_only_what_changed_and_names_what_went() {
+        let (tx, mut rx) = mpsc::channel(16);
+        let mut conn = Connection {
+            id: "w.default".into(),
+            tx,
+            status: Arc::new(Tracker::default()),
+            metrics: Arc::new(crate::metrics::Metrics::default()),
+            types: BTreeMap::new(),
+            nonce: 0,
+            converging: None,
+        };
+        let (a, b, c) = (
+            "outbound|80||a.default.svc.cluster.local",
+            "outbound|80||b.default.svc.cluster.local",
+            "outbound|80||c.default.svc.cluster.local",
+        );
+        let first = snapshot(
+            &[("a", "10.0.0.1"), ("b", "10.0.0.2"), ("c", "10.0.0.3")],
+            1,
+        );
+        // The proxy (reconnecting) holds b at the current version, c at an
+        // old one, and something that is no more.
+        let held = first.for_proxy(type_url::ENDPOINTS, "w.default")[b].version_string();
+        let subscribe = DeltaDiscoveryRequest {
+            type_url: type_url::ENDPOINTS.into(),
+            initial_resource_versions: [
+                (b.to_string(), held),
+                (c.to_string(), "0000000000000001".into()),
+                (
+                    "outbound|80||zz.default.svc.cluster.local".to_string(),
+                    "x".into(),
+                ),
+            ]
+            .into(),
+            ..Default::default()
+        };
+        assert!(conn.handle(subscribe, &first).await);
+        let resp = rx.recv().await.unwrap();
+        assert_eq!(names(&resp), [a, c], "b is held at this version already");
+        assert_eq!(
+            resp.removed_resources,
+            ["outbound|80||zz.default.svc.cluster.local"]
+        );
+
+        // b's endpoint moves: only b is sent.
+        let second = snapshot(
+            &[("a", "10.0.0.1"), ("b", "10.0.0.5"), ("c", "10.0.0.3")],
+            2,
+        );
+        assert!(conn.push(type_url::ENDPOINTS, &second, false).await);
+        let resp = rx.recv().await.unwrap();
+        assert_eq!(names(&resp), [b]);
+        assert!(resp.removed_resources.is_empty());
+
+        // Nothing changed: nothing is sent.
+        assert!(conn.push(type_url::ENDPOINTS, &second, false).await);
+        assert!(rx.try_recv().is_err());
+
+        // a and c go, d comes: d is sent, a and c are named removed.
+        let third = snapshot(&[("b", "10.0.0.5"), ("d", "10.0.0.4")], 3);
+        assert!(conn.push(type_url::ENDPOINTS, &third, false).await);
+        let resp = rx.recv().await.unwrap();
+        assert_eq!(names(&resp), ["outbound|80||d.default.svc.cluster.local"]);
+        assert_eq!(resp.removed_resources, [a, c]);
+    }
+}
