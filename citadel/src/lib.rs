@@ -39,6 +39,9 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:15011";
 pub const DEFAULT_MONITORING_LISTEN: &str = "127.0.0.1:15015";
 /// The namespace the control plane's own identities live in.
 pub const CONTROL_PLANE_NAMESPACE: &str = "mesh-system";
+/// The control plane's name on a cluster: its Deployment, ServiceAccount
+/// and the Service the admission webhook is called through.
+pub const CONTROL_PLANE_NAME: &str = "mesh-control-plane";
 
 #[derive(Clone, Debug)]
 pub struct Config {

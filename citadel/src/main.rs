@@ -92,9 +92,16 @@ async fn main() -> anyhow::Result<()> {
                 ));
                 // Injected pods mount the trust bundle from their namespace.
                 tokio::spawn(mesh_citadel::kubernetes::publish_roots(
-                    client,
+                    client.clone(),
                     citadel.authority().watch(),
                     Duration::from_secs(30),
+                ));
+                // The API server keeps trusting the sidecar injector.
+                tokio::spawn(mesh_citadel::kubernetes::keep_webhook_current(
+                    client,
+                    citadel.authority().clone(),
+                    mesh_citadel::CONTROL_PLANE_NAME.to_string(),
+                    Duration::from_secs(60),
                 ));
             }
             citadel.serve_with(listener, extra, shutdown).await?;

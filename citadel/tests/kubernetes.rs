@@ -269,3 +269,177 @@ async fn the_trust_bundle_is_published_into_every_namespace() {
     assert_eq!(after.len(), 4, "{after:?}");
     assert!(after[2..].iter().all(|(_, r)| *r == both));
 }
+
+/// What the mock API server of the webhook test holds.
+#[derive(Default)]
+struct Cluster {
+    secret: Option<serde_json::Value>,
+    webhooks: serde_json::Value,
+    secret_patches: usize,
+    webhook_patches: usize,
+}
+
+async fn until(cluster: &std::sync::Mutex<Cluster>, what: &str, done: impl Fn(&Cluster) -> bool) {
+    for _ in 0..200 {
+        if done(&cluster.lock().unwrap()) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{what}: never happened");
+}
+
+/// The sidecar injector stays trusted by the API server: citadel issues its
+/// serving certificate when the Secret lacks one, keeps it while it is
+/// fresh, issues it again when a rotation switches the signing root, and
+/// sets every webhook's CA bundle to the trust bundle (both roots during a
+/// rotation). The mock API server keeps the Secret and the webhook
+/// configuration (`tests/fixtures`, in kube-apiserver's shape) and applies
+/// citadel's server-side-apply patches to them.
+#[tokio::test]
+async fn the_injectors_certificate_and_the_webhooks_ca_bundle_are_kept_current() {
+    use base64::Engine;
+    use std::sync::Mutex;
+    let unb64 = |s: &str| {
+        String::from_utf8(base64::engine::general_purpose::STANDARD.decode(s).unwrap()).unwrap()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let authority = Arc::new(
+        mesh_citadel::authority::Authority::open(dir.path(), "cluster.local", None).unwrap(),
+    );
+    let cluster = Arc::new(Mutex::new(Cluster {
+        webhooks: serde_json::from_slice(&fixture("mutatingwebhookconfiguration.json")).unwrap(),
+        ..Default::default()
+    }));
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let state = cluster.clone();
+    tokio::spawn(async move {
+        const SECRET: &str = "/api/v1/namespaces/mesh-system/secrets/mesh-injector-tls";
+        const HOOKS: &str = "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/mesh-sidecar-injector";
+        while let Some((request, send)) = handle.next_request().await {
+            let (method, path) = (request.method().clone(), request.uri().path().to_string());
+            let body = request.into_body().collect().await.unwrap().to_bytes();
+            let body: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+            let mut c = state.lock().unwrap();
+            let (status, answer) = match (method.as_str(), path.as_str()) {
+                ("GET", SECRET) => match &c.secret {
+                    Some(s) => (200, s.clone()),
+                    None => (
+                        404,
+                        serde_json::from_slice(&fixture("secret-not-found.json")).unwrap(),
+                    ),
+                },
+                ("PATCH", SECRET) => {
+                    assert_eq!(body["type"], "kubernetes.io/tls");
+                    c.secret_patches += 1;
+                    let mut stored = body.clone();
+                    stored["metadata"]["uid"] = "7d1c".into();
+                    stored["metadata"]["resourceVersion"] = c.secret_patches.to_string().into();
+                    c.secret = Some(stored.clone());
+                    (200, stored)
+                }
+                ("GET", HOOKS) => (200, c.webhooks.clone()),
+                ("PATCH", HOOKS) => {
+                    c.webhook_patches += 1;
+                    // Server-side apply: each webhook by name, only what is given.
+                    for given in body["webhooks"].as_array().unwrap() {
+                        let hooks = c.webhooks["webhooks"].as_array_mut().unwrap();
+                        let hook = hooks
+                            .iter_mut()
+                            .find(|h| h["name"] == given["name"])
+                            .unwrap();
+                        hook["clientConfig"]["caBundle"] =
+                            given["clientConfig"]["caBundle"].clone();
+                    }
+                    (200, c.webhooks.clone())
+                }
+                other => panic!("unexpected request {other:?}"),
+            };
+            send.send_response(
+                Response::builder()
+                    .status(status)
+                    .header("content-type", "application/json")
+                    .body(Body::from(serde_json::to_vec(&answer).unwrap()))
+                    .unwrap(),
+            );
+        }
+    });
+    tokio::spawn(mesh_citadel::kubernetes::keep_webhook_current(
+        kube::Client::new(service, "default"),
+        authority.clone(),
+        "mesh-control-plane".into(),
+        Duration::from_millis(50),
+    ));
+    let cert_of = |c: &Cluster| {
+        unb64(
+            c.secret.as_ref().unwrap()["data"]["tls.crt"]
+                .as_str()
+                .unwrap(),
+        )
+    };
+    let ca_bundles = |c: &Cluster| -> Vec<String> {
+        c.webhooks["webhooks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| unb64(h["clientConfig"]["caBundle"].as_str().unwrap()))
+            .collect()
+    };
+
+    // No certificate: one is issued for the Service's DNS names, and both
+    // webhooks trust the mesh's root instead of the old bundle.
+    let roots = authority.bundle().roots_pem();
+    until(&cluster, "the first certificate and CA bundle", |c| {
+        c.secret.is_some() && c.webhook_patches == 1
+    })
+    .await;
+    let first = cert_of(&cluster.lock().unwrap());
+    let (_, leaf) = x509_parser::pem::parse_x509_pem(first.as_bytes()).unwrap();
+    let leaf = leaf.parse_x509().unwrap();
+    let names: Vec<String> = leaf
+        .subject_alternative_name()
+        .unwrap()
+        .unwrap()
+        .value
+        .general_names
+        .iter()
+        .map(|n| n.to_string())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "DNSName(mesh-control-plane.mesh-system.svc)",
+            "DNSName(mesh-control-plane.mesh-system.svc.cluster.local)"
+        ]
+    );
+    assert_eq!(
+        ca_bundles(&cluster.lock().unwrap()),
+        [roots.clone(), roots.clone()]
+    );
+
+    // A fresh certificate is kept: several periods pass with no new one.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    {
+        let c = cluster.lock().unwrap();
+        assert_eq!((c.secret_patches, c.webhook_patches), (1, 1));
+    }
+
+    // A rotation trusts a second root: the CA bundles follow, the
+    // certificate (still signed by the first root) stays.
+    authority.prepare(None).unwrap();
+    let both = authority.bundle().roots_pem();
+    until(&cluster, "both roots in the CA bundle", |c| {
+        c.webhook_patches == 2
+    })
+    .await;
+    assert_eq!(ca_bundles(&cluster.lock().unwrap()), [both.clone(), both]);
+    assert_eq!(cluster.lock().unwrap().secret_patches, 1);
+
+    // The switch: the new root signs, so the injector gets a certificate from it.
+    authority.switch().unwrap();
+    until(&cluster, "a certificate from the new root", |c| {
+        c.secret_patches == 2
+    })
+    .await;
+    assert_ne!(cert_of(&cluster.lock().unwrap()), first);
+}

@@ -8,7 +8,6 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use anyhow::{Context, bail};
 use base64::Engine;
@@ -17,15 +16,15 @@ use kube::api::{
 };
 use serde_json::{Value, json};
 
-pub const NAMESPACE: &str = "mesh-system";
-pub const NAME: &str = "mesh-control-plane";
-pub const WEBHOOK: &str = "mesh-sidecar-injector";
+pub const NAMESPACE: &str = mesh_citadel::CONTROL_PLANE_NAMESPACE;
+pub const NAME: &str = mesh_citadel::CONTROL_PLANE_NAME;
+// citadel keeps these two current once installed.
+pub const WEBHOOK: &str = mesh_citadel::kubernetes::WEBHOOK_CONFIGURATION;
 pub const CACERTS: &str = "cacerts";
-pub const INJECTOR_TLS: &str = "mesh-injector-tls";
+pub const INJECTOR_TLS: &str = mesh_citadel::kubernetes::INJECTOR_TLS;
 /// The Kubernetes release whose native sidecars (restartable init
 /// containers) are on by default.
 pub const NATIVE_SIDECAR_MINOR: u32 = 29;
-const WEBHOOK_CERT_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
 
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -85,11 +84,8 @@ impl Certs {
         )
         .with_context(|| format!("loading the CA material in {}", dir.display()))?;
         let (webhook_chain, webhook_key) = authority.issue_dns(
-            &[
-                format!("{NAME}.{NAMESPACE}.svc"),
-                format!("{NAME}.{NAMESPACE}.svc.cluster.local"),
-            ],
-            WEBHOOK_CERT_LIFETIME,
+            &mesh_citadel::kubernetes::webhook_dns_names(NAME),
+            mesh_citadel::kubernetes::WEBHOOK_CERT_LIFETIME,
         )?;
         let mut cacerts = BTreeMap::new();
         for f in [CA_CERT_FILE, CA_KEY_FILE, ROOT_CERT_FILE, CERT_CHAIN_FILE] {
@@ -366,7 +362,10 @@ pub fn manifests(opts: &Options, certs: &Certs) -> Vec<Value> {
     out.push(json!({
         "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": meta(NAME),
         "rules": [{"apiGroups": [""], "resources": ["secrets"], "resourceNames": [CACERTS, INJECTOR_TLS],
-                   "verbs": ["get", "watch"]}],
+                   "verbs": ["get", "watch"]},
+                  // citadel issues the injector's certificate again before it expires.
+                  {"apiGroups": [""], "resources": ["secrets"], "resourceNames": [INJECTOR_TLS],
+                   "verbs": ["patch", "update"]}],
     }));
     out.push(json!({
         "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": meta(NAME),
