@@ -69,11 +69,14 @@ impl SidecarScope {
 }
 
 impl Routes {
+    /// Whether every namespace's proxies see it.
+    pub fn exported_everywhere(&self) -> bool {
+        self.export_to.is_empty() || self.export_to.iter().any(|e| e == "*")
+    }
+
     /// Whether some namespace's proxies are routed by both `self` and
     /// `other` (where the one loaded first wins).
     pub fn overlaps(&self, other: &Routes) -> bool {
-        let everywhere =
-            |r: &Routes| r.export_to.is_empty() || r.export_to.iter().any(|e| e == "*");
         let named = |r: &Routes| -> Vec<String> {
             r.export_to
                 .iter()
@@ -87,7 +90,7 @@ impl Routes {
                 })
                 .collect()
         };
-        match (everywhere(self), everywhere(other)) {
+        match (self.exported_everywhere(), other.exported_everywhere()) {
             (true, true) => true,
             (true, false) => !named(other).is_empty(),
             (false, true) => !named(self).is_empty(),
@@ -1241,7 +1244,7 @@ impl Model {
         let mut choices = Vec::new();
         for (i, r) in self.routes.get(host).into_iter().flatten().enumerate() {
             choices.push(Some(i));
-            if r.export_to.is_empty() || r.export_to.iter().any(|e| e == "*") {
+            if r.exported_everywhere() {
                 return choices;
             }
         }
