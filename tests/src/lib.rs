@@ -303,6 +303,23 @@ impl Mesh {
 
 /// Sum of metric `name` (a counter's full name, `_total` included) over the
 /// series in Prometheus text `stats` whose lines contain all of `with`.
+/// A TLS acceptor serving `cert` with `key`, for a test's own HTTPS
+/// server (no client certificate asked for).
+pub fn tls_acceptor(cert: &rcgen::Certificate, key: &rcgen::KeyPair) -> tokio_rustls::TlsAcceptor {
+    let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("ring supports the default versions")
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![cert.der().clone()],
+        rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).expect("a DER key"),
+    )
+    .expect("a matching certificate and key");
+    tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config))
+}
+
 pub fn metric_sum(stats: &str, name: &str, with: &[&str]) -> f64 {
     stats
         .lines()
