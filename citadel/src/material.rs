@@ -6,7 +6,7 @@
 //! material) or an intermediate under an operator's root.
 
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -91,12 +91,13 @@ impl Material {
         let root_path = dir.join(ROOT_CERT_FILE);
         let chain_path = dir.join(CERT_CHAIN_FILE);
 
-        let mode = fs::metadata(&key_path)
-            .map_err(io(&key_path))?
-            .permissions()
-            .mode()
-            & 0o777;
-        if mode & 0o077 != 0 {
+        let meta = fs::metadata(&key_path).map_err(io(&key_path))?;
+        let mode = meta.permissions().mode() & 0o777;
+        // A Kubernetes Secret mounted under the pod's fsGroup is root's,
+        // its group the pod's, mode 0440: read through the group. That is
+        // accepted; any other access by group or others is not.
+        let fs_group_secret = meta.uid() == 0 && meta.gid() != 0 && mode & 0o077 == 0o040;
+        if mode & 0o077 != 0 && !fs_group_secret {
             return Err(AuthorityError::KeyMode {
                 path: key_path,
                 mode,

@@ -4,7 +4,7 @@
 //! `openssl req` with keys citadel must accept or refuse, renewal by a
 //! workload's current certificate, and the admin service's gate.
 
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
@@ -236,6 +236,25 @@ fn bad_plugin_material_is_refused_naming_the_file() {
         e.contains("loose/ca-key.pem") && e.contains("chmod 600"),
         "{e}"
     );
+
+    // A Kubernetes Secret mounted under the pod's fsGroup: root's, of the
+    // pod's group, mode 0440. Accepted; readable by others too, refused.
+    if std::fs::metadata(loose.join("ca-key.pem")).unwrap().uid() == 0 {
+        let mounted = dir.path().join("mounted");
+        operator_material(&mounted, "Mounted");
+        let key = mounted.join("ca-key.pem");
+        std::os::unix::fs::chown(&key, Some(0), Some(1337)).unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o440)).unwrap();
+        assert_eq!(open(&mounted), None, "a Secret under fsGroup opens");
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o444)).unwrap();
+        let e = open(&mounted).unwrap();
+        assert!(
+            e.contains("mounted/ca-key.pem") && e.contains("chmod 600"),
+            "{e}"
+        );
+    } else {
+        eprintln!("not root: the fsGroup Secret case needs a root-owned key; skipped");
+    }
 
     // ca-cert.pem from one set, ca-key.pem from another.
     let mixed = dir.path().join("mixed");

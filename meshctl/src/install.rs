@@ -435,6 +435,10 @@ fn deployment(opts: &Options) -> Value {
                 "metadata": {"labels": {"app": NAME, "sidecar.istio.io/inject": "false"}},
                 "spec": {
                     "serviceAccountName": NAME,
+                    // The containers run as 1337 and read their Secrets
+                    // (mode 0400, root's) through this group, as kubelet
+                    // gives it them.
+                    "securityContext": {"fsGroup": 1337},
                     "affinity": {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [{
                         "weight": 100,
                         "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname",
