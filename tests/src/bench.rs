@@ -278,25 +278,60 @@ pub fn percentile(sorted: &[f64], q: f64) -> f64 {
     sorted[i]
 }
 
-/// h2load at a fixed rate: `clients` connections, `rps` in total.
+/// What a path's requests are: HTTP/1.1 or HTTP/2 GETs, or gRPC unary
+/// calls (`grpc.health.v1.Health/Check`, as h2load sends them: a POST of
+/// an empty request message with gRPC's headers).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Load {
+    H1,
+    H2,
+    Grpc,
+}
+
+impl Load {
+    /// h2load's arguments for this kind of request; `scratch` is a path
+    /// this run may write (the gRPC request body goes there).
+    fn h2load_args(self, host: &str, scratch: &Path) -> anyhow::Result<Vec<String>> {
+        let mut args = vec!["-H".to_string(), format!(":authority: {host}")];
+        match self {
+            Load::H1 => args.insert(0, "--h1".into()),
+            Load::H2 => {}
+            Load::Grpc => {
+                // One length-prefixed message: uncompressed, 0 bytes (an
+                // empty HealthCheckRequest asks about the whole server).
+                let body = scratch.with_extension("grpc-request");
+                std::fs::write(&body, [0u8; 5])?;
+                args.extend([
+                    "-d".into(),
+                    body.display().to_string(),
+                    "-H".into(),
+                    "content-type: application/grpc".into(),
+                    "-H".into(),
+                    "te: trailers".into(),
+                ]);
+            }
+        }
+        Ok(args)
+    }
+}
+
+/// A steady `rps` over `clients` connections for `secs` (h2load's
+/// `--rps`), per-request times from its log.
 pub fn h2load_fixed(
     url: &str,
     host: &str,
-    h1: bool,
+    load: Load,
     clients: u32,
     rps: u32,
     secs: u64,
     log: &Path,
 ) -> anyhow::Result<FixedRate> {
-    let mut cmd = Command::new("h2load");
-    if h1 {
-        cmd.arg("--h1");
-    }
     // h2load appends to its log: start each run with an empty one, or a
     // run would count the requests of the runs before it.
     let _ = std::fs::remove_file(log);
     let per_client = rps as f64 / clients as f64;
-    let out = cmd
+    let out = Command::new("h2load")
+        .args(load.h2load_args(host, log)?)
         .args([
             "-c",
             &clients.to_string(),
@@ -306,7 +341,6 @@ pub fn h2load_fixed(
             "--warm-up-time=1",
         ])
         .arg(format!("--log-file={}", log.display()))
-        .args(["-H", &format!(":authority: {host}")])
         .arg(url)
         .output()
         .context("running h2load")?;
@@ -339,6 +373,45 @@ pub fn h2load_fixed(
         p90_ms: percentile(&times, 0.90),
         p99_ms: percentile(&times, 0.99),
     })
+}
+
+/// h2load at maximum throughput over `conns` HTTP/2 connections, one
+/// stream each at a time (wrk's HTTP/1.1 model); returns requests per
+/// second. Refuses a run where any request failed.
+pub fn h2load_max(
+    url: &str,
+    host: &str,
+    load: Load,
+    conns: u32,
+    secs: u64,
+    scratch: &Path,
+) -> anyhow::Result<f64> {
+    let out = Command::new("h2load")
+        .args(load.h2load_args(host, scratch)?)
+        .args(["-c", &conns.to_string(), "-m", "1", "-D", &secs.to_string()])
+        .arg(url)
+        .output()
+        .context("running h2load")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    // "requests: 10 total, 10 started, 10 done, 10 succeeded, 0 failed, ..."
+    let counts = text
+        .lines()
+        .find_map(|l| l.strip_prefix("requests: "))
+        .with_context(|| format!("h2load printed no request counts for {url}:\n{text}"))?;
+    let count = |what: &str| -> Option<u64> {
+        counts
+            .split(", ")
+            .find_map(|c| c.strip_suffix(what)?.trim().parse().ok())
+    };
+    let (done, succeeded) = (count(" done"), count(" succeeded"));
+    if done.is_none() || done != succeeded {
+        bail!("h2load to {url}: not every request succeeded: {counts}");
+    }
+    // "finished in 15.00s, 30381.73 req/s, 33.37MB/s"
+    text.lines()
+        .find_map(|l| l.strip_prefix("finished in "))
+        .and_then(|l| l.split(", ").nth(1)?.strip_suffix(" req/s")?.parse().ok())
+        .with_context(|| format!("h2load printed no rate for {url}:\n{text}"))
 }
 
 /// wrk at maximum throughput; returns requests per second.
@@ -391,6 +464,47 @@ pub async fn upstream(addr: SocketAddr) -> anyhow::Result<()> {
             });
         }
     });
+    Ok(())
+}
+
+/// The gRPC upstream: `grpc.health.v1.Health` answering SERVING, over h2c,
+/// with TCP_NODELAY as gRPC servers set it (without it, Nagle holds each
+/// response on a multiplexed connection until the last one is ACKed).
+pub async fn grpc_upstream(addr: SocketAddr) -> anyhow::Result<()> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health)
+            .serve_with_incoming(incoming),
+    );
+    Ok(())
+}
+
+/// One `grpc.health.v1.Health/Check` to `url` with `authority` as its
+/// :authority: whether a gRPC call through there succeeds end to end
+/// (h2load counts an HTTP 200 whatever its grpc-status says).
+pub async fn grpc_check(url: &str, authority: &str) -> anyhow::Result<()> {
+    let channel = tonic::transport::Endpoint::from_shared(url.to_string())?
+        .origin(format!("http://{authority}").parse()?)
+        .timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .with_context(|| format!("connecting to {url}"))?;
+    let status = tonic_health::pb::health_client::HealthClient::new(channel)
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .with_context(|| format!("Health/Check through {url} (authority {authority})"))?
+        .into_inner()
+        .status;
+    anyhow::ensure!(
+        status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
+        "Health/Check through {url} answered status {status}, not SERVING"
+    );
     Ok(())
 }
 

@@ -1,7 +1,9 @@
 //! Data-plane benchmark: the same 1 KiB HTTP traffic through `direct`,
 //! `mesh` (outbound sidecar -> mTLS -> inbound sidecar), and HAProxy and
-//! nginx pairs with mutual TLS in HTTP and TCP mode, interleaved over rounds.
-//! Prints a table per round, then one JSON object on the last line.
+//! nginx pairs with mutual TLS in HTTP and TCP mode, interleaved over rounds;
+//! and for the mesh also HTTP/2 and gRPC (with gRPC straight to its upstream
+//! as that load's baseline). Prints a table per round, then one JSON object
+//! on the last line.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -9,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use mesh_tests::bench::{self, Children};
+use mesh_tests::bench::{self, Children, Load};
 use meshctl::workloads::{self, Launcher};
 use serde_json::json;
 
@@ -165,6 +167,14 @@ apiVersion: networking.istio.io/v1
 kind: WorkloadEntry
 metadata: {name: bench-upstream, namespace: default}
 spec: {address: 127.0.30.2, labels: {app: bench-upstream, version: v1}, serviceAccount: bench-upstream}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: bench-grpc, namespace: default}
+spec:
+  hosts: [bench-grpc.default.svc.cluster.local]
+  ports: [{number: 9090, name: grpc, protocol: GRPC}]
+  workloadSelector: {labels: {app: bench-upstream}}
 "#;
 
 struct Path {
@@ -172,7 +182,7 @@ struct Path {
     url: String,
     host: String,
     pids: Vec<u32>,
-    h1: bool,
+    load: Load,
 }
 
 #[derive(Default, Clone)]
@@ -194,6 +204,8 @@ fn main() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let upstream = SocketAddr::new(ip(2), 8080);
     rt.block_on(bench::upstream(upstream))?;
+    let grpc_upstream = SocketAddr::new(ip(2), 9090);
+    rt.block_on(bench::grpc_upstream(grpc_upstream))?;
 
     // The mesh as the demo runs it (control plane in-process, sidecars as
     // processes), with the sidecar binary as deployed.
@@ -258,14 +270,14 @@ fn main() -> anyhow::Result<()> {
             url: format!("http://{upstream}/"),
             host: upstream.to_string(),
             pids: vec![],
-            h1: true,
+            load: Load::H1,
         },
         Path {
             name: "mesh",
             url: format!("http://{}:15001/", ip(1)),
             host: "bench-upstream:8080".into(),
             pids: mesh_pids.clone(),
-            h1: true,
+            load: Load::H1,
         },
     ];
     if cli.telemetry {
@@ -278,7 +290,7 @@ fn main() -> anyhow::Result<()> {
                 url: format!("http://{}:15001/", ip(client)),
                 host: format!("bench-{side}:8080"),
                 pids: pair(&format!("-{side}")),
-                h1: true,
+                load: Load::H1,
             });
         }
     }
@@ -288,7 +300,7 @@ fn main() -> anyhow::Result<()> {
             url: format!("http://{}:15001/", ip(1)),
             host: "bench-routes:8080".into(),
             pids: mesh_pids.clone(),
-            h1: true,
+            load: Load::H1,
         });
     }
     let wanted = |name: &str| cli.paths.is_empty() || cli.paths.iter().any(|p| p == name);
@@ -337,7 +349,7 @@ fn main() -> anyhow::Result<()> {
             url: format!("http://{front}/"),
             host: front.to_string(),
             pids,
-            h1: true,
+            load: Load::H1,
         });
     }
     // HTTP/2 from the client into the mesh (h2c to the outbound sidecar).
@@ -345,11 +357,33 @@ fn main() -> anyhow::Result<()> {
         name: "mesh_h2",
         url: format!("http://{}:15001/", ip(1)),
         host: "bench-upstream:8080".into(),
+        pids: mesh_pids.clone(),
+        load: Load::H2,
+    });
+    // gRPC unary calls, straight to the gRPC upstream and through the mesh.
+    paths.push(Path {
+        name: "grpc_direct",
+        url: format!("http://{grpc_upstream}/grpc.health.v1.Health/Check"),
+        host: grpc_upstream.to_string(),
+        pids: vec![],
+        load: Load::Grpc,
+    });
+    paths.push(Path {
+        name: "mesh_grpc",
+        url: format!("http://{}:15001/grpc.health.v1.Health/Check", ip(1)),
+        host: "bench-grpc:9090".into(),
         pids: mesh_pids,
-        h1: false,
+        load: Load::Grpc,
     });
 
     paths.retain(|p| wanted(p.name));
+    // h2load counts a gRPC call that fails with HTTP 200 as a success:
+    // check each gRPC path end to end first.
+    for p in paths.iter().filter(|p| p.load == Load::Grpc) {
+        let base = p.url.trim_end_matches("/grpc.health.v1.Health/Check");
+        rt.block_on(bench::grpc_check(base, &p.host))
+            .with_context(|| format!("the {} path does not carry gRPC", p.name))?;
+    }
     if cli.hold {
         for p in &paths {
             println!(
@@ -419,12 +453,12 @@ fn measure(
 ) -> anyhow::Result<Round> {
     let log = dir.join(format!("{}.h2load.log", p.name));
     // Warm up (connections, TLS sessions, pools), then measure.
-    bench::h2load_fixed(&p.url, &p.host, p.h1, FIXED_CONNS, FIXED_RPS, 2, &log)?;
+    bench::h2load_fixed(&p.url, &p.host, p.load, FIXED_CONNS, FIXED_RPS, 2, &log)?;
     let cpu_before: f64 = p.pids.iter().map(|&pid| bench::cpu_seconds(pid)).sum();
     let fixed = bench::h2load_fixed(
         &p.url,
         &p.host,
-        p.h1,
+        p.load,
         FIXED_CONNS,
         FIXED_RPS,
         fixed_secs,
@@ -441,10 +475,11 @@ fn measure(
         .iter()
         .map(|&pid| bench::mem_mb(pid, "VmRSS"))
         .fold(0.0, f64::max);
-    let max_rps = if p.h1 {
-        bench::wrk_max(&p.url, &p.host, MAX_CONNS, max_secs)?
-    } else {
-        0.0
+    let max_rps = match p.load {
+        Load::H1 => bench::wrk_max(&p.url, &p.host, MAX_CONNS, max_secs)?,
+        Load::H2 | Load::Grpc => {
+            bench::h2load_max(&p.url, &p.host, p.load, MAX_CONNS, max_secs, &log)?
+        }
     };
     Ok(Round {
         p50: fixed.p50_ms,
