@@ -64,8 +64,66 @@ impl Dialer {
     }
 }
 
+/// A dialed plain connection. hyper-util's own TCP connection reports
+/// its addresses (`HttpInfo`), which its client then copies into every
+/// response's extensions: three allocations a request that nothing here
+/// reads. This one reports nothing.
+pub struct Plain(hyper_util::rt::TokioIo<TcpStream>);
+
+impl hyper_util::client::legacy::connect::Connection for Plain {
+    fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
+        hyper_util::client::legacy::connect::Connected::new()
+    }
+}
+
+impl hyper::rt::Read for Plain {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for Plain {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+    }
+}
+
 impl tower::Service<http::Uri> for Dialer {
-    type Response = hyper_util::rt::TokioIo<TcpStream>;
+    type Response = Plain;
     type Error = std::io::Error;
     type Future = std::pin::Pin<
         Box<dyn std::future::Future<Output = std::io::Result<Self::Response>> + Send>,
@@ -99,7 +157,7 @@ impl tower::Service<http::Uri> for Dialer {
                     )
                 })??;
             tcp.set_nodelay(true)?;
-            Ok(hyper_util::rt::TokioIo::new(tcp))
+            Ok(Plain(hyper_util::rt::TokioIo::new(tcp)))
         })
     }
 }

@@ -246,19 +246,84 @@ pub fn request_id() -> HeaderValue {
     let r: u128 = rand::random();
     let r = (r & !(0xf << 76)) | (0x4 << 76);
     let r = (r & !(0x3 << 62)) | (0x2 << 62);
-    let s = format!(
-        "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
-        r >> 96,
-        (r >> 80) & 0xffff,
-        (r >> 64) & 0xffff,
-        (r >> 48) & 0xffff,
-        r & 0xffff_ffff_ffff
-    );
-    HeaderValue::try_from(s).expect("hex and dashes")
+    Hex::<36>::default()
+        .hex(r >> 96, 8)
+        .text("-")
+        .hex(r >> 80, 4)
+        .text("-")
+        .hex(r >> 64, 4)
+        .text("-")
+        .hex(r >> 48, 4)
+        .text("-")
+        .hex(r, 12)
+        .value()
 }
 
-fn value(s: String) -> HeaderValue {
-    HeaderValue::try_from(s).expect("hex and dashes")
+/// A header value of hex fields and separators, written on the stack: no
+/// formatter and no intermediate String, on every request. Its bytes then
+/// go to the end of this thread's [`ARENA`]. The value is marked
+/// sensitive: it is this request's alone, so in the next hop's HPACK table
+/// it would only push out entries that repeat; HTTP/2 sends it as a
+/// literal never indexed.
+#[derive(Clone, Copy)]
+struct Hex<const N: usize> {
+    buf: [u8; N],
+    len: usize,
+}
+
+impl<const N: usize> Default for Hex<N> {
+    fn default() -> Self {
+        Self {
+            buf: [0; N],
+            len: 0,
+        }
+    }
+}
+
+impl<const N: usize> Hex<N> {
+    fn text(mut self, s: &str) -> Self {
+        self.buf[self.len..self.len + s.len()].copy_from_slice(s.as_bytes());
+        self.len += s.len();
+        self
+    }
+
+    /// The low `digits` nibbles of `v`, lowercase, zero-padded.
+    fn hex(mut self, v: u128, digits: usize) -> Self {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        for (i, b) in self.buf[self.len..self.len + digits].iter_mut().enumerate() {
+            *b = DIGITS[((v >> (4 * (digits - 1 - i))) & 0xf) as usize];
+        }
+        self.len += digits;
+        self
+    }
+
+    fn value(self) -> HeaderValue {
+        let bytes = ARENA.with(|arena| {
+            let mut arena = arena.borrow_mut();
+            if arena.capacity() < self.len {
+                *arena = bytes::BytesMut::with_capacity(ARENA_BLOCK);
+            }
+            arena.extend_from_slice(&self.buf[..self.len]);
+            arena.split().freeze()
+        });
+        let mut v = HeaderValue::from_maybe_shared(bytes).expect("hex and dashes");
+        v.set_sensitive(true);
+        v
+    }
+}
+
+const ARENA_BLOCK: usize = 4096;
+
+thread_local! {
+    /// Where this thread's trace header values live: blocks of
+    /// [`ARENA_BLOCK`] bytes, each value a shared slice of one. A value
+    /// copied into a `HeaderValue` of its own would cost an allocation,
+    /// and another the first time the request is cloned (for a retry),
+    /// when `bytes` turns a vector-backed value into a shared one; these
+    /// are shared from the start, about one allocation per 70 values.
+    /// A block is freed when the last request using it is.
+    static ARENA: std::cell::RefCell<bytes::BytesMut> =
+        std::cell::RefCell::new(bytes::BytesMut::with_capacity(ARENA_BLOCK));
 }
 
 /// Writes the span `span_id` of `trace_id` into `h` as the context the
@@ -273,14 +338,26 @@ fn inject(
     single_b3: bool,
 ) {
     let flag = if sampled { "1" } else { "0" };
+    let trace = Hex::<32>::default().hex(trace_id, 32);
+    let span = Hex::<16>::default().hex(span_id.into(), 16);
     h.insert(
         TRACEPARENT,
-        value(format!("00-{trace_id:032x}-{span_id:016x}-0{flag}")),
+        Hex::<55>::default()
+            .text("00-")
+            .hex(trace_id, 32)
+            .text("-")
+            .hex(span_id.into(), 16)
+            .text("-0")
+            .text(flag)
+            .value(),
     );
-    h.insert(X_B3_TRACEID, value(format!("{trace_id:032x}")));
-    h.insert(X_B3_SPANID, value(format!("{span_id:016x}")));
+    h.insert(X_B3_TRACEID, trace.value());
+    h.insert(X_B3_SPANID, span.value());
     match parent {
-        Some(p) => h.insert(X_B3_PARENTSPANID, value(format!("{p:016x}"))),
+        Some(p) => h.insert(
+            X_B3_PARENTSPANID,
+            Hex::<16>::default().hex(p.into(), 16).value(),
+        ),
         None => h.remove(X_B3_PARENTSPANID),
     };
     h.insert(
@@ -289,7 +366,16 @@ fn inject(
     );
     h.remove(X_B3_FLAGS);
     if single_b3 {
-        h.insert(B3, value(format!("{trace_id:032x}-{span_id:016x}-{flag}")));
+        h.insert(
+            B3,
+            Hex::<51>::default()
+                .hex(trace_id, 32)
+                .text("-")
+                .hex(span_id.into(), 16)
+                .text("-")
+                .text(flag)
+                .value(),
+        );
     }
 }
 
@@ -897,6 +983,24 @@ mod tests {
             .is_none()
         );
         assert_eq!(flags(&req), "01");
+    }
+
+    #[test]
+    fn hex_values_read_as_the_formatter_writes_them_and_are_never_indexed() {
+        let cases = [(0u128, 0u64), (1, 1), (u128::MAX, u64::MAX)]
+            .into_iter()
+            .chain((0..1000).map(|_| (rand::random(), rand::random())));
+        for (t, s) in cases {
+            let v = Hex::<55>::default()
+                .text("00-")
+                .hex(t, 32)
+                .text("-")
+                .hex(s.into(), 16)
+                .text("-01")
+                .value();
+            assert_eq!(v.to_str().unwrap(), format!("00-{t:032x}-{s:016x}-01"));
+            assert!(v.is_sensitive(), "sent as an HPACK literal never indexed");
+        }
     }
 
     #[test]
