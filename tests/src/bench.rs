@@ -542,8 +542,19 @@ pub fn kill_on_signal(
 }
 
 /// Builds the sidecar as deployed (`cargo build --profile sidecar -p
-/// mesh-proxy`) and returns the binary's path.
+/// mesh-proxy`) and returns the binary's path; or, when `MESH_BENCH_SIDECAR`
+/// names a binary, that one (to compare two builds in the same way).
 pub fn build_sidecar() -> anyhow::Result<PathBuf> {
+    if let Some(exe) = std::env::var_os("MESH_BENCH_SIDECAR") {
+        let exe = PathBuf::from(exe);
+        anyhow::ensure!(
+            exe.is_file(),
+            "MESH_BENCH_SIDECAR: {} is not a file",
+            exe.display()
+        );
+        eprintln!("sidecar: {} (MESH_BENCH_SIDECAR)", exe.display());
+        return Ok(exe);
+    }
     build("sidecar", "mesh-proxy", "mesh-proxy")
 }
 
