@@ -2,7 +2,9 @@
 //! (buildah, on a distroless Debian base); umoci, an OCI implementation of
 //! its own, unpacks them; and what is inside runs from the unpacked root
 //! filesystems as a container runtime would start it (chroot, private
-//! /dev and /proc, the image's user and environment):
+//! /dev and /proc, the container's user, the root filesystem read-only
+//! as its securityContext says but for emptyDir mounts, the image's
+//! environment):
 //! - the control-plane image's three containers with the commands
 //!   `meshctl install`'s Deployment gives them (minus `--kubernetes`: no
 //!   API server runs here), the CA material where its Secret is mounted;
@@ -189,18 +191,47 @@ impl Unpacked {
         }
     }
 
-    /// `argv` run from the image as a runtime would: its own mount
-    /// namespace with /dev and /proc, chrooted, as `user` (the image's
-    /// when None), with the image's environment plus `env`; in network
+    /// `argv` run from the image as a runtime runs `container` of `pod`:
+    /// its own mount namespace with /dev and /proc, the root filesystem
+    /// read-only when the container's securityContext says so (but for
+    /// its emptyDir mounts), chrooted, as the container's user (else the
+    /// image's), with the image's environment plus `env`; in network
     /// namespace `netns` when given.
     fn command(
         &self,
         argv: &[String],
-        user: Option<(u64, u64)>,
+        container: &Container,
+        pod: &PodSpec,
         env: &[(String, String)],
         netns: Option<&str>,
     ) -> Command {
-        let (uid, gid) = user.unwrap_or_else(|| self.user());
+        let security = container.security_context.as_ref();
+        let (uid, gid) = match security.and_then(|s| s.run_as_user) {
+            Some(u) => (
+                u as u64,
+                security.and_then(|s| s.run_as_group).unwrap_or(u) as u64,
+            ),
+            None => self.user(),
+        };
+        let read_only = security
+            .and_then(|s| s.read_only_root_filesystem)
+            .unwrap_or(false);
+        let writable: Vec<String> = container
+            .volume_mounts
+            .iter()
+            .flatten()
+            .filter(|m| m.read_only != Some(true))
+            .filter(|m| {
+                pod.volumes
+                    .iter()
+                    .flatten()
+                    .any(|v| v.name == m.name && v.empty_dir.is_some())
+            })
+            .map(|m| self.inside(&m.mount_path).display().to_string())
+            .collect();
+        for w in &writable {
+            std::fs::create_dir_all(w).unwrap();
+        }
         let mut c = match netns {
             Some(ns) => {
                 let mut c = Command::new("ip");
@@ -214,11 +245,17 @@ impl Unpacked {
             .envs(env.iter().cloned())
             .args(["--mount", "--propagation", "private", "sh", "-c"])
             .arg(
-                r#"r=$1; u=$2; shift 2; mount --rbind /dev "$r/dev" && mount -t proc proc "$r/proc" && exec chroot --userspec="$u" "$r" "$@""#,
+                r#"set -e; r=$1; u=$2; ro=$3; rw=$4; shift 4
+IFS=:; for w in $rw; do mount --bind "$w" "$w"; done; unset IFS
+if [ "$ro" = true ]; then mount --rbind "$r" "$r"; mount -o remount,bind,ro "$r"; fi
+mount --rbind /dev "$r/dev"; mount -t proc proc "$r/proc"
+exec chroot --userspec="$u" "$r" "$@""#,
             )
             .arg("sh")
             .arg(&self.rootfs)
             .arg(format!("{uid}:{gid}"))
+            .arg(read_only.to_string())
+            .arg(writable.join(":"))
             .args(argv);
         c
     }
@@ -414,8 +451,10 @@ spec:
             })
             .collect()
     };
+    let container =
+        |name: &str| -> &Container { pod_spec.containers.iter().find(|c| c.name == name).unwrap() };
     let command = |name: &str| -> Vec<String> {
-        let c = pod_spec.containers.iter().find(|c| c.name == name).unwrap();
+        let c = container(name);
         let cmd = c.command.clone().unwrap();
         assert!(
             cp.rootfs.join("usr/local/bin").join(&cmd[0]).exists(),
@@ -435,7 +474,7 @@ spec:
     let mint = |identity: String| -> String {
         let mut argv = state_args.clone();
         argv.extend(["mint-token".into(), "--identity".into(), identity]);
-        run(&mut cp.command(&argv, None, &[], None))
+        run(&mut cp.command(&argv, container("citadel"), &pod_spec, &[], None))
             .trim()
             .to_string()
     };
@@ -444,20 +483,20 @@ spec:
     let logs = dir.path();
     spawn(
         &mut cleanup,
-        cp.command(&citadel, None, &[], None),
+        cp.command(&citadel, container("citadel"), &pod_spec, &[], None),
         &logs.join("citadel.log"),
     );
     let pilot = command("pilot");
     spawn(
         &mut cleanup,
-        cp.command(&pilot, None, &[], None),
+        cp.command(&pilot, container("pilot"), &pod_spec, &[], None),
         &logs.join("pilot.log"),
     );
     let mut injector = command("injector");
     injector.extend(["--listen".into(), format!("{cp_ip}:15017")]);
     spawn(
         &mut cleanup,
-        cp.command(&injector, None, &[], None),
+        cp.command(&injector, container("injector"), &pod_spec, &[], None),
         &logs.join("injector.log"),
     );
 
@@ -466,6 +505,7 @@ spec:
     // them; the control plane's Service addresses as this test's), its
     // root certificate and token where the injected volumes mount them.
     let pod = injected_pod();
+    let injected_spec = pod.spec.as_ref().unwrap();
     let sidecar = init_container(&pod, "mesh-proxy");
     assert!(
         sidecar.command.is_none() && sidecar.args.is_none(),
@@ -505,7 +545,7 @@ spec:
     let sidecar_log = logs.join("sidecar.log");
     spawn(
         &mut cleanup,
-        proxy.command(&proxy.entrypoint(), None, &env, None),
+        proxy.command(&proxy.entrypoint(), sidecar, injected_spec, &env, None),
         &sidecar_log,
     );
 
@@ -570,10 +610,11 @@ spec:
     cleanup.netns = Some(ns.clone());
     let mut argv = init.command.clone().unwrap();
     argv.extend(init.args.clone().unwrap_or_default());
-    run(&mut proxy.command(&argv, Some((0, 0)), &[], Some(&ns)));
+    run(&mut proxy.command(&argv, init, injected_spec, &[], Some(&ns)));
     let rules = run(&mut proxy.command(
         &["iptables-save".into(), "-t".into(), "nat".into()],
-        Some((0, 0)),
+        init,
+        injected_spec,
         &[],
         Some(&ns),
     ));
