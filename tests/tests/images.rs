@@ -13,6 +13,7 @@
 //! - the injected init container's `mesh-iptables` as root in a network
 //!   namespace of its own, leaving the capture rules.
 //!
+//! All of it runs in a network namespace the test makes, as a pod's own.
 //! The binaries are the dev profile's (the image build is the same for
 //! release, which takes minutes more to compile).
 
@@ -357,13 +358,21 @@ async fn until_ok(http: &reqwest::Client, url: &str, what: &str, logs: &[&Path])
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn the_images_run_the_control_plane_and_the_injected_sidecar_as_deployed() {
+/// Deletes a network namespace when the test ends.
+struct Netns(String);
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+#[test]
+fn the_images_run_the_control_plane_and_the_injected_sidecar_as_deployed() {
     if let Some(why) = skip_reason() {
         eprintln!("SKIPPED: {why}");
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
     // The Debian base is kept between runs under target/ (debootstrap
     // once); everything else is built anew.
     let target = std::env::var_os("CARGO_TARGET_DIR")
@@ -373,7 +382,27 @@ async fn the_images_run_the_control_plane_and_the_injected_sidecar_as_deployed()
     run(Command::new(workspace().join("images/build"))
         .args(["--profile", "dev", "--out"])
         .arg(&out));
+    // The rest runs in a network namespace of its own, as a pod's: the
+    // captured sidecar listens on every address there.
+    let ns = Netns(format!("mesh-images-{}", std::process::id()));
+    run(Command::new("ip").args(["netns", "add", &ns.0]));
+    run(Command::new("ip").args(["-n", &ns.0, "link", "set", "lo", "up"]));
+    let name = ns.0.clone();
+    let outcome = std::thread::spawn(move || {
+        meshctl::pods::enter(&name).unwrap();
+        tokio::runtime::Runtime::new()
+            .unwrap()
+            .block_on(as_deployed(out));
+    })
+    .join();
+    drop(ns);
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+}
 
+async fn as_deployed(out: PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
     let cp = Unpacked::new(&out, "control-plane", dir.path());
     let proxy = Unpacked::new(&out, "proxy", dir.path());
     assert_eq!(cp.user(), (1337, 1337), "the control plane runs as 1337");
