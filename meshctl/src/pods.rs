@@ -20,14 +20,19 @@ fn node_ip(n: u8) -> Ipv4Addr {
 
 /// Why pod tests cannot run here, if they cannot.
 pub fn skip_reason() -> Option<String> {
-    if !nix::unistd::Uid::effective().is_root() {
+    if !is_root() {
         return Some("needs root (network namespaces, veth, iptables)".into());
     }
     missing_tool(&["ip", "iptables", "setpriv", "curl"])
 }
 
+/// Whether this process runs as root.
+pub fn is_root() -> bool {
+    nix::unistd::Uid::effective().is_root()
+}
+
 /// `needs <tool>` for the first of `tools` not on the PATH.
-fn missing_tool(tools: &[&str]) -> Option<String> {
+pub fn missing_tool(tools: &[&str]) -> Option<String> {
     tools.iter().find_map(|tool| {
         let found = Command::new("sh")
             .args(["-c", &format!("command -v {tool}")])

@@ -29,10 +29,10 @@ use serde_json::Value;
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 fn skip_reason() -> Option<String> {
-    if !is_root() {
+    if !meshctl::pods::is_root() {
         return Some("needs root (debootstrap, buildah's chroot, network namespaces)".into());
     }
-    [
+    let tools = [
         "debootstrap",
         "buildah",
         "umoci",
@@ -40,26 +40,8 @@ fn skip_reason() -> Option<String> {
         "ip",
         "strip",
         "curl",
-    ]
-    .iter()
-    .find(|tool| {
-        !Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    })
-    .map(|tool| format!("needs {tool} (.ci/run installs it)"))
-}
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(2) == Some("0"))
-        })
-        .unwrap_or(false)
+    ];
+    meshctl::pods::missing_tool(&tools).map(|why| format!("{why} (.ci/run installs it)"))
 }
 
 fn workspace() -> PathBuf {
