@@ -14,8 +14,9 @@
 //!   namespace of its own, leaving the capture rules.
 //!
 //! All of it runs in a network namespace the test makes, as a pod's own.
-//! The binaries are the dev profile's (the image build is the same for
-//! release, which takes minutes more to compile).
+//! The binaries are the dev profile's, as the workspace's test run built
+//! them (the image build is the same for release, which takes minutes
+//! more to compile).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -361,9 +362,29 @@ fn the_images_run_the_control_plane_and_the_injected_sidecar_as_deployed() {
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace().join("target"));
     let out = target.join("images-dev");
-    run(Command::new(workspace().join("images/build"))
-        .args(["--profile", "dev", "--out"])
-        .arg(&out));
+    // The binaries are the ones `cargo nextest run --workspace` built for
+    // their own packages' tests; building them here would compile the
+    // dependencies again with other features, for minutes, beside tests
+    // that measure time.
+    let bins = target.join("debug");
+    let missing: Vec<&str> = [
+        "mesh-citadel",
+        "mesh-pilot",
+        "mesh-injector",
+        "mesh-proxy",
+        "mesh-iptables",
+    ]
+    .into_iter()
+    .filter(|b| !bins.join(b).is_file())
+    .collect();
+    let mut build = Command::new(workspace().join("images/build"));
+    build.args(["--profile", "dev", "--out"]).arg(&out);
+    if missing.is_empty() {
+        build.arg("--no-build");
+    } else {
+        eprintln!("{missing:?} not built yet: images/build builds them (slow)");
+    }
+    run(&mut build);
     // The rest runs in a network namespace of its own, as a pod's: the
     // captured sidecar listens on every address there.
     let ns = Netns(format!("mesh-images-{}", std::process::id()));
