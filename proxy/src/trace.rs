@@ -287,6 +287,13 @@ impl<const N: usize> Hex<N> {
         self
     }
 
+    /// Another value's bytes (a field written once, used in several headers).
+    fn join<const M: usize>(mut self, other: &Hex<M>) -> Self {
+        self.buf[self.len..self.len + other.len].copy_from_slice(&other.buf[..other.len]);
+        self.len += other.len;
+        self
+    }
+
     /// The low `digits` nibbles of `v`, lowercase, zero-padded.
     fn hex(mut self, v: u128, digits: usize) -> Self {
         const DIGITS: &[u8; 16] = b"0123456789abcdef";
@@ -344,9 +351,9 @@ fn inject(
         TRACEPARENT,
         Hex::<55>::default()
             .text("00-")
-            .hex(trace_id, 32)
+            .join(&trace)
             .text("-")
-            .hex(span_id.into(), 16)
+            .join(&span)
             .text("-0")
             .text(flag)
             .value(),
@@ -369,9 +376,9 @@ fn inject(
         h.insert(
             B3,
             Hex::<51>::default()
-                .hex(trace_id, 32)
+                .join(&trace)
                 .text("-")
-                .hex(span_id.into(), 16)
+                .join(&span)
                 .text("-")
                 .text(flag)
                 .value(),
