@@ -188,7 +188,7 @@ fn warnings(set: &ConfigSet, model: &Model, report: &mut Report) {
                         }
                     }
                 }
-                not_acted_on(meta, "DestinationRule", &dr.export_to, &ignored, report);
+                not_acted_on(meta, "DestinationRule", &ignored, report);
                 continue;
             }
             _ => continue,
@@ -216,29 +216,15 @@ fn warnings(set: &ConfigSet, model: &Model, report: &mut Report) {
 }
 
 /// Settings pilot accepts but the mesh does not act on: said, so nothing
-/// is silently different. `exportTo` on a DestinationRule (the rule
-/// applies in every namespace), and the
-/// connection pool's HTTP/2 upgrade settings (sidecars always speak HTTP/2
-/// to each other).
-fn not_acted_on(
-    meta: &Meta,
-    kind: &str,
-    export_to: &[String],
-    pool_fields: &[&str],
-    report: &mut Report,
-) {
+/// is silently different. The connection pool's HTTP/2 upgrade settings
+/// (sidecars always speak HTTP/2 to each other).
+fn not_acted_on(meta: &Meta, kind: &str, pool_fields: &[&str], report: &mut Report) {
     let at = format!(
         "{}: {kind} {}/{}",
         meta.file.display(),
         meta.namespace,
         meta.name
     );
-    if !export_to.is_empty() && export_to.iter().any(|e| e != "*") {
-        report.push(
-            Level::Warning,
-            format!("{at}: spec.exportTo is not acted on: the rule applies in every namespace"),
-        );
-    }
     for field in pool_fields {
         report.push(
             Level::Warning,

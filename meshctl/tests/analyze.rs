@@ -153,7 +153,6 @@ spec:
     let (code, out) = analyze(extra, false);
     assert_eq!(code, 0, "warnings only: {out}");
     for want in [
-        "warning: extra.yaml: DestinationRule default/ratings: spec.exportTo is not acted on",
         "warning: extra.yaml: DestinationRule default/ratings: connectionPool.http.h2UpgradePolicy is not acted on",
         "warning: extra.yaml: DestinationRule default/ratings: connectionPool.http.maxConcurrentStreams is not acted on",
         "warning: PeerAuthentication default/ratings-strict and default/ratings-v1-permissive all select workload default/ratings-v1: only default/ratings-strict applies",
@@ -161,12 +160,15 @@ spec:
     ] {
         assert!(out.contains(want), "missing {want:?} in:\n{out}");
     }
-    // exportTo on a VirtualService is acted on; and default/details (for
-    // default) and team/details-for-team (for team) never meet.
-    assert!(
-        !out.contains("VirtualService default/details: spec.exportTo"),
-        "{out}"
-    );
+    // exportTo on a VirtualService or DestinationRule is acted on; and
+    // default/details (for default) and team/details-for-team (for team)
+    // never meet.
+    for kind in [
+        "VirtualService default/details",
+        "DestinationRule default/ratings",
+    ] {
+        assert!(!out.contains(&format!("{kind}: spec.exportTo")), "{out}");
+    }
     assert!(!out.contains("details-for-team"), "{out}");
-    assert!(out.ends_with("0 errors, 5 warnings\n"), "{out}");
+    assert!(out.ends_with("0 errors, 4 warnings\n"), "{out}");
 }

@@ -60,6 +60,9 @@ pub fn parse_version(v: &str) -> Option<u64> {
 /// every resource the change left as it was.
 pub type ByName = BTreeMap<String, Arc<Versioned>>;
 
+/// Clusters and endpoints, by type.
+type Types = BTreeMap<&'static str, ByName>;
+
 /// All resources of a model: each service's clusters, endpoints and routes,
 /// listeners by proxy id, and which services each proxy is told of.
 #[derive(Debug)]
@@ -67,8 +70,11 @@ pub struct Snapshot {
     pub version: u64,
     /// When this config was built: convergence is measured from here.
     pub created: std::time::Instant,
-    /// By service host, then type: clusters and endpoints.
-    by_host: BTreeMap<String, BTreeMap<&'static str, ByName>>,
+    /// By service host, its clusters and endpoints (by type) for each set
+    /// of DestinationRules proxies may follow for it
+    /// ([`Model::rule_choices`]): which one a proxy is sent depends on its
+    /// namespace, by the rules' namespaces and `exportTo`.
+    by_host: BTreeMap<String, Vec<(Vec<usize>, Types)>>,
     /// By service host, its route configs for each VirtualService proxies
     /// may follow to it ([`Model::route_choices`]): which one a proxy is
     /// sent depends on its namespace, by the VirtualServices' `exportTo`.
@@ -90,7 +96,13 @@ impl Snapshot {
     /// that live side by side while proxies move over differ by that
     /// resource, not by a whole copy of the mesh.
     pub fn build_after(model: Arc<Model>, version: u64, previous: Option<&Snapshot>) -> Self {
-        let before = |host: &str, t: &str| previous?.by_host.get(host)?.get(t);
+        // The same choice of rules before, or else the first: a resource is
+        // reused only when it encodes the same, so a miss costs a copy.
+        let before = |host: &str, choice: &[usize], t: &str| {
+            let variants = previous?.by_host.get(host)?;
+            let same = variants.iter().find(|(c, _)| c == choice);
+            same.or(variants.first())?.1.get(t)
+        };
         let members = model.members();
         // Which services each workload is an endpoint of, for its listener.
         let mut serves: std::collections::HashMap<String, Vec<&Service>> = Default::default();
@@ -106,27 +118,38 @@ impl Snapshot {
         let mut routes = BTreeMap::new();
         for svc in model.services.values() {
             let svc_members = &members[svc.host.as_str()];
-            let (clusters_before, endpoints_before) = (
-                before(&svc.host, type_url::CLUSTER),
-                before(&svc.host, type_url::ENDPOINTS),
-            );
-            let mut clusters = ByName::new();
-            let mut endpoints = ByName::new();
-            for port in &svc.ports {
-                let mut subsets: Vec<Option<&str>> = vec![None];
-                if let Some(s) = model.subsets.get(&svc.host) {
-                    subsets.extend(s.keys().map(|k| Some(k.as_str())));
+            let mut variants = Vec::new();
+            for choice in model.rule_choices(&svc.host) {
+                let (clusters_before, endpoints_before) = (
+                    before(&svc.host, &choice, type_url::CLUSTER),
+                    before(&svc.host, &choice, type_url::ENDPOINTS),
+                );
+                let (subsets, policy) = model.rule_set(&choice);
+                let mut clusters = ByName::new();
+                let mut endpoints = ByName::new();
+                for port in &svc.ports {
+                    let named = subsets.iter().map(|(name, labels)| Some((*name, *labels)));
+                    for subset in std::iter::once(None).chain(named) {
+                        let name = subset.map(|(name, _)| name);
+                        let mut c = cluster(svc, port, name);
+                        crate::dr::apply(policy, name, port.number, &mut c);
+                        let labels = subset.map(|(_, labels)| labels);
+                        let eps = cluster_endpoints(&model, svc_members, port, labels, &c.name);
+                        let fresh = Versioned::new(&c.name, type_url::ENDPOINTS, &eps);
+                        let shared = reuse(was(endpoints_before, &c.name), fresh);
+                        endpoints.insert(c.name.clone(), shared);
+                        let fresh = Versioned::new(&c.name, type_url::CLUSTER, &c);
+                        let shared = reuse(was(clusters_before, &c.name), fresh);
+                        clusters.insert(c.name.clone(), shared);
+                    }
                 }
-                for subset in subsets {
-                    let mut c = cluster(svc, port, subset);
-                    crate::dr::apply(model.policies.get(&svc.host), subset, port.number, &mut c);
-                    let eps = cluster_endpoints(&model, svc, svc_members, port, subset, &c.name);
-                    let fresh = Versioned::new(&c.name, type_url::ENDPOINTS, &eps);
-                    endpoints.insert(c.name.clone(), reuse(was(endpoints_before, &c.name), fresh));
-                    let fresh = Versioned::new(&c.name, type_url::CLUSTER, &c);
-                    clusters.insert(c.name.clone(), reuse(was(clusters_before, &c.name), fresh));
-                }
+                let types = BTreeMap::from([
+                    (type_url::CLUSTER, clusters),
+                    (type_url::ENDPOINTS, endpoints),
+                ]);
+                variants.push((choice, types));
             }
+            by_host.insert(svc.host.clone(), variants);
             let variants = model
                 .route_choices(&svc.host)
                 .into_iter()
@@ -145,11 +168,6 @@ impl Snapshot {
                 })
                 .collect();
             routes.insert(svc.host.clone(), variants);
-            let types = BTreeMap::from([
-                (type_url::CLUSTER, clusters),
-                (type_url::ENDPOINTS, endpoints),
-            ]);
-            by_host.insert(svc.host.clone(), types);
         }
         let listeners = model
             .workloads
@@ -212,7 +230,16 @@ impl Snapshot {
         };
         let of_host = |h: &String| -> Option<&ByName> {
             if type_url != type_url::ROUTE {
-                return self.by_host.get(h)?.get(type_url);
+                let variants = self.by_host.get(h)?;
+                let types = match variants.as_slice() {
+                    // Every namespace follows the same rules.
+                    [(_, only)] => only,
+                    _ => {
+                        let choice = self.model.rule_choice(h, namespace);
+                        &variants.iter().find(|(c, _)| *c == choice)?.1
+                    }
+                };
+                return types.get(type_url);
             }
             let choice = self.model.route_choice(h, namespace);
             let variants = self.routes.get(h)?;
@@ -324,16 +351,14 @@ fn target_port(w: &Workload, port: &ServicePort) -> u32 {
 }
 
 /// A cluster's endpoints: `members` (the service's endpoints) narrowed to
-/// the subset's labels.
+/// a subset's labels.
 pub(crate) fn cluster_endpoints(
     model: &Model,
-    svc: &Service,
     members: &[&Workload],
     port: &ServicePort,
-    subset: Option<&str>,
+    labels: Option<&crate::istio::Labels>,
     name: &str,
 ) -> pb::ClusterEndpoints {
-    let labels = subset.and_then(|s| model.subsets.get(&svc.host).and_then(|m| m.get(s)));
     let endpoints = members
         .iter()
         .filter(|w| labels.is_none_or(|l| crate::model::selects(l, &w.labels)))
@@ -691,7 +716,7 @@ mod tests {
             } else {
                 cluster_name(80, None, host)
             };
-            s.by_host[host][t][&name].clone()
+            s.by_host[host][0].1[t][&name].clone()
         };
         let same = |t: &str, host: &str| {
             Arc::ptr_eq(&resource(&first, t, host), &resource(&second, t, host))
@@ -722,6 +747,132 @@ mod tests {
             &resource(&alone, type_url::CLUSTER, "a.ns.svc.cluster.local"),
             &resource(&second, type_url::CLUSTER, "a.ns.svc.cluster.local")
         ));
+    }
+
+    /// A DestinationRule in `ns` for `host` whose connection pool allows
+    /// `max` connections (each rule's mark), with `subsets` by name.
+    fn rule(
+        ns: &str,
+        name: &str,
+        host: &str,
+        export_to: &str,
+        max: u32,
+        subsets: &[&str],
+    ) -> String {
+        let subsets: String = subsets
+            .iter()
+            .map(|s| format!("  - name: {s}\n    labels: {{app: {s}}}\n"))
+            .collect();
+        let subsets = if subsets.is_empty() {
+            String::new()
+        } else {
+            format!("  subsets:\n{subsets}")
+        };
+        format!(
+            "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  host: \"{host}\"\n  exportTo: {export_to}\n  trafficPolicy: {{connectionPool: {{tcp: {{maxConnections: {max}}}}}}}\n{subsets}"
+        )
+    }
+
+    /// What `proxy` is sent for svc.s: each cluster's connection limit
+    /// (the mark of the rule it follows), by subset.
+    fn limits(snapshot: &Snapshot, proxy: &str) -> BTreeMap<String, u32> {
+        snapshot
+            .for_proxy(type_url::CLUSTER, proxy)
+            .values()
+            .map(|v| pb::Cluster::decode(v.any.value.as_slice()).unwrap())
+            .filter(|c| c.service == "svc.s.svc.cluster.local")
+            .map(|c| (c.subset, c.pool.map_or(0, |p| p.max_connections)))
+            .collect()
+    }
+
+    #[test]
+    fn destination_rules_are_followed_from_the_proxys_namespace_then_the_services_then_the_root() {
+        const HOST: &str = "svc.s.svc.cluster.local";
+        let base = [
+            entry("s", "svc", "[]"),
+            workload("s", "w-s", "x"),
+            workload("a", "w-a", "x"),
+            workload("b", "w-b", "x"),
+            workload("c", "w-c", "x"),
+            workload("x", "w-x", "x"),
+        ]
+        .concat();
+        let yaml = [
+            base.clone(),
+            // The mesh's default, and a more specific one for namespace s.
+            rule("istio-system", "mesh", "*.local", "[]", 1, &[]),
+            rule(
+                "istio-system",
+                "in-s",
+                "*.s.svc.cluster.local",
+                "[]",
+                2,
+                &[],
+            ),
+            // The owner's, for itself and b.
+            rule("s", "owner", HOST, "[., b]", 3, &["v1"]),
+            // Team a's own, for a only.
+            rule("a", "team-a", "svc.s.svc.cluster.local", "[.]", 4, &["v2"]),
+            // x's rule for someone else's service: x's proxies alone follow it.
+            rule("x", "team-x", HOST, "[\"*\"]", 5, &[]),
+        ]
+        .concat();
+        let snapshot = Snapshot::build(Arc::new(model(&yaml).unwrap()), 1);
+        let want = |pairs: &[(&str, u32)]| -> BTreeMap<String, u32> {
+            pairs.iter().map(|(s, m)| (s.to_string(), *m)).collect()
+        };
+        // Its own namespace's rule first, subsets and all.
+        assert_eq!(limits(&snapshot, "w-a.a"), want(&[("", 4), ("v2", 4)]));
+        assert_eq!(limits(&snapshot, "w-x.x"), want(&[("", 5)]));
+        // Then the service's namespace's, where exported.
+        assert_eq!(limits(&snapshot, "w-s.s"), want(&[("", 3), ("v1", 3)]));
+        assert_eq!(limits(&snapshot, "w-b.b"), want(&[("", 3), ("v1", 3)]));
+        // Then the root's, the more specific host over *.local; x's rule
+        // exported everywhere is not c's, as in Istio.
+        assert_eq!(limits(&snapshot, "w-c.c"), want(&[("", 2)]));
+        // A proxy pilot has no workload for is looked up by its namespace.
+        assert_eq!(limits(&snapshot, "w-z.z"), want(&[("", 2)]));
+        // Subsets narrow endpoints by the labels of the rule followed.
+        let eps = snapshot.for_proxy(type_url::ENDPOINTS, "w-a.a");
+        assert!(eps.contains_key(format!("outbound|80|v2|{HOST}").as_str()));
+        assert!(!eps.contains_key(format!("outbound|80|v1|{HOST}").as_str()));
+        // With no rule but the root's *.local, everyone shares one cluster.
+        let yaml = [base, rule("istio-system", "mesh", "*.local", "[]", 1, &[])].concat();
+        let snapshot = Snapshot::build(Arc::new(model(&yaml).unwrap()), 1);
+        for proxy in ["w-a.a", "w-s.s", "w-z.z"] {
+            assert_eq!(limits(&snapshot, proxy), want(&[("", 1)]), "{proxy}");
+        }
+        assert_eq!(snapshot.by_host[HOST].len(), 1);
+    }
+
+    #[test]
+    fn only_one_rule_of_a_namespace_may_set_a_hosts_policies() {
+        let base = entry("s", "svc", "[]");
+        const HOST: &str = "svc.s.svc.cluster.local";
+        let errors = model(
+            &[
+                base.clone(),
+                rule("s", "one", HOST, "[]", 1, &[]),
+                rule("s", "two", HOST, "[]", 2, &[]),
+            ]
+            .concat(),
+        )
+        .unwrap_err();
+        assert!(
+            errors.iter().any(|e| e.contains("DestinationRule s/two")
+                && e.contains("DestinationRule s/one already sets traffic policies")),
+            "{errors:?}"
+        );
+        // Another namespace's rule for the same host is its own.
+        model(
+            &[
+                base,
+                rule("s", "one", HOST, "[]", 1, &[]),
+                rule("a", "two", HOST, "[]", 2, &[]),
+            ]
+            .concat(),
+        )
+        .unwrap();
     }
 
     #[test]

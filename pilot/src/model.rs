@@ -185,6 +185,32 @@ pub struct Routes {
     pub tls: Vec<crate::istio::TlsRoute>,
 }
 
+/// A DestinationRule as proxies follow it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Rule {
+    pub namespace: String,
+    /// Its host, fully qualified, or a wildcard such as `*.local`.
+    pub host: String,
+    pub dr: DestinationRule,
+}
+
+impl Rule {
+    /// Whether it sets traffic policies, for itself or a subset.
+    pub fn has_policy(&self) -> bool {
+        self.dr.traffic_policy.is_some()
+            || self.dr.subsets.iter().any(|s| s.traffic_policy.is_some())
+    }
+}
+
+/// How closely a rule's `pattern` names `host`: `None` when it does not; an
+/// exact name beats any wildcard, and a longer wildcard a shorter one.
+pub fn host_match(pattern: &str, host: &str) -> Option<usize> {
+    match pattern.strip_prefix('*') {
+        None => (pattern == host).then_some(usize::MAX),
+        Some(suffix) => host.ends_with(suffix).then_some(suffix.len()),
+    }
+}
+
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Model {
     pub trust_domain: String,
@@ -195,11 +221,13 @@ pub struct Model {
     /// By host, every VirtualService for it in load order: a proxy takes
     /// the first exported to its namespace ([`Model::route_choice`]).
     pub routes: BTreeMap<String, Vec<Routes>>,
-    pub subsets: BTreeMap<String, BTreeMap<String, Labels>>,
-    /// The DestinationRule setting traffic policies, by host.
-    pub policies: BTreeMap<String, DestinationRule>,
-    /// Which resource that rule is, for errors.
-    rules: BTreeMap<String, String>,
+    /// Every DestinationRule, in load order. A proxy follows those
+    /// [`Model::rule_choice`] picks for its namespace.
+    pub rules: Vec<Rule>,
+    /// By namespace, the indices in `rules` of its DestinationRules.
+    rules_by_ns: BTreeMap<String, Vec<usize>>,
+    /// By (namespace, host), the rule setting its traffic policies, for errors.
+    policy_owners: BTreeMap<(String, String), String>,
     /// PeerAuthentications, checked: (namespace, name, selector, mode, port modes).
     pub peer_auth: Vec<PeerAuth>,
     /// AuthorizationPolicies, checked and in the proxies' form.
@@ -1040,7 +1068,7 @@ impl Model {
                     }
                     m.workloads.insert(w.proxy_id(), w);
                 }
-                Resource::DestinationRule(dr) => m.add_subsets(meta, dr, &mut errors),
+                Resource::DestinationRule(dr) => m.add_rule(meta, dr, &mut errors),
                 Resource::VirtualService(_) => {}
                 Resource::PeerAuthentication(pa) => m.add_peer_auth(meta, pa, &mut errors),
                 Resource::AuthorizationPolicy(ap) => m.add_authz(meta, ap, &mut errors),
@@ -1272,27 +1300,112 @@ impl Model {
         svc.exported_to(namespace) && sidecar.is_none_or(|s| s.imports(svc, namespace))
     }
 
-    fn add_subsets(&mut self, meta: &Meta, dr: &DestinationRule, errors: &mut Vec<String>) {
+    fn add_rule(&mut self, meta: &Meta, dr: &DestinationRule, errors: &mut Vec<String>) {
         let ctx = at(meta, "DestinationRule");
         crate::dr::check(&ctx, dr, errors);
-        let host = fqdn(&dr.host, &meta.namespace);
-        let entry = self.subsets.entry(host.clone()).or_default();
-        for s in &dr.subsets {
-            entry.insert(s.name.clone(), s.labels.clone());
-        }
-        // Several rules may name subsets of one host; only one may set policies.
-        let has_policy =
-            dr.traffic_policy.is_some() || dr.subsets.iter().any(|s| s.traffic_policy.is_some());
-        match self.rules.get(&host) {
-            Some(other) if has_policy => errors.push(format!(
-                "{ctx}: spec.trafficPolicy: {other} already sets traffic policies for {host}; merge them into one DestinationRule"
-            )),
-            _ if has_policy => {
-                self.rules.insert(host.clone(), ctx.clone());
-                self.policies.insert(host, dr.clone());
+        let rule = Rule {
+            namespace: meta.namespace.clone(),
+            host: fqdn(&dr.host, &meta.namespace),
+            dr: dr.clone(),
+        };
+        // Several rules of a namespace may name subsets of one host; only
+        // one may set policies. Other namespaces' rules are theirs.
+        if rule.has_policy() {
+            let key = (rule.namespace.clone(), rule.host.clone());
+            if let Some(other) = self.policy_owners.get(&key) {
+                errors.push(format!(
+                    "{ctx}: spec.trafficPolicy: {other} already sets traffic policies for {} in namespace {}; merge them into one DestinationRule",
+                    rule.host, rule.namespace
+                ));
+                return;
             }
-            _ => {}
+            self.policy_owners.insert(key, ctx);
         }
+        self.rules_by_ns
+            .entry(rule.namespace.clone())
+            .or_default()
+            .push(self.rules.len());
+        self.rules.push(rule);
+    }
+
+    /// The DestinationRules a proxy in `namespace` follows for `host`, as
+    /// indices in `rules`. Istio's lookup: the rules of the proxy's own
+    /// namespace, then those of the service's namespace, then those of the
+    /// root namespace, each taken only when exported to the proxy's
+    /// namespace; in the first of these with any rule for the host, the
+    /// rules of its most specific host (an exact name over `*.suffix`).
+    pub fn rule_choice(&self, host: &str, namespace: &str) -> Vec<usize> {
+        if self.rules.is_empty() {
+            return Vec::new();
+        }
+        let svc_ns = self.services.get(host).map(|s| s.namespace.as_str());
+        for from in [Some(namespace), svc_ns, Some(ROOT_NAMESPACE)]
+            .into_iter()
+            .flatten()
+        {
+            let Some(indices) = self.rules_by_ns.get(from) else {
+                continue;
+            };
+            let applicable = || {
+                indices.iter().copied().filter(|&i| {
+                    let r = &self.rules[i];
+                    exported(&r.dr.export_to, &r.namespace, namespace)
+                })
+            };
+            let best = applicable()
+                .filter_map(|i| host_match(&self.rules[i].host, host))
+                .max();
+            if let Some(best) = best {
+                return applicable()
+                    .filter(|&i| host_match(&self.rules[i].host, host) == Some(best))
+                    .collect();
+            }
+        }
+        Vec::new()
+    }
+
+    /// Every choice [`Model::rule_choice`] can make for `host`, whatever
+    /// the namespace, each once. Namespaces no rule names or is in choose
+    /// alike, so one of them (`""`, which no namespace is) stands for all.
+    pub fn rule_choices(&self, host: &str) -> Vec<Vec<usize>> {
+        let mut namespaces = vec!["", ROOT_NAMESPACE];
+        namespaces.extend(self.services.get(host).map(|s| s.namespace.as_str()));
+        for r in self
+            .rules
+            .iter()
+            .filter(|r| host_match(&r.host, host).is_some())
+        {
+            namespaces.push(&r.namespace);
+            namespaces.extend(r.dr.export_to.iter().map(String::as_str));
+        }
+        let mut choices: Vec<Vec<usize>> = Vec::new();
+        for ns in namespaces {
+            let choice = self.rule_choice(host, ns);
+            if !choices.contains(&choice) {
+                choices.push(choice);
+            }
+        }
+        choices
+    }
+
+    /// The subsets a choice of rules defines, by name (the first rule to
+    /// name one defines it), and the rule among them setting policies.
+    pub fn rule_set<'a>(
+        &'a self,
+        choice: &[usize],
+    ) -> (BTreeMap<&'a str, &'a Labels>, Option<&'a DestinationRule>) {
+        let mut subsets = BTreeMap::new();
+        for &i in choice {
+            for s in &self.rules[i].dr.subsets {
+                subsets.entry(s.name.as_str()).or_insert(&s.labels);
+            }
+        }
+        let policy = choice
+            .iter()
+            .map(|&i| &self.rules[i])
+            .find(|r| r.has_policy())
+            .map(|r| &r.dr);
+        (subsets, policy)
     }
 
     fn add_routes(&mut self, meta: &Meta, vs: &VirtualService, errors: &mut Vec<String>) {
@@ -1392,10 +1505,10 @@ impl Model {
             ));
         }
         if let Some(subset) = &dest.subset {
-            let known = self
-                .subsets
-                .get(&dest.host)
-                .is_some_and(|s| s.contains_key(subset));
+            let known = self.rules.iter().any(|r| {
+                host_match(&r.host, &dest.host).is_some()
+                    && r.dr.subsets.iter().any(|s| s.name == *subset)
+            });
             if !known {
                 errors.push(format!(
                     "{ctx}: {where_}.subset {subset:?} is not defined by any DestinationRule for {}",
@@ -1720,8 +1833,7 @@ spec:
         let eps = |host: &str| {
             let svc = &m.services[host];
             let members = m.members()[host].clone();
-            crate::generate::cluster_endpoints(&m, svc, &members, &svc.ports[0], None, "c")
-                .endpoints
+            crate::generate::cluster_endpoints(&m, &members, &svc.ports[0], None, "c").endpoints
         };
         let a = eps("a.shop.svc.cluster.local");
         let by = |addr: &str| a.iter().find(|e| e.address == addr).unwrap().clone();
