@@ -121,7 +121,7 @@ fn analyze_texts(
 fn warnings(set: &ConfigSet, model: &Model, report: &mut Report) {
     let selects = |meta: &Meta, labels: &Labels| {
         model.workloads.values().any(|w| {
-            (meta.namespace == ROOT_NAMESPACE || w.namespace == meta.namespace)
+            (*meta.namespace == *ROOT_NAMESPACE || *w.namespace == *meta.namespace)
                 && labels.iter().all(|(k, v)| w.labels.get(k) == Some(v))
         })
     };
@@ -204,7 +204,7 @@ fn warnings(set: &ConfigSet, model: &Model, report: &mut Report) {
                     meta.namespace,
                     meta.name,
                     render_labels(labels),
-                    if meta.namespace == ROOT_NAMESPACE {
+                    if *meta.namespace == *ROOT_NAMESPACE {
                         "the mesh".to_string()
                     } else {
                         format!("namespace {}", meta.namespace)

@@ -31,10 +31,10 @@ type Key = (std::path::PathBuf, &'static str, String, String);
 
 fn key(meta: &Meta, res: &Resource) -> Key {
     (
-        meta.file.clone(),
+        meta.file.to_path_buf(),
         res.kind(),
-        meta.namespace.clone(),
-        meta.name.clone(),
+        meta.namespace.to_string(),
+        meta.name.to_string(),
     )
 }
 

@@ -182,10 +182,11 @@ impl Cache {
         });
         let in_scope =
             |ns: &str| ns == ROOT_NAMESPACE || discovered.as_ref().is_none_or(|d| d.contains(ns));
+        let source: Arc<Path> = Path::new(SOURCE).into();
         let meta = |namespace: &str, name: &str| Meta {
-            name: name.to_string(),
-            namespace: namespace.to_string(),
-            file: PathBuf::from(SOURCE),
+            name: name.into(),
+            namespace: namespace.into(),
+            file: source.clone(),
         };
         let mut out = Vec::new();
 

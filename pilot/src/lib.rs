@@ -306,6 +306,7 @@ impl Pilot {
             set.extend(objects);
             unread.extend(bad);
         }
+        set.shrink_to_fit();
         Ok((set, unread))
     }
 

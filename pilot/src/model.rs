@@ -327,7 +327,7 @@ impl Scope {
             None => None,
         };
         Some(Self {
-            namespace: meta.namespace.clone(),
+            namespace: meta.namespace.to_string(),
             selector,
         })
     }
@@ -927,7 +927,7 @@ impl Model {
             && let Some(other) = self
                 .peer_auth
                 .iter()
-                .find(|p| p.namespace == meta.namespace && p.selector.is_none())
+                .find(|p| *p.namespace == *meta.namespace && p.selector.is_none())
         {
             errors.push(format!(
                 "{ctx}: namespace {} already has a PeerAuthentication without a selector ({}); keep one",
@@ -935,8 +935,8 @@ impl Model {
             ));
         }
         self.peer_auth.push(PeerAuth {
-            namespace: meta.namespace.clone(),
-            name: meta.name.clone(),
+            namespace: meta.namespace.to_string(),
+            name: meta.name.to_string(),
             selector,
             mode,
             ports,
@@ -1045,8 +1045,8 @@ impl Model {
                 Resource::ServiceEntry(se) => m.add_service(meta, se, &mut errors),
                 Resource::WorkloadEntry(we) => {
                     let w = Workload {
-                        name: meta.name.clone(),
-                        namespace: meta.namespace.clone(),
+                        name: meta.name.to_string(),
+                        namespace: meta.namespace.to_string(),
                         address: we.address.clone(),
                         labels: we.labels.clone(),
                         service_account: we
@@ -1114,8 +1114,8 @@ impl Model {
                 continue;
             }
             inline.push(Workload {
-                name: meta.name.clone(),
-                namespace: meta.namespace.clone(),
+                name: meta.name.to_string(),
+                namespace: meta.namespace.to_string(),
                 address: e.address.clone(),
                 labels: e.labels.clone(),
                 service_account: e
@@ -1147,7 +1147,7 @@ impl Model {
                 host.clone(),
                 Service {
                     host,
-                    namespace: meta.namespace.clone(),
+                    namespace: meta.namespace.to_string(),
                     ports: se.ports.clone(),
                     selector: se
                         .workload_selector
@@ -1233,7 +1233,7 @@ impl Model {
             && let Some(other) = self
                 .sidecars
                 .iter()
-                .find(|o| o.namespace == meta.namespace && o.selector.is_none())
+                .find(|o| *o.namespace == *meta.namespace && o.selector.is_none())
         {
             errors.push(format!(
                 "{ctx}: Sidecar {}/{} already covers the namespace; give this one a spec.workloadSelector or merge them",
@@ -1242,8 +1242,8 @@ impl Model {
         }
         if errors.len() == before {
             self.sidecars.push(SidecarScope {
-                namespace: meta.namespace.clone(),
-                name: meta.name.clone(),
+                namespace: meta.namespace.to_string(),
+                name: meta.name.to_string(),
                 selector,
                 hosts,
                 outbound,
@@ -1304,7 +1304,7 @@ impl Model {
         let ctx = at(meta, "DestinationRule");
         crate::dr::check(&ctx, dr, errors);
         let rule = Rule {
-            namespace: meta.namespace.clone(),
+            namespace: meta.namespace.to_string(),
             host: fqdn(&dr.host, &meta.namespace),
             dr: dr.clone(),
         };
@@ -1472,8 +1472,8 @@ impl Model {
                 continue;
             }
             self.routes.entry(host).or_default().push(Routes {
-                namespace: meta.namespace.clone(),
-                name: meta.name.clone(),
+                namespace: meta.namespace.to_string(),
+                name: meta.name.to_string(),
                 export_to: vs.export_to.clone(),
                 http: http.clone(),
                 tcp: tcp.clone(),

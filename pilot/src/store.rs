@@ -9,33 +9,35 @@ use serde::Deserialize;
 
 use crate::istio::{DestinationRule, ServiceEntry, VirtualService, WorkloadEntry};
 
+/// Where a resource came from. Shared, not copied: every load's set holds
+/// a Meta per resource, and a large mesh has tens of thousands.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Meta {
-    pub name: String,
-    pub namespace: String,
-    pub file: PathBuf,
+    pub name: Arc<str>,
+    pub namespace: Arc<str>,
+    pub file: Arc<Path>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Resource {
-    // The kinds a large mesh has thousands of are shared, not copied,
-    // between the parse cache, the accepted set and each load's set.
+    // Every kind is shared, not copied, between the parse cache, the
+    // accepted set and each load's set: a large mesh has tens of thousands.
     ServiceEntry(Arc<ServiceEntry>),
     WorkloadEntry(Arc<WorkloadEntry>),
-    VirtualService(VirtualService),
-    DestinationRule(Box<DestinationRule>),
-    PeerAuthentication(crate::istio::PeerAuthentication),
-    AuthorizationPolicy(crate::istio::AuthorizationPolicy),
-    RequestAuthentication(crate::istio::RequestAuthentication),
-    Telemetry(crate::istio::Telemetry),
+    VirtualService(Arc<VirtualService>),
+    DestinationRule(Arc<DestinationRule>),
+    PeerAuthentication(Arc<crate::istio::PeerAuthentication>),
+    AuthorizationPolicy(Arc<crate::istio::AuthorizationPolicy>),
+    RequestAuthentication(Arc<crate::istio::RequestAuthentication>),
+    Telemetry(Arc<crate::istio::Telemetry>),
     /// Istio's mesh config: ConfigMap istio-system/istio.
-    MeshConfig(Box<crate::istio::MeshConfig>),
+    MeshConfig(Arc<crate::istio::MeshConfig>),
     /// A Kubernetes Service, its endpoints already read from its
     /// EndpointSlices and their pods (see [`crate::kubernetes`]).
     KubeService(Arc<crate::model::Service>),
     /// A Kubernetes pod that runs a sidecar: a proxy that will connect.
     Pod(Arc<crate::model::Workload>),
-    Sidecar(crate::istio::Sidecar),
+    Sidecar(Arc<crate::istio::Sidecar>),
 }
 
 impl Resource {
@@ -71,9 +73,9 @@ impl Unread {
     /// Whether `meta`/`resource` came from what could not be read now (so
     /// its last accepted version stands in for it).
     pub fn covers(&self, meta: &Meta, resource: &Resource) -> bool {
-        meta.file == self.file
+        *meta.file == *self.file
             && self.object.as_ref().is_none_or(|(kind, namespace, name)| {
-                resource.kind() == kind && &meta.namespace == namespace && &meta.name == name
+                resource.kind() == kind && *meta.namespace == **namespace && *meta.name == **name
             })
     }
 }
@@ -195,11 +197,22 @@ pub fn parse_file(path: &Path, text: &str) -> Result<Vec<(Meta, Resource)>, Conf
             path: path.to_path_buf(),
             reason: e.to_string(),
         })?;
-    let mut out = Vec::new();
+    let mut out = Vec::with_capacity(docs.len());
     for (index, doc) in docs.into_iter().enumerate() {
         let Some(doc) = doc else { continue };
         out.extend(parse_object(path, index + 1, doc)?);
     }
+    // One file name, and one copy of each namespace, for the whole file.
+    let file: Arc<Path> = path.into();
+    let mut namespaces: Vec<Arc<str>> = Vec::new();
+    for (meta, _) in &mut out {
+        meta.file = file.clone();
+        match namespaces.iter().find(|n| **n == meta.namespace) {
+            Some(n) => meta.namespace = n.clone(),
+            None => namespaces.push(meta.namespace.clone()),
+        }
+    }
+    out.shrink_to_fit();
     Ok(out)
 }
 
@@ -237,11 +250,13 @@ fn parse_object(
         .name
         .ok_or_else(|| doc_err("missing 'metadata.name'"))?;
     let meta = Meta {
-        name,
+        name: name.into(),
         namespace: meta
             .namespace
-            .unwrap_or_else(|| DEFAULT_NAMESPACE.to_string()),
-        file: path.to_path_buf(),
+            .as_deref()
+            .unwrap_or(DEFAULT_NAMESPACE)
+            .into(),
+        file: path.into(),
     };
     let group = api.split('/').next().unwrap_or_default();
     let handled = match group {
@@ -254,8 +269,8 @@ fn parse_object(
         // Istio's mesh config; other ConfigMaps are not the mesh's.
         "v1" => {
             kind == "ConfigMap"
-                && meta.namespace == crate::model::ROOT_NAMESPACE
-                && meta.name == MESH_CONFIG_NAME
+                && *meta.namespace == *crate::model::ROOT_NAMESPACE
+                && *meta.name == *MESH_CONFIG_NAME
         }
         _ => false,
     };
@@ -270,20 +285,20 @@ fn parse_object(
                 serde_saphyr::from_str(text).map_err(|e| ConfigError::Spec {
                     path: path.to_path_buf(),
                     kind: kind.clone(),
-                    namespace: meta.namespace.clone(),
-                    name: meta.name.clone(),
+                    namespace: meta.namespace.to_string(),
+                    name: meta.name.to_string(),
                     reason: format!("data.mesh: {e}"),
                 })
             },
         )?;
-        return Ok(Some((meta, Resource::MeshConfig(Box::new(mesh)))));
+        return Ok(Some((meta, Resource::MeshConfig(Arc::new(mesh)))));
     }
     let spec = doc.spec.unwrap_or(serde_json::Value::Null);
     let spec_err = |reason: String| ConfigError::Spec {
         path: path.to_path_buf(),
         kind: kind.clone(),
-        namespace: meta.namespace.clone(),
-        name: meta.name.clone(),
+        namespace: meta.namespace.to_string(),
+        name: meta.name.to_string(),
         reason,
     };
     let typed = |spec| -> Result<Resource, ConfigError> {
@@ -293,13 +308,15 @@ fn parse_object(
         match kind.as_str() {
             "ServiceEntry" => de(spec).map(|s| Resource::ServiceEntry(Arc::new(s))),
             "WorkloadEntry" => de(spec).map(|w| Resource::WorkloadEntry(Arc::new(w))),
-            "VirtualService" => de(spec).map(Resource::VirtualService),
-            "DestinationRule" => de(spec).map(|d| Resource::DestinationRule(Box::new(d))),
-            "PeerAuthentication" => de(spec).map(Resource::PeerAuthentication),
-            "AuthorizationPolicy" => de(spec).map(Resource::AuthorizationPolicy),
-            "RequestAuthentication" => de(spec).map(Resource::RequestAuthentication),
-            "Telemetry" => de(spec).map(Resource::Telemetry),
-            "Sidecar" => de(spec).map(Resource::Sidecar),
+            "VirtualService" => de(spec).map(|r| Resource::VirtualService(Arc::new(r))),
+            "DestinationRule" => de(spec).map(|d| Resource::DestinationRule(Arc::new(d))),
+            "PeerAuthentication" => de(spec).map(|r| Resource::PeerAuthentication(Arc::new(r))),
+            "AuthorizationPolicy" => de(spec).map(|r| Resource::AuthorizationPolicy(Arc::new(r))),
+            "RequestAuthentication" => {
+                de(spec).map(|r| Resource::RequestAuthentication(Arc::new(r)))
+            }
+            "Telemetry" => de(spec).map(|r| Resource::Telemetry(Arc::new(r))),
+            "Sidecar" => de(spec).map(|r| Resource::Sidecar(Arc::new(r))),
             other => Err(format!("kind {other} is not supported yet")),
         }
         .map_err(spec_err)
@@ -350,7 +367,7 @@ spec:
                 ..Default::default()
             })
         );
-        assert_eq!(res[1].0.namespace, "default");
+        assert_eq!(&*res[1].0.namespace, "default");
     }
 
     #[test]
