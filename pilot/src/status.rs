@@ -50,7 +50,41 @@ pub struct ProxyStatus {
     pub connected_at: SystemTime,
     /// Snapshot version of the last push the proxy acknowledged.
     pub acked_version: u64,
-    pub types: BTreeMap<String, TypeStatus>,
+    pub types: TypeStatuses,
+}
+
+/// Each type's status, in the order of `type_url::ALL`; on the wire, a map
+/// by type URL of those pilot has sent or heard of. An array, not a map:
+/// pilot keeps one per proxy, thousands of them.
+#[derive(Clone, Debug, Default)]
+pub struct TypeStatuses([TypeStatus; 4]);
+
+impl TypeStatuses {
+    /// The status of `type_url`, if anything was sent or heard of it.
+    pub fn get(&self, type_url: &str) -> Option<&TypeStatus> {
+        let s = &self.0[index(type_url)?];
+        (*s != TypeStatus::default()).then_some(s)
+    }
+
+    fn entry(&mut self, type_url: &str) -> Option<&mut TypeStatus> {
+        Some(&mut self.0[index(type_url)?])
+    }
+}
+
+fn index(type_url: &str) -> Option<usize> {
+    mesh_proto::type_url::ALL
+        .iter()
+        .position(|t| *t == type_url)
+}
+
+impl Serialize for TypeStatuses {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(
+            mesh_proto::type_url::ALL
+                .iter()
+                .filter_map(|t| Some((*t, self.get(t)?))),
+        )
+    }
 }
 
 #[derive(Default)]
@@ -67,7 +101,7 @@ impl Tracker {
                 connected: true,
                 connected_at: SystemTime::now(),
                 acked_version: 0,
-                types: BTreeMap::new(),
+                types: TypeStatuses::default(),
             },
         );
     }
@@ -83,7 +117,9 @@ impl Tracker {
 
     pub fn update(&self, id: &str, type_url: &str, f: impl FnOnce(&mut TypeStatus)) {
         if let Some(p) = self.0.lock().unwrap().get_mut(id) {
-            f(p.types.entry(type_url.to_string()).or_default());
+            if let Some(s) = p.types.entry(type_url) {
+                f(s);
+            }
         }
     }
 

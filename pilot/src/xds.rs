@@ -2,7 +2,7 @@
 //! subscription with that type's resources, pushes only what changed when a
 //! new snapshot arrives, and records ACKs and NACKs.
 
-use std::collections::BTreeMap;
+use std::num::NonZeroU64;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -76,7 +76,7 @@ impl AggregatedDiscoveryService for Ads {
             tx,
             status: self.status.clone(),
             metrics: self.metrics.clone(),
-            types: BTreeMap::new(),
+            types: Default::default(),
             nonce: 0,
             converging: None,
         };
@@ -89,12 +89,14 @@ impl AggregatedDiscoveryService for Ads {
 
 #[derive(Default)]
 struct TypeState {
+    /// Whether the proxy asked for this type.
+    subscribed: bool,
     /// What the proxy holds (as far as we know), sorted by name: names
     /// shared with the snapshot, versions as numbers (`None`: one pilot
-    /// never sent). A sorted list of exactly its length, rebuilt on each
-    /// push, rather than a hash map: at thousands of proxies a map's spare
+    /// never sent, or 0). A sorted list refilled in place on each push,
+    /// rather than a hash map: at thousands of proxies a map's spare
     /// capacity was pilot's largest allocation of its own (`bench-pilot`).
-    sent: Vec<(Arc<str>, Option<u64>)>,
+    sent: Vec<(Arc<str>, Option<NonZeroU64>)>,
     answered: bool,
     /// The nonce of a push not yet acknowledged.
     pending: Option<String>,
@@ -106,7 +108,8 @@ struct Connection {
     tx: mpsc::Sender<Box<DeltaDiscoveryResponse>>,
     status: Arc<Tracker>,
     metrics: Arc<crate::metrics::Metrics>,
-    types: BTreeMap<String, TypeState>,
+    /// By type, in the order of `type_url::ALL`.
+    types: [TypeState; 4],
     nonce: u64,
     /// A config change this proxy has not acknowledged all of yet: when it was made.
     converging: Option<std::time::Instant>,
@@ -139,7 +142,7 @@ impl Connection {
                     snapshot = snapshots.borrow_and_update().clone();
                     self.converging.get_or_insert(snapshot.created);
                     for t in type_url::ALL {
-                        if self.types.contains_key(t) {
+                        if self.state(t).subscribed {
                             ok = ok && self.push(t, &snapshot, false).await;
                         }
                     }
@@ -150,6 +153,11 @@ impl Connection {
         if let Some(at) = connected_at {
             self.status.disconnected(&self.id, at);
         }
+    }
+
+    /// The state of type `t`, one of `type_url::ALL`.
+    fn state(&mut self, t: &str) -> &mut TypeState {
+        state_of(&mut self.types, t)
     }
 
     /// Returns false once the proxy's side of the stream is gone.
@@ -176,12 +184,12 @@ impl Connection {
                     if let Some(v) = nonce.split('-').next().and_then(|v| v.parse().ok()) {
                         self.status.acked_version(&self.id, v);
                     }
-                    let state = self.types.entry(t.clone()).or_default();
+                    let state = self.state(&t);
                     if state.pending.as_ref() == Some(&nonce) {
                         state.pending = None;
                     }
                     // Everything the change touched is acknowledged: converged.
-                    if self.types.values().all(|s| s.pending.is_none())
+                    if self.types.iter().all(|s| s.pending.is_none())
                         && let Some(since) = self.converging.take()
                     {
                         self.metrics
@@ -194,11 +202,15 @@ impl Connection {
         }
         // A (re)subscription: wildcard, and whatever the proxy already holds
         // need not be sent again.
-        let state = self.types.entry(t.clone()).or_default();
-        let mut sent: Vec<(Arc<str>, Option<u64>)> = req
+        let state = self.state(&t);
+        state.subscribed = true;
+        let mut sent: Vec<(Arc<str>, Option<NonZeroU64>)> = req
             .initial_resource_versions
             .into_iter()
-            .map(|(name, v)| (Arc::from(name), crate::generate::parse_version(&v)))
+            .map(|(name, v)| {
+                let v = crate::generate::parse_version(&v).and_then(NonZeroU64::new);
+                (Arc::from(name), v)
+            })
             .collect();
         sent.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         state.sent = sent;
@@ -209,7 +221,7 @@ impl Connection {
     async fn push(&mut self, t: &str, snapshot: &Snapshot, always: bool) -> bool {
         let started = std::time::Instant::now();
         let desired = snapshot.for_proxy(t, &self.id);
-        let state = self.types.entry(t.to_string()).or_default();
+        let state = state_of(&mut self.types, t);
         // Only what changed is copied out of the snapshot. Both lists are
         // sorted by name: one walk finds what changed and what went.
         let mut changed: Vec<&crate::generate::Versioned> = Vec::new();
@@ -220,7 +232,7 @@ impl Connection {
                 removed.push(gone.to_string());
             }
             match held.next_if(|(n, _)| **n == **name) {
-                Some((_, v)) if *v == Some(r.version) => {}
+                Some((_, v)) if *v == NonZeroU64::new(r.version) => {}
                 _ => changed.push(r),
             }
         }
@@ -228,10 +240,13 @@ impl Connection {
         if changed.is_empty() && removed.is_empty() && !always && state.answered {
             return true;
         }
-        state.sent = desired
+        // Refilled in place: 2,000 proxies reallocating their lists on
+        // every push left pilot's heap fragmented.
+        state.sent.clear();
+        let held = desired
             .values()
-            .map(|r| (r.name.clone(), Some(r.version)))
-            .collect();
+            .map(|r| (r.name.clone(), NonZeroU64::new(r.version)));
+        state.sent.extend(held);
         let resources = changed
             .into_iter()
             .map(|r| Resource {
@@ -261,6 +276,12 @@ impl Connection {
             .observe(started.elapsed().as_secs_f64());
         sent
     }
+}
+
+/// The state of type `t`, one of `type_url::ALL`.
+fn state_of<'a>(types: &'a mut [TypeState; 4], t: &str) -> &'a mut TypeState {
+    let i = type_url::ALL.iter().position(|a| *a == t);
+    &mut types[i.expect("a known type")]
 }
 
 #[cfg(test)]
@@ -299,7 +320,7 @@ mod tests {
             tx,
             status: Arc::new(Tracker::default()),
             metrics: Arc::new(crate::metrics::Metrics::default()),
-            types: BTreeMap::new(),
+            types: Default::default(),
             nonce: 0,
             converging: None,
         };
