@@ -49,7 +49,7 @@ fn syncz(pilot: &Pilot) -> Response<Full<Bytes>> {
                     let short = t.rsplit('.').next().unwrap_or(t);
                     (
                         short,
-                        p.types.get(*t).map(|s| s.sync()).unwrap_or(Sync::NotSent),
+                        p.types.get(t).map(|s| s.sync()).unwrap_or(Sync::NotSent),
                     )
                 })
                 .collect(),

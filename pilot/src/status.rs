@@ -116,10 +116,10 @@ impl Tracker {
     }
 
     pub fn update(&self, id: &str, type_url: &str, f: impl FnOnce(&mut TypeStatus)) {
-        if let Some(p) = self.0.lock().unwrap().get_mut(id) {
-            if let Some(s) = p.types.entry(type_url) {
-                f(s);
-            }
+        if let Some(p) = self.0.lock().unwrap().get_mut(id)
+            && let Some(s) = p.types.entry(type_url)
+        {
+            f(s);
         }
     }
 
