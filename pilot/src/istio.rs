@@ -6,7 +6,81 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
-pub type Labels = BTreeMap<String, String>;
+/// Labels, sorted by key, each key once: a workload's, or what a selector
+/// asks for. A boxed slice rather than a `BTreeMap`: a mesh holds one per
+/// workload, and a B-tree's first node takes about 540 bytes however few
+/// labels it holds.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Labels(Box<[(String, String)]>);
+
+impl Labels {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn get(&self, key: &str) -> Option<&String> {
+        let i = self.0.binary_search_by(|(k, _)| k.as_str().cmp(key)).ok()?;
+        Some(&self.0[i].1)
+    }
+
+    pub fn contains_key(&self, key: &str) -> bool {
+        self.get(key).is_some()
+    }
+
+    /// By key, in order.
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &String)> {
+        self.0.iter().map(|(k, v)| (k, v))
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl FromIterator<(String, String)> for Labels {
+    /// As a map would: a key given twice keeps its last value.
+    fn from_iter<I: IntoIterator<Item = (String, String)>>(iter: I) -> Self {
+        let map: BTreeMap<String, String> = iter.into_iter().collect();
+        Self::from(map)
+    }
+}
+
+impl From<BTreeMap<String, String>> for Labels {
+    fn from(map: BTreeMap<String, String>) -> Self {
+        Self(map.into_iter().collect())
+    }
+}
+
+impl<'a> IntoIterator for &'a Labels {
+    type Item = (&'a String, &'a String);
+    type IntoIter = std::iter::Map<
+        std::slice::Iter<'a, (String, String)>,
+        fn(&'a (String, String)) -> (&'a String, &'a String),
+    >;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter().map(|(k, v)| (k, v))
+    }
+}
+
+impl IntoIterator for Labels {
+    type Item = (String, String);
+    type IntoIter = std::vec::IntoIter<(String, String)>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.into_vec().into_iter()
+    }
+}
+
+impl<'de> Deserialize<'de> for Labels {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        BTreeMap::<String, String>::deserialize(d).map(Self::from)
+    }
+}
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -1142,4 +1216,25 @@ pub struct OutboundTrafficPolicy {
     pub mode: Option<String>,
     #[serde(default)]
     pub egress_proxy: Option<serde_json::Value>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Labels;
+
+    #[test]
+    fn labels_read_as_a_map_and_keep_the_last_value_of_a_repeated_key() {
+        let labels: Labels = serde_json::from_str(r#"{"version": "v1", "app": "a"}"#).unwrap();
+        assert_eq!(labels.get("app").map(String::as_str), Some("a"));
+        assert_eq!(labels.get("version").map(String::as_str), Some("v1"));
+        assert_eq!(labels.get("zone"), None);
+        let keys: Vec<&String> = labels.iter().map(|(k, _)| k).collect();
+        assert_eq!(keys, ["app", "version"], "sorted by key");
+        let repeated: Labels = [("app", "a"), ("app", "b")]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        assert_eq!(repeated.len(), 1);
+        assert_eq!(repeated.get("app").map(String::as_str), Some("b"));
+    }
 }

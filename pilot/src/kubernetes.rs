@@ -174,7 +174,7 @@ impl Cache {
                 .state()
                 .iter()
                 .filter(|ns| {
-                    let labels = ns.metadata.labels.clone().unwrap_or_default();
+                    let labels = Labels::from(ns.metadata.labels.clone().unwrap_or_default());
                     selectors.iter().any(|s| selector_matches(s, &labels))
                 })
                 .filter_map(|ns| ns.metadata.name.clone())
@@ -375,7 +375,7 @@ fn pod_workload(pod: &Pod) -> Option<Workload> {
         return None;
     }
     let address = status.pod_ip.clone().filter(|ip| !ip.is_empty())?;
-    let labels: Labels = pod.metadata.labels.clone().unwrap_or_default();
+    let labels: Labels = pod.metadata.labels.clone().unwrap_or_default().into();
     Some(Workload {
         name: pod.metadata.name.clone()?,
         namespace: pod.metadata.namespace.clone()?,
