@@ -204,12 +204,14 @@ pub fn parse_file(path: &Path, text: &str) -> Result<Vec<(Meta, Resource)>, Conf
     }
     // One file name, and one copy of each namespace, for the whole file.
     let file: Arc<Path> = path.into();
-    let mut namespaces: Vec<Arc<str>> = Vec::new();
+    let mut namespaces: std::collections::HashSet<Arc<str>> = Default::default();
     for (meta, _) in &mut out {
         meta.file = file.clone();
-        match namespaces.iter().find(|n| **n == meta.namespace) {
+        match namespaces.get(&*meta.namespace) {
             Some(n) => meta.namespace = n.clone(),
-            None => namespaces.push(meta.namespace.clone()),
+            None => {
+                namespaces.insert(meta.namespace.clone());
+            }
         }
     }
     out.shrink_to_fit();

@@ -232,7 +232,8 @@ impl Connection {
                 removed.push(gone.to_string());
             }
             match held.next_if(|(n, _)| **n == **name) {
-                Some((_, v)) if *v == NonZeroU64::new(r.version) => {}
+                // Held at this version; `None` (unknown) never matches.
+                Some((_, Some(v))) if v.get() == r.version => {}
                 _ => changed.push(r),
             }
         }
