@@ -191,7 +191,8 @@ pub struct Rule {
     pub namespace: String,
     /// Its host, fully qualified, or a wildcard such as `*.local`.
     pub host: String,
-    pub dr: DestinationRule,
+    /// Shared with the loaded resource, not copied.
+    pub dr: Arc<DestinationRule>,
 }
 
 impl Rule {
@@ -1300,7 +1301,7 @@ impl Model {
         svc.exported_to(namespace) && sidecar.is_none_or(|s| s.imports(svc, namespace))
     }
 
-    fn add_rule(&mut self, meta: &Meta, dr: &DestinationRule, errors: &mut Vec<String>) {
+    fn add_rule(&mut self, meta: &Meta, dr: &Arc<DestinationRule>, errors: &mut Vec<String>) {
         let ctx = at(meta, "DestinationRule");
         crate::dr::check(&ctx, dr, errors);
         let rule = Rule {
@@ -1404,7 +1405,7 @@ impl Model {
             .iter()
             .map(|&i| &self.rules[i])
             .find(|r| r.has_policy())
-            .map(|r| &r.dr);
+            .map(|r| &*r.dr);
         (subsets, policy)
     }
 
