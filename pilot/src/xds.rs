@@ -97,6 +97,9 @@ struct TypeState {
     /// rather than a hash map: at thousands of proxies a map's spare
     /// capacity was pilot's largest allocation of its own (`bench-pilot`).
     sent: Vec<(Arc<str>, Option<NonZeroU64>)>,
+    /// Names a config change took away but whose removal waits until the
+    /// change's routes are sent (make-before-break), sorted. Still in `sent`.
+    stale: Vec<Arc<str>>,
     answered: bool,
     /// The nonce of a push not yet acknowledged.
     pending: Option<String>,
@@ -141,11 +144,7 @@ impl Connection {
                     if changed.is_err() { break; }
                     snapshot = snapshots.borrow_and_update().clone();
                     self.converging.get_or_insert(snapshot.created);
-                    for t in type_url::ALL {
-                        if self.state(t).subscribed {
-                            ok = ok && self.push(t, &snapshot, false).await;
-                        }
-                    }
+                    ok = self.change(&snapshot).await;
                 }
             }
         }
@@ -153,6 +152,25 @@ impl Connection {
         if let Some(at) = connected_at {
             self.status.disconnected(&self.id, at);
         }
+    }
+
+    /// Sends a config change make-before-break, in the order the xDS
+    /// protocol asks of a server: clusters and endpoints first, then
+    /// listeners and routes, and only then the clusters and endpoints
+    /// nothing routes to any more. Sent the other way round, a proxy briefly
+    /// holds a route to a cluster it has already dropped, and answers 503.
+    async fn change(&mut self, snapshot: &Snapshot) -> bool {
+        for t in PUSH_ORDER {
+            if self.state(t).subscribed && !self.push(t, snapshot, Push::Change).await {
+                return false;
+            }
+        }
+        for t in [type_url::CLUSTER, type_url::ENDPOINTS] {
+            if !self.state(t).stale.is_empty() && !self.remove_stale(t, snapshot).await {
+                return false;
+            }
+        }
+        true
     }
 
     /// The state of type `t`, one of `type_url::ALL`.
@@ -214,22 +232,33 @@ impl Connection {
             .collect();
         sent.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         state.sent = sent;
+        state.stale.clear();
         state.answered = false;
-        self.push(&t, snapshot, true).await
+        self.push(&t, snapshot, Push::Answer).await
     }
 
-    async fn push(&mut self, t: &str, snapshot: &Snapshot, always: bool) -> bool {
+    async fn push(&mut self, t: &str, snapshot: &Snapshot, why: Push) -> bool {
         let started = std::time::Instant::now();
         let desired = snapshot.for_proxy(t, &self.id);
         let state = state_of(&mut self.types, t);
+        // A change's clusters and endpoints stay until its routes are sent.
+        let hold = why == Push::Change && t != type_url::LISTENER && t != type_url::ROUTE;
         // Only what changed is copied out of the snapshot. Both lists are
         // sorted by name: one walk finds what changed and what went.
         let mut changed: Vec<&crate::generate::Versioned> = Vec::new();
         let mut removed: Vec<String> = Vec::new();
+        let mut stale = std::mem::take(&mut state.stale);
+        let mut gone = |(name, _): &(Arc<str>, Option<NonZeroU64>)| {
+            if hold {
+                stale.push(name.clone());
+            } else {
+                removed.push(name.to_string());
+            }
+        };
         let mut held = state.sent.iter().peekable();
         for (name, r) in &desired {
-            while let Some((gone, _)) = held.next_if(|(n, _)| **n < **name) {
-                removed.push(gone.to_string());
+            while let Some(g) = held.next_if(|(n, _)| **n < **name) {
+                gone(g);
             }
             match held.next_if(|(n, _)| **n == **name) {
                 // Held at this version; `None` (unknown) never matches.
@@ -237,17 +266,33 @@ impl Connection {
                 _ => changed.push(r),
             }
         }
-        removed.extend(held.map(|(gone, _)| gone.to_string()));
-        if changed.is_empty() && removed.is_empty() && !always && state.answered {
+        held.for_each(gone);
+        if changed.is_empty() && removed.is_empty() && why != Push::Answer && state.answered {
+            state.stale = stale;
             return true;
         }
         // Refilled in place: 2,000 proxies reallocating their lists on
-        // every push left pilot's heap fragmented.
+        // every push left pilot's heap fragmented. What is held back stays.
+        let kept: Vec<_> = match stale.is_empty() {
+            true => vec![],
+            false => {
+                stale.sort_unstable();
+                let kept = state.sent.iter();
+                kept.filter(|(n, _)| stale.binary_search(n).is_ok())
+                    .cloned()
+                    .collect()
+            }
+        };
         state.sent.clear();
         let held = desired
             .values()
             .map(|r| (r.name.clone(), NonZeroU64::new(r.version)));
         state.sent.extend(held);
+        if !kept.is_empty() {
+            state.sent.extend(kept);
+            state.sent.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        }
+        state.stale = stale;
         let resources = changed
             .into_iter()
             .map(|r| Resource {
@@ -258,6 +303,28 @@ impl Connection {
             })
             .collect();
         state.answered = true;
+        self.send(t, snapshot, resources, removed, started).await
+    }
+
+    /// Removes what the last change held back (see `change`).
+    async fn remove_stale(&mut self, t: &str, snapshot: &Snapshot) -> bool {
+        let started = std::time::Instant::now();
+        let state = state_of(&mut self.types, t);
+        let stale = std::mem::take(&mut state.stale);
+        state.sent.retain(|(n, _)| stale.binary_search(n).is_err());
+        let removed = stale.iter().map(|n| n.to_string()).collect();
+        self.send(t, snapshot, vec![], removed, started).await
+    }
+
+    async fn send(
+        &mut self,
+        t: &str,
+        snapshot: &Snapshot,
+        resources: Vec<Resource>,
+        removed: Vec<String>,
+        started: std::time::Instant,
+    ) -> bool {
+        let state = state_of(&mut self.types, t);
         self.nonce += 1;
         let nonce = format!("{}-{}", snapshot.version, self.nonce);
         state.pending = Some(nonce.clone());
@@ -278,6 +345,24 @@ impl Connection {
         sent
     }
 }
+
+/// Why a type is pushed.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Push {
+    /// A (re)subscription: answered even when the proxy holds it all.
+    Answer,
+    /// A config change: what changed; and what went, except clusters and
+    /// endpoints, whose removal waits (see `Connection::change`).
+    Change,
+}
+
+/// The order a config change is pushed in (see `Connection::change`).
+const PUSH_ORDER: [&str; 4] = [
+    type_url::CLUSTER,
+    type_url::ENDPOINTS,
+    type_url::LISTENER,
+    type_url::ROUTE,
+];
 
 /// The state of type `t`, one of `type_url::ALL`.
 fn state_of<'a>(types: &'a mut [TypeState; 4], t: &str) -> &'a mut TypeState {
@@ -363,20 +448,97 @@ mod tests {
             &[("a", "10.0.0.1"), ("b", "10.0.0.5"), ("c", "10.0.0.3")],
             2,
         );
-        assert!(conn.push(type_url::ENDPOINTS, &second, false).await);
+        assert!(conn.change(&second).await);
         let resp = rx.recv().await.unwrap();
         assert_eq!(names(&resp), [b]);
         assert!(resp.removed_resources.is_empty());
 
         // Nothing changed: nothing is sent.
-        assert!(conn.push(type_url::ENDPOINTS, &second, false).await);
+        assert!(conn.change(&second).await);
         assert!(rx.try_recv().is_err());
 
-        // a and c go, d comes: d is sent, a and c are named removed.
+        // a and c go, d comes: d is sent, then a and c are named removed.
         let third = snapshot(&[("b", "10.0.0.5"), ("d", "10.0.0.4")], 3);
-        assert!(conn.push(type_url::ENDPOINTS, &third, false).await);
+        assert!(conn.change(&third).await);
         let resp = rx.recv().await.unwrap();
         assert_eq!(names(&resp), ["outbound|80||d.default.svc.cluster.local"]);
+        assert!(resp.removed_resources.is_empty());
+        let resp = rx.recv().await.unwrap();
+        assert!(resp.resources.is_empty());
         assert_eq!(resp.removed_resources, [a, c]);
+        assert!(rx.try_recv().is_err());
+
+        // The proxy reconnects holding what it was last told of.
+        let d = "outbound|80||d.default.svc.cluster.local";
+        let held = third.for_proxy(type_url::ENDPOINTS, "w.default");
+        let subscribe = DeltaDiscoveryRequest {
+            type_url: type_url::ENDPOINTS.into(),
+            initial_resource_versions: [b, d]
+                .map(|n| (n.to_string(), held[n].version_string()))
+                .into(),
+            ..Default::default()
+        };
+        assert!(conn.handle(subscribe, &third).await);
+        let resp = rx.recv().await.unwrap();
+        assert!(resp.resources.is_empty() && resp.removed_resources.is_empty());
+    }
+
+    /// A change that moves a route to a new cluster and drops the old one
+    /// reaches the proxy make-before-break: the new cluster and its
+    /// endpoints, then the route, and only then the old cluster's removal.
+    /// Otherwise the proxy holds a route to a cluster it no longer has.
+    #[tokio::test]
+    async fn a_change_removes_clusters_only_after_the_routes_that_used_them() {
+        let (tx, mut rx) = mpsc::channel(16);
+        let mut conn = Connection {
+            id: "w.default".into(),
+            tx,
+            status: Arc::new(Tracker::default()),
+            metrics: Arc::new(crate::metrics::Metrics::default()),
+            types: Default::default(),
+            nonce: 0,
+            converging: None,
+        };
+        let first = snapshot(&[("a", "10.0.0.1"), ("b", "10.0.0.2")], 1);
+        for t in type_url::ALL {
+            let subscribe = DeltaDiscoveryRequest {
+                type_url: t.into(),
+                ..Default::default()
+            };
+            assert!(conn.handle(subscribe, &first).await);
+            rx.recv().await.unwrap();
+        }
+        let second = snapshot(&[("b", "10.0.0.2"), ("c", "10.0.0.3")], 2);
+        assert!(conn.change(&second).await);
+        let mut order = vec![];
+        while let Ok(resp) = rx.try_recv() {
+            let what = |names: Vec<&str>| {
+                let mut names: Vec<_> = names
+                    .iter()
+                    .filter(|n| n.contains("default.svc") || n.contains(":80"))
+                    .map(|n| n.split("||").last().unwrap_or(n).to_string())
+                    .collect();
+                names.sort();
+                names.join(",")
+            };
+            let kind = resp.type_url.rsplit('.').next().unwrap().to_string();
+            let removed = resp.removed_resources.iter().map(|n| n.as_str()).collect();
+            order.push(format!(
+                "{kind} +[{}] -[{}]",
+                what(names(&resp)),
+                what(removed)
+            ));
+        }
+        let at = |prefix: &str| {
+            order
+                .iter()
+                .position(|o| o.starts_with(prefix))
+                .unwrap_or_else(|| panic!("no {prefix} in {order:?}"))
+        };
+        let added = at("Cluster +[c.default.svc.cluster.local]");
+        let routed = at("RouteConfig");
+        let removed = at("Cluster +[] -[a.default.svc.cluster.local]");
+        assert!(added < routed && routed < removed, "{order:?}");
+        at("ClusterEndpoints +[] -[a.default.svc.cluster.local]");
     }
 }
