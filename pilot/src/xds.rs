@@ -394,14 +394,10 @@ mod tests {
         )
     }
 
-    fn names(resp: &DeltaDiscoveryResponse) -> Vec<&str> {
-        resp.resources.iter().map(|r| r.name.as_str()).collect()
-    }
-
-    #[tokio::test]
-    async fn a_push_sends_only_what_changed_and_names_what_went() {
-        let (tx, mut rx) = mpsc::channel(16);
-        let mut conn = Connection {
+    /// A stream for proxy `w.default`, and what it sends.
+    fn connection() -> (Connection, mpsc::Receiver<Box<DeltaDiscoveryResponse>>) {
+        let (tx, rx) = mpsc::channel(16);
+        let conn = Connection {
             id: "w.default".into(),
             tx,
             status: Arc::new(Tracker::default()),
@@ -410,6 +406,16 @@ mod tests {
             nonce: 0,
             converging: None,
         };
+        (conn, rx)
+    }
+
+    fn names(resp: &DeltaDiscoveryResponse) -> Vec<&str> {
+        resp.resources.iter().map(|r| r.name.as_str()).collect()
+    }
+
+    #[tokio::test]
+    async fn a_push_sends_only_what_changed_and_names_what_went() {
+        let (mut conn, mut rx) = connection();
         let (a, b, c) = (
             "outbound|80||a.default.svc.cluster.local",
             "outbound|80||b.default.svc.cluster.local",
@@ -489,16 +495,7 @@ mod tests {
     /// Otherwise the proxy holds a route to a cluster it no longer has.
     #[tokio::test]
     async fn a_change_removes_clusters_only_after_the_routes_that_used_them() {
-        let (tx, mut rx) = mpsc::channel(16);
-        let mut conn = Connection {
-            id: "w.default".into(),
-            tx,
-            status: Arc::new(Tracker::default()),
-            metrics: Arc::new(crate::metrics::Metrics::default()),
-            types: Default::default(),
-            nonce: 0,
-            converging: None,
-        };
+        let (mut conn, mut rx) = connection();
         let first = snapshot(&[("a", "10.0.0.1"), ("b", "10.0.0.2")], 1);
         for t in type_url::ALL {
             let subscribe = DeltaDiscoveryRequest {
