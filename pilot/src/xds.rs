@@ -98,7 +98,8 @@ struct TypeState {
     /// capacity was pilot's largest allocation of its own (`bench-pilot`).
     sent: Vec<(Arc<str>, Option<NonZeroU64>)>,
     /// Names a config change took away but whose removal waits until the
-    /// change's routes are sent (make-before-break), sorted. Still in `sent`.
+    /// change's routes are sent (make-before-break). Still in `sent`;
+    /// sorted, as the walk over `sent` finds them.
     stale: Vec<Arc<str>>,
     answered: bool,
     /// The nonce of a push not yet acknowledged.
@@ -272,24 +273,16 @@ impl Connection {
             return true;
         }
         // Refilled in place: 2,000 proxies reallocating their lists on
-        // every push left pilot's heap fragmented. What is held back stays.
-        let kept: Vec<_> = match stale.is_empty() {
-            true => vec![],
-            false => {
-                stale.sort_unstable();
-                let kept = state.sent.iter();
-                kept.filter(|(n, _)| stale.binary_search(n).is_ok())
-                    .cloned()
-                    .collect()
-            }
-        };
+        // every push left pilot's heap fragmented.
         state.sent.clear();
         let held = desired
             .values()
             .map(|r| (r.name.clone(), NonZeroU64::new(r.version)));
         state.sent.extend(held);
-        if !kept.is_empty() {
-            state.sent.extend(kept);
+        if !stale.is_empty() {
+            // Still the proxy's until `remove_stale`, at a version no
+            // longer needed.
+            state.sent.extend(stale.iter().map(|n| (n.clone(), None)));
             state.sent.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         }
         state.stale = stale;
