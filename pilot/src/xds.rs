@@ -166,7 +166,7 @@ impl Connection {
                 return false;
             }
         }
-        for t in [type_url::CLUSTER, type_url::ENDPOINTS] {
+        for t in HELD_BACK {
             if !self.state(t).stale.is_empty() && !self.remove_stale(t, snapshot).await {
                 return false;
             }
@@ -243,7 +243,7 @@ impl Connection {
         let desired = snapshot.for_proxy(t, &self.id);
         let state = state_of(&mut self.types, t);
         // A change's clusters and endpoints stay until its routes are sent.
-        let hold = why == Push::Change && t != type_url::LISTENER && t != type_url::ROUTE;
+        let hold = why == Push::Change && HELD_BACK.contains(&t);
         // Only what changed is copied out of the snapshot. Both lists are
         // sorted by name: one walk finds what changed and what went.
         let mut changed: Vec<&crate::generate::Versioned> = Vec::new();
@@ -356,6 +356,9 @@ const PUSH_ORDER: [&str; 4] = [
     type_url::LISTENER,
     type_url::ROUTE,
 ];
+
+/// The types whose removals a change sends last (see `Connection::change`).
+const HELD_BACK: [&str; 2] = [type_url::CLUSTER, type_url::ENDPOINTS];
 
 /// The state of type `t`, one of `type_url::ALL`.
 fn state_of<'a>(types: &'a mut [TypeState; 4], t: &str) -> &'a mut TypeState {
