@@ -3,6 +3,7 @@
 //! ID, not a DNS name.
 #![forbid(unsafe_code)]
 
+pub mod backoff;
 mod cert;
 pub mod grpc;
 pub mod renew;

@@ -11,6 +11,7 @@ use rand::Rng;
 use tokio::sync::{Notify, watch};
 
 use crate::Credentials;
+use crate::backoff::Backoff;
 
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -33,11 +34,11 @@ pub async fn renew_forever<F, Fut, E>(
     Fut: Future<Output = Result<Credentials, E>>,
     E: std::fmt::Display,
 {
-    let mut backoff = MIN_BACKOFF;
+    let mut backoff = Backoff::new(MIN_BACKOFF, MAX_BACKOFF);
     loop {
         match fetch().await {
             Ok(creds) => {
-                backoff = MIN_BACKOFF;
+                backoff.reset();
                 let due = renew_after(creds.remaining());
                 tracing::info!(holder = what, identity = %creds.identity, valid_for = ?creds.remaining(), renew_in = ?due, "certificate installed");
                 publish(creds);
@@ -47,9 +48,9 @@ pub async fn renew_forever<F, Fut, E>(
                 }
             }
             Err(e) => {
-                tracing::warn!(holder = what, error = %e, retry_in = ?backoff, "certificate request failed; the current certificate keeps serving");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(MAX_BACKOFF);
+                let wait = backoff.next_wait();
+                tracing::warn!(holder = what, error = %e, retry_in = ?wait, "certificate request failed; the current certificate keeps serving");
+                tokio::time::sleep(wait).await;
             }
         }
     }

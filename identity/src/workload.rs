@@ -138,16 +138,18 @@ async fn fetch(s: Arc<Shared>) -> Result<Credentials, CaError> {
 /// Watches the trust bundle for as long as the workload runs, reconnecting
 /// with backoff.
 async fn watch_bundle(s: Arc<Shared>) {
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff =
+        crate::backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
     loop {
-        match watch_once(&s).await {
-            Ok(()) => backoff = Duration::from_millis(100),
-            Err(e) => {
-                tracing::warn!(error = %e, retry_in = ?backoff, "trust bundle stream ended; the current roots stay trusted")
-            }
+        let ended = watch_once(&s).await;
+        if ended.is_ok() {
+            backoff.reset();
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(10));
+        let wait = backoff.next_wait();
+        if let Err(e) = ended {
+            tracing::warn!(error = %e, retry_in = ?wait, "trust bundle stream ended; the current roots stay trusted")
+        }
+        tokio::time::sleep(wait).await;
     }
 }
 

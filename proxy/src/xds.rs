@@ -67,7 +67,7 @@ impl Client {
         let replicas: Vec<std::net::SocketAddr> = std::iter::once(self.cfg.pilot_addr)
             .chain(self.cfg.pilot_replicas.iter().copied())
             .collect();
-        let mut backoff = MIN_BACKOFF;
+        let mut backoff = mesh_identity::backoff::Backoff::new(MIN_BACKOFF, MAX_BACKOFF);
         // Each failure moves on to the next replica; backing off only
         // after every one has been tried.
         for (attempt, pilot) in replicas.iter().copied().cycle().enumerate() {
@@ -76,20 +76,19 @@ impl Client {
                 Err(_) => return,
             };
             self.status_tx.send_modify(|s| s.pilot = pilot.to_string());
-            match self.session(&current, pilot).await {
-                Ok(()) => backoff = MIN_BACKOFF,
-                Err(e) => {
-                    tracing::warn!(%pilot, error = %e, retry_in = ?backoff, "xDS stream to pilot failed; serving the last good config")
-                }
-            }
+            let ended = self.session(&current, pilot).await;
             self.status_tx.send_modify(|s| s.connected = false);
+            if ended.is_ok() {
+                backoff.reset();
+            }
             let wait = if (attempt + 1) % replicas.len() == 0 {
-                let wait = backoff;
-                backoff = (backoff * 2).min(MAX_BACKOFF);
-                wait
+                backoff.next_wait()
             } else {
                 MIN_BACKOFF
             };
+            if let Err(e) = ended {
+                tracing::warn!(%pilot, error = %e, retry_in = ?wait, "xDS stream to pilot failed; serving the last good config")
+            }
             tokio::time::sleep(wait).await;
         }
     }

@@ -201,15 +201,15 @@ struct Seen {
 async fn proxy(id: String, channel: tonic::transport::Channel, seen: Arc<Seen>, total: usize) {
     let mut types = std::collections::HashSet::new();
     let mut markers = std::collections::HashSet::new();
-    let mut backoff = Duration::from_millis(100);
-    // As a real proxy does: when the stream fails, reconnect with backoff.
+    let mut backoff =
+        mesh_identity::backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+    // As a real proxy does: when the stream fails, reconnect with jittered backoff.
     loop {
         if let Err(e) = subscribe(&id, &channel, &seen, total, &mut types, &mut markers).await {
             seen.errors.fetch_add(1, Ordering::Relaxed);
             note_failure(&id, &e);
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(2));
+        tokio::time::sleep(backoff.next_wait()).await;
     }
 }
 
