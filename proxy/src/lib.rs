@@ -5,6 +5,7 @@
 
 pub mod accesslog;
 pub mod admin;
+pub mod app;
 pub mod authz;
 pub mod balance;
 pub mod budget;
@@ -69,7 +70,10 @@ pub struct Shared {
     /// Exports sampled spans.
     pub tracer: trace::Tracer,
     pub pool: Pool,
-    /// Plain HTTP to the app, and to destinations outside the mesh.
+    /// HTTP/1.1 to the app for requests arriving at the inbound side.
+    pub app: app::AppPool,
+    /// Plain HTTP to the app otherwise (upgrades, HTTP/2 apps, probes),
+    /// and to destinations outside the mesh.
     pub app_h1: Client<platform::Dialer, Body>,
     pub app_h2: Client<platform::Dialer, Body>,
     pub drain: Drain,
@@ -189,6 +193,7 @@ pub async fn run_with_sockets(
         tap,
         tracer,
         pool,
+        app: app::AppPool::new(platform::Dialer::new(cfg.socket_mark, None)),
         app_h1: platform::Dialer::new(cfg.socket_mark, None).client(false),
         app_h2: platform::Dialer::new(cfg.socket_mark, None).client(true),
         drain: Drain::default(),
