@@ -65,8 +65,24 @@ pub fn forwarded(headers: &mut HeaderMap, client: Option<&HeaderValue>, proto: &
 pub const XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub const XFP: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
+/// Hop-by-hop headers (besides those a `Connection` header names).
+static HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    header::TE,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHORIZATION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+];
+
 /// Removes hop-by-hop headers, including those named in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one pass over the names finds that, where
+    // removing each by name would hash it.
+    if !headers.keys().any(|n| HOP_BY_HOP.contains(n)) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -77,15 +93,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for n in named {
         headers.remove(n);
     }
-    for n in [
-        header::CONNECTION,
-        header::TE,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-        header::PROXY_AUTHORIZATION,
-        HeaderName::from_static("keep-alive"),
-        HeaderName::from_static("proxy-connection"),
-    ] {
+    for n in &HOP_BY_HOP {
         headers.remove(n);
     }
 }
@@ -300,5 +308,62 @@ pub async fn splice_upgraded(a: hyper::upgrade::OnUpgrade, b: hyper::upgrade::On
             let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
         }
         Err(e) => tracing::debug!(error = %e, "upgrade did not complete"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(h: &HeaderMap) -> Vec<&str> {
+        let mut v: Vec<&str> = h.keys().map(|n| n.as_str()).collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_those_connection_names_go_and_nothing_else() {
+        let mut h = HeaderMap::new();
+        for (n, v) in [
+            ("connection", "close, x-private"),
+            ("x-private", "1"),
+            ("te", "trailers"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("proxy-authorization", "Basic eA=="),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("host", "reviews:9080"),
+            ("x-keep", "1"),
+        ] {
+            h.append(HeaderName::from_static(n), HeaderValue::from_static(v));
+        }
+        strip_hop_by_hop(&mut h);
+        assert_eq!(names(&h), ["host", "x-keep"]);
+    }
+
+    #[test]
+    fn a_hop_by_hop_header_goes_without_a_connection_header() {
+        for n in ["keep-alive", "proxy-connection", "te", "upgrade"] {
+            let mut h = HeaderMap::new();
+            h.insert(HeaderName::from_static(n), HeaderValue::from_static("x"));
+            h.insert(header::HOST, HeaderValue::from_static("reviews"));
+            strip_hop_by_hop(&mut h);
+            assert_eq!(names(&h), ["host"], "{n}");
+        }
+    }
+
+    #[test]
+    fn a_message_without_hop_by_hop_headers_keeps_them_all() {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("reviews"));
+        h.insert(header::USER_AGENT, HeaderValue::from_static("curl"));
+        h.insert(
+            HeaderName::from_static("x-b3-traceid"),
+            HeaderValue::from_static("1"),
+        );
+        let before = h.clone();
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h, before);
     }
 }
