@@ -22,7 +22,16 @@ const TOOLS: [(&str, &str); 5] = [
 
 /// Installs the load generators and peers from Debian's packages if missing.
 pub fn ensure_tools() -> anyhow::Result<()> {
-    let missing: Vec<&str> = TOOLS
+    ensure_packages(&TOOLS)
+}
+
+/// Installs valgrind (for `--instructions`) from Debian's packages if missing.
+pub fn ensure_valgrind() -> anyhow::Result<()> {
+    ensure_packages(&[("valgrind", "/usr/bin/callgrind_control")])
+}
+
+fn ensure_packages(tools: &[(&str, &str)]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = tools
         .iter()
         .filter(|(_, f)| !Path::new(f).exists())
         .map(|(p, _)| *p)
@@ -373,6 +382,94 @@ pub fn h2load_fixed(
         p90_ms: percentile(&times, 0.90),
         p99_ms: percentile(&times, 0.99),
     })
+}
+
+/// Exactly `n` requests at a steady `rps` over `clients` connections;
+/// fails unless every one succeeded.
+pub fn h2load_count(
+    url: &str,
+    host: &str,
+    load: Load,
+    (clients, rps, n): (u32, u32, u32),
+    scratch: &Path,
+) -> anyhow::Result<()> {
+    let out = Command::new("h2load")
+        .args(load.h2load_args(host, scratch)?)
+        .args([
+            "-c",
+            &clients.to_string(),
+            &format!("--rps={}", rps as f64 / clients as f64),
+            "-n",
+            &n.to_string(),
+        ])
+        .arg(url)
+        .output()
+        .context("running h2load")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let done = format!("{n} succeeded, 0 failed, 0 errored");
+    anyhow::ensure!(
+        text.lines().any(|l| l.contains(&done)),
+        "h2load to {url}: not all {n} requests succeeded:\n{text}"
+    );
+    Ok(())
+}
+
+/// A script that runs `exe` under valgrind's callgrind, which writes each
+/// process's counts to `dir/callgrind.PID.N` whenever they are dumped.
+pub fn callgrind_wrapper(exe: &Path, dir: &Path) -> anyhow::Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let script = dir.join("callgrind-sidecar");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nexec valgrind --tool=callgrind --quiet --callgrind-out-file={}/callgrind.%p {} \"$@\"\n",
+            dir.display(),
+            exe.display()
+        ),
+    )?;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755))?;
+    Ok(script)
+}
+
+/// Runs `callgrind_control FLAG` (`-z` zeroes the counts, `-d` dumps them)
+/// on each of `pids`.
+pub fn callgrind_control(flag: &str, pids: &[u32]) -> anyhow::Result<()> {
+    for pid in pids {
+        let out = Command::new("callgrind_control")
+            .args([flag, &pid.to_string()])
+            .output()
+            .context("running callgrind_control")?;
+        anyhow::ensure!(
+            out.status.success(),
+            "callgrind_control {flag} {pid}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// The instructions `pid` ran between its last zeroing and its `dump`th
+/// dump (the `summary:` line of `dir/callgrind.PID.DUMP`), waiting a few
+/// seconds for valgrind to write it.
+pub fn callgrind_instructions(dir: &Path, pid: u32, dump: u32) -> anyhow::Result<u64> {
+    let file = dir.join(format!("callgrind.{pid}.{dump}"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(&file).unwrap_or_default();
+        if let Some(n) = text
+            .lines()
+            .find_map(|l| l.strip_prefix("summary: "))
+            .and_then(|v| v.trim().parse().ok())
+        {
+            return Ok(n);
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "no callgrind summary in {}",
+            file.display()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// h2load at maximum throughput over `conns` HTTP/2 connections, one

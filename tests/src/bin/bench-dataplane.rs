@@ -28,6 +28,13 @@ struct Cli {
     /// measuring (for profiling by hand).
     #[arg(long)]
     hold: bool,
+    /// Count each sidecar's instructions per request under valgrind's
+    /// callgrind instead of timing anything: repeatable where timings on a
+    /// shared machine are not. The mesh paths only (`mesh` unless `--paths`
+    /// names others); three rounds of 3,000 requests at 100 req/s after as
+    /// many to warm up.
+    #[arg(long)]
+    instructions: bool,
     /// Also measure `mesh_routes`: the mesh path through a VirtualService of
     /// this many routes (the matching one last) and a DestinationRule with
     /// outlier detection and a connection pool.
@@ -196,10 +203,65 @@ struct Round {
     failed: usize,
 }
 
+/// `--instructions`: each mesh path's sidecars, already running under
+/// callgrind, counted over three rounds of the same requests. Prints a
+/// table per round and the medians as JSON on the last line.
+fn count_instructions(
+    paths: &[Path],
+    sidecars: &[(String, u32)],
+    dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    const REQUESTS: u32 = 3000;
+    let shape = (FIXED_CONNS, 100, REQUESTS);
+    let scratch = dir.join("instructions");
+    // The client workload's sidecar sends the path's requests out; the
+    // other one takes them in.
+    let role = |pid: u32| match sidecars.iter().find(|(_, p)| *p == pid) {
+        Some((n, _)) if n.starts_with("bench-client") => "outbound",
+        _ => "inbound",
+    };
+    let mut out = serde_json::Map::new();
+    for p in paths.iter().filter(|p| !p.pids.is_empty()) {
+        bench::h2load_count(&p.url, &p.host, p.load, shape, &scratch)
+            .with_context(|| format!("warming up {}", p.name))?;
+        let mut counts: BTreeMap<u32, Vec<f64>> = BTreeMap::new();
+        println!(
+            "\n{}: instructions per request, {REQUESTS} requests a round at 100 req/s",
+            p.name
+        );
+        for round in 1..=3 {
+            bench::callgrind_control("-z", &p.pids)?;
+            bench::h2load_count(&p.url, &p.host, p.load, shape, &scratch)?;
+            bench::callgrind_control("-d", &p.pids)?;
+            let mut line = format!("round {round}:");
+            for &pid in &p.pids {
+                let n = bench::callgrind_instructions(dir, pid, round)? as f64 / REQUESTS as f64;
+                line.push_str(&format!("  {} {n:.0}", role(pid)));
+                counts.entry(pid).or_default().push(n);
+            }
+            println!("{line}");
+        }
+        let mut sidecar = serde_json::Map::new();
+        let mut pair = 0.0;
+        for (pid, mut v) in counts {
+            v.sort_by(|a, b| a.total_cmp(b));
+            pair += v[1];
+            sidecar.insert(role(pid).to_string(), json!(v[1].round()));
+        }
+        sidecar.insert("pair".into(), json!(pair.round()));
+        out.insert(p.name.to_string(), serde_json::Value::Object(sidecar));
+    }
+    println!("{}", json!({ "instructions_per_request": out }));
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let rt = tokio::runtime::Runtime::new()?;
     bench::ensure_tools()?;
+    if cli.instructions {
+        bench::ensure_valgrind()?;
+    }
     let (rounds, fixed_secs, max_secs) = if cli.quick { (1, 10, 5) } else { (3, 30, 15) };
     let dir = tempfile::tempdir()?;
     let upstream = SocketAddr::new(ip(2), 8080);
@@ -233,9 +295,13 @@ fn main() -> anyhow::Result<()> {
         &config_dir,
         ip(254),
     ))?;
+    let mut proxy_exe = bench::build_sidecar()?;
+    if cli.instructions {
+        proxy_exe = bench::callgrind_wrapper(&proxy_exe, dir.path())?;
+    }
     let launcher = Launcher::Processes {
         exe: std::env::current_exe()?,
-        proxy_exe: Some(bench::build_sidecar()?),
+        proxy_exe: Some(proxy_exe),
         log_dir: dir.path().to_path_buf(),
     };
     let pods = rt.block_on(workloads::launch(&cp, &specs, &launcher, dir.path()))?;
@@ -303,7 +369,10 @@ fn main() -> anyhow::Result<()> {
             load: Load::H1,
         });
     }
-    let wanted = |name: &str| cli.paths.is_empty() || cli.paths.iter().any(|p| p == name);
+    let wanted = |name: &str| match cli.paths.is_empty() {
+        true => !cli.instructions || name == "mesh",
+        false => cli.paths.iter().any(|p| p == name),
+    };
     for (name, front, back, l4) in [
         ("haproxy", 3, 4, false),
         ("haproxy_l4", 5, 6, true),
@@ -383,6 +452,9 @@ fn main() -> anyhow::Result<()> {
         let base = p.url.trim_end_matches("/grpc.health.v1.Health/Check");
         rt.block_on(bench::grpc_check(base, &p.host))
             .with_context(|| format!("the {} path does not carry gRPC", p.name))?;
+    }
+    if cli.instructions {
+        return count_instructions(&paths, &sidecars, dir.path());
     }
     if cli.hold {
         for p in &paths {
