@@ -6,8 +6,8 @@
 //! timeouts.
 //!
 //! The inbound side's own, rather than hyper-util's pool: an inbound sidecar
-//! talks to one address or a few, so finding one needs no hashing, and a
-//! connection goes back without a task per request to wait for it.
+//! talks to one address or a few, so finding one needs no hashing, and
+//! nothing here copies the request's future around as hyper-util's did.
 //! Upgrades, HTTP/2 apps, probes and everything else still use
 //! `Shared::app_h1` and `Shared::app_h2`.
 
