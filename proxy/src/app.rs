@@ -97,7 +97,8 @@ impl AppPool {
     }
 
     /// The idle connection to `authority` used last, if it can take a
-    /// request now; closed ones are dropped on the way.
+    /// request now; any that cannot (the app closed them) are dropped on
+    /// the way.
     fn checkout(&self, authority: &Authority) -> Option<SendRequest<Body>> {
         let mut idle = self.idle.lock().unwrap();
         let (_, conns) = idle.iter_mut().find(|(a, _)| a == authority)?;

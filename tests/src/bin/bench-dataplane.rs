@@ -212,6 +212,7 @@ fn count_instructions(
     dir: &std::path::Path,
 ) -> anyhow::Result<()> {
     const REQUESTS: u32 = 3000;
+    const ROUNDS: u32 = 3;
     let shape = (FIXED_CONNS, 100, REQUESTS);
     let scratch = dir.join("instructions");
     // The client workload's sidecar sends the path's requests out; the
@@ -229,7 +230,7 @@ fn count_instructions(
             "\n{}: instructions per request, {REQUESTS} requests a round at 100 req/s",
             p.name
         );
-        for round in 1..=3 {
+        for round in 1..=ROUNDS {
             bench::callgrind_control("-z", &p.pids)?;
             bench::h2load_count(&p.url, &p.host, p.load, shape, &scratch)?;
             bench::callgrind_control("-d", &p.pids)?;
@@ -245,8 +246,9 @@ fn count_instructions(
         let mut pair = 0.0;
         for (pid, mut v) in counts {
             v.sort_by(|a, b| a.total_cmp(b));
-            pair += v[1];
-            sidecar.insert(role(pid).to_string(), json!(v[1].round()));
+            let median = v[v.len() / 2];
+            pair += median;
+            sidecar.insert(role(pid).to_string(), json!(median.round()));
         }
         sidecar.insert("pair".into(), json!(pair.round()));
         out.insert(p.name.to_string(), serde_json::Value::Object(sidecar));
