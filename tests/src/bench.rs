@@ -416,13 +416,14 @@ pub fn h2load_count(
 
 /// A script that runs `exe` under valgrind's callgrind, which writes each
 /// process's counts to `dir/callgrind.PID.N` whenever they are dumped.
-pub fn callgrind_wrapper(exe: &Path, dir: &Path) -> anyhow::Result<PathBuf> {
+pub fn callgrind_wrapper(exe: &Path, dir: &Path, args: &[&str]) -> anyhow::Result<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     let script = dir.join("callgrind-sidecar");
     std::fs::write(
         &script,
         format!(
-            "#!/bin/sh\nexec valgrind --tool=callgrind --quiet --callgrind-out-file={}/callgrind.%p {} \"$@\"\n",
+            "#!/bin/sh\nexec valgrind --tool=callgrind --quiet {} --callgrind-out-file={}/callgrind.%p {} \"$@\"\n",
+            args.join(" "),
             dir.display(),
             exe.display()
         ),
@@ -470,6 +471,48 @@ pub fn callgrind_instructions(dir: &Path, pid: u32, dump: u32) -> anyhow::Result
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// The functions `pid` ran between its last zeroing and its `dump`th dump,
+/// by the names in `dir/callgrind.PID.DUMP` (mangled under
+/// `--demangle=no`), waiting a few seconds for valgrind to write it.
+/// Recursion levels (`name'2`) count as their function; code without a
+/// symbol (`0x...`) and valgrind's `(below main)` are left out.
+pub fn callgrind_functions(
+    dir: &Path,
+    pid: u32,
+    dump: u32,
+) -> anyhow::Result<std::collections::BTreeSet<String>> {
+    callgrind_instructions(dir, pid, dump)?;
+    let text = std::fs::read_to_string(dir.join(format!("callgrind.{pid}.{dump}")))?;
+    Ok(text
+        .lines()
+        .filter_map(|l| l.strip_prefix("fn=").or_else(|| l.strip_prefix("cfn=")))
+        // `(ID) NAME` the first time an ID appears, `(ID)` after.
+        .filter_map(|l| l.split_once(") ").map(|(_, name)| name.trim()))
+        .map(|name| match name.rsplit_once('\'') {
+            Some((f, n)) if n.bytes().all(|b| b.is_ascii_digit()) => f,
+            _ => name,
+        })
+        .filter(|name| !name.starts_with("0x") && !name.starts_with('('))
+        .map(str::to_string)
+        .collect())
+}
+
+/// A GET of `url` (`http://ADDR/PATH`) on HTTP/1.0; fails unless it
+/// answers 200.
+pub fn http_get(url: &str) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://").context("not an http:// URL")?;
+    let (addr, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let mut tcp = std::net::TcpStream::connect(addr)?;
+    tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(tcp, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut answer = String::new();
+    tcp.read_to_string(&mut answer)?;
+    let status = answer.lines().next().unwrap_or_default();
+    anyhow::ensure!(status.contains(" 200 "), "answered {status:?}");
+    Ok(())
 }
 
 /// h2load at maximum throughput over `conns` HTTP/2 connections, one
@@ -638,9 +681,10 @@ pub fn kill_on_signal(
     });
 }
 
-/// Builds the sidecar as deployed (`cargo build --profile sidecar -p
-/// mesh-proxy`) and returns the binary's path; or, when `MESH_BENCH_SIDECAR`
-/// names a binary, that one (to compare two builds in the same way).
+/// Builds the sidecar as deployed (`cargo build-sidecar`, an alias in
+/// `.cargo/config.toml`) and returns the binary's path; or, when
+/// `MESH_BENCH_SIDECAR` names a binary, that one (to compare two builds in
+/// the same way).
 pub fn build_sidecar() -> anyhow::Result<PathBuf> {
     if let Some(exe) = std::env::var_os("MESH_BENCH_SIDECAR") {
         let exe = PathBuf::from(exe);
@@ -652,26 +696,142 @@ pub fn build_sidecar() -> anyhow::Result<PathBuf> {
         eprintln!("sidecar: {} (MESH_BENCH_SIDECAR)", exe.display());
         return Ok(exe);
     }
-    build("sidecar", "mesh-proxy", "mesh-proxy")
+    let exe = cargo(&["build-sidecar"], "sidecar", "mesh-proxy")?;
+    let layout = Layout::of(&exe)?;
+    let mb = |b: u64| b as f64 / (1 << 20) as f64;
+    eprintln!(
+        "sidecar layout: {} of the {} functions in proxy/sidecar.order are in the binary, \
+         within its first {:.1} of {:.1} MiB of code",
+        layout.found,
+        layout.listed,
+        mb(layout.span),
+        mb(layout.text)
+    );
+    if layout.found * 10 < layout.listed * 9 {
+        eprintln!(
+            "  the list is stale (another toolchain or dependency versions?): \
+             `bench-dataplane --layout` writes it afresh"
+        );
+    }
+    Ok(exe)
 }
 
 /// Builds `package` with `profile` (`cargo build --profile P -p PKG`) and
 /// returns the path of its binary `bin`.
 pub fn build(profile: &str, package: &str, bin: &str) -> anyhow::Result<PathBuf> {
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ has a parent");
+    cargo(
+        &["build", "--profile", profile, "-p", package],
+        profile,
+        bin,
+    )
+}
+
+/// Runs `cargo --quiet ARGS` in the workspace and returns where the
+/// `profile` build of `bin` is.
+fn cargo(args: &[&str], profile: &str, bin: &str) -> anyhow::Result<PathBuf> {
+    let workspace = workspace();
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    eprintln!("building: cargo build --profile {profile} -p {package}");
+    eprintln!("building: cargo {}", args.join(" "));
     let ok = Command::new(cargo)
-        .args(["build", "--quiet", "--profile", profile, "-p", package])
-        .current_dir(workspace)
+        .arg("--quiet")
+        .args(args)
+        .current_dir(&workspace)
         .status()
         .context("running cargo")?
         .success();
-    anyhow::ensure!(ok, "building {package} with the {profile} profile failed");
-    let target = std::env::var_os("CARGO_TARGET_DIR")
+    anyhow::ensure!(ok, "cargo {} failed", args.join(" "));
+    Ok(target_dir().join(profile).join(bin))
+}
+
+/// The workspace's root.
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// Cargo's target directory for the workspace.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| workspace.join("target"));
-    Ok(target.join(profile).join(bin))
+        .unwrap_or_else(|| workspace().join("target"))
+}
+
+/// The list of functions the sidecar is linked with first
+/// (`proxy/sidecar.order`, one symbol a line, `#` for comments).
+pub fn layout_file() -> PathBuf {
+    workspace().join("proxy/sidecar.order")
+}
+
+/// How a sidecar binary was laid out, by its symbol table (`nm`).
+#[derive(Debug)]
+pub struct Layout {
+    /// Functions the list names.
+    pub listed: usize,
+    /// Of those, the ones the binary has.
+    pub found: usize,
+    /// Bytes from the first function in the binary to the end of the last
+    /// one listed and found: about their total size when they come first,
+    /// nearly `text` when they lie among the rest.
+    pub span: u64,
+    /// Bytes from the first function to the end of the last.
+    pub text: u64,
+}
+
+impl Layout {
+    pub fn of(exe: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(layout_file()).context("reading proxy/sidecar.order")?;
+        let listed: std::collections::HashSet<&str> = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .collect();
+        let out = Command::new("nm")
+            .args(["--defined-only", "--print-size"])
+            .arg(exe)
+            .output()
+            .context("running nm (binutils)")?;
+        anyhow::ensure!(
+            out.status.success(),
+            "nm {}: {}",
+            exe.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut found = std::collections::HashSet::new();
+        let (mut first, mut end, mut listed_end) = (u64::MAX, 0, 0);
+        let symbols = String::from_utf8_lossy(&out.stdout);
+        for line in symbols.lines() {
+            // `ADDRESS [SIZE] TYPE NAME`; functions are t/T (w/W: weak).
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let (addr, size, kind, name) = match f[..] {
+                [a, s, k, n] => (a, u64::from_str_radix(s, 16).unwrap_or(0), k, n),
+                [a, k, n] => (a, 0, k, n),
+                _ => continue,
+            };
+            if !matches!(kind, "t" | "T" | "W" | "w") {
+                continue;
+            }
+            let Ok(addr) = u64::from_str_radix(addr, 16) else {
+                continue;
+            };
+            first = first.min(addr);
+            end = end.max(addr + size);
+            if listed.contains(name) {
+                found.insert(name);
+                listed_end = listed_end.max(addr + size);
+            }
+        }
+        anyhow::ensure!(
+            first < end,
+            "{} has no functions in its symbol table",
+            exe.display()
+        );
+        Ok(Self {
+            listed: listed.len(),
+            found: found.len(),
+            span: listed_end.saturating_sub(first),
+            text: end - first,
+        })
+    }
 }

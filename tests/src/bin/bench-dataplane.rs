@@ -35,6 +35,13 @@ struct Cli {
     /// many to warm up.
     #[arg(long)]
     instructions: bool,
+    /// Write `proxy/sidecar.order`, the functions the linker puts first in
+    /// the sidecar (`proxy/build.rs`), instead of measuring: the mesh
+    /// paths' sidecars run under callgrind through start-up, each path's
+    /// load and a metrics scrape, and every function either of them ran is
+    /// listed. Run it again after a toolchain or dependency update.
+    #[arg(long, conflicts_with_all = ["instructions", "hold"])]
+    layout: bool,
     /// Also measure `mesh_routes`: the mesh path through a VirtualService of
     /// this many routes (the matching one last) and a DestinationRule with
     /// outlier detection and a connection pool.
@@ -257,11 +264,80 @@ fn count_instructions(
     Ok(())
 }
 
+/// `--layout`: the functions the mesh paths' sidecars (already running
+/// under callgrind) run, written to `proxy/sidecar.order`: those that
+/// serve first, then those that only start-up ran, each group by name.
+fn write_layout(
+    paths: &[Path],
+    pids: &[u32],
+    admins: &[SocketAddr],
+    dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    let scratch = dir.join("layout");
+    // Dump 1: start-up (and the gRPC paths' end-to-end checks).
+    bench::callgrind_control("-d", pids)?;
+    for p in paths.iter().filter(|p| !p.pids.is_empty()) {
+        eprintln!("layout: {} under load", p.name);
+        // Steady, then on as many connections as the maximum-rate runs
+        // use (faster than the sidecars under valgrind can serve).
+        for shape in [(FIXED_CONNS, 100, 2000), (MAX_CONNS, 1000, 4000)] {
+            bench::h2load_count(&p.url, &p.host, p.load, shape, &scratch)
+                .with_context(|| format!("loading {}", p.name))?;
+        }
+    }
+    for admin in admins {
+        let url = format!(
+            "http://{}:{}/stats/prometheus",
+            admin.ip(),
+            mesh_proto::ports::AGENT
+        );
+        bench::http_get(&url).with_context(|| format!("scraping {url}"))?;
+    }
+    // Dump 2: serving.
+    bench::callgrind_control("-d", pids)?;
+    let (mut serving, mut startup) = (
+        std::collections::BTreeSet::new(),
+        std::collections::BTreeSet::new(),
+    );
+    for &pid in pids {
+        startup.extend(bench::callgrind_functions(dir, pid, 1)?);
+        serving.extend(bench::callgrind_functions(dir, pid, 2)?);
+    }
+    let rustc = std::process::Command::new(std::env::var("RUSTC").unwrap_or("rustc".into()))
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let only_startup: Vec<&String> = startup.difference(&serving).collect();
+    let mut out = format!(
+        "# The functions the linker puts first in the sidecar (proxy/build.rs): the ones\n\
+         # its mesh paths ran under callgrind, written by `cargo run --release -p\n\
+         # mesh-tests --bin bench-dataplane -- --layout` ({rustc}).\n\
+         # {} that serve (HTTP/1.1, HTTP/2 and gRPC load, a metrics scrape), then {}\n\
+         # that only start-up ran; each group by name.\n",
+        serving.len(),
+        only_startup.len()
+    );
+    for f in serving.iter().chain(only_startup) {
+        out.push_str(f);
+        out.push('\n');
+    }
+    let file = bench::layout_file();
+    std::fs::write(&file, out)?;
+    println!(
+        "wrote {}: {} functions that serve, {} more that start-up runs",
+        file.display(),
+        serving.len(),
+        startup.difference(&serving).count()
+    );
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let rt = tokio::runtime::Runtime::new()?;
     bench::ensure_tools()?;
-    if cli.instructions {
+    if cli.instructions || cli.layout {
         bench::ensure_valgrind()?;
     }
     let (rounds, fixed_secs, max_secs) = if cli.quick { (1, 10, 5) } else { (3, 30, 15) };
@@ -299,7 +375,12 @@ fn main() -> anyhow::Result<()> {
     ))?;
     let mut proxy_exe = bench::build_sidecar()?;
     if cli.instructions {
-        proxy_exe = bench::callgrind_wrapper(&proxy_exe, dir.path())?;
+        proxy_exe = bench::callgrind_wrapper(&proxy_exe, dir.path(), &[])?;
+    }
+    if cli.layout {
+        // Symbols as the linker knows them, and no per-line costs.
+        let args = ["--demangle=no", "--dump-instr=no", "--dump-line=no"];
+        proxy_exe = bench::callgrind_wrapper(&proxy_exe, dir.path(), &args)?;
     }
     let launcher = Launcher::Processes {
         exe: std::env::current_exe()?,
@@ -372,6 +453,7 @@ fn main() -> anyhow::Result<()> {
         });
     }
     let wanted = |name: &str| match cli.paths.is_empty() {
+        true if cli.layout => name.starts_with("mesh"),
         true => !cli.instructions || name == "mesh",
         false => cli.paths.iter().any(|p| p == name),
     };
@@ -443,7 +525,7 @@ fn main() -> anyhow::Result<()> {
         name: "mesh_grpc",
         url: format!("http://{}:15001/grpc.health.v1.Health/Check", ip(1)),
         host: "bench-grpc:9090".into(),
-        pids: mesh_pids,
+        pids: mesh_pids.clone(),
         load: Load::Grpc,
     });
 
@@ -457,6 +539,10 @@ fn main() -> anyhow::Result<()> {
     }
     if cli.instructions {
         return count_instructions(&paths, &sidecars, dir.path());
+    }
+    if cli.layout {
+        let admins: Vec<SocketAddr> = specs.iter().map(|s| s.admin()).collect();
+        return write_layout(&paths, &mesh_pids, &admins, dir.path());
     }
     if cli.hold {
         for p in &paths {
