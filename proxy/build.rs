@@ -11,7 +11,8 @@
 //!   with hot and cold functions interleaved nearly the whole text became
 //!   resident; packed together, little more than what runs is. Names the
 //!   build does not have (another toolchain, other dependency versions) are
-//!   skipped without a word; the file then only helps less.
+//!   skipped without a word; the file then only helps less. A build that
+//!   names its own linker (or turns lld off) goes without the layout.
 
 fn main() {
     let os = std::env::var("CARGO_CFG_TARGET_OS").unwrap_or_default();
@@ -19,7 +20,11 @@ fn main() {
     let arch = std::env::var("CARGO_CFG_TARGET_ARCH").unwrap_or_default();
     if os == "linux" && env == "gnu" {
         println!("cargo:rustc-link-arg-bin=mesh-proxy=-Wl,-z,pack-relative-relocs");
-        if arch == "x86_64" {
+        // lld only (GNU ld has no such option): not when the build names a
+        // linker of its own or turns rustc's lld off.
+        let own_linker = std::env::var_os("RUSTC_LINKER").is_some()
+            || std::env::var("CARGO_ENCODED_RUSTFLAGS").is_ok_and(|f| f.contains("linker"));
+        if arch == "x86_64" && !own_linker {
             let dir = std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets it");
             println!(
                 "cargo:rustc-link-arg-bin=mesh-proxy=-Wl,--symbol-ordering-file={dir}/sidecar.order"
@@ -29,4 +34,5 @@ fn main() {
     }
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=sidecar.order");
+    println!("cargo:rerun-if-env-changed=RUSTC_LINKER");
 }

@@ -707,7 +707,7 @@ pub fn build_sidecar() -> anyhow::Result<PathBuf> {
         mb(layout.span),
         mb(layout.text)
     );
-    if layout.found * 10 < layout.listed * 9 {
+    if layout.stale() {
         eprintln!(
             "  the list is stale (another toolchain or dependency versions?): \
              `bench-dataplane --layout` writes it afresh"
@@ -780,6 +780,12 @@ pub struct Layout {
 }
 
 impl Layout {
+    /// Whether fewer than 90 % of the names listed are in the binary: the
+    /// list was written for another toolchain or other dependency versions.
+    pub fn stale(&self) -> bool {
+        self.found * 10 < self.listed * 9
+    }
+
     pub fn of(exe: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(layout_file()).context("reading proxy/sidecar.order")?;
         let listed: std::collections::HashSet<&str> = text

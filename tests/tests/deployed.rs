@@ -34,7 +34,7 @@ fn the_deployed_sidecar_is_static_with_the_code_it_runs_first() {
 
     let layout = Layout::of(&exe).expect("the sidecar's symbols and proxy/sidecar.order read");
     assert!(
-        layout.found * 10 >= layout.listed * 9,
+        !layout.stale(),
         "only {} of the {} functions in proxy/sidecar.order are in the sidecar: the list is \
          stale; `cargo run --release -p mesh-tests --bin bench-dataplane -- --layout` writes \
          it afresh",
