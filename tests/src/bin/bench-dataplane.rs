@@ -309,14 +309,14 @@ fn write_layout(
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default();
     let only_startup: Vec<&String> = startup.difference(&serving).collect();
+    let (served, started) = (serving.len(), only_startup.len());
     let mut out = format!(
         "# The functions the linker puts first in the sidecar (proxy/build.rs): the ones\n\
          # its mesh paths ran under callgrind, written by `cargo run --release -p\n\
          # mesh-tests --bin bench-dataplane -- --layout` ({rustc}).\n\
          # {} that serve (HTTP/1.1, HTTP/2 and gRPC load, a metrics scrape), then {}\n\
          # that only start-up ran; each group by name.\n",
-        serving.len(),
-        only_startup.len()
+        served, started
     );
     for f in serving.iter().chain(only_startup) {
         out.push_str(f);
@@ -325,10 +325,8 @@ fn write_layout(
     let file = bench::layout_file();
     std::fs::write(&file, out)?;
     println!(
-        "wrote {}: {} functions that serve, {} more that start-up runs",
-        file.display(),
-        serving.len(),
-        startup.difference(&serving).count()
+        "wrote {}: {served} functions that serve, {started} more that start-up runs",
+        file.display()
     );
     Ok(())
 }
@@ -541,7 +539,12 @@ fn main() -> anyhow::Result<()> {
         return count_instructions(&paths, &sidecars, dir.path());
     }
     if cli.layout {
-        let admins: Vec<SocketAddr> = specs.iter().map(|s| s.admin()).collect();
+        // The profiled pair's own metrics endpoints.
+        let admins: Vec<SocketAddr> = specs
+            .iter()
+            .filter(|s| ["bench-client", "bench-upstream"].contains(&s.name.as_str()))
+            .map(|s| s.admin())
+            .collect();
         return write_layout(&paths, &mesh_pids, &admins, dir.path());
     }
     if cli.hold {
