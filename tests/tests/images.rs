@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Container, Pod, PodSpec};
 use mesh_injector::{NamespacePolicy, Outcome};
+use mesh_tests::bench::{target_dir, workspace};
 use serde_json::Value;
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -43,13 +44,6 @@ fn skip_reason() -> Option<String> {
         "curl",
     ];
     meshctl::pods::missing_tool(&tools).map(|why| format!("{why} (.ci/run installs it)"))
-}
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
 }
 
 fn run(cmd: &mut Command) -> String {
@@ -358,9 +352,7 @@ fn the_images_run_the_control_plane_and_the_injected_sidecar_as_deployed() {
     }
     // The Debian base is kept between runs under target/ (debootstrap
     // once); everything else is built anew.
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace().join("target"));
+    let target = target_dir();
     let out = target.join("images-dev");
     // The binaries are the ones `cargo nextest run --workspace` built for
     // their own packages' tests; building them here would compile the
