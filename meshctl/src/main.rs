@@ -355,7 +355,7 @@ fn main() {
     let result = match cli.command {
         Command::Proxy(args) => {
             init_logs("info");
-            mesh_proxy::cli::run_process(args).map_err(|e| anyhow::anyhow!("{e}"))
+            mesh_proxy::cli::run_process(args, || {}).map_err(|e| anyhow::anyhow!("{e}"))
         }
         Command::KubeInject { filename, config } => kube_inject(&filename, config.into()),
         Command::Apply {

@@ -215,8 +215,9 @@ impl ProxyArgs {
 
 /// Runs a proxy process to completion on a runtime of `args.threads`
 /// threads, stopping on SIGTERM or Ctrl-C. Every binary that runs a
-/// sidecar calls this.
-pub fn run_process(args: ProxyArgs) -> Result<(), Box<dyn std::error::Error>> {
+/// sidecar calls this. `settled` is called each time the proxy has been
+/// ready for [`crate::SETTLE`] with no new certificate or config.
+pub fn run_process(args: ProxyArgs, settled: fn()) -> Result<(), Box<dyn std::error::Error>> {
     let rt = if args.threads <= 1 {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -228,7 +229,7 @@ pub fn run_process(args: ProxyArgs) -> Result<(), Box<dyn std::error::Error>> {
             .build()?
     };
     let cfg = args.into_config()?;
-    rt.block_on(crate::run(cfg, shutdown_signal()))?;
+    rt.block_on(crate::run_settled(cfg, shutdown_signal(), settled))?;
     Ok(())
 }
 

@@ -39,6 +39,7 @@ pub mod xds;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use hyper_util::client::legacy::Client;
 use tokio::net::TcpListener;
@@ -154,11 +155,31 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     run_with_sockets(cfg, Box::new(platform::Linux), shutdown).await
 }
 
+/// As [`run`], calling `settled` each time the proxy has been ready for
+/// [`SETTLE`] with no new certificate or config (the sidecar binary then
+/// hands back the code that start-up and config updates run).
+pub async fn run_settled(
+    cfg: Config,
+    shutdown: impl Future<Output = ()>,
+    settled: fn(),
+) -> Result<(), ProxyError> {
+    serve(cfg, Box::new(platform::Linux), shutdown, Some(settled)).await
+}
+
 /// As [`run`], asking `sockets` about connections (tests stand in for the OS).
 pub async fn run_with_sockets(
     cfg: Config,
     sockets: Box<dyn platform::Sockets>,
     shutdown: impl Future<Output = ()>,
+) -> Result<(), ProxyError> {
+    serve(cfg, sockets, shutdown, None).await
+}
+
+async fn serve(
+    cfg: Config,
+    sockets: Box<dyn platform::Sockets>,
+    shutdown: impl Future<Output = ()>,
+    settled: Option<fn()>,
 ) -> Result<(), ProxyError> {
     let cfg = Arc::new(cfg);
     let p = cfg.ports;
@@ -213,6 +234,9 @@ pub async fn run_with_sockets(
     ] {
         tasks.spawn(server::serve_admin(listener, shared.clone(), which));
     }
+    if let Some(then) = settled {
+        tasks.spawn(when_settled(shared.clone(), then));
+    }
     tracing::info!(proxy = %cfg.proxy_id, ip = %cfg.pod_ip, identity = %cfg.identity, "proxy started");
     tokio::select! {
         _ = shutdown => shared.drain.start(),
@@ -226,6 +250,41 @@ pub async fn run_with_sockets(
     tasks.shutdown().await;
     tracing::info!(proxy = %cfg.proxy_id, "proxy stopped");
     Ok(())
+}
+
+/// How long the proxy stays ready with the same certificate and config
+/// before it counts as settled.
+pub const SETTLE: Duration = Duration::from_secs(2);
+
+/// Calls `then` each time the proxy has been ready for [`SETTLE`] since
+/// it started or its certificate or config last changed. Ends when either
+/// source goes away.
+async fn when_settled(shared: Arc<Shared>, then: fn()) {
+    let (mut tls, mut snapshot) = (shared.tls.clone(), shared.snapshot.clone());
+    // Since the last call: a change not yet settled.
+    let mut unsettled = true;
+    loop {
+        let quiet = async {
+            if unsettled && shared.not_ready().is_none() {
+                tokio::time::sleep(SETTLE).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
+        let changed = tokio::select! {
+            changed = tls.changed() => changed,
+            changed = snapshot.changed() => changed,
+            () = quiet => {
+                then();
+                unsettled = false;
+                continue;
+            }
+        };
+        if changed.is_err() {
+            return;
+        }
+        unsettled = true;
+    }
 }
 
 #[cfg(test)]

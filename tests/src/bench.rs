@@ -758,6 +758,11 @@ pub fn target_dir() -> PathBuf {
         .unwrap_or_else(|| workspace().join("target"))
 }
 
+/// The sidecar's markers around the code only start-up runs, which it
+/// unmaps once ready (`proxy/src/main.rs`): `sidecar.order` names them
+/// around that group.
+pub const LAYOUT_MARKERS: (&str, &str) = ("mesh_layout_cold_begin", "mesh_layout_cold_end");
+
 /// The list of functions the sidecar is linked with first
 /// (`proxy/sidecar.order`, one symbol a line, `#` for comments).
 pub fn layout_file() -> PathBuf {
@@ -777,6 +782,9 @@ pub struct Layout {
     pub span: u64,
     /// Bytes from the first function to the end of the last.
     pub text: u64,
+    /// Where the sidecar's markers ([`LAYOUT_MARKERS`]) are: around the
+    /// code it unmaps once settled. Empty if it lacks them.
+    pub cold: std::ops::Range<u64>,
 }
 
 impl Layout {
@@ -806,6 +814,7 @@ impl Layout {
         );
         let mut found = std::collections::HashSet::new();
         let (mut first, mut end, mut listed_end) = (u64::MAX, 0, 0);
+        let mut cold = 0..0;
         let symbols = String::from_utf8_lossy(&out.stdout);
         for line in symbols.lines() {
             // `ADDRESS [SIZE] TYPE NAME`; functions are t/T (w/W: weak).
@@ -823,6 +832,11 @@ impl Layout {
             };
             first = first.min(addr);
             end = end.max(addr + size);
+            if name == LAYOUT_MARKERS.0 {
+                cold.start = addr;
+            } else if name == LAYOUT_MARKERS.1 {
+                cold.end = addr;
+            }
             if listed.contains(name) {
                 found.insert(name);
                 listed_end = listed_end.max(addr + size);
@@ -838,6 +852,47 @@ impl Layout {
             found: found.len(),
             span: listed_end.saturating_sub(first),
             text: end - first,
+            cold,
         })
+    }
+
+    /// How many bytes of the stretch between the markers process `pid`
+    /// (running `exe`) has resident, and how many whole pages' worth the
+    /// stretch covers (what the sidecar unmaps).
+    pub fn cold_resident(&self, pid: u32, exe: &Path) -> anyhow::Result<(u64, u64)> {
+        const PAGE: u64 = 4096;
+        let exe = std::fs::canonicalize(exe)?;
+        let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
+        // `START-END PERMS OFFSET DEV INODE PATH`: the binary's mapping at
+        // file offset 0 is where it was loaded (it is position-independent).
+        let base = maps
+            .lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f.len() == 6 && f[2] == "00000000" && Path::new(f[5]) == exe)
+                    .then(|| u64::from_str_radix(f[0].split('-').next()?, 16).ok())
+                    .flatten()
+            })
+            .next()
+            .with_context(|| format!("process {pid} has not mapped {}", exe.display()))?;
+        let (first, last) = (
+            self.cold.start.next_multiple_of(PAGE),
+            self.cold.end / PAGE * PAGE,
+        );
+        if last <= first {
+            return Ok((0, 0));
+        }
+        // One 64-bit entry a page; bit 63: present in memory.
+        let mut file = std::fs::File::open(format!("/proc/{pid}/pagemap"))?;
+        let pages = ((last - first) / PAGE) as usize;
+        let mut entries = vec![0u8; pages * 8];
+        use std::io::{Read, Seek, SeekFrom};
+        file.seek(SeekFrom::Start((base + first) / PAGE * 8))?;
+        file.read_exact(&mut entries)?;
+        let resident = entries
+            .chunks_exact(8)
+            .filter(|e| u64::from_le_bytes((*e).try_into().expect("8 bytes")) >> 63 == 1)
+            .count() as u64;
+        Ok((resident * PAGE, last - first))
     }
 }

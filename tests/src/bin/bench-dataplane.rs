@@ -266,7 +266,9 @@ fn count_instructions(
 
 /// `--layout`: the functions the mesh paths' sidecars (already running
 /// under callgrind) run, written to `proxy/sidecar.order`: those that
-/// serve first, then those that only start-up ran, each group by name.
+/// serve first, then those that only start-up ran between the sidecar's
+/// two markers (which it unmaps once ready; `proxy/src/main.rs`), each
+/// group by name.
 fn write_layout(
     paths: &[Path],
     pids: &[u32],
@@ -275,6 +277,11 @@ fn write_layout(
 ) -> anyhow::Result<()> {
     let scratch = dir.join("layout");
     // Dump 1: start-up (and the gRPC paths' end-to-end checks).
+    bench::callgrind_control("-d", pids)?;
+    // Dump 2: idle, long enough for the sidecars to settle and unmap the
+    // start-up code: what runs then (timers, the unmapping's own way back
+    // to waiting) would map it again, so it counts as serving.
+    std::thread::sleep(mesh_proxy::SETTLE + Duration::from_secs(3));
     bench::callgrind_control("-d", pids)?;
     for p in paths.iter().filter(|p| !p.pids.is_empty()) {
         eprintln!("layout: {} under load", p.name);
@@ -293,7 +300,7 @@ fn write_layout(
         );
         bench::http_get(&url).with_context(|| format!("scraping {url}"))?;
     }
-    // Dump 2: serving.
+    // Dump 3: serving.
     bench::callgrind_control("-d", pids)?;
     let (mut serving, mut startup) = (
         std::collections::BTreeSet::new(),
@@ -302,6 +309,7 @@ fn write_layout(
     for &pid in pids {
         startup.extend(bench::callgrind_functions(dir, pid, 1)?);
         serving.extend(bench::callgrind_functions(dir, pid, 2)?);
+        serving.extend(bench::callgrind_functions(dir, pid, 3)?);
     }
     let rustc = std::process::Command::new(std::env::var("RUSTC").unwrap_or("rustc".into()))
         .arg("--version")
@@ -314,11 +322,21 @@ fn write_layout(
         "# The functions the linker puts first in the sidecar (proxy/build.rs): the ones\n\
          # its mesh paths ran under callgrind, written by `cargo run --release -p\n\
          # mesh-tests --bin bench-dataplane -- --layout` ({rustc}).\n\
-         # {} that serve (HTTP/1.1, HTTP/2 and gRPC load, a metrics scrape), then {}\n\
-         # that only start-up ran; each group by name.\n",
+         # {} that serve (idle, HTTP/1.1, HTTP/2 and gRPC load, a metrics scrape), then {}\n\
+         # that only start-up ran, between the markers of the code the sidecar\n\
+         # unmaps once ready; each group by name.\n",
         served, started
     );
-    for f in serving.iter().chain(only_startup) {
+    let (begin, end) = (
+        bench::LAYOUT_MARKERS.0.to_string(),
+        bench::LAYOUT_MARKERS.1.to_string(),
+    );
+    for f in serving
+        .iter()
+        .chain([&begin])
+        .chain(only_startup)
+        .chain([&end])
+    {
         out.push_str(f);
         out.push('\n');
     }
@@ -407,6 +425,18 @@ fn main() -> anyhow::Result<()> {
         sidecars.iter().map(|(_, p)| *p).collect::<Vec<_>>(),
     ));
     bench::kill_on_signal(&rt, started.clone());
+    // Idle: the mesh pair ready and settled (`mesh_proxy::SETTLE` after
+    // its last certificate or config), before any traffic.
+    let idle_rss_mb = (!cli.instructions && !cli.layout).then(|| {
+        std::thread::sleep(mesh_proxy::SETTLE + Duration::from_secs(2));
+        mesh_pids
+            .iter()
+            .map(|&pid| bench::mem_mb(pid, "VmRSS"))
+            .fold(0.0, f64::max)
+    });
+    if let Some(mb) = idle_rss_mb {
+        println!("mesh sidecars idle, before any traffic: {mb:.1} MB RSS (the larger of the pair)");
+    }
 
     // The peers.
     let certs = bench::peer_certs(dir.path(), &[ip(4), ip(6), ip(8), ip(10)])?;
@@ -604,7 +634,7 @@ fn main() -> anyhow::Result<()> {
             "\ntelemetry on: the receiver got {received} spans; the sidecars count {exported} exported, {dropped} dropped"
         );
     }
-    report(&results);
+    report(&results, idle_rss_mb);
     Ok(())
 }
 
@@ -660,7 +690,7 @@ fn median(mut v: Vec<f64>) -> f64 {
     bench::percentile(&v, 0.5)
 }
 
-fn report(results: &BTreeMap<&str, Vec<Round>>) {
+fn report(results: &BTreeMap<&str, Vec<Round>>, idle_rss_mb: Option<f64>) {
     let med = |name: &str, f: fn(&Round) -> f64| median(results[name].iter().map(f).collect());
     let mut paths = serde_json::Map::new();
     println!("\nmedians over rounds");
@@ -746,6 +776,7 @@ fn report(results: &BTreeMap<&str, Vec<Round>>) {
             "mesh_added_p90_ms": added.map(|a| round3(a.0)),
             "mesh_added_p99_ms": added.map(|a| round3(a.1)),
             "best_peer_added_p90_ms": best_peer.map(round3),
+            "mesh_idle_rss_mb": idle_rss_mb.map(round3),
         })
     );
 }

@@ -24,7 +24,7 @@ enum Command {
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     match Cli::parse().command {
         Command::Capture(cfg) => mesh_proxy::capture::apply(&cfg, mesh_proxy::capture::Family::V4)?,
-        Command::Proxy(args) => mesh_proxy::cli::run_process(args)?,
+        Command::Proxy(args) => mesh_proxy::cli::run_process(args, || {})?,
         Command::App(app) => {
             tokio::runtime::Runtime::new()?.block_on(app.run(mesh_proxy::cli::shutdown_signal()))?
         }
