@@ -270,6 +270,14 @@ pub fn mem_mb(pid: u32, field: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Resets process `pid`'s peak RSS (VmHWM) to its current RSS
+/// (`/proc/PID/clear_refs`, Linux 4.0 and later), so that VmHWM read later
+/// is the peak since now.
+pub fn reset_peak_rss(pid: u32) -> anyhow::Result<()> {
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5")
+        .with_context(|| format!("resetting the peak RSS of process {pid}"))
+}
+
 /// Latency percentiles from h2load's per-request log (µs in the last column).
 pub struct FixedRate {
     pub requests: usize,

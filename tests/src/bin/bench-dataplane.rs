@@ -647,6 +647,9 @@ fn measure(
     let log = dir.join(format!("{}.h2load.log", p.name));
     // Warm up (connections, TLS sessions, pools), then measure.
     bench::h2load_fixed(&p.url, &p.host, p.load, FIXED_CONNS, FIXED_RPS, 2, &log)?;
+    for &pid in &p.pids {
+        bench::reset_peak_rss(pid)?;
+    }
     let cpu_before: f64 = p.pids.iter().map(|&pid| bench::cpu_seconds(pid)).sum();
     let fixed = bench::h2load_fixed(
         &p.url,
@@ -663,10 +666,11 @@ fn measure(
         .map(|&pid| bench::cpu_seconds(pid))
         .sum::<f64>()
         - cpu_before;
+    // Peak over the fixed-rate run (reset just before it).
     let rss_mb = p
         .pids
         .iter()
-        .map(|&pid| bench::mem_mb(pid, "VmRSS"))
+        .map(|&pid| bench::mem_mb(pid, "VmHWM"))
         .fold(0.0, f64::max);
     let max_rps = match p.load {
         Load::H1 => bench::wrk_max(&p.url, &p.host, MAX_CONNS, max_secs)?,
