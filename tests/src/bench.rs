@@ -767,7 +767,7 @@ pub fn target_dir() -> PathBuf {
 }
 
 /// The sidecar's markers around the code only start-up runs, which it
-/// unmaps once ready (`proxy/src/main.rs`): `sidecar.order` names them
+/// unmaps once settled (`proxy/src/main.rs`): `sidecar.order` names them
 /// around that group.
 pub const LAYOUT_MARKERS: (&str, &str) = ("mesh_layout_cold_begin", "mesh_layout_cold_end");
 
@@ -868,6 +868,7 @@ impl Layout {
     /// (running `exe`) has resident, and how many whole pages' worth the
     /// stretch covers (what the sidecar unmaps).
     pub fn cold_resident(&self, pid: u32, exe: &Path) -> anyhow::Result<(u64, u64)> {
+        use std::io::{Read, Seek, SeekFrom};
         const PAGE: u64 = 4096;
         let exe = std::fs::canonicalize(exe)?;
         let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
@@ -894,7 +895,6 @@ impl Layout {
         let mut file = std::fs::File::open(format!("/proc/{pid}/pagemap"))?;
         let pages = ((last - first) / PAGE) as usize;
         let mut entries = vec![0u8; pages * 8];
-        use std::io::{Read, Seek, SeekFrom};
         file.seek(SeekFrom::Start((base + first) / PAGE * 8))?;
         file.read_exact(&mut entries)?;
         let resident = entries
