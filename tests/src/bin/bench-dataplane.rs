@@ -267,7 +267,7 @@ fn count_instructions(
 /// `--layout`: the functions the mesh paths' sidecars (already running
 /// under callgrind) run, written to `proxy/sidecar.order`: those that
 /// serve first, then those that only start-up ran between the sidecar's
-/// two markers (which it unmaps once ready; `proxy/src/main.rs`), each
+/// two markers (which it unmaps once settled; `proxy/src/main.rs`), each
 /// group by name.
 fn write_layout(
     paths: &[Path],
@@ -324,7 +324,7 @@ fn write_layout(
          # mesh-tests --bin bench-dataplane -- --layout` ({rustc}).\n\
          # {} that serve (idle, HTTP/1.1, HTTP/2 and gRPC load, a metrics scrape), then {}\n\
          # that only start-up ran, between the markers of the code the sidecar\n\
-         # unmaps once ready; each group by name.\n",
+         # unmaps once settled; each group by name.\n",
         served, started
     );
     let (begin, end) = (
