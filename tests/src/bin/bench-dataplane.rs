@@ -327,16 +327,10 @@ fn write_layout(
          # unmaps once settled; each group by name.\n",
         served, started
     );
-    let (begin, end) = (
-        bench::LAYOUT_MARKERS.0.to_string(),
-        bench::LAYOUT_MARKERS.1.to_string(),
-    );
-    for f in serving
-        .iter()
-        .chain([&begin])
-        .chain(only_startup)
-        .chain([&end])
-    {
+    let (begin, end) = bench::LAYOUT_MARKERS;
+    let serving = serving.iter().map(String::as_str);
+    let only_startup = only_startup.into_iter().map(String::as_str);
+    for f in serving.chain([begin]).chain(only_startup).chain([end]) {
         out.push_str(f);
         out.push('\n');
     }
