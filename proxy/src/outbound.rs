@@ -209,6 +209,26 @@ fn authority(req: &Request<ReqBody>) -> Option<&str> {
     }
 }
 
+/// The authority a routed request names: its target's, else its Host, else
+/// the address the app dialled.
+fn named_authority(
+    parts: &http::request::Parts,
+    dialled: Option<std::net::SocketAddr>,
+) -> Result<Authority, String> {
+    if let Some(a) = parts.uri.authority() {
+        return Ok(a.clone());
+    }
+    match (parts.headers.get(http::header::HOST), dialled) {
+        (Some(h), _) => {
+            Authority::try_from(h.as_bytes()).map_err(|e| format!("bad host {h:?}: {e}"))
+        }
+        (None, Some(d)) => {
+            Authority::try_from(d.to_string()).map_err(|e| format!("bad host {d}: {e}"))
+        }
+        (None, None) => Err("request names no host".into()),
+    }
+}
+
 /// Istio's cluster names for outside the mesh.
 const PASSTHROUGH: &str = "PassthroughCluster";
 const BLACKHOLE: &str = "BlackHoleCluster";
@@ -260,11 +280,10 @@ async fn forward(
         // Boxed: keeps the mesh path's future small.
         return Box::pin(outside_the_mesh(shared, snapshot, conn, req, chosen)).await;
     };
-    let authority_str = match authority(&req) {
-        Some(a) => a.to_string(),
-        None => conn.original_dst.map(|d| d.to_string()).unwrap_or_default(),
-    };
     let (mut parts, body) = req.into_parts();
+    let named = named_authority(&parts, conn.original_dst)
+        .map_err(|m| refuse(StatusCode::BAD_REQUEST, Flags::NONE, m))?;
+    let authority_str = named.as_str();
     // Asked before `prepare` drops the hop-by-hop headers that ask it.
     let upgrade = wire::upgrade_asked(parts.version, &parts.headers);
     let view = RequestView {
@@ -272,7 +291,7 @@ async fn forward(
         query: parts.uri.query(),
         method: parts.method.as_str(),
         scheme: parts.uri.scheme_str().unwrap_or("http"),
-        authority: &authority_str,
+        authority: authority_str,
         headers: &parts.headers,
         port: rc.config.port,
     };
@@ -304,7 +323,7 @@ async fn forward(
             let path = new_path
                 .as_deref()
                 .unwrap_or_else(|| parts.uri.path_and_query().map_or("/", |p| p.as_str()));
-            return Ok(crate::http_extra::redirect(rd, &authority_str, path));
+            return Ok(crate::http_extra::redirect(rd, authority_str, path));
         }
         Action::Direct(status, body) => {
             let mut resp = Response::new(wire::full(body.clone()));
@@ -356,22 +375,10 @@ async fn forward(
         ));
     };
     // The request as every attempt sends it.
-    let host = route
-        .rewrite
-        .as_ref()
-        .and_then(|r| r.authority.clone())
-        .map_or(Ok(None), |a| Ok(Some(a)))
-        .and_then(|a: Option<Authority>| match a {
-            Some(a) => Ok(a),
-            None => authority_str.parse::<Authority>(),
-        })
-        .map_err(|e| {
-            refuse(
-                StatusCode::BAD_REQUEST,
-                Flags::NONE,
-                format!("bad host {authority_str:?}: {e}"),
-            )
-        })?;
+    let host = match route.rewrite.as_ref().and_then(|r| r.authority.clone()) {
+        Some(a) => a,
+        None => named.clone(),
+    };
     prepare(&mut parts, host, new_path.as_deref(), snapshot)
         .map_err(|m| refuse(StatusCode::BAD_REQUEST, Flags::NONE, m))?;
     route.request_headers.apply(&mut parts.headers);
