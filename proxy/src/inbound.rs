@@ -191,7 +191,7 @@ pub async fn handle(
     }
     .and_then(|p| snapshot.inbound.get(&p).cloned());
     let mut req = req;
-    let span = snapshot.tracing.begin(
+    let (_, span) = snapshot.tracing.begin(
         &shared.tracer,
         trace::Side::Server,
         &mut req,

@@ -61,7 +61,7 @@ pub async fn handle(
         return Ok(Box::pin(crate::tcp::tunnel(shared, req)).await);
     }
     let snapshot = shared.snapshot.borrow().clone();
-    let span = snapshot.tracing.begin(
+    let (context, span) = snapshot.tracing.begin(
         &shared.tracer,
         trace::Side::Client,
         &mut req,
@@ -78,6 +78,7 @@ pub async fn handle(
         &snapshot,
         &conn,
         req,
+        &context,
         &mut chosen,
         &mut flags,
         &mut served,
@@ -252,11 +253,13 @@ enum Chosen {
     Outside(&'static str),
 }
 
+#[allow(clippy::too_many_arguments)] // the request's own state, and three out-parameters
 async fn forward(
     shared: &Arc<Shared>,
     snapshot: &Snapshot,
     conn: &Conn,
     req: Request<ReqBody>,
+    context: &trace::Context,
     chosen: &mut Chosen,
     flags: &mut Flags,
     served: &mut Served,
@@ -278,7 +281,10 @@ async fn forward(
     };
     let Some(rc) = by_host.or_else(by_dst) else {
         // Boxed: keeps the mesh path's future small.
-        return Box::pin(outside_the_mesh(shared, snapshot, conn, req, chosen)).await;
+        return Box::pin(outside_the_mesh(
+            shared, snapshot, conn, req, context, chosen,
+        ))
+        .await;
     };
     let (mut parts, body) = req.into_parts();
     let named = named_authority(&parts, conn.original_dst)
@@ -402,6 +408,7 @@ async fn forward(
         deadline: route.timeout.map(|t| tokio::time::Instant::now() + t),
         hash,
         original_dst: conn.original_dst,
+        context,
     };
     let (replay, body) = if http_body::Body::is_end_stream(&body) {
         // Nothing to keep: every attempt (and mirror) sends an empty body.
@@ -417,7 +424,7 @@ async fn forward(
             && let Some(c) = snapshot.clusters.get(&m.cluster)
             && (replay.is_some() || matches!(body, Sent::Empty))
         {
-            mirror(shared, &tls, c.clone(), &parts, replay.clone());
+            mirror(shared, &tls, c.clone(), &parts, replay.clone(), context);
         }
     }
     // Boxed: the attempts' future (sends, timeouts) is allocated once in
@@ -481,6 +488,7 @@ struct Attempts<'a> {
     hash: Option<u64>,
     /// Where the app was connecting to (PASSTHROUGH balancing).
     original_dst: Option<std::net::SocketAddr>,
+    context: &'a trace::Context,
 }
 
 /// One attempt's result.
@@ -633,7 +641,14 @@ impl Attempts<'_> {
         let _done = scopeguard(|| {
             endpoint.stats.active.fetch_sub(1, Ordering::Relaxed);
         });
-        let send = send_to(self.shared, self.tls, self.cluster, endpoint, req);
+        let send = send_to(
+            self.shared,
+            self.tls,
+            self.cluster,
+            endpoint,
+            req,
+            self.context,
+        );
         let per_try = self
             .retry
             .and_then(|r| r.per_try_timeout)
@@ -754,12 +769,15 @@ fn classify(e: &crate::pool::PoolError) -> Failure {
 
 /// Sends one request to `endpoint` the way `cluster` speaks to its
 /// endpoints: mutual TLS to its sidecar, plaintext, or TLS originated here.
+/// One attempt's sending. A sidecar reads the trace context from
+/// `traceparent`; a destination without one also gets B3's headers.
 async fn send_to(
     shared: &Shared,
     tls: &crate::identity::Tls,
     cluster: &Cluster,
     endpoint: &Endpoint,
     mut req: Request<Body>,
+    context: &trace::Context,
 ) -> Result<Response<Incoming>, PoolError> {
     let h2 = crate::state::speaks_h2(cluster.config.protocol);
     let upgrade = req.extensions_mut().remove::<wire::Upgrade>();
@@ -769,6 +787,9 @@ async fn send_to(
             Via::Sidecar(_) => u.to_connect(&mut req),
             _ => u.to_h1(&mut req),
         }
+    }
+    if !matches!(via, Via::Sidecar(_)) {
+        context.write_b3(req.headers_mut());
     }
     let direct = |error| PoolError::Direct {
         addr: endpoint.tunnel,
@@ -810,6 +831,7 @@ fn mirror(
     cluster: Arc<Cluster>,
     parts: &http::request::Parts,
     body: Option<Replay>,
+    context: &trace::Context,
 ) {
     let Some(endpoint) = cluster.pick(None).cloned() else {
         return;
@@ -831,6 +853,7 @@ fn mirror(
         .insert(wire::TARGET_PORT, endpoint.target_port.clone());
     let shared = shared.clone();
     let tls = tls.clone();
+    let context = *context;
     tokio::spawn(async move {
         let send = async {
             let body = match body {
@@ -839,7 +862,7 @@ fn mirror(
                 Some(_) => return,
             };
             let req = Request::from_parts(parts, body);
-            let sent = send_to(&shared, &tls, &cluster, &endpoint, req);
+            let sent = send_to(&shared, &tls, &cluster, &endpoint, req, &context);
             if let Ok(resp) = sent.await {
                 let _ = resp.into_body().collect().await;
             }
@@ -860,6 +883,7 @@ async fn outside_the_mesh(
     snapshot: &Snapshot,
     conn: &Conn,
     req: Request<ReqBody>,
+    context: &trace::Context,
     chosen: &mut Chosen,
 ) -> Result<Response<Body>, Refusal> {
     let Some(dst) = conn.original_dst else {
@@ -901,6 +925,7 @@ async fn outside_the_mesh(
     }
     parts.version = http::Version::HTTP_11;
     wire::forwarded(&mut parts.headers, None, "http");
+    context.write_b3(&mut parts.headers);
     if let Ok(h) = http::HeaderValue::from_str(&host) {
         parts.headers.insert(http::header::HOST, h);
     }

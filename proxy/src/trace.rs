@@ -336,53 +336,78 @@ thread_local! {
 /// Writes the span `span_id` of `trace_id` into `h` as the context the
 /// next hop continues: `traceparent` (any `tracestate` is kept as it came)
 /// and B3's headers, the single one too when the caller used it.
-fn inject(
-    h: &mut HeaderMap,
+/// A request's place in its trace as this sidecar passes it on: its trace,
+/// this sidecar's span, the caller's span (B3's parent) and the sampling
+/// decision.
+#[derive(Clone, Copy, Debug)]
+pub struct Context {
     trace_id: u128,
     span_id: u64,
     parent: Option<u64>,
     sampled: bool,
+    /// The caller used B3's single header: it is written back in that form too.
     single_b3: bool,
-) {
-    let flag = if sampled { "1" } else { "0" };
-    let trace = Hex::<32>::default().hex(trace_id, 32);
-    let span = Hex::<16>::default().hex(span_id.into(), 16);
-    h.insert(
-        TRACEPARENT,
-        Hex::<55>::default()
-            .text("00-")
-            .join(&trace)
-            .text("-")
-            .join(&span)
-            .text("-0")
-            .text(flag)
-            .value(),
-    );
-    h.insert(X_B3_TRACEID, trace.value());
-    h.insert(X_B3_SPANID, span.value());
-    match parent {
-        Some(p) => h.insert(
-            X_B3_PARENTSPANID,
-            Hex::<16>::default().hex(p.into(), 16).value(),
-        ),
-        None => h.remove(X_B3_PARENTSPANID),
-    };
-    h.insert(
-        X_B3_SAMPLED,
-        HeaderValue::from_static(if sampled { "1" } else { "0" }),
-    );
-    h.remove(X_B3_FLAGS);
-    if single_b3 {
+}
+
+impl Context {
+    fn flag(&self) -> &'static str {
+        if self.sampled { "1" } else { "0" }
+    }
+
+    /// The form sidecars carry between them: `traceparent` (and `b3` when
+    /// the caller used it, so the far side writes that form too).
+    fn write_traceparent(&self, h: &mut HeaderMap, trace: &Hex<32>, span: &Hex<16>) {
         h.insert(
-            B3,
-            Hex::<51>::default()
-                .join(&trace)
+            TRACEPARENT,
+            Hex::<55>::default()
+                .text("00-")
+                .join(trace)
                 .text("-")
-                .join(&span)
-                .text("-")
-                .text(flag)
+                .join(span)
+                .text("-0")
+                .text(self.flag())
                 .value(),
         );
+        if self.single_b3 {
+            h.insert(
+                B3,
+                Hex::<51>::default()
+                    .join(trace)
+                    .text("-")
+                    .join(span)
+                    .text("-")
+                    .text(self.flag())
+                    .value(),
+            );
+        }
+    }
+
+    /// B3's multi-header form, for a request leaving the mesh: to the app
+    /// (the inbound side) or to a destination without a sidecar.
+    pub fn write_b3(&self, h: &mut HeaderMap) {
+        self.write_b3_from(h, &self.trace_hex(), &self.span_hex());
+    }
+
+    fn write_b3_from(&self, h: &mut HeaderMap, trace: &Hex<32>, span: &Hex<16>) {
+        h.insert(X_B3_TRACEID, trace.value());
+        h.insert(X_B3_SPANID, span.value());
+        match self.parent {
+            Some(p) => h.insert(
+                X_B3_PARENTSPANID,
+                Hex::<16>::default().hex(p.into(), 16).value(),
+            ),
+            None => h.remove(X_B3_PARENTSPANID),
+        };
+        h.insert(X_B3_SAMPLED, HeaderValue::from_static(self.flag()));
+        h.remove(X_B3_FLAGS);
+    }
+
+    fn trace_hex(&self) -> Hex<32> {
+        Hex::<32>::default().hex(self.trace_id, 32)
+    }
+
+    fn span_hex(&self) -> Hex<16> {
+        Hex::<16>::default().hex(self.span_id.into(), 16)
     }
 }
 
@@ -450,15 +475,19 @@ impl Settings {
 
     /// Places a request in its trace as it arrives: reads its context,
     /// decides sampling, gives it an `x-request-id` if it has none and
-    /// writes this sidecar's span into its headers. A span to finish comes
-    /// back only when the trace is sampled and this side reports spans.
+    /// writes this sidecar's span into its headers: as `traceparent` on the
+    /// calling side, where the next hop is a sidecar that reads nothing
+    /// else, and B3's headers too on the called side, for the app. The
+    /// context comes back for a request that leaves the mesh elsewhere
+    /// ([`Context::write_b3`]); a span to finish only when the trace is
+    /// sampled and this side reports spans.
     pub fn begin<B>(
         &self,
         tracer: &Tracer,
         side: Side,
         req: &mut http::Request<B>,
         peer: Option<std::net::SocketAddr>,
-    ) -> Option<Box<Pending>> {
+    ) -> (Context, Option<Box<Pending>>) {
         let ex = extract(req.headers());
         if let Some(m) = ex.malformed {
             tracer.stats.malformed[m as usize].fetch_add(1, Ordering::Relaxed);
@@ -479,13 +508,24 @@ impl Settings {
             .map_or_else(|| nonzero(rand::random::<u128>), |p| p.trace_id);
         let span_id = nonzero(rand::random::<u64>);
         let parent = ex.parent.map(|p| p.span_id);
-        inject(headers, trace_id, span_id, parent, sampled, ex.single_b3);
+        let context = Context {
+            trace_id,
+            span_id,
+            parent,
+            sampled,
+            single_b3: ex.single_b3,
+        };
+        let (trace, span) = (context.trace_hex(), context.span_hex());
+        context.write_traceparent(headers, &trace, &span);
+        if side == Side::Server {
+            context.write_b3_from(headers, &trace, &span);
+        }
         let reports = match side {
             Side::Client => self.client,
             Side::Server => self.server,
         };
         if !(sampled && reports && self.collector.is_some()) {
-            return None;
+            return (context, None);
         }
         let header = |n: &HeaderName| {
             req.headers()
@@ -521,7 +561,7 @@ impl Settings {
         for (k, h) in &self.header_tags {
             attributes.push(KeyValue::new(k.clone(), header(h)));
         }
-        Some(Box::new(Pending {
+        let pending = Box::new(Pending {
             trace_id,
             span_id,
             parent,
@@ -535,7 +575,8 @@ impl Settings {
                 .unwrap_or_default(),
             authority,
             attributes,
-        }))
+        });
+        (context, Some(pending))
     }
 }
 
@@ -939,22 +980,50 @@ mod tests {
         let tracer = Tracer::default();
         // Sampled upstream, 0 % here: still sampled.
         let mut req = request(&[("traceparent", &format!("00-{TRACE}-{SPAN}-01"))]);
-        let span = settings(0.0).begin(&tracer, Side::Client, &mut req, None);
+        let (context, span) = settings(0.0).begin(&tracer, Side::Client, &mut req, None);
         let span = span.expect("the caller sampled it");
         assert_eq!(span.parent, Some(0x00f067aa0ba902b7));
         let tp = req.headers()["traceparent"].to_str().unwrap();
         assert!(tp.starts_with(&format!("00-{TRACE}-")), "{tp}");
         assert!(tp.ends_with("-01"), "{tp}");
-        assert_eq!(&tp[36..52], format!("{:016x}", span.span_id));
-        assert_eq!(req.headers()["x-b3-traceid"], TRACE);
-        assert_eq!(req.headers()["x-b3-parentspanid"], SPAN);
-        assert_eq!(req.headers()["x-b3-sampled"], "1");
+        let span_hex = format!("{:016x}", span.span_id);
+        assert_eq!(&tp[36..52], span_hex);
+        // Toward a sidecar, the traceparent alone.
+        assert!(!req.headers().contains_key("x-b3-traceid"));
         assert!(!req.headers().contains_key("b3"));
+        // Leaving the mesh, B3's headers say the same.
+        let b3 = |req: &http::Request<()>| {
+            [
+                "x-b3-traceid",
+                "x-b3-spanid",
+                "x-b3-parentspanid",
+                "x-b3-sampled",
+            ]
+            .map(|h| req.headers()[h].to_str().unwrap().to_string())
+        };
+        context.write_b3(req.headers_mut());
+        assert_eq!(b3(&req), [TRACE, &span_hex, SPAN, "1"]);
+        // The called side writes both, for its app.
+        let (_, span) = settings(0.0).begin(&tracer, Side::Server, &mut req, None);
+        let span = span.expect("sampled");
+        assert_eq!(
+            span.parent,
+            Some(u64::from_str_radix(&span_hex, 16).unwrap())
+        );
+        let span_hex2 = format!("{:016x}", span.span_id);
+        assert_eq!(b3(&req), [TRACE, &span_hex2, &span_hex, "1"]);
+        assert!(
+            req.headers()["traceparent"]
+                .to_str()
+                .unwrap()
+                .contains(&span_hex2)
+        );
         // Not sampled upstream, 100 % here: still not, and said so downstream.
         let mut req = request(&[("b3", &format!("{TRACE}-{SPAN}-0"))]);
         assert!(
             settings(100.0)
                 .begin(&tracer, Side::Client, &mut req, None)
+                .1
                 .is_none()
         );
         assert_eq!(flags(&req), "00");
@@ -972,7 +1041,7 @@ mod tests {
         let sampled = (0..n)
             .filter(|_| {
                 let mut req = request(&[]);
-                let span = s.begin(&tracer, Side::Server, &mut req, None);
+                let (_, span) = s.begin(&tracer, Side::Server, &mut req, None);
                 assert_eq!(span.is_some(), flags(&req) == "01");
                 span.is_some()
             })
@@ -987,6 +1056,7 @@ mod tests {
                 ..Default::default()
             }))
             .begin(&tracer, Side::Client, &mut req, None)
+            .1
             .is_none()
         );
         assert_eq!(flags(&req), "01");
@@ -1027,6 +1097,7 @@ mod tests {
         let mut req = request(&[("traceparent", &format!("00-{TRACE}-{SPAN}-01"))]);
         let p = settings(100.0)
             .begin(&Tracer::default(), Side::Client, &mut req, None)
+            .1
             .unwrap();
         p.end(
             &crate::wire::PeerMeta::default(),

@@ -21,6 +21,8 @@ struct Seen {
     sni: Option<String>,
     client_cert: bool,
     mesh_headers: Vec<String>,
+    /// `traceparent` and the `x-b3-*` headers, by name.
+    trace: std::collections::BTreeMap<String, String>,
 }
 
 /// An HTTP/1.1 server on 127.0.0.1, plaintext or TLS (asking for a client
@@ -70,11 +72,20 @@ impl Server {
                             .map(|k| k.as_str().to_string())
                             .filter(|k| k.starts_with("x-mesh-"))
                             .collect();
+                        let trace = req
+                            .headers()
+                            .iter()
+                            .filter(|(k, _)| {
+                                k.as_str() == "traceparent" || k.as_str().starts_with("x-b3-")
+                            })
+                            .map(|(k, v)| (k.to_string(), v.to_str().unwrap().to_string()))
+                            .collect();
                         log.lock().unwrap().push(Seen {
                             host,
                             sni: sni.clone(),
                             client_cert,
                             mesh_headers,
+                            trace,
                         });
                         async move {
                             Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
@@ -255,6 +266,26 @@ async fn plaintext_to_endpoints_without_a_sidecar_and_tls_originated_as_destinat
     assert_eq!(seen.len(), 1, "{seen:?}");
     assert_eq!(seen[0].host, "legacy.example.com");
     assert!(seen[0].mesh_headers.is_empty(), "{seen:?}");
+    // Sidecars carry the trace context between them as `traceparent`; a
+    // server without one also gets B3's headers, for the same span.
+    let trace = &seen[0].trace;
+    let tp: Vec<&str> = trace["traceparent"].split('-').collect();
+    assert_eq!(tp.len(), 4, "{trace:?}");
+    assert_eq!(
+        trace.get("x-b3-traceid").map(String::as_str),
+        Some(tp[1]),
+        "{trace:?}"
+    );
+    assert_eq!(
+        trace.get("x-b3-spanid").map(String::as_str),
+        Some(tp[2]),
+        "{trace:?}"
+    );
+    assert_eq!(
+        trace.get("x-b3-sampled").map(String::as_str),
+        Some(&tp[3][1..]),
+        "{trace:?}"
+    );
 
     // The sidecar originates TLS: SIMPLE checks the server against the CA
     // file and sends the host as SNI; MUTUAL also presents the client's
