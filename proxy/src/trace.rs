@@ -182,6 +182,8 @@ pub fn extract(h: &HeaderMap) -> Extracted {
             Some((p, sampled)) => {
                 out.parent = Some(p);
                 out.sampled = Some(sampled);
+                // The form a caller used travels with the context.
+                out.single_b3 = h.contains_key(&B3);
                 return out;
             }
             None => out.malformed = Some(Header::Traceparent),
@@ -497,7 +499,10 @@ impl Settings {
             );
         }
         let headers = req.headers_mut();
-        if !headers.contains_key(&X_REQUEST_ID) {
+        if let Some(id) = headers.get_mut(&X_REQUEST_ID) {
+            // One request's alone, as ours are (`Hex::value`).
+            id.set_sensitive(true);
+        } else {
             headers.insert(X_REQUEST_ID, request_id());
         }
         let sampled = ex
@@ -517,8 +522,22 @@ impl Settings {
         };
         let (trace, span) = (context.trace_hex(), context.span_hex());
         context.write_traceparent(headers, &trace, &span);
-        if side == Side::Server {
-            context.write_b3_from(headers, &trace, &span);
+        match side {
+            Side::Server => context.write_b3_from(headers, &trace, &span),
+            // The caller's B3 headers name its span, not ours; where the
+            // request leaves the mesh ours are written instead.
+            Side::Client if headers.keys().any(|k| k.as_str().starts_with("x-b3-")) => {
+                for h in [
+                    X_B3_TRACEID,
+                    X_B3_SPANID,
+                    X_B3_PARENTSPANID,
+                    X_B3_SAMPLED,
+                    X_B3_FLAGS,
+                ] {
+                    headers.remove(h);
+                }
+            }
+            Side::Client => {}
         }
         let reports = match side {
             Side::Client => self.client,
@@ -1031,6 +1050,51 @@ mod tests {
             req.headers()["b3"].to_str().unwrap().ends_with("-0"),
             "answered in kind"
         );
+    }
+
+    #[test]
+    fn toward_the_next_sidecar_only_this_sidecars_context_travels() {
+        let tracer = Tracer::default();
+        let span_of = |req: &http::Request<()>| {
+            req.headers()["traceparent"].to_str().unwrap()[36..52].to_string()
+        };
+        // An app that copies every header of the request it serves.
+        let mut req = request(&[
+            ("traceparent", &format!("00-{TRACE}-{SPAN}-01")),
+            ("b3", &format!("{TRACE}-{SPAN}-1")),
+            ("x-b3-traceid", TRACE),
+            ("x-b3-spanid", SPAN),
+            ("x-b3-parentspanid", "05e3ac9a4f6e3b90"),
+            ("x-b3-sampled", "1"),
+            ("x-b3-flags", "1"),
+            ("x-request-id", "the-apps"),
+        ]);
+        settings(0.0).begin(&tracer, Side::Client, &mut req, None);
+        let ours = span_of(&req);
+        assert_ne!(ours, SPAN);
+        for h in [
+            "x-b3-traceid",
+            "x-b3-spanid",
+            "x-b3-parentspanid",
+            "x-b3-sampled",
+            "x-b3-flags",
+        ] {
+            assert!(!req.headers().contains_key(h), "{h} went on");
+        }
+        // B3's single header, which the app used, is ours now.
+        assert_eq!(req.headers()["b3"], format!("{TRACE}-{ours}-1"));
+        let id = &req.headers()["x-request-id"];
+        assert_eq!(id, "the-apps");
+        assert!(
+            id.is_sensitive(),
+            "indexed, it would push out entries that repeat"
+        );
+        // The called side answers its app in the same forms, for its span.
+        settings(0.0).begin(&tracer, Side::Server, &mut req, None);
+        let theirs = span_of(&req);
+        assert_eq!(req.headers()["b3"], format!("{TRACE}-{theirs}-1"));
+        assert_eq!(req.headers()["x-b3-spanid"], theirs.as_str());
+        assert_eq!(req.headers()["x-b3-parentspanid"], ours.as_str());
     }
 
     #[test]
