@@ -55,6 +55,7 @@ pub async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<Body>, std::convert::Infallible> {
     let protocol = wire::protocol_label(&req);
+    let caller_h2 = req.version() == http::Version::HTTP_2;
     let (begun, mut req) = observe::Begun::new(req);
     if req.method() == http::Method::CONNECT {
         // Boxed: a rare path, kept out of every request's future.
@@ -84,7 +85,7 @@ pub async fn handle(
         &mut served,
     )
     .await;
-    let resp = match result {
+    let mut resp = match result {
         Ok(resp) => resp,
         // The request never went whole: the client's fault, not the
         // upstream's (Envoy's DPE).
@@ -97,6 +98,9 @@ pub async fn handle(
             local_reply(r.status, r.message)
         }
     };
+    if caller_h2 {
+        wire::unindexed_date(resp.headers_mut());
+    }
     let code = resp.status().as_u16();
     let flags = flags.as_str();
     let finish = move |done: observe::Done| {
