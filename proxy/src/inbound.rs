@@ -446,7 +446,6 @@ async fn forward(
     req: Request<ReqBody>,
 ) -> (Response<Body>, bool) {
     let (mut parts, body) = req.into_parts();
-    let caller_h2 = parts.version == http::Version::HTTP_2;
     let upgrading = parts.extensions.get::<wire::Upgrade>().is_some();
     let original = parts.uri.authority().cloned();
     let mut uri = std::mem::take(&mut parts.uri).into_parts();
@@ -505,9 +504,8 @@ async fn forward(
     };
     let (mut parts, body) = resp.into_parts();
     wire::strip_hop_by_hop(&mut parts.headers);
-    if caller_h2 {
-        wire::unindexed_date(&mut parts.headers);
-    }
+    // Callers are sidecars, over HTTP/2, but for plaintext ones.
+    wire::unindexed_date(&mut parts.headers);
     (Response::from_parts(parts, body), true)
 }
 
