@@ -773,8 +773,8 @@ fn classify(e: &crate::pool::PoolError) -> Failure {
 
 /// Sends one request to `endpoint` the way `cluster` speaks to its
 /// endpoints: mutual TLS to its sidecar, plaintext, or TLS originated here.
-/// One attempt's sending. A sidecar reads the trace context from
-/// `traceparent`; a destination without one also gets B3's headers.
+/// A sidecar reads the trace context from `traceparent`; a destination
+/// without one also gets B3's headers.
 async fn send_to(
     shared: &Shared,
     tls: &crate::identity::Tls,

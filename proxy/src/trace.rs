@@ -335,12 +335,9 @@ thread_local! {
         std::cell::RefCell::new(bytes::BytesMut::with_capacity(ARENA_BLOCK));
 }
 
-/// Writes the span `span_id` of `trace_id` into `h` as the context the
-/// next hop continues: `traceparent` (any `tracestate` is kept as it came)
-/// and B3's headers, the single one too when the caller used it.
 /// A request's place in its trace as this sidecar passes it on: its trace,
 /// this sidecar's span, the caller's span (B3's parent) and the sampling
-/// decision.
+/// decision. Any `tracestate` travels as it came.
 #[derive(Clone, Copy, Debug)]
 pub struct Context {
     trace_id: u128,
