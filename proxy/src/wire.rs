@@ -79,9 +79,9 @@ static HOP_BY_HOP: [HeaderName; 7] = [
 /// Marks a response's `Date` for an HTTP/2 caller as never indexed. The
 /// value changes each second: indexed, each new one would join a chain in
 /// the caller's HPACK table that h2 walks, comparing values, for every
-/// response until the stale ones are evicted (~60 at 1,000 responses a
-/// second; h2 decodes a never-indexed value as an ordinary one, so each
-/// HTTP/2 hop marks it again).
+/// response until the stale ones are evicted (a minute's worth, ~60, when
+/// nothing else is inserted; h2 decodes a never-indexed value as an
+/// ordinary one, so each HTTP/2 hop marks it again).
 pub fn unindexed_date(headers: &mut HeaderMap) {
     if let Some(d) = headers.get_mut(header::DATE) {
         d.set_sensitive(true);
