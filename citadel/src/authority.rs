@@ -453,11 +453,22 @@ pub(crate) fn write_private(path: &Path, contents: &str) -> Result<(), Authority
     f.write_all(contents.as_bytes()).map_err(io(path))
 }
 
-/// Replaces `path` atomically (write beside it, then rename).
+/// Replaces `path` atomically (write beside it, then rename). The file
+/// beside it is this writer's own: `citadel serve` and a `mint-token` run
+/// may open one state directory at once, and a shared name let one rename
+/// the other's file away before it could.
 fn replace_file(path: &Path, contents: &str) -> Result<(), AuthorityError> {
-    let tmp = path.with_extension("tmp");
+    static WRITES: AtomicU64 = AtomicU64::new(0);
+    let tmp = path.with_extension(format!(
+        "{}.{}.tmp",
+        std::process::id(),
+        WRITES.fetch_add(1, Ordering::Relaxed)
+    ));
     fs::write(&tmp, contents).map_err(io(&tmp))?;
-    fs::rename(&tmp, path).map_err(io(path))
+    fs::rename(&tmp, path).map_err(|e| {
+        let _ = fs::remove_file(&tmp);
+        io(path)(e)
+    })
 }
 
 pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> AuthorityError + '_ {

@@ -146,3 +146,36 @@ fn refuses_a_root_key_readable_by_others_naming_the_file() {
         "{err}"
     );
 }
+
+/// `citadel serve` and a `mint-token` run (or two replicas starting) open one
+/// state directory at the same time; each must start, and the state stays
+/// whole.
+#[test]
+fn citadels_opening_one_state_directory_at_once_all_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = Citadel::open(Config::new(dir.path())).unwrap();
+    let root = first.roots_pem();
+    drop(first);
+    std::thread::scope(|s| {
+        let opened: Vec<_> = (0..4)
+            .map(|_| {
+                s.spawn(|| {
+                    for _ in 0..25 {
+                        let c = Citadel::open(Config::new(dir.path()))?;
+                        assert_eq!(c.roots_pem(), root);
+                    }
+                    Ok::<_, mesh_citadel::authority::AuthorityError>(())
+                })
+            })
+            .collect();
+        for t in opened {
+            t.join().unwrap().expect("every open starts");
+        }
+    });
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".tmp"))
+        .collect();
+    assert!(left.is_empty(), "temporary files left behind: {left:?}");
+}

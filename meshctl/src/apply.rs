@@ -173,12 +173,14 @@ fn read_config(dir: &Path) -> anyhow::Result<BTreeMap<PathBuf, Vec<Segment>>> {
 }
 
 /// Writes `text` to `path` whole or not at all: pilot never reads half a file.
+/// The file written first is this run's own, so a second `meshctl` at the
+/// same moment cannot rename it away.
 fn write_atomically(path: &Path, text: &str) -> anyhow::Result<()> {
     let name = path
         .file_name()
         .and_then(|n| n.to_str())
         .unwrap_or("config");
-    let tmp = path.with_file_name(format!(".{name}.tmp"));
+    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
     std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
 }
