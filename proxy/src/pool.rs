@@ -50,6 +50,10 @@ pub enum PoolError {
     /// The cluster's transport rules the endpoint out.
     #[error("{1}")]
     Refused(SocketAddr, String),
+    /// The attempt to connect this request waited on, made for all the
+    /// requests that found no connection at the same time.
+    #[error("{0}")]
+    Joined(Arc<PoolError>),
 }
 
 /// An error with its causes, as one line.
@@ -70,6 +74,7 @@ impl PoolError {
         match self {
             PoolError::Http(..) => false,
             PoolError::Direct { error, .. } => error.is_connect(),
+            PoolError::Joined(e) => e.is_connect(),
             _ => true,
         }
     }
@@ -146,10 +151,25 @@ pub fn keepalive(tcp: &tokio::net::TcpStream, k: &Keepalive) -> std::io::Result<
 
 type Conns = Arc<Mutex<HashMap<SocketAddr, Vec<Open>>>>;
 
+/// An attempt to connect under way, awaited by every request that found
+/// no connection for its key meanwhile. It pools what it opens itself, so
+/// it finishes whichever of them is still waiting.
+type Attempt =
+    futures::future::Shared<futures::future::BoxFuture<'static, Result<Opened, Arc<PoolError>>>>;
+
+/// A new connection and its usage, which each request that waited on it
+/// takes its share of.
+type Opened = (SendRequest<Body>, Arc<Usage>);
+
+type Attempts = Arc<Mutex<HashMap<(SocketAddr, SpiffeId, Arc<str>), Attempt>>>;
+
 #[derive(Default)]
 pub struct Pool {
     /// By address, then a short list (usually one) by identity and name.
     conns: Conns,
+    /// Connections being opened, by address, identity and name: a burst
+    /// of first requests opens one, not one each.
+    attempts: Attempts,
     /// Mark for the sockets to peers (`Config::socket_mark`).
     mark: Option<u32>,
     /// Connections opened, for the proxy's metrics.
@@ -214,6 +234,7 @@ impl Pool {
     pub fn new(mark: Option<u32>, opened: prometheus_client::metrics::counter::Counter) -> Self {
         Self {
             conns: Conns::default(),
+            attempts: Attempts::default(),
             mark,
             opened,
         }
@@ -242,27 +263,7 @@ impl Pool {
         });
         let mut sender = match existing {
             Some(s) => s,
-            None => {
-                // Boxed: connecting is rare, and inlined it would make every
-                // request's future several kilobytes larger.
-                let s = Box::pin(connect(tls, addr, expected, sni, self.mark, settings)).await?;
-                self.opened.inc();
-                let usage = Arc::new(Usage::new());
-                usage.take(settings);
-                let mut conns = self.conns.lock().unwrap();
-                let open = conns.entry(addr).or_default();
-                open.retain(|o| {
-                    !o.sender.is_closed() && (o.expected != *expected || o.sni != *sni)
-                });
-                open.push(Open {
-                    expected: expected.clone(),
-                    sni: sni.clone(),
-                    sender: s.clone(),
-                    usage: usage.clone(),
-                });
-                self.close_when_idle(addr, &usage, settings);
-                s
-            }
+            None => self.opened_for(tls, addr, expected, sni, settings).await?,
         };
         sender
             .send_request(req)
@@ -270,21 +271,97 @@ impl Pool {
             .map_err(|e| PoolError::Http(addr, e))
     }
 
-    /// Under an idle timeout, makes sure a task closes the connection
-    /// once it goes unused that long (also for one opened before the
-    /// rule said so).
-    fn close_when_idle(&self, addr: SocketAddr, usage: &Arc<Usage>, settings: &Settings) {
-        use std::sync::atomic::Ordering::Relaxed;
-        if let Some(idle) = settings.idle
-            && !usage.reaped.swap(true, Relaxed)
-        {
-            tokio::spawn(close_when_idle(
-                self.conns.clone(),
-                addr,
-                usage.clone(),
-                idle,
-            ));
+    /// A connection opened for this request: by the attempt under way for
+    /// the same key, or by a new one. Waiting on another's attempt, the
+    /// request still takes its share of the connection's usage, and joins
+    /// or starts the next attempt if the settings retire it meanwhile
+    /// (`maxRequestsPerConnection` below the burst).
+    async fn opened_for(
+        &self,
+        tls: &Tls,
+        addr: SocketAddr,
+        expected: &SpiffeId,
+        sni: &Arc<str>,
+        settings: &Settings,
+    ) -> Result<SendRequest<Body>, PoolError> {
+        loop {
+            let attempt = self.attempt(tls, addr, expected, sni, settings)?;
+            let (sender, usage) = attempt.await.map_err(PoolError::Joined)?;
+            if usage.take(settings) {
+                return Ok(sender);
+            }
         }
+    }
+
+    /// The attempt under way for (`addr`, `expected`, `sni`), or a new one.
+    fn attempt(
+        &self,
+        tls: &Tls,
+        addr: SocketAddr,
+        expected: &SpiffeId,
+        sni: &Arc<str>,
+        settings: &Settings,
+    ) -> Result<Attempt, PoolError> {
+        use futures::FutureExt;
+        let key = (addr, expected.clone(), sni.clone());
+        let mut attempts = self.attempts.lock().unwrap();
+        if let Some(a) = attempts.get(&key) {
+            return Ok(a.clone());
+        }
+        let config = tls.client_for(expected)?;
+        let (conns, all, opened, mark, settings) = (
+            self.conns.clone(),
+            self.attempts.clone(),
+            self.opened.clone(),
+            self.mark,
+            settings.clone(),
+        );
+        let k = key.clone();
+        let attempt = async move {
+            let connected = connect(config, addr, &k.1, &k.2, mark, &settings).await;
+            let opened = connected.map(|s| {
+                opened.inc();
+                let usage = Arc::new(Usage::new());
+                let mut pooled = conns.lock().unwrap();
+                let open = pooled.entry(addr).or_default();
+                open.retain(|o| !o.sender.is_closed() && (o.expected != k.1 || o.sni != k.2));
+                open.push(Open {
+                    expected: k.1.clone(),
+                    sni: k.2.clone(),
+                    sender: s.clone(),
+                    usage: usage.clone(),
+                });
+                drop(pooled);
+                reap_when_idle(&conns, addr, &usage, &settings);
+                (s, usage)
+            });
+            // Pooled before forgotten here: a request arriving between the
+            // two finds one or the other.
+            all.lock().unwrap().remove(&k);
+            opened.map_err(Arc::new)
+        }
+        .boxed()
+        .shared();
+        attempts.insert(key, attempt.clone());
+        // Driven to its end by a task of its own, so that it is pooled (or
+        // forgotten) even if every request waiting on it is cancelled.
+        tokio::spawn(attempt.clone());
+        Ok(attempt)
+    }
+
+    fn close_when_idle(&self, addr: SocketAddr, usage: &Arc<Usage>, settings: &Settings) {
+        reap_when_idle(&self.conns, addr, usage, settings)
+    }
+}
+
+/// Under an idle timeout, makes sure a task closes the connection once it
+/// goes unused that long (also for one opened before the rule said so).
+fn reap_when_idle(conns: &Conns, addr: SocketAddr, usage: &Arc<Usage>, settings: &Settings) {
+    use std::sync::atomic::Ordering::Relaxed;
+    if let Some(idle) = settings.idle
+        && !usage.reaped.swap(true, Relaxed)
+    {
+        tokio::spawn(close_when_idle(conns.clone(), addr, usage.clone(), idle));
     }
 }
 
@@ -309,14 +386,13 @@ async fn close_when_idle(conns: Conns, addr: SocketAddr, usage: Arc<Usage>, idle
 }
 
 async fn connect(
-    tls: &Tls,
+    config: Arc<rustls::ClientConfig>,
     addr: SocketAddr,
     expected: &SpiffeId,
     sni: &str,
     mark: Option<u32>,
     settings: &Settings,
 ) -> Result<SendRequest<Body>, PoolError> {
-    let config = tls.client_for(expected)?;
     let tcp = tokio::time::timeout(
         settings.connect_timeout,
         mesh_identity::grpc::dial(addr, mark),
@@ -330,9 +406,17 @@ async fn connect(
     {
         tracing::debug!(%addr, error = %e, "TCP keepalive not set");
     }
-    let stream = tokio_rustls::TlsConnector::from(config)
-        .connect(server_name(sni, addr), tcp)
+    // The handshake gets as long again: every request for this key waits
+    // on this one attempt, so it must end.
+    let handshake = tokio_rustls::TlsConnector::from(config).connect(server_name(sni, addr), tcp);
+    let stream = tokio::time::timeout(settings.connect_timeout, handshake)
         .await
+        .unwrap_or_else(|_| {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "timed out",
+            ))
+        })
         .map_err(|source| PoolError::Tls {
             addr,
             expected: expected.clone(),

@@ -874,7 +874,7 @@ async fn malformed_http_is_answered_and_the_sidecar_keeps_serving() {
 /// A DestinationRule's connectionPool shapes the connections between the
 /// sidecars: `maxRequestsPerConnection` retires a connection after so
 /// many requests, `idleTimeout` closes one left unused; without either,
-/// one HTTP/2 connection carries every request.
+/// one HTTP/2 connection carries every request, from the first burst on.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_connection_pool_retires_and_closes_connections_between_sidecars() {
     let mesh = Mesh::start().await;
@@ -895,7 +895,14 @@ async fn the_connection_pool_retires_and_closes_connections_between_sidecars() {
             }
         }
     };
-    ratings(1).await;
+    // Sixteen first requests at once: they wait on one handshake.
+    let before = opened().await;
+    futures::future::join_all((0..16).map(|_| ratings(1))).await;
+    assert_eq!(
+        opened().await - before,
+        1.0,
+        "a burst of first requests opened a connection each"
+    );
     let before = opened().await;
     ratings(5).await;
     assert_eq!(opened().await, before, "one connection carries them all");
@@ -933,6 +940,13 @@ spec:
     let before = opened().await;
     ratings(5).await;
     assert_eq!(opened().await, before + 5.0, "one request per connection");
+    let before = opened().await;
+    futures::future::join_all((0..4).map(|_| ratings(1))).await;
+    assert_eq!(
+        opened().await,
+        before + 4.0,
+        "a burst too: one request per connection"
+    );
 
     mesh.write_config(
         "ratings-pool.yaml",
