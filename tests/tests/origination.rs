@@ -567,6 +567,73 @@ spec:
     mesh.stop().await;
 }
 
+/// The same bound holds for the mutual-TLS handshake with an endpoint that
+/// has a sidecar: one that accepts the connection and never answers costs
+/// the connect timeout, not a request left hanging (every request for that
+/// sidecar waits on the one handshake).
+#[tokio::test(flavor = "multi_thread")]
+async fn connect_timeout_bounds_the_handshake_with_a_silent_sidecar() {
+    let mesh = Mesh::start().await;
+    let (a, b) = {
+        use rand::Rng;
+        let mut r = rand::rng();
+        (r.random_range(20..250u8), r.random_range(1..250u8))
+    };
+    let silent = std::net::Ipv4Addr::new(127, a, b, 77);
+    let listener = tokio::net::TcpListener::bind((silent, mesh_proto::ports::INBOUND))
+        .await
+        .unwrap();
+    let accepted = Arc::new(Mutex::new(Vec::new()));
+    let held = accepted.clone();
+    let accepting = tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            held.lock().unwrap().push(tcp);
+        }
+    });
+    mesh.write_config(
+        "silent.yaml",
+        &format!(
+            "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: silent, namespace: default}}
+spec:
+  hosts: [silent.example.com]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  endpoints:
+  - {{address: {silent}, labels: {{security.istio.io/tlsMode: istio}}, serviceAccount: silent}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: silent, namespace: default}}
+spec:
+  host: silent.example.com
+  trafficPolicy:
+    connectionPool: {{tcp: {{connectTimeout: 200ms}}}}
+"
+        ),
+    );
+    mesh.wait_config_dump("client", "outbound|80||silent.example.com")
+        .await;
+    let started = Instant::now();
+    let (code, body) = get(&mesh.client(), "silent.example.com").await;
+    let took = started.elapsed();
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        body.contains("mTLS handshake") && body.contains("timed out"),
+        "{body}"
+    );
+    // One try and Istio's two default retries, 200 ms each, and slack.
+    assert!(took < Duration::from_secs(3), "took {took:?}: {body}");
+    assert!(
+        !accepted.lock().unwrap().is_empty(),
+        "the sidecar never connected to the silent endpoint"
+    );
+    accepting.abort();
+    mesh.stop().await;
+}
+
 /// What an app hears back after saying `ping` over TLS (server name `sni`,
 /// trusting `pki`'s CA) through `pod`'s captured sidecar: `None` when the
 /// connection is closed or the handshake fails.
