@@ -147,3 +147,69 @@ impl ServerCertVerifier for SpiffeServerVerifier {
             .supported_schemes()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
+
+    /// Credentials for each of `ids`, issued by one CA of the test's own.
+    fn mesh_pair(ids: [&SpiffeId; 2]) -> [Credentials; 2] {
+        let ca_key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(vec![]).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = params.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(params, ca_key);
+        ids.map(|id| {
+            let key = KeyPair::generate().unwrap();
+            let mut leaf = CertificateParams::new(vec![]).unwrap();
+            leaf.subject_alt_names = vec![SanType::URI(id.to_string().try_into().unwrap())];
+            let cert = leaf.signed_by(&key, &issuer).unwrap();
+            Credentials::from_pem(&cert.pem(), &key.serialize_pem(), &ca.pem()).unwrap()
+        })
+    }
+
+    /// Between two sidecars the handshake settles on TLS 1.3 with
+    /// AES-128-GCM, and each side learns the other's SPIFFE ID.
+    #[test]
+    fn sidecars_agree_on_aes_128_gcm_and_each_others_identity() {
+        let (a, b) = (
+            SpiffeId::new("cluster.local", "default", "client"),
+            SpiffeId::new("cluster.local", "default", "server"),
+        );
+        let [client_creds, server_creds] = mesh_pair([&a, &b]);
+        let client_cfg = client_config(
+            Some(&client_creds),
+            client_creds.roots.clone(),
+            b.clone(),
+            &[b"h2"],
+        )
+        .unwrap();
+        let server_cfg = server_config(&server_creds, true, &[b"h2"]).unwrap();
+        let mut client =
+            rustls::ClientConnection::new(client_cfg, ServerName::try_from("server").unwrap())
+                .unwrap();
+        let mut server = rustls::ServerConnection::new(server_cfg).unwrap();
+        while client.is_handshaking() || server.is_handshaking() {
+            let mut wire = Vec::new();
+            client.write_tls(&mut wire).unwrap();
+            server.read_tls(&mut wire.as_slice()).unwrap();
+            server.process_new_packets().unwrap();
+            let mut wire = Vec::new();
+            server.write_tls(&mut wire).unwrap();
+            client.read_tls(&mut wire.as_slice()).unwrap();
+            client.process_new_packets().unwrap();
+        }
+        let suite = client.negotiated_cipher_suite().unwrap().suite();
+        assert_eq!(suite, rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+        assert_eq!(server.negotiated_cipher_suite().unwrap().suite(), suite);
+        assert_eq!(
+            peer_identity(server.peer_certificates()),
+            PeerIdentity::Mesh(a)
+        );
+        assert_eq!(
+            peer_identity(client.peer_certificates()),
+            PeerIdentity::Mesh(b)
+        );
+    }
+}
