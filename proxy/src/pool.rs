@@ -161,7 +161,16 @@ type Attempt =
 /// takes its share of.
 type Opened = (SendRequest<Body>, Arc<Usage>);
 
-type Attempts = Arc<Mutex<HashMap<(SocketAddr, SpiffeId, Arc<str>), Attempt>>>;
+/// What a connection is for: the peer's address, the identity it must
+/// prove, and the server name sent.
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct Key {
+    addr: SocketAddr,
+    expected: SpiffeId,
+    sni: Arc<str>,
+}
+
+type Attempts = Arc<Mutex<HashMap<Key, Attempt>>>;
 
 #[derive(Default)]
 pub struct Pool {
@@ -263,7 +272,14 @@ impl Pool {
         });
         let mut sender = match existing {
             Some(s) => s,
-            None => self.opened_for(tls, addr, expected, sni, settings).await?,
+            None => {
+                let key = Key {
+                    addr,
+                    expected: expected.clone(),
+                    sni: sni.clone(),
+                };
+                self.opened_for(tls, &key, settings).await?
+            }
         };
         sender
             .send_request(req)
@@ -279,13 +295,11 @@ impl Pool {
     async fn opened_for(
         &self,
         tls: &Tls,
-        addr: SocketAddr,
-        expected: &SpiffeId,
-        sni: &Arc<str>,
+        key: &Key,
         settings: &Settings,
     ) -> Result<SendRequest<Body>, PoolError> {
         loop {
-            let attempt = self.attempt(tls, addr, expected, sni, settings)?;
+            let attempt = self.attempt(tls, key, settings)?;
             let (sender, usage) = attempt.await.map_err(PoolError::Joined)?;
             if usage.take(settings) {
                 return Ok(sender);
@@ -293,22 +307,14 @@ impl Pool {
         }
     }
 
-    /// The attempt under way for (`addr`, `expected`, `sni`), or a new one.
-    fn attempt(
-        &self,
-        tls: &Tls,
-        addr: SocketAddr,
-        expected: &SpiffeId,
-        sni: &Arc<str>,
-        settings: &Settings,
-    ) -> Result<Attempt, PoolError> {
+    /// The attempt under way for `key`, or a new one.
+    fn attempt(&self, tls: &Tls, key: &Key, settings: &Settings) -> Result<Attempt, PoolError> {
         use futures::FutureExt;
-        let key = (addr, expected.clone(), sni.clone());
         let mut attempts = self.attempts.lock().unwrap();
-        if let Some(a) = attempts.get(&key) {
+        if let Some(a) = attempts.get(key) {
             return Ok(a.clone());
         }
-        let config = tls.client_for(expected)?;
+        let config = tls.client_for(&key.expected)?;
         let (conns, all, opened, mark, settings) = (
             self.conns.clone(),
             self.attempts.clone(),
@@ -318,16 +324,19 @@ impl Pool {
         );
         let k = key.clone();
         let attempt = async move {
-            let connected = connect(config, addr, &k.1, &k.2, mark, &settings).await;
+            let addr = k.addr;
+            let connected = connect(config, addr, &k.expected, &k.sni, mark, &settings).await;
             let opened = connected.map(|s| {
                 opened.inc();
                 let usage = Arc::new(Usage::new());
                 let mut pooled = conns.lock().unwrap();
                 let open = pooled.entry(addr).or_default();
-                open.retain(|o| !o.sender.is_closed() && (o.expected != k.1 || o.sni != k.2));
+                open.retain(|o| {
+                    !o.sender.is_closed() && (o.expected != k.expected || o.sni != k.sni)
+                });
                 open.push(Open {
-                    expected: k.1.clone(),
-                    sni: k.2.clone(),
+                    expected: k.expected.clone(),
+                    sni: k.sni.clone(),
                     sender: s.clone(),
                     usage: usage.clone(),
                 });
@@ -342,7 +351,7 @@ impl Pool {
         }
         .boxed()
         .shared();
-        attempts.insert(key, attempt.clone());
+        attempts.insert(key.clone(), attempt.clone());
         // Driven to its end by a task of its own, so that it is pooled (or
         // forgotten) even if every request waiting on it is cancelled.
         tokio::spawn(attempt.clone());
