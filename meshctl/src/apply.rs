@@ -172,15 +172,40 @@ fn read_config(dir: &Path) -> anyhow::Result<BTreeMap<PathBuf, Vec<Segment>>> {
     Ok(files)
 }
 
+/// The lock file in a config directory. Each `meshctl apply` or `delete`
+/// reads the directory, edits it and writes it back; two at once would each
+/// write files from what they read, and the later write would undo the
+/// earlier one's edit (a resource moved out of a shared file would come back
+/// there, defined twice). Holding this lock makes them take turns. Pilot
+/// reads only `.yaml` and `.yml` files, so it never sees this one.
+const LOCK_FILE: &str = ".meshctl.lock";
+
+/// Holds the config directory's lock until dropped, waiting for another
+/// `meshctl` that holds it.
+fn lock(dir: &Path) -> anyhow::Result<std::fs::File> {
+    let path = dir.join(LOCK_FILE);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    file.lock()
+        .with_context(|| format!("locking {}", path.display()))?;
+    Ok(file)
+}
+
 /// Writes `text` to `path` whole or not at all: pilot never reads half a file.
-/// The file written first is this run's own, so a second `meshctl` at the
-/// same moment cannot rename it away.
+/// The file written first is this write's own (process and count), so no
+/// other write at the same moment can rename it away.
 fn write_atomically(path: &Path, text: &str) -> anyhow::Result<()> {
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let name = path
         .file_name()
         .and_then(|n| n.to_str())
         .unwrap_or("config");
-    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = path.with_file_name(format!(".{name}.{}.{n}.tmp", std::process::id()));
     std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
 }
@@ -224,6 +249,7 @@ fn remove_from(files: &mut BTreeMap<PathBuf, Vec<Segment>>, keys: &[&Key]) -> an
 /// kubectl's lines (`... created`, `configured`, `unchanged`).
 pub fn apply(dir: &Path, sources: &[PathBuf]) -> anyhow::Result<Vec<String>> {
     let objects = read_objects(sources)?;
+    let _lock = lock(dir)?;
     let mut files = read_config(dir)?;
     let mut lines = Vec::new();
     for object in objects {
@@ -257,6 +283,7 @@ pub fn apply(dir: &Path, sources: &[PathBuf]) -> anyhow::Result<Vec<String>> {
 /// Returns kubectl's lines and whether every resource was found.
 pub fn delete(dir: &Path, sources: &[PathBuf]) -> anyhow::Result<(Vec<String>, bool)> {
     let objects = read_objects(sources)?;
+    let _lock = lock(dir)?;
     let mut files = read_config(dir)?;
     let mut lines = Vec::new();
     let mut all_found = true;
@@ -370,6 +397,51 @@ spec:
         let (lines, found) = delete(&config, &[file]).unwrap();
         assert!(!found);
         assert!(lines[0].contains("NotFound"), "{lines:?}");
+    }
+
+    #[test]
+    fn applies_at_once_each_keep_the_others_edits() {
+        // Eight resources share one file, as a sample's do; eight applies at
+        // once each move one of them into a file of its own. Every resource
+        // must end up defined once, with its applied spec.
+        const N: usize = 8;
+        let vs = |i: usize, subset: &str| {
+            format!(
+                "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: svc{i}, namespace: default}}\nspec:\n  hosts: [svc{i}]\n  http:\n  - route:\n    - destination: {{host: svc{i}, subset: {subset}}}\n"
+            )
+        };
+        for round in 0..10 {
+            let dir = tempfile::tempdir().unwrap();
+            let config = dir.path().join("config");
+            std::fs::create_dir(&config).unwrap();
+            let shared: Vec<String> = (0..N).map(|i| vs(i, "v1")).collect();
+            std::fs::write(config.join("routing.yaml"), shared.join("---\n")).unwrap();
+            let files: Vec<PathBuf> = (0..N)
+                .map(|i| write(dir.path(), &format!("svc{i}.yaml"), &vs(i, "v2")))
+                .collect();
+            let barrier = std::sync::Barrier::new(N);
+            std::thread::scope(|s| {
+                for file in &files {
+                    let (config, barrier) = (&config, &barrier);
+                    s.spawn(move || {
+                        barrier.wait();
+                        apply(config, std::slice::from_ref(file)).unwrap()
+                    });
+                }
+            });
+            // Each resource is defined once, in its own file, as applied.
+            let set = mesh_pilot::store::load_dir(&config).unwrap();
+            let files: Vec<String> = set
+                .resources
+                .iter()
+                .map(|(at, _)| at.file.display().to_string())
+                .collect();
+            assert_eq!(files.len(), N, "round {round}: defined in {files:?}");
+            for (at, _) in &set.resources {
+                let text = std::fs::read_to_string(&at.file).unwrap();
+                assert!(text.contains("subset: v2"), "round {round}: {text}");
+            }
+        }
     }
 
     #[test]
