@@ -90,10 +90,35 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
+/// Under `cargo run --release`, builds the sidecar as deployed (a no-op
+/// when it is current), so that the demo runs the binary the mesh ships
+/// rather than a stale one or `meshctl` itself. A failed build is reported
+/// and the demo goes on with what there is.
+async fn build_sidecar() {
+    let Ok(exe) = std::env::current_exe() else {
+        return;
+    };
+    let env = std::env::vars_os().collect();
+    let Some(cargo) = workloads::sidecar_build(&env, &exe) else {
+        return;
+    };
+    println!("building the sidecar as deployed: cargo build-sidecar (minutes the first time)");
+    match tokio::process::Command::from(cargo).status().await {
+        Ok(s) if s.success() => {}
+        Ok(s) => eprintln!("cargo build-sidecar failed ({s}); going on without it"),
+        Err(e) => eprintln!("cannot run cargo build-sidecar ({e}); going on without it"),
+    }
+}
+
 /// Runs the demo; returns whether it succeeded (always true without --requests).
 pub async fn run(opts: Options) -> anyhow::Result<bool> {
     if opts.transparent && (opts.cert_ttl.is_some() || opts.duration.is_some()) {
         anyhow::bail!("--cert-ttl and --duration do not work with --transparent yet");
+    }
+    if !crate::pods::rootless() {
+        // (A rootless transparent demo runs again in namespaces of its own,
+        // after this built the sidecar.)
+        build_sidecar().await;
     }
     if opts.transparent {
         return tokio::task::spawn_blocking(move || transparent(opts)).await?;
@@ -156,6 +181,9 @@ pub async fn run(opts: Options) -> anyhow::Result<bool> {
                 .iter()
                 .filter(|(n, _)| n == "productpage-v1")
             {
+                // Idle means settled: ready for `SETTLE` with nothing new,
+                // a sidecar hands back the code that start-up ran.
+                tokio::time::sleep(mesh_proxy::SETTLE + Duration::from_secs(1)).await;
                 if let Some(kib) = rss_kib(*pid) {
                     println!(
                         "idle sidecar RSS ({name}, pid {pid}): {:.1} MiB",

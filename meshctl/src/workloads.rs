@@ -2,6 +2,8 @@
 //! entry's loopback address, with the sample app the entry's labels name.
 //! They run as child processes (`meshctl demo`) or as tasks (tests).
 
+use std::collections::BTreeMap;
+use std::ffi::{OsStr, OsString};
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -85,13 +87,67 @@ pub enum Launcher {
 /// Env var naming the `mesh-proxy` binary to run sidecars with.
 pub const PROXY_BIN_ENV: &str = "MESH_PROXY_BIN";
 
-/// The dedicated sidecar binary to use: `$MESH_PROXY_BIN`, or `mesh-proxy`
-/// beside `exe`, if it exists.
+/// The dedicated sidecar binary to use, if there is one: `$MESH_PROXY_BIN`;
+/// for a `meshctl` in cargo's `release` directory, the sidecar as deployed
+/// ([`deployed_sidecar`]); else `mesh-proxy` beside `exe`.
 pub fn find_proxy_exe(exe: &Path) -> Option<PathBuf> {
-    std::env::var_os(PROXY_BIN_ENV)
-        .map(PathBuf::from)
-        .or_else(|| exe.parent().map(|d| d.join("mesh-proxy")))
-        .filter(|p| p.is_file())
+    if let Some(p) = std::env::var_os(PROXY_BIN_ENV) {
+        return Some(PathBuf::from(p)).filter(|p| p.is_file());
+    }
+    deployed_sidecar(exe)
+        .into_iter()
+        .chain(exe.parent().map(|d| d.join("mesh-proxy")))
+        .find(|p| p.is_file())
+}
+
+/// Where `cargo build-sidecar` puts the sidecar as deployed (static, its
+/// hot code first), for a `meshctl` cargo built in `<target>/release`:
+/// `<target>/sidecar/mesh-proxy`. A release meshctl pairs with it, as a
+/// debug one (the tests') pairs with the debug `mesh-proxy` beside it.
+pub fn deployed_sidecar(exe: &Path) -> Option<PathBuf> {
+    let dir = exe.parent()?;
+    (dir.file_name()? == "release").then(|| dir.with_file_name("sidecar").join("mesh-proxy"))
+}
+
+/// How to build the sidecar as deployed when `meshctl` was started by
+/// `cargo run --release -p meshctl` (cargo names itself and the package in
+/// `env`, what it runs gets): `cargo build-sidecar` run in the package's
+/// directory. None for an installed `meshctl`, a debug build (the tests'),
+/// or when `$MESH_PROXY_BIN` names the sidecar.
+pub fn sidecar_build(
+    env: &BTreeMap<OsString, OsString>,
+    exe: &Path,
+) -> Option<std::process::Command> {
+    let get = |k: &str| env.get(OsStr::new(k));
+    if get(PROXY_BIN_ENV).is_some() || get("CARGO_PKG_NAME")? != "meshctl" {
+        return None;
+    }
+    deployed_sidecar(exe)?;
+    let mut cargo = std::process::Command::new(get("CARGO")?);
+    cargo
+        .arg("build-sidecar")
+        .current_dir(get("CARGO_MANIFEST_DIR")?)
+        .stdin(Stdio::null());
+    // What cargo set for meshctl's own run is not the user's environment.
+    // Passed on, it would differ from every other build's: ring's build
+    // script watches CARGO_MANIFEST_DIR, and each change rebuilds it and
+    // everything above it (minutes), here and again in the next plain build.
+    for name in env.keys().filter(|n| set_by_cargo_run(n)) {
+        cargo.env_remove(name);
+    }
+    Some(cargo)
+}
+
+/// The variables `cargo run` sets to describe the package it runs.
+fn set_by_cargo_run(name: &OsStr) -> bool {
+    name.to_str().is_some_and(|n| {
+        n.starts_with("CARGO_PKG_")
+            || n.starts_with("CARGO_MANIFEST_")
+            || matches!(
+                n,
+                "CARGO_CRATE_NAME" | "CARGO_BIN_NAME" | "CARGO_PRIMARY_PACKAGE"
+            )
+    })
 }
 
 enum Running {
@@ -509,4 +565,81 @@ pub fn exec(
     };
     cmd.status()
         .with_context(|| format!("running {}", program.to_string_lossy()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The environment `cargo run --release -p meshctl` gives meshctl (some
+    /// of it), with `extra` set (or, given as "", unset).
+    fn cargo_run(extra: &[(&str, &str)]) -> BTreeMap<OsString, OsString> {
+        let mut vars: BTreeMap<OsString, OsString> = [
+            ("CARGO", "/opt/rust/bin/cargo"),
+            ("CARGO_PKG_NAME", "meshctl"),
+            ("CARGO_PKG_VERSION", "0.1.0"),
+            ("CARGO_MANIFEST_DIR", "/src/mesh/meshctl"),
+            ("CARGO_TARGET_DIR", "/build"),
+            ("PATH", "/usr/bin"),
+        ]
+        .iter()
+        .chain(extra)
+        .map(|(k, v)| (k.into(), v.into()))
+        .collect();
+        vars.retain(|_, v| !v.is_empty());
+        vars
+    }
+
+    #[test]
+    fn cargo_run_release_builds_the_deployed_sidecar_and_nothing_else_does() {
+        let release = Path::new("/src/mesh/target/release/meshctl");
+        let cmd = sidecar_build(&cargo_run(&[]), release).expect("cargo run --release builds it");
+        assert_eq!(cmd.get_program(), "/opt/rust/bin/cargo");
+        assert_eq!(cmd.get_args().collect::<Vec<_>>(), ["build-sidecar"]);
+        assert_eq!(cmd.get_current_dir(), Some(Path::new("/src/mesh/meshctl")));
+        // What cargo said of meshctl's package is not passed on (a build
+        // script watching it would rebuild the sidecar from scratch); the
+        // user's own settings, CARGO_TARGET_DIR among them, are.
+        let removed: Vec<_> = cmd.get_envs().filter(|(_, v)| v.is_none()).collect();
+        assert_eq!(
+            removed,
+            [
+                (OsStr::new("CARGO_MANIFEST_DIR"), None),
+                (OsStr::new("CARGO_PKG_NAME"), None),
+                (OsStr::new("CARGO_PKG_VERSION"), None)
+            ]
+        );
+        assert_eq!(
+            deployed_sidecar(release).unwrap(),
+            Path::new("/src/mesh/target/sidecar/mesh-proxy")
+        );
+        // The tests' debug meshctl, an installed one, one told which
+        // sidecar to run, and a release meshctl another package's cargo
+        // process started: none of them builds.
+        let debug = Path::new("/src/mesh/target/debug/meshctl");
+        assert!(sidecar_build(&cargo_run(&[]), debug).is_none());
+        assert!(sidecar_build(&cargo_run(&[("CARGO", "")]), release).is_none());
+        assert!(sidecar_build(&cargo_run(&[(PROXY_BIN_ENV, "/bin/p")]), release).is_none());
+        let other = cargo_run(&[("CARGO_PKG_NAME", "mesh-tests")]);
+        assert!(sidecar_build(&other, release).is_none());
+        assert!(deployed_sidecar(debug).is_none());
+    }
+
+    #[test]
+    fn a_release_meshctl_runs_the_deployed_sidecar_before_the_one_beside_it() {
+        let target = tempfile::tempdir().unwrap();
+        let (release, sidecar) = (target.path().join("release"), target.path().join("sidecar"));
+        std::fs::create_dir_all(&release).unwrap();
+        std::fs::create_dir_all(&sidecar).unwrap();
+        let exe = release.join("meshctl");
+        assert_eq!(
+            find_proxy_exe(&exe),
+            None,
+            "no sidecar binary: meshctl runs them"
+        );
+        std::fs::write(release.join("mesh-proxy"), "").unwrap();
+        assert_eq!(find_proxy_exe(&exe), Some(release.join("mesh-proxy")));
+        std::fs::write(sidecar.join("mesh-proxy"), "").unwrap();
+        assert_eq!(find_proxy_exe(&exe), Some(sidecar.join("mesh-proxy")));
+    }
 }
