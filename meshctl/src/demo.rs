@@ -93,17 +93,17 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
 /// Under `cargo run --release`, builds the sidecar as deployed (a no-op
 /// when it is current), so that the demo runs the binary the mesh ships
 /// rather than a stale one or `meshctl` itself. A failed build is reported
-/// and the demo goes on with what there is.
-async fn build_sidecar() {
+/// and the demo goes on with what there is. Blocks until cargo is done.
+fn build_sidecar() {
     let Ok(exe) = std::env::current_exe() else {
         return;
     };
     let env = std::env::vars_os().collect();
-    let Some(cargo) = workloads::sidecar_build(&env, &exe) else {
+    let Some(mut cargo) = workloads::sidecar_build(&env, &exe) else {
         return;
     };
     println!("building the sidecar as deployed: cargo build-sidecar (minutes the first time)");
-    match tokio::process::Command::from(cargo).status().await {
+    match cargo.status() {
         Ok(s) if s.success() => {}
         Ok(s) => eprintln!("cargo build-sidecar failed ({s}); going on without it"),
         Err(e) => eprintln!("cannot run cargo build-sidecar ({e}); going on without it"),
@@ -115,14 +115,10 @@ pub async fn run(opts: Options) -> anyhow::Result<bool> {
     if opts.transparent && (opts.cert_ttl.is_some() || opts.duration.is_some()) {
         anyhow::bail!("--cert-ttl and --duration do not work with --transparent yet");
     }
-    if !crate::pods::rootless() {
-        // (A rootless transparent demo runs again in namespaces of its own,
-        // after this built the sidecar.)
-        build_sidecar().await;
-    }
     if opts.transparent {
         return tokio::task::spawn_blocking(move || transparent(opts)).await?;
     }
+    tokio::task::spawn_blocking(build_sidecar).await?;
     let started = Instant::now();
     let (_temp, state_dir, config_dir) = directories(&opts, str::to_string)?;
     let log_dir = state_dir.join("logs");
@@ -358,6 +354,8 @@ fn transparent(opts: Options) -> anyhow::Result<bool> {
         if let Some(why) = pods::rootless_skip_reason() {
             anyhow::bail!("--transparent without root {why}");
         }
+        // Built here, once: the run in the user namespace finds it.
+        build_sidecar();
         println!("not root: running the pods inside a user namespace of their own");
         return Ok(pods::reexec_rootless(std::env::args_os().skip(1))?.success());
     }
@@ -365,6 +363,9 @@ fn transparent(opts: Options) -> anyhow::Result<bool> {
         anyhow::bail!(
             "--transparent {why}: run it as root, with iproute2, iptables, setpriv (util-linux) and curl installed"
         );
+    }
+    if !pods::rootless() {
+        build_sidecar();
     }
     let started = Instant::now();
     let (_temp, state_dir, config_dir) = directories(&opts, pods::pod_config)?;
