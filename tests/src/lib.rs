@@ -37,6 +37,13 @@ impl mesh_proxy::platform::Sockets for Redirected {
     }
 }
 
+/// A loopback block for one test, 127.A.B.0/24, picked at random so that
+/// tests running at once do not share addresses.
+pub fn loopback_block() -> (u8, u8) {
+    let mut rng = rand::rng();
+    (rng.random_range(20..250u8), rng.random_range(1..250u8))
+}
+
 impl Mesh {
     /// Starts citadel, pilot and every bookinfo workload; waits until ready.
     pub async fn start() -> Self {
@@ -45,8 +52,7 @@ impl Mesh {
 
     /// As [`Mesh::start`], with every certificate living `lifetime`.
     pub async fn start_with_cert_lifetime(lifetime: Duration) -> Self {
-        let mut rng = rand::rng();
-        let (a, b) = (rng.random_range(20..250u8), rng.random_range(1..250u8));
+        let (a, b) = loopback_block();
         let block = format!("127.{a}.{b}.");
         let dir = tempfile::tempdir().expect("temp dir");
         let config_dir = dir.path().join("config");

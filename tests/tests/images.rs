@@ -405,11 +405,7 @@ async fn as_deployed(out: PathBuf) {
     assert_eq!(proxy.entrypoint(), ["/usr/local/bin/mesh-proxy"]);
 
     // A loopback block of this test's own, as the other end-to-end tests.
-    let (a, b) = {
-        use rand::Rng;
-        let mut r = rand::rng();
-        (r.random_range(20..250u8), r.random_range(1..250u8))
-    };
+    let (a, b) = mesh_tests::loopback_block();
     let ip = |last: u8| IpAddr::V4(Ipv4Addr::new(127, a, b, last));
     let cp_ip = ip(254);
     let mut cleanup = Cleanup {

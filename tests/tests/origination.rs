@@ -574,11 +574,7 @@ spec:
 #[tokio::test(flavor = "multi_thread")]
 async fn connect_timeout_bounds_the_handshake_with_a_silent_sidecar() {
     let mesh = Mesh::start().await;
-    let (a, b) = {
-        use rand::Rng;
-        let mut r = rand::rng();
-        (r.random_range(20..250u8), r.random_range(1..250u8))
-    };
+    let (a, b) = mesh_tests::loopback_block();
     let silent = std::net::Ipv4Addr::new(127, a, b, 77);
     let listener = tokio::net::TcpListener::bind((silent, mesh_proto::ports::INBOUND))
         .await
