@@ -172,26 +172,17 @@ fn read_config(dir: &Path) -> anyhow::Result<BTreeMap<PathBuf, Vec<Segment>>> {
     Ok(files)
 }
 
-/// The lock file in a config directory. Each `meshctl apply` or `delete`
-/// reads the directory, edits it and writes it back; two at once would each
-/// write files from what they read, and the later write would undo the
-/// earlier one's edit (a resource moved out of a shared file would come back
-/// there, defined twice). Holding this lock makes them take turns. Pilot
-/// reads only `.yaml` and `.yml` files, so it never sees this one.
-const LOCK_FILE: &str = ".meshctl.lock";
-
 /// Holds the config directory's lock until dropped, waiting for another
-/// `meshctl` that holds it.
+/// `meshctl` that holds it. Each `meshctl apply` or `delete` reads the
+/// directory, edits it and writes it back; two at once would each write
+/// files from what they read, and the later write would undo the earlier
+/// one's edit (a resource moved out of a shared file would come back there,
+/// defined twice). The lock is the directory's own (`flock` on it), so
+/// nothing is left behind in a directory the user keeps.
 fn lock(dir: &Path) -> anyhow::Result<std::fs::File> {
-    let path = dir.join(LOCK_FILE);
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .with_context(|| format!("opening {}", path.display()))?;
+    let file = std::fs::File::open(dir).with_context(|| format!("opening {}", dir.display()))?;
     file.lock()
-        .with_context(|| format!("locking {}", path.display()))?;
+        .with_context(|| format!("locking {}", dir.display()))?;
     Ok(file)
 }
 
@@ -441,6 +432,17 @@ spec:
                 let text = std::fs::read_to_string(&at.file).unwrap();
                 assert!(text.contains("subset: v2"), "round {round}: {text}");
             }
+            // And nothing but the resources' files is left in the directory.
+            let mut left: Vec<String> = std::fs::read_dir(&config)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            left.sort();
+            let mut expected: Vec<String> = (0..N)
+                .map(|i| format!("virtualservice-default-svc{i}.yaml"))
+                .collect();
+            expected.sort();
+            assert_eq!(left, expected, "round {round}");
         }
     }
 
