@@ -751,6 +751,115 @@ fn cargo(args: &[&str], profile: &str, bin: &str) -> anyhow::Result<PathBuf> {
     Ok(target_dir().join(profile).join(bin))
 }
 
+/// Builds the sidecar as `cargo build-sidecar` does, but instrumented to
+/// count what it runs (`-Cprofile-generate`; for `bench-dataplane --pgo`):
+/// each process adds its counts to a file in `raw` as it exits. Its own
+/// target directory (`<target>/pgo-generate`) keeps the deployed build's
+/// apart, and an empty `RUSTC_WRAPPER` leaves out the workspace's wrapper,
+/// so the instrumented build is not also optimised with the old profile.
+/// `raw` is emptied once the build is done: instrumented build scripts write
+/// their counts there too.
+pub fn build_instrumented_sidecar(raw: &Path) -> anyhow::Result<PathBuf> {
+    let target = target_dir().join("pgo-generate");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    // The `build-sidecar` alias's arguments (.cargo/config.toml), spelled
+    // out: arguments after an alias would go to rustc.
+    let args = [
+        "rustc",
+        "--profile",
+        "sidecar",
+        "-p",
+        "mesh-proxy",
+        "--bin",
+        "mesh-proxy",
+    ];
+    eprintln!("building the instrumented sidecar in {}", target.display());
+    let ok = Command::new(cargo)
+        .arg("--quiet")
+        .args(args)
+        .arg("--target-dir")
+        .arg(&target)
+        .args(["--", "-C", "target-feature=+crt-static"])
+        .env("RUSTC_WRAPPER", "")
+        .env("RUSTFLAGS", format!("-Cprofile-generate={}", raw.display()))
+        .current_dir(workspace())
+        .status()
+        .context("running cargo")?
+        .success();
+    anyhow::ensure!(ok, "building the instrumented sidecar failed");
+    if raw.exists() {
+        std::fs::remove_dir_all(raw).with_context(|| format!("emptying {}", raw.display()))?;
+    }
+    std::fs::create_dir_all(raw)?;
+    Ok(target.join("sidecar/mesh-proxy"))
+}
+
+/// The profile the deployed sidecar is optimised with (`proxy/pgo-rustc`).
+pub fn pgo_file() -> PathBuf {
+    workspace().join("proxy/sidecar.profdata")
+}
+
+/// `llvm-profdata` of the toolchain's own LLVM (rustup's `llvm-tools`
+/// component, added if it is missing): raw counts are only read by the LLVM
+/// version that wrote them.
+pub fn llvm_profdata() -> anyhow::Result<PathBuf> {
+    let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
+    let ask = |args: &[&str]| -> anyhow::Result<String> {
+        let out = Command::new(&rustc)
+            .args(args)
+            .output()
+            .context("running rustc")?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let sysroot = ask(&["--print", "sysroot"])?;
+    let verbose = ask(&["-vV"])?;
+    let host = verbose
+        .lines()
+        .find_map(|l| l.strip_prefix("host: "))
+        .context("`rustc -vV` names no host")?;
+    let tool = Path::new(sysroot.trim()).join(format!("lib/rustlib/{host}/bin/llvm-profdata"));
+    if !tool.exists() {
+        eprintln!("installing rustup's llvm-tools component");
+        let ok = Command::new("rustup")
+            .args(["component", "add", "llvm-tools"])
+            .status()
+            .is_ok_and(|s| s.success());
+        anyhow::ensure!(
+            ok && tool.exists(),
+            "{} is missing: `rustup component add llvm-tools` installs it",
+            tool.display()
+        );
+    }
+    Ok(tool)
+}
+
+/// Sends SIGTERM to each of `pids` and waits until every one has exited
+/// (gone, or a zombie its parent has not yet reaped), for at most `within`.
+pub fn terminate(pids: &[u32], within: Duration) -> anyhow::Result<()> {
+    for pid in pids {
+        Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .context("running kill")?;
+    }
+    let exited = |pid: &u32| match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name, which is in parentheses.
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z')),
+        Err(_) => true,
+    };
+    let deadline = std::time::Instant::now() + within;
+    while !pids.iter().all(exited) {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "processes {pids:?} had not all exited {within:?} after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
 /// The workspace's root.
 pub fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

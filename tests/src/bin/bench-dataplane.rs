@@ -42,6 +42,16 @@ struct Cli {
     /// listed. Run it again after a toolchain or dependency update.
     #[arg(long, conflicts_with_all = ["instructions", "hold"])]
     layout: bool,
+    /// Record `proxy/sidecar.profdata`, the profile every crate of the
+    /// deployed sidecar is optimised with (`proxy/pgo-rustc`), instead of
+    /// measuring: an instrumented build of the sidecar serves the mesh
+    /// paths' loads (1,000 req/s over 16 connections and flat out over 64)
+    /// and a metrics scrape, and the counts its processes write as they exit
+    /// are merged. Then `target/sidecar` is removed, since cargo cannot tell
+    /// that its crates were compiled with the old profile. Run `--layout`
+    /// after it: the new build lays its functions out differently.
+    #[arg(long, conflicts_with_all = ["instructions", "hold", "layout"])]
+    pgo: bool,
     /// Also measure `mesh_routes`: the mesh path through a VirtualService of
     /// this many routes (the matching one last) and a DestinationRule with
     /// outlier detection and a connection pool.
@@ -292,14 +302,7 @@ fn write_layout(
                 .with_context(|| format!("loading {}", p.name))?;
         }
     }
-    for admin in admins {
-        let url = format!(
-            "http://{}:{}/stats/prometheus",
-            admin.ip(),
-            mesh_proto::ports::AGENT
-        );
-        bench::http_get(&url).with_context(|| format!("scraping {url}"))?;
-    }
+    scrape(admins)?;
     // Dump 3: serving.
     bench::callgrind_control("-d", pids)?;
     let (mut serving, mut startup) = (
@@ -339,6 +342,79 @@ fn write_layout(
     println!(
         "wrote {}: {served} functions that serve, {started} more that start-up runs",
         file.display()
+    );
+    Ok(())
+}
+
+/// One metrics scrape from each of the sidecars' agents at `admins`.
+fn scrape(admins: &[SocketAddr]) -> anyhow::Result<()> {
+    for admin in admins {
+        let url = format!(
+            "http://{}:{}/stats/prometheus",
+            admin.ip(),
+            mesh_proto::ports::AGENT
+        );
+        bench::http_get(&url).with_context(|| format!("scraping {url}"))?;
+    }
+    Ok(())
+}
+
+/// `--pgo`: each mesh path's load through the instrumented sidecars and a
+/// scrape of the pair's metrics; then every sidecar is stopped with SIGTERM
+/// (each writes its counts to `raw` as it exits) and the counts are merged
+/// into `proxy/sidecar.profdata`.
+fn record_profile(
+    paths: &[Path],
+    sidecars: &[u32],
+    admins: &[SocketAddr],
+    raw: &std::path::Path,
+    dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    let scratch = dir.join("pgo");
+    for p in paths.iter().filter(|p| !p.pids.is_empty()) {
+        eprintln!("pgo: {} under load", p.name);
+        // 15 s at the measured rate, then as fast as the pair serves.
+        for shape in [
+            (FIXED_CONNS, FIXED_RPS, FIXED_RPS * 15),
+            (MAX_CONNS, MAX_CONNS * 1000, 100_000),
+        ] {
+            bench::h2load_count(&p.url, &p.host, p.load, shape, &scratch)
+                .with_context(|| format!("loading {}", p.name))?;
+        }
+    }
+    scrape(admins)?;
+    bench::terminate(sidecars, Duration::from_secs(30))?;
+    let counts: Vec<std::path::PathBuf> = std::fs::read_dir(raw)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "profraw"))
+        .collect();
+    anyhow::ensure!(
+        !counts.is_empty(),
+        "the sidecars wrote no counts to {}",
+        raw.display()
+    );
+    let out = bench::pgo_file();
+    let merged = std::process::Command::new(bench::llvm_profdata()?)
+        .args(["merge", "--sparse", "-o"])
+        .arg(&out)
+        .args(&counts)
+        .status()
+        .context("running llvm-profdata")?
+        .success();
+    anyhow::ensure!(merged, "llvm-profdata merge failed");
+    let stale = bench::target_dir().join("sidecar");
+    if stale.exists() {
+        std::fs::remove_dir_all(&stale).with_context(|| format!("removing {}", stale.display()))?;
+    }
+    let size = std::fs::metadata(&out)?.len();
+    println!(
+        "wrote {} ({:.1} MB, the counts of {} sidecar processes) and removed {}: the \
+         next `cargo build-sidecar` compiles every crate with the new profile. Now \
+         `bench-dataplane --layout` writes proxy/sidecar.order for that build.",
+        out.display(),
+        size as f64 / 1e6,
+        sidecars.len(),
+        stale.display()
     );
     Ok(())
 }
@@ -383,7 +459,13 @@ fn main() -> anyhow::Result<()> {
         &config_dir,
         ip(254),
     ))?;
-    let mut proxy_exe = bench::build_sidecar()?;
+    // Where the instrumented sidecars write their counts (`--pgo`): a
+    // fixed path, since it is part of the build's flags.
+    let raw = bench::target_dir().join("pgo-generate/counts");
+    let mut proxy_exe = match cli.pgo {
+        true => bench::build_instrumented_sidecar(&raw)?,
+        false => bench::build_sidecar()?,
+    };
     if cli.instructions {
         proxy_exe = bench::callgrind_wrapper(&proxy_exe, dir.path(), &[])?;
     }
@@ -421,7 +503,7 @@ fn main() -> anyhow::Result<()> {
     bench::kill_on_signal(&rt, started.clone());
     // Idle: the mesh pair ready and settled (`mesh_proxy::SETTLE` after
     // its last certificate or config), before any traffic.
-    let idle_rss_mb = (!cli.instructions && !cli.layout).then(|| {
+    let idle_rss_mb = (!cli.instructions && !cli.layout && !cli.pgo).then(|| {
         std::thread::sleep(mesh_proxy::SETTLE + Duration::from_secs(2));
         mesh_pids
             .iter()
@@ -475,7 +557,7 @@ fn main() -> anyhow::Result<()> {
         });
     }
     let wanted = |name: &str| match cli.paths.is_empty() {
-        true if cli.layout => name.starts_with("mesh"),
+        true if cli.layout || cli.pgo => name.starts_with("mesh"),
         true => !cli.instructions || name == "mesh",
         false => cli.paths.iter().any(|p| p == name),
     };
@@ -562,14 +644,18 @@ fn main() -> anyhow::Result<()> {
     if cli.instructions {
         return count_instructions(&paths, &sidecars, dir.path());
     }
+    // The mesh pair's own metrics endpoints.
+    let admins: Vec<SocketAddr> = specs
+        .iter()
+        .filter(|s| ["bench-client", "bench-upstream"].contains(&s.name.as_str()))
+        .map(|s| s.admin())
+        .collect();
     if cli.layout {
-        // The profiled pair's own metrics endpoints.
-        let admins: Vec<SocketAddr> = specs
-            .iter()
-            .filter(|s| ["bench-client", "bench-upstream"].contains(&s.name.as_str()))
-            .map(|s| s.admin())
-            .collect();
         return write_layout(&paths, &mesh_pids, &admins, dir.path());
+    }
+    if cli.pgo {
+        let all: Vec<u32> = sidecars.iter().map(|(_, p)| *p).collect();
+        return record_profile(&paths, &all, &admins, &raw, dir.path());
     }
     if cli.hold {
         for p in &paths {
