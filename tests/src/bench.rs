@@ -1013,3 +1013,36 @@ impl Layout {
         Ok((resident * PAGE, last - first))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn terminate_waits_for_the_process_to_exit() {
+        let mut child = Command::new("sleep").arg("60").spawn().unwrap();
+        let started = std::time::Instant::now();
+        terminate(&[child.id()], Duration::from_secs(10)).unwrap();
+        assert!(started.elapsed() < Duration::from_secs(5));
+        // Exited by the signal, not by running out its time.
+        let status = child.wait().unwrap();
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), Some(15));
+    }
+
+    #[test]
+    fn terminate_says_so_when_a_process_outlives_its_time() {
+        // A process that ignores SIGTERM (ignored stays ignored across exec).
+        let mut child = Command::new("sh")
+            .args(["-c", "trap '' TERM; exec sleep 60"])
+            .spawn()
+            .unwrap();
+        // Give the shell time to set its trap and exec.
+        std::thread::sleep(Duration::from_millis(300));
+        let outcome = terminate(&[child.id()], Duration::from_millis(500));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let err = outcome.unwrap_err();
+        assert!(err.to_string().contains("had not all exited"), "{err}");
+    }
+}
