@@ -751,6 +751,21 @@ fn cargo(args: &[&str], profile: &str, bin: &str) -> anyhow::Result<PathBuf> {
     Ok(target_dir().join(profile).join(bin))
 }
 
+/// The arguments `cargo build-sidecar` stands for (an alias in
+/// `.cargo/config.toml`; a test keeps the two the same).
+const BUILD_SIDECAR: [&str; 10] = [
+    "rustc",
+    "--profile",
+    "sidecar",
+    "-p",
+    "mesh-proxy",
+    "--bin",
+    "mesh-proxy",
+    "--",
+    "-C",
+    "target-feature=+crt-static",
+];
+
 /// Builds the sidecar as `cargo build-sidecar` does, but instrumented to
 /// count what it runs (`-Cprofile-generate`; for `bench-dataplane --pgo`):
 /// each process adds its counts to a file in `raw` as it exits. Its own
@@ -762,24 +777,15 @@ fn cargo(args: &[&str], profile: &str, bin: &str) -> anyhow::Result<PathBuf> {
 pub fn build_instrumented_sidecar(raw: &Path) -> anyhow::Result<PathBuf> {
     let target = target_dir().join("pgo-generate");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    // The `build-sidecar` alias's arguments (.cargo/config.toml), spelled
-    // out: arguments after an alias would go to rustc.
-    let args = [
-        "rustc",
-        "--profile",
-        "sidecar",
-        "-p",
-        "mesh-proxy",
-        "--bin",
-        "mesh-proxy",
-    ];
+    // The alias's own arguments: any after an alias would go to rustc.
+    let (cargo_args, rustc_args) = BUILD_SIDECAR.split_at(BUILD_SIDECAR.len() - 3);
     eprintln!("building the instrumented sidecar in {}", target.display());
     let ok = Command::new(cargo)
         .arg("--quiet")
-        .args(args)
+        .args(cargo_args)
         .arg("--target-dir")
         .arg(&target)
-        .args(["--", "-C", "target-feature=+crt-static"])
+        .args(rustc_args)
         .env("RUSTC_WRAPPER", "")
         .env("RUSTFLAGS", format!("-Cprofile-generate={}", raw.display()))
         .current_dir(workspace())
@@ -1037,12 +1043,38 @@ mod tests {
             .args(["-c", "trap '' TERM; exec sleep 60"])
             .spawn()
             .unwrap();
-        // Give the shell time to set its trap and exec.
-        std::thread::sleep(Duration::from_millis(300));
+        // Until it ignores SIGTERM (bit 15 of SigIgn, 0x4000).
+        let ignores = || {
+            let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("SigIgn:"))
+                .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+                .is_some_and(|m| m & 0x4000 != 0)
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !ignores() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the trap was never set"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let outcome = terminate(&[child.id()], Duration::from_millis(500));
         child.kill().unwrap();
         child.wait().unwrap();
         let err = outcome.unwrap_err();
         assert!(err.to_string().contains("had not all exited"), "{err}");
+    }
+
+    #[test]
+    fn build_sidecar_matches_the_alias() {
+        let config = std::fs::read_to_string(workspace().join(".cargo/config.toml")).unwrap();
+        let quoted: Vec<String> = BUILD_SIDECAR.iter().map(|a| format!("\"{a}\"")).collect();
+        let line = format!("build-sidecar = [{}]", quoted.join(", "));
+        assert!(
+            config.lines().any(|l| l == line),
+            "`.cargo/config.toml` has no line `{line}`"
+        );
     }
 }
