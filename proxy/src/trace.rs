@@ -330,7 +330,10 @@ impl<const N: usize> Hex<N> {
     /// The low `digits` nibbles of `v` (an even number: whole bytes),
     /// lowercase, zero-padded; two digits a byte from a table.
     fn hex(mut self, v: u128, digits: usize) -> Self {
-        assert!(digits.is_multiple_of(2) && digits <= 32, "{digits} hex digits");
+        assert!(
+            digits.is_multiple_of(2) && digits <= 32,
+            "{digits} hex digits"
+        );
         let bytes = v.to_be_bytes();
         let out = &mut self.buf[self.len..self.len + digits];
         for (pair, &b) in out.chunks_exact_mut(2).zip(&bytes[16 - digits / 2..]) {
