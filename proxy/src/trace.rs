@@ -86,9 +86,9 @@ pub struct Extracted {
 }
 
 /// Lowercase hex of exactly `len` (at most 32) digits, as W3C requires;
-/// not zero. Read in two 64-bit halves: every request carries a trace id
-/// and a span id, and shifting a `u128` a digit at a time cost about twice
-/// as much.
+/// not zero. Read through a table in two 64-bit halves rather than a
+/// `u128` shifted a digit at a time: every request carries a trace id and
+/// a span id (ARCHITECTURE.md, "Where the instructions go now").
 fn hex(s: &str, len: usize) -> Option<u128> {
     if s.len() != len || len > 32 {
         return None;

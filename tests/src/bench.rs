@@ -778,7 +778,8 @@ pub fn build_instrumented_sidecar(raw: &Path) -> anyhow::Result<PathBuf> {
     let target = target_dir().join("pgo-generate");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     // The alias's own arguments: any after an alias would go to rustc.
-    let (cargo_args, rustc_args) = BUILD_SIDECAR.split_at(BUILD_SIDECAR.len() - 3);
+    let rustc_from = BUILD_SIDECAR.iter().position(|&a| a == "--").unwrap();
+    let (cargo_args, rustc_args) = BUILD_SIDECAR.split_at(rustc_from);
     eprintln!("building the instrumented sidecar in {}", target.display());
     let ok = Command::new(cargo)
         .arg("--quiet")
