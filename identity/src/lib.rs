@@ -8,6 +8,7 @@ mod cert;
 pub mod grpc;
 pub mod renew;
 mod spiffe;
+pub mod testing;
 mod tls;
 pub mod workload;
 

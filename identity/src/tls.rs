@@ -151,23 +151,6 @@ impl ServerCertVerifier for SpiffeServerVerifier {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
-
-    /// Credentials for each of `ids`, issued by one CA of the test's own.
-    fn mesh_pair(ids: [&SpiffeId; 2]) -> [Credentials; 2] {
-        let ca_key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(vec![]).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let ca = params.self_signed(&ca_key).unwrap();
-        let issuer = Issuer::new(params, ca_key);
-        ids.map(|id| {
-            let key = KeyPair::generate().unwrap();
-            let mut leaf = CertificateParams::new(vec![]).unwrap();
-            leaf.subject_alt_names = vec![SanType::URI(id.to_string().try_into().unwrap())];
-            let cert = leaf.signed_by(&key, &issuer).unwrap();
-            Credentials::from_pem(&cert.pem(), &key.serialize_pem(), &ca.pem()).unwrap()
-        })
-    }
 
     /// Between two sidecars the handshake settles on TLS 1.3 with
     /// AES-128-GCM, and each side learns the other's SPIFFE ID.
@@ -177,7 +160,7 @@ mod tests {
             SpiffeId::new("cluster.local", "default", "client"),
             SpiffeId::new("cluster.local", "default", "server"),
         );
-        let [client_creds, server_creds] = mesh_pair([&a, &b]);
+        let [client_creds, server_creds] = crate::testing::credentials([&a, &b]);
         let client_cfg = client_config(
             Some(&client_creds),
             client_creds.roots.clone(),
