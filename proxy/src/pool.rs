@@ -161,6 +161,9 @@ type Attempt =
 /// takes its share of.
 type Opened = (SendRequest<Body>, Arc<Usage>);
 
+/// A connection a request may go on, and how many went on it before.
+type Taken = (SendRequest<Body>, u32);
+
 /// What a connection is for: the peer's address, the identity it must
 /// prove, and the server name sent.
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -212,25 +215,26 @@ impl Usage {
         }
     }
 
-    /// Takes one more request, unless `settings` retire the connection.
-    /// The clock is read only under settings that need it.
-    fn take(&self, settings: &Settings) -> bool {
+    /// Takes one more request, unless `settings` retire the connection:
+    /// how many it carried before. The clock is read only under settings
+    /// that need it.
+    fn take(&self, settings: &Settings) -> Option<u32> {
         use std::sync::atomic::Ordering::Relaxed;
         let age =
             (settings.max_age.is_some() || settings.idle.is_some()).then(|| self.born.elapsed());
         if let (Some(max), Some(age)) = (settings.max_age, age)
             && age >= max
         {
-            return false;
+            return None;
         }
         let n = self.requests.fetch_add(1, Relaxed);
         if settings.max_requests > 0 && n >= settings.max_requests {
-            return false;
+            return None;
         }
         if let Some(age) = age {
             self.last.store(age.as_millis() as u64, Relaxed);
         }
-        true
+        Some(n)
     }
 
     fn idle_for(&self) -> Duration {
@@ -251,7 +255,8 @@ impl Pool {
 
     /// Sends `req` to the sidecar at `addr` on a pooled connection for
     /// (`expected`, `sni`), opening one as `settings` say when none is
-    /// open or the open one is retired.
+    /// open or the open one is retired. A connection's first request
+    /// carries its trace headers indexable ([`crate::trace::indexable`]).
     pub async fn send(
         &self,
         tls: &Tls,
@@ -259,19 +264,18 @@ impl Pool {
         expected: &SpiffeId,
         sni: &Arc<str>,
         settings: &Settings,
-        req: http::Request<Body>,
+        mut req: http::Request<Body>,
     ) -> Result<http::Response<Incoming>, PoolError> {
         let existing = self.conns.lock().unwrap().get(&addr).and_then(|open| {
-            open.iter()
-                .find(|o| o.expected == *expected && o.sni == *sni && !o.sender.is_closed())
-                .filter(|o| o.usage.take(settings))
-                .map(|o| {
-                    self.close_when_idle(addr, &o.usage, settings);
-                    o.sender.clone()
-                })
+            let o = open
+                .iter()
+                .find(|o| o.expected == *expected && o.sni == *sni && !o.sender.is_closed())?;
+            let before = o.usage.take(settings)?;
+            self.close_when_idle(addr, &o.usage, settings);
+            Some((o.sender.clone(), before))
         });
-        let mut sender = match existing {
-            Some(s) => s,
+        let (mut sender, before) = match existing {
+            Some(taken) => taken,
             None => {
                 let key = Key {
                     addr,
@@ -281,6 +285,9 @@ impl Pool {
                 self.opened_for(tls, &key, settings).await?
             }
         };
+        if before == 0 {
+            crate::trace::indexable(req.headers_mut());
+        }
         sender
             .send_request(req)
             .await
@@ -297,12 +304,12 @@ impl Pool {
         tls: &Tls,
         key: &Key,
         settings: &Settings,
-    ) -> Result<SendRequest<Body>, PoolError> {
+    ) -> Result<Taken, PoolError> {
         loop {
             let attempt = self.attempt(tls, key, settings)?;
             let (sender, usage) = attempt.await.map_err(PoolError::Joined)?;
-            if usage.take(settings) {
-                return Ok(sender);
+            if let Some(before) = usage.take(settings) {
+                return Ok((sender, before));
             }
         }
     }
@@ -510,18 +517,159 @@ mod tests {
             ..Settings::default()
         };
         let usage = Usage::new();
-        assert!(usage.take(&settings));
-        assert!(usage.take(&settings));
-        assert!(
-            !usage.take(&settings),
+        assert_eq!(usage.take(&settings), Some(0));
+        assert_eq!(usage.take(&settings), Some(1));
+        assert_eq!(
+            usage.take(&settings),
+            None,
             "a third request on a connection of two"
         );
         let aged = Settings {
             max_age: Some(Duration::ZERO),
             ..Settings::default()
         };
-        assert!(!Usage::new().take(&aged));
-        assert!(Usage::new().take(&Settings::default()));
+        assert_eq!(Usage::new().take(&aged), None);
+        assert_eq!(Usage::new().take(&Settings::default()), Some(0));
+    }
+
+    /// Over one connection to a sidecar, the names of the trace headers
+    /// cross as HPACK literals once: later requests name them by index
+    /// into the table the first request filled, send their values as
+    /// literals never indexed, and add nothing to that table.
+    #[tokio::test]
+    async fn trace_header_names_cross_a_connection_once() {
+        use http_body_util::BodyExt;
+        use tokio::io::AsyncReadExt;
+        let client = SpiffeId::new("cluster.local", "default", "productpage");
+        let server = SpiffeId::new("cluster.local", "default", "reviews");
+        let [client_creds, server_creds] = mesh_identity::testing::credentials([&client, &server]);
+        let tls = Tls::new(client_creds).unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Tls::new(server_creds).unwrap().server);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        // The peer sidecar, reduced to reading what arrives, in clear:
+        // each HEADERS frame's block goes to the test.
+        let (blocks_tx, mut blocks) = tokio::sync::mpsc::unbounded_channel();
+        let peer = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut stream = acceptor.accept(tcp).await.unwrap();
+            let mut preface = [0; 24];
+            stream.read_exact(&mut preface).await.unwrap();
+            assert_eq!(&preface, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+            let mut head = [0u8; 9];
+            while stream.read_exact(&mut head).await.is_ok() {
+                let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+                let mut payload = vec![0; len];
+                stream.read_exact(&mut payload).await.unwrap();
+                const HEADERS: u8 = 1;
+                const END_HEADERS: u8 = 0x4;
+                if head[3] == HEADERS {
+                    assert_eq!(head[4] & !0x1, END_HEADERS, "one frame, unpadded");
+                    let _ = blocks_tx.send(payload);
+                }
+            }
+        });
+        let pool = Pool::new(None, Default::default());
+        let (tracer, tracing) = (
+            crate::trace::Tracer::default(),
+            crate::trace::Settings::default(),
+        );
+        let sni = cluster_sni("outbound|9080||reviews.default.svc.cluster.local");
+        let settings = Settings::default();
+        let mut sent = Vec::new();
+        for _ in 0..3 {
+            let mut req = http::Request::get("http://reviews:9080/reviews/0")
+                .header("user-agent", "curl/8.14.1")
+                .header("accept", "*/*")
+                .body(
+                    http_body_util::Empty::new()
+                        .map_err(|never| match never {})
+                        .boxed(),
+                )
+                .unwrap();
+            tracing.begin(&tracer, crate::trace::Side::Client, &mut req, None);
+            let send = pool.send(&tls, addr, &server, &sni, &settings, req);
+            tokio::pin!(send);
+            tokio::select! {
+                block = blocks.recv() => sent.push(fields(&block.unwrap())),
+                answer = &mut send => panic!("answered by a peer that never answers: {answer:?}"),
+            }
+        }
+        peer.abort();
+        let literal_names = |f: &[(Field, bool)]| f.iter().filter(|(_, lit)| *lit).count();
+        let of = |f: &[(Field, bool)], kind| f.iter().filter(|(k, _)| *k == kind).count();
+        // The first: every name a literal but the static table's, and
+        // each value added to the table, the trace headers' too.
+        assert_eq!(of(&sent[0], Field::Never), 0, "{:?}", sent[0]);
+        assert!(literal_names(&sent[0]) >= 2, "{:?}", sent[0]);
+        for later in &sent[1..] {
+            assert_eq!(literal_names(later), 0, "a name coded again: {later:?}");
+            assert_eq!(of(later, Field::Never), 2, "the trace values: {later:?}");
+            assert_eq!(of(later, Field::Inserted), 0, "the table grew: {later:?}");
+        }
+    }
+
+    /// How an HPACK field is represented (RFC 7541, section 6).
+    #[derive(Debug, PartialEq, Eq, Clone, Copy)]
+    enum Field {
+        /// Name and value from a table.
+        Indexed,
+        /// A literal value, added to the table.
+        Inserted,
+        /// A literal value, not added.
+        Unindexed,
+        /// A literal value, never to be added by any hop.
+        Never,
+    }
+
+    /// An HPACK block's fields, each with whether its name was a literal.
+    fn fields(mut b: &[u8]) -> Vec<(Field, bool)> {
+        fn int(b: &mut &[u8], prefix: u32) -> usize {
+            let max = (1usize << prefix) - 1;
+            let mut v = usize::from(b[0]) & max;
+            *b = &b[1..];
+            if v == max {
+                let mut shift = 0;
+                loop {
+                    let c = b[0];
+                    *b = &b[1..];
+                    v += usize::from(c & 0x7f) << shift;
+                    shift += 7;
+                    if c & 0x80 == 0 {
+                        break;
+                    }
+                }
+            }
+            v
+        }
+        fn skip_string(b: &mut &[u8]) {
+            let len = int(b, 7);
+            *b = &b[len..];
+        }
+        let mut out = Vec::new();
+        while let Some(&first) = b.first() {
+            let (field, prefix) = match first {
+                f if f & 0x80 != 0 => (Field::Indexed, 7),
+                f if f & 0x40 != 0 => (Field::Inserted, 6),
+                f if f & 0x20 != 0 => {
+                    int(&mut b, 5); // a table size update
+                    continue;
+                }
+                f if f & 0x10 != 0 => (Field::Never, 4),
+                _ => (Field::Unindexed, 4),
+            };
+            let index = int(&mut b, prefix);
+            if field == Field::Indexed {
+                out.push((field, false));
+                continue;
+            }
+            if index == 0 {
+                skip_string(&mut b);
+            }
+            skip_string(&mut b);
+            out.push((field, index == 0));
+        }
+        out
     }
 
     #[test]

@@ -292,12 +292,28 @@ pub fn request_id() -> HeaderValue {
         .value()
 }
 
+/// Lets a connection's first request carry its `traceparent` and
+/// `x-request-id` indexable, so that the next hop's HPACK table holds an
+/// entry of each name. Every later request on the connection sends its
+/// values as literals never indexed ([`Hex::value`]), but with the name as
+/// an index into that table: not coded again for each request on one side
+/// and decoded (and allocated) on the other. One entry of each, made once:
+/// the table does not churn.
+pub fn indexable(headers: &mut http::HeaderMap) {
+    for name in [TRACEPARENT, X_REQUEST_ID] {
+        if let Some(v) = headers.get_mut(name) {
+            v.set_sensitive(false);
+        }
+    }
+}
+
 /// A header value of hex fields and separators, written on the stack: no
 /// formatter and no intermediate String, on every request. Its bytes then
 /// go to the end of this thread's [`ARENA`]. The value is marked
 /// sensitive: it is this request's alone, so in the next hop's HPACK table
 /// it would only push out entries that repeat; HTTP/2 sends it as a
-/// literal never indexed.
+/// literal never indexed (its name indexed once [`indexable`] has put
+/// one in the table).
 #[derive(Clone, Copy)]
 struct Hex<const N: usize> {
     buf: [u8; N],
