@@ -203,6 +203,7 @@ fn proxy_args(cp: &ControlPlane, w: &WorkloadSpec, token_file: PathBuf) -> Proxy
         token_file,
         cert_lifetime_secs: 0,
         threads: mesh_proxy::cli::DEFAULT_THREADS,
+        io_events_per_tick: mesh_proxy::cli::DEFAULT_IO_EVENTS_PER_TICK,
         drain_grace_secs: mesh_proxy::drain::DEFAULT_GRACE.as_secs(),
         outbound_traffic_policy: Default::default(),
         protocol_detection_timeout: mesh_proxy::config::DEFAULT_DETECTION_TIMEOUT,
