@@ -8,8 +8,11 @@ use std::future::Future;
 use std::time::Duration;
 
 use hyper_util::server::graceful::GracefulConnection;
+use tokio::io::AsyncWrite;
 use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
+
+use crate::cork::Cork;
 
 /// Istio's default drain duration.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(5);
@@ -70,20 +73,23 @@ impl Drain {
         C: GracefulConnection + Send + 'static,
         C::Output: Send,
     {
-        let started = self.started();
-        self.connections.spawn(async move {
-            tokio::pin!(conn);
-            let grace = tokio::select! {
-                _ = conn.as_mut() => return,
-                _ = started => None,
-                _ = revoked => Some(REVOKED_GRACE),
-            };
-            conn.as_mut().graceful_shutdown();
-            match grace {
-                None => drop(conn.await),
-                Some(grace) => drop(tokio::time::timeout(grace, conn).await),
-            }
-        });
+        self.connections.spawn(until(conn, self.started(), revoked));
+    }
+
+    /// As [`Drain::serve_until`], with the connection's stream corked
+    /// while its task is polled: what one poll writes goes out as one.
+    pub(crate) fn serve_corked_until<C, T>(
+        &self,
+        conn: C,
+        cork: Cork<T>,
+        revoked: impl Future<Output = ()> + Send + 'static,
+    ) where
+        C: GracefulConnection + Send + 'static,
+        C::Output: Send,
+        T: AsyncWrite + Unpin + Send + 'static,
+    {
+        let served = until(conn, self.started(), revoked);
+        self.connections.spawn(cork.around(served));
     }
 
     /// Runs `task` (an opaque TCP connection) as tracked work: draining
@@ -100,5 +106,24 @@ impl Drain {
             Ok(()) => 0,
             Err(_) => self.connections.len(),
         }
+    }
+}
+
+/// Serves `conn` until it ends by itself, or closes it gracefully once
+/// draining starts or `revoked` resolves.
+async fn until<C>(conn: C, started: impl Future<Output = ()>, revoked: impl Future<Output = ()>)
+where
+    C: GracefulConnection,
+{
+    tokio::pin!(conn);
+    let grace = tokio::select! {
+        _ = conn.as_mut() => return,
+        _ = started => None,
+        _ = revoked => Some(REVOKED_GRACE),
+    };
+    conn.as_mut().graceful_shutdown();
+    match grace {
+        None => drop(conn.await),
+        Some(grace) => drop(tokio::time::timeout(grace, conn).await),
     }
 }

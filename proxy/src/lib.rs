@@ -12,6 +12,7 @@ pub mod budget;
 pub mod capture;
 pub mod cli;
 pub mod config;
+mod cork;
 mod detect;
 pub mod drain;
 pub mod flags;

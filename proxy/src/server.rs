@@ -11,7 +11,7 @@ use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::detect::Detected;
-use crate::{Shared, admin, inbound, outbound};
+use crate::{Shared, admin, cork, inbound, outbound};
 
 /// The next connection, or `None` once draining has started (the listener
 /// is then dropped by the caller, so new connections are refused).
@@ -144,10 +144,11 @@ pub async fn serve_inbound(listener: TcpListener, shared: Arc<Shared>) {
             // copied into each and out.
             let svc =
                 service_fn(move |req| Box::pin(inbound::handle(s.clone(), conn.clone(), req)));
+            let (stream, cork) = cork::cork(stream);
             let conn = http_server()
                 .serve_connection_with_upgrades(TokioIo::new(stream), svc)
                 .into_owned();
-            shared.drain.serve_until(conn, revoked);
+            shared.drain.serve_corked_until(conn, cork, revoked);
         });
     }
 }
