@@ -40,6 +40,9 @@ struct State<T> {
     corked: bool,
     /// The connection asked for a flush while corked.
     flush: bool,
+    /// How sending what was held after a poll failed: the connection's
+    /// next write or flush returns it.
+    failed: Option<io::ErrorKind>,
 }
 
 impl<T: AsyncWrite + Unpin> State<T> {
@@ -66,6 +69,14 @@ impl<T: AsyncWrite + Unpin> State<T> {
             self.flush = false;
         }
         Poll::Ready(Ok(()))
+    }
+
+    /// The error sending what was held last met, if it failed.
+    fn check(&self) -> io::Result<()> {
+        match self.failed {
+            Some(kind) => Err(io::Error::new(kind, "sending held bytes failed")),
+            None => Ok(()),
+        }
     }
 
     /// Makes room for `len` more bytes: sends what is held once it would
@@ -95,6 +106,7 @@ pub fn cork<T>(io: T) -> (Corked<T>, Cork<T>) {
         sent: 0,
         corked: false,
         flush: false,
+        failed: None,
     }));
     (Corked(shared.clone()), Cork(shared))
 }
@@ -141,9 +153,14 @@ impl<T: AsyncWrite + Unpin, F: Future> Future for Around<T, F> {
                 Poll::Ready(out) => *this.out = Some(out),
                 Poll::Pending => {
                     // Pending here leaves the task waiting on the stream
-                    // too, and the next poll sends the rest. An error is
-                    // the connection's to meet on its next read or write.
-                    let _ = lock(this.shared).send_held(cx);
+                    // too, and the next poll sends the rest.
+                    let mut s = lock(this.shared);
+                    if let Poll::Ready(Err(e)) = s.send_held(cx) {
+                        // The connection meets it on its next write, or
+                        // now, if it is waiting for one to be flushed.
+                        s.failed = Some(e.kind());
+                        cx.waker().wake_by_ref();
+                    }
                     return Poll::Pending;
                 }
             }
@@ -174,6 +191,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Corked<T> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let mut s = lock(&self.0);
+        s.check()?;
         if !s.corked {
             ready!(s.send_held(cx))?;
             return Pin::new(&mut s.io).poll_write(cx, buf);
@@ -189,6 +207,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Corked<T> {
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let mut s = lock(&self.0);
+        s.check()?;
         if !s.corked {
             ready!(s.send_held(cx))?;
             return Pin::new(&mut s.io).poll_write_vectored(cx, bufs);
@@ -209,6 +228,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Corked<T> {
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let mut s = lock(&self.0);
+        s.check()?;
         if s.corked {
             // Sent, and the stream flushed, when the poll ends.
             s.flush = true;
@@ -323,6 +343,41 @@ mod tests {
         assert_eq!(sizes, [one, one, one]);
         // The idle connection does not keep a buffer that size.
         assert!(lock(&io.0).held.capacity() <= KEEP_AT_MOST);
+    }
+
+    /// A stream whose peer has gone.
+    struct Gone;
+
+    impl AsyncWrite for Gone {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_send_that_failed_after_a_poll_fails_the_connections_next_write() {
+        let (mut io, cork) = cork(Gone);
+        let (go, wait) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(cork.around(async move {
+            // Held: the failure comes when the poll ends.
+            io.write_all(b"response").await.unwrap();
+            wait.await.unwrap();
+            io.write_all(b"next").await
+        }));
+        tokio::task::yield_now().await;
+        go.send(()).unwrap();
+        let err = task.await.unwrap().unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::BrokenPipe);
     }
 
     #[tokio::test]
