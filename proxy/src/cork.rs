@@ -155,9 +155,12 @@ impl<T: AsyncWrite + Unpin, F: Future> Future for Around<T, F> {
                     // Pending here leaves the task waiting on the stream
                     // too, and the next poll sends the rest.
                     let mut s = lock(this.shared);
-                    if let Poll::Ready(Err(e)) = s.send_held(cx) {
+                    if s.failed.is_none()
+                        && let Poll::Ready(Err(e)) = s.send_held(cx)
+                    {
                         // The connection meets it on its next write, or
-                        // now, if it is waiting for one to be flushed.
+                        // now, if it is waiting for one to be flushed: one
+                        // wake-up, not one a poll.
                         s.failed = Some(e.kind());
                         cx.waker().wake_by_ref();
                     }
@@ -167,9 +170,11 @@ impl<T: AsyncWrite + Unpin, F: Future> Future for Around<T, F> {
         }
         // The connection is done: what it wrote last goes out first (the
         // stream may live on, upgraded, and then writes through after it).
-        if lock(this.shared).send_held(cx).is_pending() {
+        let mut s = lock(this.shared);
+        if s.failed.is_none() && s.send_held(cx).is_pending() {
             return Poll::Pending;
         }
+        drop(s);
         Poll::Ready(this.out.take().expect("polled after completion"))
     }
 }
@@ -368,13 +373,21 @@ mod tests {
     async fn a_send_that_failed_after_a_poll_fails_the_connections_next_write() {
         let (mut io, cork) = cork(Gone);
         let (go, wait) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(cork.around(async move {
+        let mut conn = Box::pin(async move {
             // Held: the failure comes when the poll ends.
             io.write_all(b"response").await.unwrap();
             wait.await.unwrap();
             io.write_all(b"next").await
-        }));
-        tokio::task::yield_now().await;
+        });
+        let polls = Arc::new(AtomicUsize::new(0));
+        let counted = polls.clone();
+        let task = tokio::spawn(cork.around(std::future::poll_fn(move |cx| {
+            counted.fetch_add(1, Ordering::Relaxed);
+            conn.as_mut().poll(cx)
+        })));
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        // Woken once to meet the failure, not polled over and over.
+        assert_eq!(polls.load(Ordering::Relaxed), 2);
         go.send(()).unwrap();
         let err = task.await.unwrap().unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::BrokenPipe);
