@@ -668,11 +668,14 @@ pub fn wait_listening(addr: SocketAddr, timeout: Duration) -> anyhow::Result<()>
     Ok(())
 }
 
-/// On SIGINT or SIGTERM, kills `pids` (the benchmark's own children, by
-/// PID) and exits, so an interrupted run leaves nothing behind.
+/// On SIGINT or SIGTERM, stops `pids` (the benchmark's own children) and
+/// removes `dir` (its scratch directory) before it exits, so an interrupted
+/// run leaves nothing behind: `std::process::exit` runs no destructors, so
+/// the directory's `TempDir` would never remove it.
 pub fn kill_on_signal(
     rt: &tokio::runtime::Runtime,
     pids: std::sync::Arc<std::sync::Mutex<Vec<u32>>>,
+    dir: PathBuf,
 ) {
     rt.spawn(async move {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -681,12 +684,24 @@ pub fn kill_on_signal(
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
         }
-        for pid in pids.lock().unwrap().iter() {
-            let _ = Command::new("kill").arg(pid.to_string()).status();
+        let pids = pids.lock().unwrap().clone();
+        match stop_and_clean(&pids, &dir) {
+            Ok(()) => eprintln!(
+                "interrupted; stopped the processes the benchmark started and removed {}",
+                dir.display()
+            ),
+            Err(e) => eprintln!("interrupted; {e:#}"),
         }
-        eprintln!("interrupted; stopped the processes the benchmark started");
         std::process::exit(130);
     });
+}
+
+/// Ends `pids` and, once they have exited (a process still writing its
+/// logs would put files back), removes `dir`.
+pub fn stop_and_clean(pids: &[u32], dir: &Path) -> anyhow::Result<()> {
+    let stopped = terminate(pids, Duration::from_secs(5));
+    std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
+    stopped
 }
 
 /// Builds the sidecar as deployed (`cargo build-sidecar`, an alias in
@@ -1066,6 +1081,18 @@ mod tests {
         child.wait().unwrap();
         let err = outcome.unwrap_err();
         assert!(err.to_string().contains("had not all exited"), "{err}");
+    }
+
+    #[test]
+    fn an_interrupted_run_leaves_no_process_and_no_scratch_directory() {
+        let dir = tempfile::tempdir().unwrap().keep();
+        std::fs::create_dir(dir.join("citadel")).unwrap();
+        std::fs::write(dir.join("citadel/root.pem"), "x").unwrap();
+        let mut child = Command::new("sleep").arg("60").spawn().unwrap();
+        stop_and_clean(&[child.id()], &dir).unwrap();
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(child.wait().unwrap().signal(), Some(15));
+        assert!(!dir.exists(), "{} is still there", dir.display());
     }
 
     #[test]

@@ -500,7 +500,7 @@ fn main() -> anyhow::Result<()> {
     let started = std::sync::Arc::new(std::sync::Mutex::new(
         sidecars.iter().map(|(_, p)| *p).collect::<Vec<_>>(),
     ));
-    bench::kill_on_signal(&rt, started.clone());
+    bench::kill_on_signal(&rt, started.clone(), dir.path().to_path_buf());
     // Idle: the mesh pair ready and settled (`mesh_proxy::SETTLE` after
     // its last certificate or config), before any traffic.
     let idle_rss_mb = (!cli.instructions && !cli.layout && !cli.pgo).then(|| {
@@ -665,7 +665,9 @@ fn main() -> anyhow::Result<()> {
             );
         }
         println!("holding; Ctrl-C to stop");
-        rt.block_on(tokio::signal::ctrl_c())?;
+        // Until the signal task (`kill_on_signal`) stops the processes,
+        // removes the scratch directory and exits.
+        rt.block_on(std::future::pending::<()>());
         return Ok(());
     }
     let mut results: BTreeMap<&str, Vec<Round>> = BTreeMap::new();
