@@ -685,7 +685,7 @@ pub fn kill_on_signal(
             _ = term.recv() => {}
         }
         let pids = pids.lock().unwrap().clone();
-        match stop_and_clean(&pids, &dir) {
+        match stop_and_clean(&pids, &dir, Duration::from_secs(5)) {
             Ok(()) => eprintln!(
                 "interrupted; stopped the processes the benchmark started and removed {}",
                 dir.display()
@@ -697,11 +697,16 @@ pub fn kill_on_signal(
 }
 
 /// Ends `pids` and, once they have exited (a process still writing its
-/// logs would put files back), removes `dir`.
-pub fn stop_and_clean(pids: &[u32], dir: &Path) -> anyhow::Result<()> {
-    let stopped = terminate(pids, Duration::from_secs(5));
-    std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
-    stopped
+/// logs would put files back) or `within` has passed, removes `dir`. An
+/// error names whichever of the two failed, or both.
+pub fn stop_and_clean(pids: &[u32], dir: &Path, within: Duration) -> anyhow::Result<()> {
+    let stopped = terminate(pids, within);
+    let removed =
+        std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()));
+    match (stopped, removed) {
+        (Err(s), Err(r)) => Err(r.context(format!("{s:#}"))),
+        (s, r) => s.and(r),
+    }
 }
 
 /// Builds the sidecar as deployed (`cargo build-sidecar`, an alias in
@@ -1052,10 +1057,10 @@ mod tests {
         assert_eq!(status.signal(), Some(15));
     }
 
-    #[test]
-    fn terminate_says_so_when_a_process_outlives_its_time() {
-        // A process that ignores SIGTERM (ignored stays ignored across exec).
-        let mut child = Command::new("sh")
+    /// A process that ignores SIGTERM, once it does.
+    fn deaf_to_sigterm() -> std::process::Child {
+        // Ignored stays ignored across exec.
+        let child = Command::new("sh")
             .args(["-c", "trap '' TERM; exec sleep 60"])
             .spawn()
             .unwrap();
@@ -1076,6 +1081,12 @@ mod tests {
             );
             std::thread::sleep(Duration::from_millis(10));
         }
+        child
+    }
+
+    #[test]
+    fn terminate_says_so_when_a_process_outlives_its_time() {
+        let mut child = deaf_to_sigterm();
         let outcome = terminate(&[child.id()], Duration::from_millis(500));
         child.kill().unwrap();
         child.wait().unwrap();
@@ -1089,10 +1100,25 @@ mod tests {
         std::fs::create_dir(dir.join("citadel")).unwrap();
         std::fs::write(dir.join("citadel/root.pem"), "x").unwrap();
         let mut child = Command::new("sleep").arg("60").spawn().unwrap();
-        stop_and_clean(&[child.id()], &dir).unwrap();
+        stop_and_clean(&[child.id()], &dir, Duration::from_secs(5)).unwrap();
         use std::os::unix::process::ExitStatusExt;
         assert_eq!(child.wait().unwrap().signal(), Some(15));
         assert!(!dir.exists(), "{} is still there", dir.display());
+    }
+
+    #[test]
+    fn an_interrupted_run_that_cannot_clean_up_says_what_was_left() {
+        let mut child = deaf_to_sigterm();
+        let gone = tempfile::tempdir().unwrap().path().join("scratch");
+        let outcome = stop_and_clean(&[child.id()], &gone, Duration::from_millis(300));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let err = format!("{:#}", outcome.unwrap_err());
+        assert!(err.contains("had not all exited"), "{err}");
+        assert!(
+            err.contains(&format!("removing {}", gone.display())),
+            "{err}"
+        );
     }
 
     #[test]

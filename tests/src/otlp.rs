@@ -92,6 +92,11 @@ impl Receiver {
         Ok(Self { child, port, out })
     }
 
+    /// The receiver's process ID.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// How many exports a stalled receiver has taken and not answered.
     pub fn stalled_exports(&self) -> usize {
         let mut stalled = self.out.clone().into_os_string();

@@ -428,6 +428,11 @@ fn main() -> anyhow::Result<()> {
     }
     let (rounds, fixed_secs, max_secs) = if cli.quick { (1, 10, 5) } else { (3, 30, 15) };
     let dir = tempfile::tempdir()?;
+    // Every process the benchmark starts, ended (and the directory removed)
+    // on Ctrl-C or SIGTERM from here on: building the sidecar, starting the
+    // mesh and waiting for it to be ready take minutes in some modes.
+    let started = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u32>::new()));
+    bench::kill_on_signal(&rt, started.clone(), dir.path().to_path_buf());
     let upstream = SocketAddr::new(ip(2), 8080);
     rt.block_on(bench::upstream(upstream))?;
     let grpc_upstream = SocketAddr::new(ip(2), 9090);
@@ -447,6 +452,7 @@ fn main() -> anyhow::Result<()> {
             rt.block_on(bench::upstream(SocketAddr::new(ip(side), 8080)))?;
         }
         let r = mesh_tests::otlp::Receiver::start(dir.path())?;
+        started.lock().unwrap().push(r.pid());
         config.push_str(&telemetry_config(r.port));
         Some(r)
     } else {
@@ -480,12 +486,16 @@ fn main() -> anyhow::Result<()> {
         log_dir: dir.path().to_path_buf(),
     };
     let pods = rt.block_on(workloads::launch(&cp, &specs, &launcher, dir.path()))?;
+    let sidecars = pods.sidecar_pids();
+    started
+        .lock()
+        .unwrap()
+        .extend(sidecars.iter().map(|(_, p)| *p));
     rt.block_on(workloads::wait_ready(
         &specs,
         Duration::from_secs(30),
         |_, _, _| {},
     ))?;
-    let sidecars = pods.sidecar_pids();
     // A path's processes: the sidecars of its client and upstream workloads.
     let pair = |suffix: &str| -> Vec<u32> {
         sidecars
@@ -497,10 +507,6 @@ fn main() -> anyhow::Result<()> {
             .collect()
     };
     let mesh_pids = pair("");
-    let started = std::sync::Arc::new(std::sync::Mutex::new(
-        sidecars.iter().map(|(_, p)| *p).collect::<Vec<_>>(),
-    ));
-    bench::kill_on_signal(&rt, started.clone(), dir.path().to_path_buf());
     // Idle: the mesh pair ready and settled (`mesh_proxy::SETTLE` after
     // its last certificate or config), before any traffic.
     let idle_rss_mb = (!cli.instructions && !cli.layout && !cli.pgo).then(|| {
