@@ -190,20 +190,14 @@ impl<T: AsyncRead + Unpin> AsyncRead for Corked<T> {
 }
 
 impl<T: AsyncWrite + Unpin> AsyncWrite for Corked<T> {
+    /// One buffer is a vectored write of one (h2 and hyper write vectored
+    /// here, since `is_write_vectored` says so).
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let mut s = lock(&self.0);
-        s.check()?;
-        if !s.corked {
-            ready!(s.send_held(cx))?;
-            return Pin::new(&mut s.io).poll_write(cx, buf);
-        }
-        ready!(s.room_for(cx, buf.len()))?;
-        s.held.extend_from_slice(buf);
-        Poll::Ready(Ok(buf.len()))
+        self.poll_write_vectored(cx, &[IoSlice::new(buf)])
     }
 
     fn poll_write_vectored(
