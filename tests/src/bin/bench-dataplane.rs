@@ -20,6 +20,10 @@ struct Cli {
     /// One short round (under 3 minutes) instead of three full ones.
     #[arg(long)]
     quick: bool,
+    /// How many rounds (default 3, or 1 with `--quick`): the medians steady
+    /// as rounds are added, ~8 minutes each at full length.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    rounds: Option<u32>,
     /// Measure only these paths (comma-separated, e.g. `direct,mesh`); the
     /// others are not started, and figures that need them are null.
     #[arg(long, value_delimiter = ',')]
@@ -63,6 +67,15 @@ struct Cli {
     /// two more client/upstream sidecar pairs, each under its own Telemetry.
     #[arg(long)]
     telemetry: bool,
+}
+
+impl Cli {
+    /// Rounds, then the seconds of each round's fixed-rate and maximum-rate
+    /// runs.
+    fn schedule(&self) -> (u32, u64, u64) {
+        let (rounds, fixed_secs, max_secs) = if self.quick { (1, 10, 5) } else { (3, 30, 15) };
+        (self.rounds.unwrap_or(rounds), fixed_secs, max_secs)
+    }
 }
 
 /// The telemetry comparison's workloads (each pair with its own upstream
@@ -426,7 +439,7 @@ fn main() -> anyhow::Result<()> {
     if cli.instructions || cli.layout {
         bench::ensure_valgrind()?;
     }
-    let (rounds, fixed_secs, max_secs) = if cli.quick { (1, 10, 5) } else { (3, 30, 15) };
+    let (rounds, fixed_secs, max_secs) = cli.schedule();
     let dir = tempfile::tempdir()?;
     // Every process the benchmark starts, ended (and the directory removed)
     // on Ctrl-C or SIGTERM from here on: building the sidecar, starting the
@@ -777,9 +790,14 @@ fn measure(
     })
 }
 
+/// The middle round's figure; with an even number of rounds (`--rounds`),
+/// the mean of the two middle ones.
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
-    bench::percentile(&v, 0.5)
+    match v.len() {
+        n if n > 0 && n % 2 == 0 => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+        _ => bench::percentile(&v, 0.5),
+    }
 }
 
 fn report(results: &BTreeMap<&str, Vec<Round>>, idle_rss_mb: Option<f64>) {
@@ -878,4 +896,40 @@ fn round3(v: f64) -> f64 {
 }
 fn round4(v: f64) -> f64 {
     (v * 10000.0).round() / 10000.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("bench-dataplane").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn rounds_are_three_full_ones_unless_asked() {
+        assert_eq!(parse(&[]).unwrap().schedule(), (3, 30, 15));
+        assert_eq!(parse(&["--quick"]).unwrap().schedule(), (1, 10, 5));
+        assert_eq!(parse(&["--rounds", "7"]).unwrap().schedule(), (7, 30, 15));
+        assert_eq!(
+            parse(&["--quick", "--rounds", "2"]).unwrap().schedule(),
+            (2, 10, 5)
+        );
+    }
+
+    #[test]
+    fn the_median_of_an_even_number_of_rounds_is_their_middle_twos_mean() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 9.0]), 3.0);
+        assert_eq!(median(vec![0.533, 0.610]), (0.533 + 0.610) / 2.0);
+    }
+
+    #[test]
+    fn zero_rounds_is_refused_by_name() {
+        let err = parse(&["--rounds", "0"])
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(err.contains("--rounds"), "{err}");
+    }
 }
