@@ -17,11 +17,13 @@ use serde_json::json;
 
 #[derive(Parser)]
 struct Cli {
-    /// One short round (under 3 minutes) instead of three full ones.
+    /// Short rounds, one unless `--rounds` says more (under 3 minutes),
+    /// instead of three full ones.
     #[arg(long)]
     quick: bool,
-    /// How many rounds (default 3, or 1 with `--quick`): the medians steady
-    /// as rounds are added, ~8 minutes each at full length.
+    /// How many timed rounds (default 3, or 1 with `--quick`): the medians
+    /// steady as rounds are added, ~8 minutes each at full length.
+    /// `--instructions` counts its own three.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     rounds: Option<u32>,
     /// Measure only these paths (comma-separated, e.g. `direct,mesh`); the
