@@ -22,7 +22,7 @@ struct Cli {
     #[arg(long)]
     quick: bool,
     /// How many timed rounds (default 3, or 1 with `--quick`): the medians
-    /// steady as rounds are added, ~8 minutes each at full length.
+    /// steady as rounds are added, 7-8 minutes each at full length.
     /// `--instructions` counts its own three.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     rounds: Option<u32>,
