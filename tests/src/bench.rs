@@ -669,9 +669,10 @@ pub fn wait_listening(addr: SocketAddr, timeout: Duration) -> anyhow::Result<()>
 }
 
 /// On SIGINT or SIGTERM, stops `pids` (the benchmark's own children) and
-/// removes `dir` (its scratch directory) before it exits, so an interrupted
-/// run leaves nothing behind: `std::process::exit` runs no destructors, so
-/// the directory's `TempDir` would never remove it.
+/// any build running (`stop_builds`), and removes `dir` (its scratch
+/// directory) before it exits, so an interrupted run leaves nothing behind:
+/// `std::process::exit` runs no destructors, so the directory's `TempDir`
+/// would never remove it.
 pub fn kill_on_signal(
     rt: &tokio::runtime::Runtime,
     pids: std::sync::Arc<std::sync::Mutex<Vec<u32>>>,
@@ -685,7 +686,8 @@ pub fn kill_on_signal(
             _ = term.recv() => {}
         }
         let pids = pids.lock().unwrap().clone();
-        match stop_and_clean(&pids, &dir, Duration::from_secs(5)) {
+        let built = stop_builds(Duration::from_secs(5));
+        match both(built, stop_and_clean(&pids, &dir, Duration::from_secs(5))) {
             Ok(()) => eprintln!(
                 "interrupted; stopped the processes the benchmark started and removed {}",
                 dir.display()
@@ -701,11 +703,20 @@ pub fn kill_on_signal(
 /// error names whichever of the two failed, or both.
 pub fn stop_and_clean(pids: &[u32], dir: &Path, within: Duration) -> anyhow::Result<()> {
     let stopped = terminate(pids, within);
-    let removed =
-        std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()));
-    match (stopped, removed) {
-        (Err(s), Err(r)) => Err(r.context(format!("{s:#}"))),
-        (s, r) => s.and(r),
+    // Gone already is clean: the run's own error path (an ended build fails
+    // it) may have dropped the directory first.
+    let removed = match std::fs::remove_dir_all(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        other => other.with_context(|| format!("removing {}", dir.display())),
+    };
+    both(stopped, removed)
+}
+
+/// Two outcomes as one: an error names whichever failed, or both.
+fn both(first: anyhow::Result<()>, second: anyhow::Result<()>) -> anyhow::Result<()> {
+    match (first, second) {
+        (Err(f), Err(s)) => Err(s.context(format!("{f:#}"))),
+        (f, s) => f.and(s),
     }
 }
 
@@ -760,15 +771,76 @@ fn cargo(args: &[&str], profile: &str, bin: &str) -> anyhow::Result<PathBuf> {
     let workspace = workspace();
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     eprintln!("building: cargo {}", args.join(" "));
-    let ok = Command::new(cargo)
-        .arg("--quiet")
-        .args(args)
-        .current_dir(&workspace)
-        .status()
-        .context("running cargo")?
-        .success();
+    let ok = run_build(
+        Command::new(cargo)
+            .arg("--quiet")
+            .args(args)
+            .current_dir(&workspace),
+    )?;
     anyhow::ensure!(ok, "cargo {} failed", args.join(" "));
     Ok(target_dir().join(profile).join(bin))
+}
+
+/// The builds running now (the `cargo` processes started by `run_build`),
+/// for `stop_builds`.
+static BUILDS: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
+
+/// Runs a build (`cargo ...`) to its end and says whether it succeeded;
+/// `stop_builds` can end it, and what it started, while it runs.
+fn run_build(cargo: &mut Command) -> anyhow::Result<bool> {
+    let mut child = cargo.spawn().context("running cargo")?;
+    BUILDS.lock().unwrap().push(child.id());
+    let status = child.wait();
+    BUILDS.lock().unwrap().retain(|&pid| pid != child.id());
+    Ok(status.context("waiting for cargo")?.success())
+}
+
+/// Ends the builds running now and every process below them (rustc, build
+/// scripts): a benchmark stopped by SIGTERM while it builds would otherwise
+/// leave them running to their end (a Ctrl-C reaches them directly, as
+/// members of the terminal's foreground process group; a SIGTERM to the
+/// benchmark alone does not). Waits up to `within` for all of them to exit.
+pub fn stop_builds(within: Duration) -> anyhow::Result<()> {
+    let builds = BUILDS.lock().unwrap().clone();
+    // Found before the build is ended: once it has, its children belong to
+    // another parent.
+    let mut pids = Vec::new();
+    for build in builds {
+        pids.push(build);
+        pids.extend(descendants(build));
+    }
+    match pids.is_empty() {
+        true => Ok(()),
+        false => terminate(&pids, within).context("ending the build (cargo) that was running"),
+    }
+}
+
+/// The processes below `pid` in the process tree, from each one's parent in
+/// `/proc/PID/stat`.
+fn descendants(pid: u32) -> Vec<u32> {
+    let parent_of = |p: u32| -> Option<u32> {
+        let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+        // After the command name: state, then the parent's PID.
+        let (_, rest) = stat.rsplit_once(") ")?;
+        rest.split_whitespace().nth(1)?.parse().ok()
+    };
+    let links: Vec<(u32, u32)> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let p: u32 = entry.file_name().to_str()?.parse().ok()?;
+            Some((p, parent_of(p)?))
+        })
+        .collect();
+    let (mut found, mut next) = (Vec::new(), vec![pid]);
+    while let Some(parent) = next.pop() {
+        for &(child, _) in links.iter().filter(|(_, p)| *p == parent) {
+            found.push(child);
+            next.push(child);
+        }
+    }
+    found
 }
 
 /// The arguments `cargo build-sidecar` stands for (an alias in
@@ -801,18 +873,17 @@ pub fn build_instrumented_sidecar(raw: &Path) -> anyhow::Result<PathBuf> {
     let rustc_from = BUILD_SIDECAR.iter().position(|&a| a == "--").unwrap();
     let (cargo_args, rustc_args) = BUILD_SIDECAR.split_at(rustc_from);
     eprintln!("building the instrumented sidecar in {}", target.display());
-    let ok = Command::new(cargo)
-        .arg("--quiet")
-        .args(cargo_args)
-        .arg("--target-dir")
-        .arg(&target)
-        .args(rustc_args)
-        .env("RUSTC_WRAPPER", "")
-        .env("RUSTFLAGS", format!("-Cprofile-generate={}", raw.display()))
-        .current_dir(workspace())
-        .status()
-        .context("running cargo")?
-        .success();
+    let ok = run_build(
+        Command::new(cargo)
+            .arg("--quiet")
+            .args(cargo_args)
+            .arg("--target-dir")
+            .arg(&target)
+            .args(rustc_args)
+            .env("RUSTC_WRAPPER", "")
+            .env("RUSTFLAGS", format!("-Cprofile-generate={}", raw.display()))
+            .current_dir(workspace()),
+    )?;
     anyhow::ensure!(ok, "building the instrumented sidecar failed");
     if raw.exists() {
         std::fs::remove_dir_all(raw).with_context(|| format!("emptying {}", raw.display()))?;
@@ -1057,6 +1128,47 @@ mod tests {
         assert_eq!(status.signal(), Some(15));
     }
 
+    #[test]
+    fn an_interrupted_build_ends_with_what_it_started() {
+        // A stand-in for cargo: a shell that starts a child (as cargo starts
+        // rustc) and waits for it.
+        let dir = tempfile::tempdir().unwrap();
+        let child_pid = dir.path().join("child.pid");
+        let script = format!("sleep 60 & echo $! > {}; wait", child_pid.display());
+        let build = std::thread::spawn(move || run_build(Command::new("sh").args(["-c", &script])));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let child: u32 = loop {
+            if let Some(pid) = std::fs::read_to_string(&child_pid)
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+            {
+                break pid;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the build never started its child"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let started = std::time::Instant::now();
+        stop_builds(Duration::from_secs(5)).unwrap();
+        assert!(
+            !build.join().unwrap().unwrap(),
+            "an ended build is not a success"
+        );
+        assert!(started.elapsed() < Duration::from_secs(5));
+        // The build's own child is gone too (or a zombie its new parent has
+        // yet to reap), not left sleeping.
+        let left = std::fs::read_to_string(format!("/proc/{child}/stat"));
+        assert!(
+            left.as_ref().map_or(true, |s| s.contains(") Z ")),
+            "the build's child is still running: {left:?}"
+        );
+        assert!(BUILDS.lock().unwrap().is_empty());
+        // Nothing running: nothing to do.
+        stop_builds(Duration::from_secs(1)).unwrap();
+    }
+
     /// A process that ignores SIGTERM, once it does.
     fn deaf_to_sigterm() -> std::process::Child {
         // Ignored stays ignored across exec.
@@ -1109,16 +1221,26 @@ mod tests {
     #[test]
     fn an_interrupted_run_that_cannot_clean_up_says_what_was_left() {
         let mut child = deaf_to_sigterm();
-        let gone = tempfile::tempdir().unwrap().path().join("scratch");
-        let outcome = stop_and_clean(&[child.id()], &gone, Duration::from_millis(300));
+        // A directory that cannot be removed: its path runs through a file.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("file"), "").unwrap();
+        let stuck = dir.path().join("file/scratch");
+        let outcome = stop_and_clean(&[child.id()], &stuck, Duration::from_millis(300));
         child.kill().unwrap();
         child.wait().unwrap();
         let err = format!("{:#}", outcome.unwrap_err());
         assert!(err.contains("had not all exited"), "{err}");
         assert!(
-            err.contains(&format!("removing {}", gone.display())),
+            err.contains(&format!("removing {}", stuck.display())),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_scratch_directory_already_gone_is_clean() {
+        // As when the run's own error path removed it first.
+        let gone = tempfile::tempdir().unwrap().path().join("scratch");
+        stop_and_clean(&[], &gone, Duration::from_secs(1)).unwrap();
     }
 
     #[test]
