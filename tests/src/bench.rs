@@ -234,15 +234,24 @@ impl Drop for Children {
 
 /// CPU seconds (user + system) a process has used.
 pub fn cpu_seconds(pid: u32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    // Fields after the parenthesised command name; utime and stime are 14th and 15th overall.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
-    let f: Vec<&str> = rest.split_whitespace().collect();
+    let f = proc_stat(pid).unwrap_or_default();
+    // utime and stime, the 14th and 15th fields overall.
     let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
         + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
     ticks / clock_ticks()
+}
+
+/// The fields of `/proc/PID/stat` after the command name, which is in
+/// parentheses and may itself hold spaces and parentheses: the state (the
+/// 3rd field overall) first, then the parent's PID, and so on. None once
+/// the process is gone.
+fn proc_stat(pid: u32) -> Option<Vec<String>> {
+    stat_fields(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+fn stat_fields(stat: &str) -> Option<Vec<String>> {
+    let (_, rest) = stat.rsplit_once(") ")?;
+    Some(rest.split_whitespace().map(str::to_owned).collect())
 }
 
 fn clock_ticks() -> f64 {
@@ -818,12 +827,7 @@ pub fn stop_builds(within: Duration) -> anyhow::Result<()> {
 /// The processes below `pid` in the process tree, from each one's parent in
 /// `/proc/PID/stat`.
 fn descendants(pid: u32) -> Vec<u32> {
-    let parent_of = |p: u32| -> Option<u32> {
-        let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
-        // After the command name: state, then the parent's PID.
-        let (_, rest) = stat.rsplit_once(") ")?;
-        rest.split_whitespace().nth(1)?.parse().ok()
-    };
+    let parent_of = |p: u32| proc_stat(p)?.get(1)?.parse().ok();
     let links: Vec<(u32, u32)> = std::fs::read_dir("/proc")
         .into_iter()
         .flatten()
@@ -940,13 +944,8 @@ pub fn terminate(pids: &[u32], within: Duration) -> anyhow::Result<()> {
             .status()
             .context("running kill")?;
     }
-    let exited = |pid: &u32| match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state follows the command name, which is in parentheses.
-        Ok(stat) => stat
-            .rsplit_once(") ")
-            .is_some_and(|(_, rest)| rest.starts_with('Z')),
-        Err(_) => true,
-    };
+    // Gone, or a zombie its parent has yet to reap.
+    let exited = |&pid: &u32| proc_stat(pid).is_none_or(|f| f.first().is_some_and(|s| s == "Z"));
     let deadline = std::time::Instant::now() + within;
     while !pids.iter().all(exited) {
         anyhow::ensure!(
@@ -1129,6 +1128,28 @@ mod tests {
     }
 
     #[test]
+    fn stat_fields_start_after_the_whole_command_name() {
+        // A command name may hold a space and a `) `.
+        let line = "4242 (odd) S name) S 1 4242 4242 0 -1 4194560 120 0 0 0 731 268 0 0";
+        let f = stat_fields(line).unwrap();
+        assert_eq!((f[0].as_str(), f[1].as_str()), ("S", "1"));
+        assert_eq!((f[11].as_str(), f[12].as_str()), ("731", "268"));
+    }
+
+    #[test]
+    fn cpu_seconds_counts_what_a_process_uses() {
+        let me = std::process::id();
+        let before = cpu_seconds(me);
+        let spin = std::time::Instant::now();
+        while cpu_seconds(me) == before && spin.elapsed() < Duration::from_secs(5) {}
+        assert!(
+            cpu_seconds(me) > before,
+            "no CPU time seen in 5 s of spinning"
+        );
+        assert_eq!(cpu_seconds(u32::MAX), 0.0, "a process that is not there");
+    }
+
+    #[test]
     fn an_interrupted_build_ends_with_what_it_started() {
         // A stand-in for cargo: a shell that starts a child (as cargo starts
         // rustc) and waits for it.
@@ -1159,9 +1180,9 @@ mod tests {
         assert!(started.elapsed() < Duration::from_secs(5));
         // The build's own child is gone too (or a zombie its new parent has
         // yet to reap), not left sleeping.
-        let left = std::fs::read_to_string(format!("/proc/{child}/stat"));
+        let left = proc_stat(child);
         assert!(
-            left.as_ref().map_or(true, |s| s.contains(") Z ")),
+            left.as_ref().is_none_or(|f| f[0] == "Z"),
             "the build's child is still running: {left:?}"
         );
         assert!(BUILDS.lock().unwrap().is_empty());
