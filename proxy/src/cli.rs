@@ -69,8 +69,12 @@ pub struct ProxyArgs {
     /// proxy cannot run as its own UID.
     #[arg(long, env = "MESH_PROXY_MARK")]
     pub proxy_mark: Option<u32>,
-    /// Worker threads. One (the default) runs everything on a single thread,
-    /// with no cross-thread wake-ups: a sidecar serves one pod.
+    /// Threads serving connections. One (the default) runs everything on a
+    /// single thread, with no cross-thread wake-ups: a sidecar serves one
+    /// pod. With more, accepted connections are dealt to the threads in
+    /// turn, and each thread serves its connections to the end with
+    /// connections of its own to other sidecars and to the app: they share
+    /// config, certificates and metrics, never a connection.
     #[arg(long, env = "MESH_PROXY_THREADS", default_value_t = DEFAULT_THREADS)]
     pub threads: usize,
     /// At most this many I/O events (sockets become readable or writable)
@@ -225,27 +229,19 @@ impl ProxyArgs {
             app_probers: self.app_probers.unwrap_or_default(),
             access_log_file: self.access_log_file,
             app_metrics: self.app_metrics,
+            threads: self.threads.max(1),
+            io_events_per_tick: self.io_events_per_tick,
         })
     }
 }
 
-/// Runs a proxy process to completion on a runtime of `args.threads`
-/// threads, stopping on SIGTERM or Ctrl-C. Every binary that runs a
+/// Runs a proxy process to completion, stopping on SIGTERM or Ctrl-C: on a
+/// single-threaded runtime, with `args.threads - 1` more serving threads. Every binary that runs a
 /// sidecar calls this. `settled` is called each time the proxy has been
 /// ready for [`crate::SETTLE`] with no new certificate or config.
 pub fn run_process(args: ProxyArgs, settled: fn()) -> Result<(), Box<dyn std::error::Error>> {
-    let mut rt = if args.threads <= 1 {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        let mut b = tokio::runtime::Builder::new_multi_thread();
-        b.worker_threads(args.threads);
-        b
-    };
-    let rt = rt
-        .max_io_events_per_tick(args.io_events_per_tick.into())
-        .enable_all()
-        .build()?;
     let cfg = args.into_config()?;
+    let rt = crate::server::runtime(&cfg)?;
     rt.block_on(crate::run_settled(cfg, shutdown_signal(), settled))?;
     Ok(())
 }

@@ -52,6 +52,12 @@ pub struct Config {
     pub access_log_file: Option<std::path::PathBuf>,
     /// The app's own metrics, merged into the agent port's `/stats/prometheus`.
     pub app_metrics: Option<mesh_proto::app_metrics::AppMetrics>,
+    /// Threads serving connections, each a single-threaded runtime with
+    /// pools of its own; accepted connections are dealt to them in turn
+    /// (`server::Shards`). The first is the thread `run` is called on.
+    pub threads: usize,
+    /// Socket events each serving thread takes per poll (`cli`).
+    pub io_events_per_tick: u16,
 }
 
 /// How long a client may stay silent before its protocol is taken for one
@@ -125,6 +131,8 @@ impl Config {
             app_probers: Default::default(),
             access_log_file: None,
             app_metrics: None,
+            threads: crate::cli::DEFAULT_THREADS,
+            io_events_per_tick: crate::cli::DEFAULT_IO_EVENTS_PER_TICK,
         }
     }
 

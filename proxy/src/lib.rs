@@ -66,11 +66,11 @@ pub struct Shared {
     pub tls: watch::Receiver<Option<Arc<Tls>>>,
     pub snapshot: watch::Receiver<Arc<Snapshot>>,
     pub xds_status: watch::Receiver<XdsStatus>,
-    pub metrics: Metrics,
+    pub metrics: Arc<Metrics>,
     pub access_log: Arc<accesslog::Writer>,
     pub tap: Arc<tap::Tap>,
     /// Exports sampled spans.
-    pub tracer: trace::Tracer,
+    pub tracer: Arc<trace::Tracer>,
     pub pool: Pool,
     /// HTTP/1.1 to the app for requests arriving at the inbound side.
     pub app: app::AppPool,
@@ -78,11 +78,34 @@ pub struct Shared {
     /// and to destinations outside the mesh.
     pub app_h1: Client<platform::Dialer, Body>,
     pub app_h2: Client<platform::Dialer, Body>,
-    pub drain: Drain,
-    pub sockets: Box<dyn platform::Sockets>,
+    pub drain: Arc<Drain>,
+    pub sockets: Arc<dyn platform::Sockets>,
 }
 
 impl Shared {
+    /// The same proxy for another serving thread (`server::Shards`):
+    /// everything shared but the connection pools, each of whose
+    /// connections is driven by the runtime that opened it.
+    fn for_shard(&self) -> Self {
+        let mark = self.cfg.socket_mark;
+        Self {
+            cfg: self.cfg.clone(),
+            tls: self.tls.clone(),
+            snapshot: self.snapshot.clone(),
+            xds_status: self.xds_status.clone(),
+            metrics: self.metrics.clone(),
+            access_log: self.access_log.clone(),
+            tap: self.tap.clone(),
+            tracer: self.tracer.clone(),
+            pool: Pool::new(mark, self.metrics.sidecar_connections.clone()),
+            app: app::AppPool::new(platform::Dialer::new(mark, None)),
+            app_h1: platform::Dialer::new(mark, None).client(false),
+            app_h2: platform::Dialer::new(mark, None).client(true),
+            drain: self.drain.clone(),
+            sockets: self.sockets.clone(),
+        }
+    }
+
     /// A finished request, to the access log (under `rule`, when the
     /// workload's Telemetry has one for this side) and to any tap.
     pub fn report(
@@ -143,6 +166,12 @@ pub enum ProxyError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("cannot start serving thread {index} of {threads}: {source}")]
+    Thread {
+        index: usize,
+        threads: usize,
+        source: std::io::Error,
+    },
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, ProxyError> {
@@ -196,14 +225,14 @@ async fn serve(
     let (status_tx, status_rx) = watch::channel(XdsStatus::default());
     let access_log = Arc::new(accesslog::Writer::new(cfg.access_log_file.clone()));
     let tap = Arc::new(tap::Tap::default());
-    let tracer = trace::Tracer::default();
-    let metrics = Metrics::new(metrics::Health {
+    let tracer = Arc::new(trace::Tracer::default());
+    let metrics = Arc::new(Metrics::new(metrics::Health {
         xds: status_rx.clone(),
         tls: tls_rx.clone(),
         access_log: access_log.clone(),
         tap: tap.clone(),
         trace: tracer.stats.clone(),
-    });
+    }));
     let pool = Pool::new(cfg.socket_mark, metrics.sidecar_connections.clone());
     let shared = Arc::new(Shared {
         cfg: cfg.clone(),
@@ -218,15 +247,20 @@ async fn serve(
         app: app::AppPool::new(platform::Dialer::new(cfg.socket_mark, None)),
         app_h1: platform::Dialer::new(cfg.socket_mark, None).client(false),
         app_h2: platform::Dialer::new(cfg.socket_mark, None).client(true),
-        drain: Drain::default(),
-        sockets,
+        drain: Arc::default(),
+        sockets: sockets.into(),
     });
+    let shards = server::Shards::spawn(&shared)?;
 
     let mut tasks = JoinSet::new();
     tasks.spawn(identity::run(cfg.clone(), tls_tx));
     tasks.spawn(xds::Client::new(cfg.clone(), snap_tx, status_tx).run(tls_rx));
-    tasks.spawn(server::serve_outbound(outbound, shared.clone()));
-    tasks.spawn(server::serve_inbound(inbound, shared.clone()));
+    tasks.spawn(server::serve_outbound(
+        outbound,
+        shared.clone(),
+        shards.clone(),
+    ));
+    tasks.spawn(server::serve_inbound(inbound, shared.clone(), shards));
     for (listener, which) in [
         (admin, admin::Endpoints::Admin),
         (stats, admin::Endpoints::Stats),

@@ -35,40 +35,45 @@ async fn accept(listener: &TcpListener, shared: &Shared) -> Option<(TcpStream, S
 /// Plain HTTP (HTTP/1.1 or h2c) from the app: the outbound listener, used as
 /// an explicit proxy (local mode) or reached through interception, in which
 /// case the connection's original destination is known.
-pub async fn serve_outbound(listener: TcpListener, shared: Arc<Shared>) {
+pub async fn serve_outbound(listener: TcpListener, shared: Arc<Shared>, shards: Arc<Shards>) {
     while let Some((tcp, peer)) = accept(&listener, &shared).await {
-        // An explicit proxy's clients speak HTTP.
-        let Some(dst) = shared.sockets.original_dst(&tcp) else {
-            serve_http(&shared, tcp, peer, None);
-            continue;
-        };
-        let snapshot = shared.snapshot.borrow().clone();
-        // A declared TCP or TLS service is tunnelled as it is: no HTTP
-        // parsing, no waiting for the client to speak first.
-        if let Some(service) = snapshot.tcp.get(&dst).cloned() {
-            shared
-                .drain
-                .track(crate::tcp::outbound(shared.clone(), tcp, service));
-            continue;
-        }
-        // A port declared HTTP: nothing to detect.
-        if snapshot.speaks_http(dst) {
-            serve_http(&shared, tcp, peer, Some(dst));
-            continue;
-        }
-        // Anywhere else the first bytes say what the connection is; a
-        // client silent for the detection timeout waits for its server.
-        let within = snapshot.detection_timeout(shared.cfg.protocol_detection_timeout);
-        let s = shared.clone();
-        shared.drain.track(async move {
-            match crate::detect::detect(&tcp, within).await {
-                Detected::Http => serve_http(&s, tcp, peer, Some(dst)),
-                Detected::Tls(sni) => crate::tcp::by_server_name(s, tcp, dst, sni).await,
-                Detected::Opaque => crate::tcp::passthrough(s, tcp, dst).await,
-                Detected::Closed => {}
-            }
-        });
+        shards.hand(Side::Outbound, &shared, tcp, peer);
     }
+}
+
+/// Serves one connection from the app, on the thread it was dealt to.
+fn outbound_conn(shared: &Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
+    // An explicit proxy's clients speak HTTP.
+    let Some(dst) = shared.sockets.original_dst(&tcp) else {
+        serve_http(shared, tcp, peer, None);
+        return;
+    };
+    let snapshot = shared.snapshot.borrow().clone();
+    // A declared TCP or TLS service is tunnelled as it is: no HTTP
+    // parsing, no waiting for the client to speak first.
+    if let Some(service) = snapshot.tcp.get(&dst).cloned() {
+        shared
+            .drain
+            .track(crate::tcp::outbound(shared.clone(), tcp, service));
+        return;
+    }
+    // A port declared HTTP: nothing to detect.
+    if snapshot.speaks_http(dst) {
+        serve_http(shared, tcp, peer, Some(dst));
+        return;
+    }
+    // Anywhere else the first bytes say what the connection is; a
+    // client silent for the detection timeout waits for its server.
+    let within = snapshot.detection_timeout(shared.cfg.protocol_detection_timeout);
+    let s = shared.clone();
+    shared.drain.track(async move {
+        match crate::detect::detect(&tcp, within).await {
+            Detected::Http => serve_http(&s, tcp, peer, Some(dst)),
+            Detected::Tls(sni) => crate::tcp::by_server_name(s, tcp, dst, sni).await,
+            Detected::Opaque => crate::tcp::passthrough(s, tcp, dst).await,
+            Detected::Closed => {}
+        }
+    });
 }
 
 /// Serves HTTP/1.1 or h2c from the app on `tcp`.
@@ -86,71 +91,76 @@ fn serve_http(shared: &Arc<Shared>, tcp: TcpStream, peer: SocketAddr, dst: Optio
 }
 
 /// Mutual TLS from other sidecars: the inbound listener.
-pub async fn serve_inbound(listener: TcpListener, shared: Arc<Shared>) {
+pub async fn serve_inbound(listener: TcpListener, shared: Arc<Shared>, shards: Arc<Shards>) {
     while let Some((tcp, peer_addr)) = accept(&listener, &shared).await {
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            // Each connection uses the certificate current when it arrives.
-            // A TLS ClientHello starts with 0x16; anything else (or nothing
-            // within the sniff window: a server-first protocol) is plaintext.
-            let mut first = [0u8; 1];
-            let within = shared
-                .snapshot
-                .borrow()
-                .detection_timeout(shared.cfg.protocol_detection_timeout);
-            let peeked = match within {
-                Some(t) => tokio::time::timeout(t, tcp.peek(&mut first)).await,
-                None => Ok(tcp.peek(&mut first).await),
-            };
-            match peeked {
-                Ok(Ok(1)) if first[0] == 0x16 => {}
-                Ok(Ok(0) | Err(_)) => return,
-                _ => {
-                    let dst = shared.sockets.original_dst(&tcp);
-                    return plaintext_inbound(shared, tcp, peer_addr, dst).await;
-                }
-            }
-            let Some(tls) = shared.tls.borrow().clone() else {
-                tracing::debug!(%peer_addr, "refusing inbound connection: no certificate yet");
-                return;
-            };
-            let stream = match tokio_rustls::TlsAcceptor::from(tls.server.clone())
-                .accept(tcp)
-                .await
-            {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(%peer_addr, error = %e, "inbound mTLS handshake refused");
-                    return;
-                }
-            };
-            let session = stream.get_ref().1;
-            let conn = match mesh_identity::peer_identity(session.peer_certificates()) {
-                mesh_identity::PeerIdentity::Mesh(id) => Arc::new(inbound::Conn::new(
-                    &shared.cfg.identity,
-                    id,
-                    peer_addr,
-                    session.server_name(),
-                )),
-                mesh_identity::PeerIdentity::Unauthenticated => {
-                    tracing::warn!(%peer_addr, "inbound peer has no SPIFFE identity");
-                    return;
-                }
-            };
-            let s = shared.clone();
-            let revoked = inbound::revoked(&shared, conn.clone());
-            // Boxed: hyper spawns a task per HTTP/2 stream, and the request
-            // path's future inline (2,304 bytes in a test build) would be
-            // copied into each and out.
-            let svc =
-                service_fn(move |req| Box::pin(inbound::handle(s.clone(), conn.clone(), req)));
-            let (stream, cork) = cork::cork(stream);
-            let conn = http_server()
-                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-                .into_owned();
-            shared.drain.serve_corked_until(conn, cork, revoked);
-        });
+        shards.hand(Side::Inbound, &shared, tcp, peer_addr);
     }
+}
+
+/// Serves one connection from another sidecar (or a plaintext client),
+/// on the thread it was dealt to.
+fn inbound_conn(shared: &Arc<Shared>, tcp: TcpStream, peer_addr: SocketAddr) {
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        // Each connection uses the certificate current when it arrives.
+        // A TLS ClientHello starts with 0x16; anything else (or nothing
+        // within the sniff window: a server-first protocol) is plaintext.
+        let mut first = [0u8; 1];
+        let within = shared
+            .snapshot
+            .borrow()
+            .detection_timeout(shared.cfg.protocol_detection_timeout);
+        let peeked = match within {
+            Some(t) => tokio::time::timeout(t, tcp.peek(&mut first)).await,
+            None => Ok(tcp.peek(&mut first).await),
+        };
+        match peeked {
+            Ok(Ok(1)) if first[0] == 0x16 => {}
+            Ok(Ok(0) | Err(_)) => return,
+            _ => {
+                let dst = shared.sockets.original_dst(&tcp);
+                return plaintext_inbound(shared, tcp, peer_addr, dst).await;
+            }
+        }
+        let Some(tls) = shared.tls.borrow().clone() else {
+            tracing::debug!(%peer_addr, "refusing inbound connection: no certificate yet");
+            return;
+        };
+        let stream = match tokio_rustls::TlsAcceptor::from(tls.server.clone())
+            .accept(tcp)
+            .await
+        {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(%peer_addr, error = %e, "inbound mTLS handshake refused");
+                return;
+            }
+        };
+        let session = stream.get_ref().1;
+        let conn = match mesh_identity::peer_identity(session.peer_certificates()) {
+            mesh_identity::PeerIdentity::Mesh(id) => Arc::new(inbound::Conn::new(
+                &shared.cfg.identity,
+                id,
+                peer_addr,
+                session.server_name(),
+            )),
+            mesh_identity::PeerIdentity::Unauthenticated => {
+                tracing::warn!(%peer_addr, "inbound peer has no SPIFFE identity");
+                return;
+            }
+        };
+        let s = shared.clone();
+        let revoked = inbound::revoked(&shared, conn.clone());
+        // Boxed: hyper spawns a task per HTTP/2 stream, and the request
+        // path's future inline (2,304 bytes in a test build) would be
+        // copied into each and out.
+        let svc = service_fn(move |req| Box::pin(inbound::handle(s.clone(), conn.clone(), req)));
+        let (stream, cork) = cork::cork(stream);
+        let conn = http_server()
+            .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+            .into_owned();
+        shared.drain.serve_corked_until(conn, cork, revoked);
+    });
 }
 
 /// Plaintext arriving on the inbound port: a client without a sidecar,
@@ -223,5 +233,101 @@ pub async fn serve_admin(listener: TcpListener, shared: Arc<Shared>, which: admi
                 .serve_connection(TokioIo::new(tcp), svc)
                 .await;
         });
+    }
+}
+
+/// Which listener accepted a connection.
+#[derive(Clone, Copy)]
+pub enum Side {
+    Outbound = 0,
+    Inbound = 1,
+}
+
+type Handed = (Side, std::net::TcpStream, SocketAddr);
+
+/// The single-threaded runtime each serving thread runs on.
+pub fn runtime(cfg: &crate::Config) -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .max_io_events_per_tick(cfg.io_events_per_tick.into())
+        .enable_all()
+        .build()
+}
+
+/// The proxy's serving threads beyond the one the listeners run on
+/// (`Config::threads`). The accept loops deal connections to the threads
+/// in turn, the listeners' own first; a connection is then served to the
+/// end on its thread, whose requests go over that thread's own pools
+/// (`Shared::for_shard`), so no request wakes another thread. Like nginx's
+/// or Envoy's workers: each thread's share of the work stays on it, where
+/// tokio's work-stealing runtime moved tasks between threads and woke one
+/// thread from another for most requests.
+pub struct Shards {
+    others: Vec<tokio::sync::mpsc::UnboundedSender<Handed>>,
+    /// Each listener's turn, so each deals its own connections evenly.
+    next: [std::sync::atomic::AtomicUsize; 2],
+}
+
+impl Shards {
+    /// Starts `shared.cfg.threads - 1` threads, each waiting for the
+    /// connections dealt to it; they end once the accept loops are gone.
+    pub fn spawn(shared: &Arc<Shared>) -> Result<Arc<Self>, crate::ProxyError> {
+        let threads = shared.cfg.threads.max(1);
+        let mut others = Vec::with_capacity(threads - 1);
+        for index in 1..threads {
+            let failed = |source| crate::ProxyError::Thread {
+                index,
+                threads,
+                source,
+            };
+            let rt = runtime(&shared.cfg).map_err(failed)?;
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Handed>();
+            let shard = Arc::new(shared.for_shard());
+            std::thread::Builder::new()
+                .name(format!("mesh-serve-{index}"))
+                .spawn(move || {
+                    rt.block_on(async move {
+                        while let Some((side, tcp, peer)) = rx.recv().await {
+                            match TcpStream::from_std(tcp) {
+                                Ok(tcp) => serve_conn(side, &shard, tcp, peer),
+                                Err(e) => tracing::warn!(%peer, error = %e, "cannot take over a connection"),
+                            }
+                        }
+                    });
+                })
+                .map_err(failed)?;
+            others.push(tx);
+        }
+        Ok(Arc::new(Self {
+            others,
+            next: Default::default(),
+        }))
+    }
+
+    /// Serves `tcp` here or hands it to the next thread in turn.
+    fn hand(&self, side: Side, shared: &Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let turn = self.next[side as usize].fetch_add(1, Relaxed) % (self.others.len() + 1);
+        let Some(other) = turn.checked_sub(1).map(|i| &self.others[i]) else {
+            return serve_conn(side, shared, tcp, peer);
+        };
+        match tcp.into_std() {
+            Ok(std) => {
+                if let Err(back) = other.send((side, std, peer)) {
+                    // That thread has stopped: serve the connection here.
+                    match TcpStream::from_std(back.0.1) {
+                        Ok(tcp) => serve_conn(side, shared, tcp, peer),
+                        Err(e) => tracing::warn!(%peer, error = %e, "connection lost"),
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(%peer, error = %e, "cannot hand a connection over"),
+        }
+    }
+}
+
+fn serve_conn(side: Side, shared: &Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
+    match side {
+        Side::Outbound => outbound_conn(shared, tcp, peer),
+        Side::Inbound => inbound_conn(shared, tcp, peer),
     }
 }

@@ -975,6 +975,56 @@ spec:
     mesh.stop().await;
 }
 
+/// A sidecar told to serve on two threads (`--threads 2`) deals the app's
+/// connections to both; each thread has its own connection to a peer
+/// sidecar, so two threads open two where one opens one, and every
+/// request on either is served.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sidecar_on_two_threads_serves_connections_on_both() {
+    let mesh = Mesh::start().await;
+    let std::net::IpAddr::V4(client) = mesh.workload("client").address else {
+        unreachable!("the mesh runs on IPv4 loopback")
+    };
+    let [a, b, c, _] = client.octets();
+    let pod = std::net::IpAddr::from([a, b, c, 105]);
+    mesh.client_sidecar(pod, std::sync::Arc::default(), |cfg| cfg.threads = 2)
+        .await;
+    // Four clients, a connection each: dealt to the two threads in turn.
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            reqwest::Client::builder()
+                .proxy(reqwest::Proxy::http(format!("http://{pod}:15001")).unwrap())
+                .timeout(Duration::from_secs(20))
+                .build()
+                .unwrap()
+        })
+        .collect();
+    for round in 0..3 {
+        for (i, http) in clients.iter().enumerate() {
+            let (code, body) = get(http, "http://ratings:9080/ratings/0", &[]).await;
+            assert_eq!(code, 200, "client {i}, round {round}: {body}");
+        }
+    }
+    let stats = reqwest::get(format!("http://{pod}:15090/stats/prometheus"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        counter(&stats, "mesh_sidecar_connections_opened_total", &[]),
+        2.0,
+        "one connection to ratings' sidecar a serving thread: {stats}"
+    );
+    let served = counter(
+        &stats,
+        "istio_requests_total",
+        &["reporter=\"source\"", "response_code=\"200\""],
+    );
+    assert_eq!(served, 12.0, "{stats}");
+    mesh.stop().await;
+}
+
 /// A child process killed (by PID) when dropped.
 struct Child(std::process::Child);
 
