@@ -47,6 +47,10 @@ pub const MERGE_METRICS: &str = "prometheus.istio.io/merge-metrics";
 pub const PROMETHEUS_SCRAPE: &str = "prometheus.io/scrape";
 pub const PROMETHEUS_PORT: &str = "prometheus.io/port";
 pub const PROMETHEUS_PATH: &str = "prometheus.io/path";
+/// Pod annotation: Istio's per-pod ProxyConfig, YAML or JSON. The sidecar
+/// takes its `concurrency` (serving threads; 0 for one per CPU the
+/// container may use); its other fields are not read.
+pub const PROXY_CONFIG: &str = "proxy.istio.io/config";
 /// Istio annotations this mesh cannot honour: refused by name, not ignored.
 const UNSUPPORTED_ANNOTATIONS: [(&str, &str); 3] = [
     (
@@ -626,6 +630,26 @@ fn app_metrics(pod: &Pod) -> Result<Option<mesh_proto::app_metrics::AppMetrics>,
     }))
 }
 
+/// The sidecar's serving threads, if the pod's `proxy.istio.io/config`
+/// sets `concurrency`.
+fn concurrency(pod: &Pod) -> Result<Option<u32>, InjectError> {
+    #[derive(serde::Deserialize)]
+    struct ProxyConfig {
+        concurrency: Option<u32>,
+    }
+    let Some(v) = annotation(pod, PROXY_CONFIG).filter(|v| !v.trim().is_empty()) else {
+        return Ok(None);
+    };
+    let parsed: ProxyConfig = serde_saphyr::from_str(v).map_err(|_| {
+        bad(
+            PROXY_CONFIG,
+            v,
+            "a ProxyConfig in YAML or JSON whose concurrency, if set, is a whole number of threads (0 for one per CPU)",
+        )
+    })?;
+    Ok(parsed.concurrency)
+}
+
 fn proxy_container(
     pod: &Pod,
     cfg: &Config,
@@ -658,6 +682,9 @@ fn proxy_container(
             mesh_proto::app_metrics::ENV,
             serde_json::to_string(m).expect("app metrics serialize"),
         ));
+    }
+    if let Some(threads) = concurrency(pod)? {
+        envs.push(env("MESH_PROXY_THREADS", threads.to_string()));
     }
     let port = |name: &str, port: i32| ContainerPort {
         name: Some(name.into()),
@@ -1016,6 +1043,56 @@ spec:
             err.contains("prometheus.io/port: \"http\" is not a port number"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn proxy_config_concurrency_sets_the_sidecars_serving_threads() {
+        let annotated = |config: &str| {
+            let mut p = pod(PLAIN);
+            p.metadata.annotations = Some(BTreeMap::from([(PROXY_CONFIG.into(), config.into())]));
+            inject(&p, "shop", &NamespacePolicy::Enabled, &Config::default())
+        };
+        let env_of = |p: Pod| {
+            let spec = p.spec.unwrap();
+            spec.containers
+                .iter()
+                .chain(spec.init_containers.iter().flatten())
+                .filter(|c| c.name == PROXY_CONTAINER)
+                .flat_map(|c| c.env.iter().flatten())
+                .find(|e| e.name == "MESH_PROXY_THREADS")
+                .and_then(|e| e.value.clone())
+        };
+        let threads = |config: &str| match annotated(config).unwrap() {
+            Outcome::Injected(p) => env_of(*p),
+            Outcome::Skipped(s) => panic!("skipped: {s:?}"),
+        };
+        // Istio's own spellings: YAML, as in a manifest, or JSON.
+        assert_eq!(
+            threads("concurrency: 2\nholdApplicationUntilProxyStarts: true\n").as_deref(),
+            Some("2")
+        );
+        assert_eq!(threads(r#"{"concurrency": 0}"#).as_deref(), Some("0"));
+        // Other fields alone, or nothing: the sidecar's default.
+        assert_eq!(threads("holdApplicationUntilProxyStarts: true"), None);
+        assert_eq!(threads(""), None);
+        assert_eq!(env_of(injected(PLAIN).unwrap()), None);
+        for wrong in [
+            "concurrency: two",
+            "concurrency: -1",
+            "concurrency: 1.5",
+            "concurrency 2",
+        ] {
+            let err = match annotated(wrong) {
+                Err(e) => e.to_string(),
+                Ok(_) => panic!("{wrong:?} was accepted"),
+            };
+            assert!(
+                err.starts_with(&format!(
+                    "proxy.istio.io/config: {wrong:?} is not a ProxyConfig"
+                )),
+                "{err}"
+            );
+        }
     }
 
     #[test]

@@ -74,7 +74,9 @@ pub struct ProxyArgs {
     /// pod. With more, accepted connections are dealt to the threads in
     /// turn, and each thread serves its connections to the end with
     /// connections of its own to other sidecars and to the app: they share
-    /// config, certificates and metrics, never a connection.
+    /// config, certificates and metrics, never a connection. 0: one thread
+    /// per CPU the process may use (its affinity and cgroup CPU quota), as
+    /// Istio's `concurrency: 0`.
     #[arg(long, env = "MESH_PROXY_THREADS", default_value_t = DEFAULT_THREADS)]
     pub threads: usize,
     /// At most this many I/O events (sockets become readable or writable)
@@ -114,6 +116,15 @@ pub struct ProxyArgs {
 }
 
 pub const DEFAULT_THREADS: usize = 1;
+
+/// `--threads`: as given, or for 0 one per CPU the process may use
+/// (`available_parallelism` reads its affinity mask and cgroup quota).
+fn serving_threads(asked: usize) -> usize {
+    match asked {
+        0 => std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
+        n => n,
+    }
+}
 
 /// See [`ProxyArgs::io_events_per_tick`]. Held sidecar pair, wrk over 64
 /// connections, 5 s runs alternating with nginx_l4's pair: the mesh served
@@ -229,7 +240,7 @@ impl ProxyArgs {
             app_probers: self.app_probers.unwrap_or_default(),
             access_log_file: self.access_log_file,
             app_metrics: self.app_metrics,
-            threads: self.threads.max(1),
+            threads: serving_threads(self.threads),
             io_events_per_tick: self.io_events_per_tick,
         })
     }
@@ -336,6 +347,38 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(err.contains("--io-events-per-tick"), "{err}");
+    }
+
+    #[test]
+    fn zero_threads_means_one_per_cpu_the_proxy_may_use() {
+        use nix::sched::{CpuSet, sched_setaffinity};
+        // Each on a thread of its own, confined as a container pinned to
+        // those cores would be: `--threads 0` serves on one thread each.
+        let me = nix::unistd::Pid::from_raw(0);
+        let allowed = nix::sched::sched_getaffinity(me).unwrap();
+        let allowed: Vec<usize> = (0..CpuSet::count())
+            .filter(|&c| allowed.is_set(c).unwrap())
+            .collect();
+        let confined = |cpus: Vec<usize>| {
+            std::thread::spawn(move || {
+                let mut set = CpuSet::new();
+                for cpu in cpus {
+                    set.set(cpu).unwrap();
+                }
+                sched_setaffinity(me, &set).unwrap();
+                (super::serving_threads(0), super::serving_threads(3))
+            })
+            .join()
+            .unwrap()
+        };
+        assert_eq!(confined(allowed[..1].to_vec()), (1, 3));
+        // Two, unless a CPU quota (cgroup) allows this process fewer.
+        let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+        if cpus >= 2 {
+            assert_eq!(confined(allowed[..2].to_vec()), (2, 3));
+        } else {
+            eprintln!("two-CPU case skipped: this process may use {cpus} CPU");
+        }
     }
 
     #[test]
