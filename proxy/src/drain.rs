@@ -23,6 +23,8 @@ pub const REVOKED_GRACE: Duration = Duration::from_secs(1);
 
 pub struct Drain {
     signal: watch::Sender<bool>,
+    /// True once [`Drain::finish`] has returned: what is left is cut.
+    finished: watch::Sender<bool>,
     connections: TaskTracker,
 }
 
@@ -30,6 +32,7 @@ impl Default for Drain {
     fn default() -> Self {
         Self {
             signal: watch::channel(false).0,
+            finished: watch::channel(false).0,
             connections: TaskTracker::new(),
         }
     }
@@ -102,9 +105,21 @@ impl Drain {
     /// were still open at the deadline.
     pub async fn finish(&self, grace: Duration) -> usize {
         self.connections.close();
-        match tokio::time::timeout(grace, self.connections.wait()).await {
+        let left = match tokio::time::timeout(grace, self.connections.wait()).await {
             Ok(()) => 0,
             Err(_) => self.connections.len(),
+        };
+        self.finished.send_replace(true);
+        left
+    }
+
+    /// Resolves once [`Drain::finish`] has returned: every connection has
+    /// ended or the grace period is over. A serving thread keeps its
+    /// runtime, and so the connections on it, until then.
+    pub fn finished(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut rx = self.finished.subscribe();
+        async move {
+            let _ = rx.wait_for(|f| *f).await;
         }
     }
 }

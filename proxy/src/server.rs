@@ -269,7 +269,9 @@ pub struct Shards {
 
 impl Shards {
     /// Starts `shared.cfg.threads - 1` threads, each waiting for the
-    /// connections dealt to it; they end once the accept loops are gone.
+    /// connections dealt to it. Once the accept loops are gone (draining
+    /// has started), each serves what it holds until the drain finishes:
+    /// ending its runtime sooner would cut its requests in flight.
     pub fn spawn(shared: &Arc<Shared>) -> Result<Arc<Self>, crate::ProxyError> {
         let threads = shared.cfg.threads.max(1);
         let mut others = Vec::with_capacity(threads - 1);
@@ -291,6 +293,11 @@ impl Shards {
                                 Ok(tcp) => serve_conn(side, &shard, tcp, peer),
                                 Err(e) => tracing::warn!(%peer, error = %e, "cannot take over a connection"),
                             }
+                        }
+                        // Gone without a drain (the proxy's task was
+                        // dropped): nothing to wait for.
+                        if shard.drain.is_draining() {
+                            shard.drain.finished().await;
                         }
                     });
                 })

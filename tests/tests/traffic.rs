@@ -975,6 +975,37 @@ spec:
     mesh.stop().await;
 }
 
+/// Starts a sidecar for the client's identity on two serving threads, at
+/// the client's address with `last` as its last octet, and returns that
+/// address.
+async fn two_thread_sidecar(
+    mesh: &Mesh,
+    last: u8,
+    edit: impl FnOnce(&mut mesh_proxy::Config),
+) -> std::net::IpAddr {
+    let std::net::IpAddr::V4(client) = mesh.workload("client").address else {
+        unreachable!("the mesh runs on IPv4 loopback")
+    };
+    let [a, b, c, _] = client.octets();
+    let pod = std::net::IpAddr::from([a, b, c, last]);
+    mesh.client_sidecar(pod, std::sync::Arc::default(), |cfg| {
+        cfg.threads = 2;
+        edit(cfg);
+    })
+    .await;
+    pod
+}
+
+/// An HTTP client whose requests go through the sidecar on `pod`, over
+/// a connection of its own.
+fn via(pod: std::net::IpAddr) -> reqwest::Client {
+    reqwest::Client::builder()
+        .proxy(reqwest::Proxy::http(format!("http://{pod}:15001")).unwrap())
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap()
+}
+
 /// A sidecar told to serve on two threads (`--threads 2`) deals the app's
 /// connections to both; each thread has its own connection to a peer
 /// sidecar, so two threads open two where one opens one, and every
@@ -982,23 +1013,9 @@ spec:
 #[tokio::test(flavor = "multi_thread")]
 async fn a_sidecar_on_two_threads_serves_connections_on_both() {
     let mesh = Mesh::start().await;
-    let std::net::IpAddr::V4(client) = mesh.workload("client").address else {
-        unreachable!("the mesh runs on IPv4 loopback")
-    };
-    let [a, b, c, _] = client.octets();
-    let pod = std::net::IpAddr::from([a, b, c, 105]);
-    mesh.client_sidecar(pod, std::sync::Arc::default(), |cfg| cfg.threads = 2)
-        .await;
+    let pod = two_thread_sidecar(&mesh, 105, |_| {}).await;
     // Four clients, a connection each: dealt to the two threads in turn.
-    let clients: Vec<_> = (0..4)
-        .map(|_| {
-            reqwest::Client::builder()
-                .proxy(reqwest::Proxy::http(format!("http://{pod}:15001")).unwrap())
-                .timeout(Duration::from_secs(20))
-                .build()
-                .unwrap()
-        })
-        .collect();
+    let clients: Vec<_> = (0..4).map(|_| via(pod)).collect();
     for round in 0..3 {
         for (i, http) in clients.iter().enumerate() {
             let (code, body) = get(http, "http://ratings:9080/ratings/0", &[]).await;
@@ -1022,6 +1039,55 @@ async fn a_sidecar_on_two_threads_serves_connections_on_both() {
         &["reporter=\"source\"", "response_code=\"200\""],
     );
     assert_eq!(served, 12.0, "{stats}");
+    mesh.stop().await;
+}
+
+/// Draining a sidecar on two threads lets the requests in flight on
+/// either thread finish: a thread keeps serving what it holds until the
+/// drain is over, though its listeners stopped dealing it connections.
+#[tokio::test(flavor = "multi_thread")]
+async fn draining_a_sidecar_on_two_threads_finishes_requests_on_both() {
+    let mesh = Mesh::start().await;
+    let pod = two_thread_sidecar(&mesh, 106, |cfg| {
+        cfg.drain_grace = mesh_proxy::drain::DEFAULT_GRACE;
+    })
+    .await;
+    // Two clients, a connection each: one on each thread.
+    let slow: Vec<_> = (0..2)
+        .map(|_| {
+            let http = via(pod);
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let r = http.get("http://productpage:9080/delay/800").send().await;
+                (r.map(|r| r.status().as_u16()), started.elapsed())
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let admin = reqwest::Client::builder().no_proxy().build().unwrap();
+    let r = admin
+        .post(format!("http://{pod}:15000/drain"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    for (i, s) in slow.into_iter().enumerate() {
+        let (status, took) = s.await.unwrap();
+        assert_eq!(
+            status.unwrap_or_else(|e| panic!("request {i} cut by the drain: {e:?}")),
+            200
+        );
+        assert!(took >= Duration::from_millis(800), "request {i}: {took:?}");
+    }
+    // Then the proxy stops, well before the 5 s grace.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while tokio::net::TcpStream::connect((pod, 15000)).await.is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "proxy still running after its connections finished"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     mesh.stop().await;
 }
 
