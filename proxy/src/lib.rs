@@ -87,7 +87,7 @@ impl Shared {
     /// everything shared but the connection pools, each of whose
     /// connections is driven by the runtime that opened it.
     fn for_shard(&self) -> Self {
-        let mark = self.cfg.socket_mark;
+        let (pool, app, app_h1, app_h2) = pools(&self.cfg, &self.metrics);
         Self {
             cfg: self.cfg.clone(),
             tls: self.tls.clone(),
@@ -97,10 +97,10 @@ impl Shared {
             access_log: self.access_log.clone(),
             tap: self.tap.clone(),
             tracer: self.tracer.clone(),
-            pool: Pool::new(mark, self.metrics.sidecar_connections.clone()),
-            app: app::AppPool::new(platform::Dialer::new(mark, None)),
-            app_h1: platform::Dialer::new(mark, None).client(false),
-            app_h2: platform::Dialer::new(mark, None).client(true),
+            pool,
+            app,
+            app_h1,
+            app_h2,
             drain: self.drain.clone(),
             sockets: self.sockets.clone(),
         }
@@ -157,6 +157,25 @@ impl Shared {
         }
         None
     }
+}
+
+/// A serving thread's own connections: to peer sidecars, to the app over
+/// HTTP/1.1 for the inbound side, and hyper's clients for the rest.
+type Pools = (
+    Pool,
+    app::AppPool,
+    Client<platform::Dialer, Body>,
+    Client<platform::Dialer, Body>,
+);
+
+fn pools(cfg: &Config, metrics: &Metrics) -> Pools {
+    let dialer = || platform::Dialer::new(cfg.socket_mark, None);
+    (
+        Pool::new(cfg.socket_mark, metrics.sidecar_connections.clone()),
+        app::AppPool::new(dialer()),
+        dialer().client(false),
+        dialer().client(true),
+    )
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -233,7 +252,7 @@ async fn serve(
         tap: tap.clone(),
         trace: tracer.stats.clone(),
     }));
-    let pool = Pool::new(cfg.socket_mark, metrics.sidecar_connections.clone());
+    let (pool, app, app_h1, app_h2) = pools(&cfg, &metrics);
     let shared = Arc::new(Shared {
         cfg: cfg.clone(),
         tls: tls_rx.clone(),
@@ -244,9 +263,9 @@ async fn serve(
         tap,
         tracer,
         pool,
-        app: app::AppPool::new(platform::Dialer::new(cfg.socket_mark, None)),
-        app_h1: platform::Dialer::new(cfg.socket_mark, None).client(false),
-        app_h2: platform::Dialer::new(cfg.socket_mark, None).client(true),
+        app,
+        app_h1,
+        app_h2,
         drain: Arc::default(),
         sockets: sockets.into(),
     });
