@@ -238,7 +238,7 @@ pub async fn serve_admin(listener: TcpListener, shared: Arc<Shared>, which: admi
 
 /// Which listener accepted a connection.
 #[derive(Clone, Copy)]
-pub enum Side {
+enum Side {
     Outbound = 0,
     Inbound = 1,
 }
