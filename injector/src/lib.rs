@@ -990,14 +990,19 @@ spec:
         }
     }
 
-    fn app_metrics_env(p: &Pod) -> Option<String> {
+    /// The value the injected pod's containers give env var `name`.
+    fn env_value(p: &Pod, name: &str) -> Option<String> {
         let spec = p.spec.as_ref().unwrap();
         spec.containers
             .iter()
             .chain(spec.init_containers.iter().flatten())
             .flat_map(|c| c.env.iter().flatten())
-            .find(|e| e.name == mesh_proto::app_metrics::ENV)
+            .find(|e| e.name == name)
             .and_then(|e| e.value.clone())
+    }
+
+    fn app_metrics_env(p: &Pod) -> Option<String> {
+        env_value(p, mesh_proto::app_metrics::ENV)
     }
 
     #[test]
@@ -1052,16 +1057,7 @@ spec:
             p.metadata.annotations = Some(BTreeMap::from([(PROXY_CONFIG.into(), config.into())]));
             inject(&p, "shop", &NamespacePolicy::Enabled, &Config::default())
         };
-        let env_of = |p: Pod| {
-            let spec = p.spec.unwrap();
-            spec.containers
-                .iter()
-                .chain(spec.init_containers.iter().flatten())
-                .filter(|c| c.name == PROXY_CONTAINER)
-                .flat_map(|c| c.env.iter().flatten())
-                .find(|e| e.name == "MESH_PROXY_THREADS")
-                .and_then(|e| e.value.clone())
-        };
+        let env_of = |p: Pod| env_value(&p, "MESH_PROXY_THREADS");
         let threads = |config: &str| match annotated(config).unwrap() {
             Outcome::Injected(p) => env_of(*p),
             Outcome::Skipped(s) => panic!("skipped: {s:?}"),
