@@ -152,6 +152,16 @@ impl Mesh {
         }
     }
 
+    /// The address with last octet `last` in the client's loopback block:
+    /// where a test starts another sidecar of its own.
+    pub fn beside_client(&self, last: u8) -> IpAddr {
+        let IpAddr::V4(client) = self.workload("client").address else {
+            unreachable!("the mesh runs on IPv4 loopback")
+        };
+        let [a, b, c, _] = client.octets();
+        IpAddr::from([a, b, c, last])
+    }
+
     /// Where citadel's state, tokens and config live (`meshctl --state-dir`).
     pub fn state_dir(&self) -> &Path {
         self._dir.path()

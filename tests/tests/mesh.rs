@@ -358,11 +358,7 @@ async fn a_proxy_fails_over_to_another_pilot_replica() {
         .start_replica(replica_addr, std::net::SocketAddr::new(ip, 15114))
         .await
         .expect("a second pilot starts");
-    let std::net::IpAddr::V4(client) = mesh.workload("client").address else {
-        unreachable!("the mesh runs on IPv4 loopback")
-    };
-    let [a, b, c, _] = client.octets();
-    let pod = std::net::IpAddr::from([a, b, c, 104]);
+    let pod = mesh.beside_client(104);
     mesh.client_sidecar(pod, Arc::default(), |cfg| {
         cfg.pilot_replicas = vec![replica_addr];
     })

@@ -459,11 +459,7 @@ spec:
     );
     let mutual = destination_rule("db.example.com", &mutual_tls(&pki, "", &pki.client_key));
     mesh.write_config("db.yaml", &format!("{entry}{mutual}"));
-    let std::net::IpAddr::V4(client) = mesh.workload("client").address else {
-        unreachable!("the mesh runs on IPv4 loopback")
-    };
-    let [a, b, c, _] = client.octets();
-    let pod = std::net::IpAddr::from([a, b, c, 102]);
+    let pod = mesh.beside_client(102);
     let dst = Arc::new(Mutex::new(Some("240.240.2.1:5432".parse().unwrap())));
     mesh.captured_sidecar(pod, mesh_proxy::OutboundPolicy::RegistryOnly, dst)
         .await;
@@ -701,11 +697,7 @@ async fn tls_routes_choose_a_destination_by_server_name() {
         tls_entry("b", "b.example.test", b_port)
     );
     mesh.write_config("sni.yaml", &entries);
-    let std::net::IpAddr::V4(client) = mesh.workload("client").address else {
-        unreachable!("the mesh runs on IPv4 loopback")
-    };
-    let [x, y, z, _] = client.octets();
-    let pod = std::net::IpAddr::from([x, y, z, 103]);
+    let pod = mesh.beside_client(103);
     // Whatever the app's resolver gave it: no address the mesh knows.
     let dst = Arc::new(Mutex::new(Some("240.240.3.9:8443".parse().unwrap())));
     mesh.captured_sidecar(pod, mesh_proxy::OutboundPolicy::RegistryOnly, dst)
@@ -844,11 +836,7 @@ async fn greeted_after(pod: std::net::IpAddr) -> Duration {
 async fn server_first_protocols_and_tls_pass_through_undeclared_ports() {
     let mesh = Mesh::start().await;
     let greeting_port = greeting_server().await;
-    let std::net::IpAddr::V4(client) = mesh.workload("client").address else {
-        unreachable!("the mesh runs on IPv4 loopback")
-    };
-    let [x, y, z, _] = client.octets();
-    let pod = std::net::IpAddr::from([x, y, z, 104]);
+    let pod = mesh.beside_client(104);
     let dst = Arc::new(Mutex::new(Some(
         format!("127.0.0.1:{greeting_port}").parse().unwrap(),
     )));
@@ -874,7 +862,7 @@ async fn server_first_protocols_and_tls_pass_through_undeclared_ports() {
 
     // A longer detection timeout (`--protocol-detection-timeout`, or the
     // mesh config's protocolDetectionTimeout through pilot) is waited out.
-    let slower = std::net::IpAddr::from([x, y, z, 105]);
+    let slower = mesh.beside_client(105);
     mesh.client_sidecar(slower, dst.clone(), |cfg| {
         cfg.protocol_detection_timeout = Duration::from_millis(1500);
     })

@@ -976,18 +976,13 @@ spec:
 }
 
 /// Starts a sidecar for the client's identity on two serving threads, at
-/// the client's address with `last` as its last octet, and returns that
-/// address.
+/// `mesh.beside_client(last)`, and returns that address.
 async fn two_thread_sidecar(
     mesh: &Mesh,
     last: u8,
     edit: impl FnOnce(&mut mesh_proxy::Config),
 ) -> std::net::IpAddr {
-    let std::net::IpAddr::V4(client) = mesh.workload("client").address else {
-        unreachable!("the mesh runs on IPv4 loopback")
-    };
-    let [a, b, c, _] = client.octets();
-    let pod = std::net::IpAddr::from([a, b, c, last]);
+    let pod = mesh.beside_client(last);
     mesh.client_sidecar(pod, std::sync::Arc::default(), |cfg| {
         cfg.threads = 2;
         edit(cfg);
@@ -1335,11 +1330,7 @@ spec:
 #[tokio::test(flavor = "multi_thread")]
 async fn passthrough_balancing_keeps_to_the_endpoint_the_app_dialled() {
     let mesh = Mesh::start().await;
-    let std::net::IpAddr::V4(client) = mesh.workload("client").address else {
-        unreachable!("the mesh runs on IPv4 loopback")
-    };
-    let [a, b, c, _] = client.octets();
-    let pod = std::net::IpAddr::from([a, b, c, 106]);
+    let pod = mesh.beside_client(106);
     let v2 = mesh.workload("reviews-v2").address;
     let dst = std::sync::Arc::new(std::sync::Mutex::new(Some(std::net::SocketAddr::new(
         v2, 9080,
