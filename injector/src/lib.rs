@@ -18,6 +18,7 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
+pub mod mesh;
 pub mod probes;
 pub mod server;
 pub mod webhook;
@@ -49,7 +50,8 @@ pub const PROMETHEUS_PORT: &str = "prometheus.io/port";
 pub const PROMETHEUS_PATH: &str = "prometheus.io/path";
 /// Pod annotation: Istio's per-pod ProxyConfig, YAML or JSON. The sidecar
 /// takes its `concurrency` (serving threads; 0 for one per CPU the
-/// container may use); its other fields are not read.
+/// container may use), over the mesh config's `defaultConfig`
+/// ([`mesh`]); its other fields are not read.
 pub const PROXY_CONFIG: &str = "proxy.istio.io/config";
 /// Istio annotations this mesh cannot honour: refused by name, not ignored.
 const UNSUPPORTED_ANNOTATIONS: [(&str, &str); 3] = [
@@ -102,6 +104,9 @@ pub struct Config {
     /// Native sidecars by default; a pod's `sidecar.istio.io/nativeSidecar`
     /// annotation overrides.
     pub native_sidecars: bool,
+    /// The mesh config's `defaultConfig`, which a pod's
+    /// `proxy.istio.io/config` overrides.
+    pub mesh_defaults: mesh::ProxyConfig,
 }
 
 /// The injector's settings as flags (the webhook server and `meshctl
@@ -132,11 +137,22 @@ pub struct ConfigArgs {
     /// it is ready, instead of a native sidecar (Kubernetes before 1.29).
     #[arg(long)]
     pub legacy_sidecar: bool,
+    /// Istio's mesh config (the YAML under the `mesh` key of ConfigMap
+    /// istio-system/istio): its defaultConfig.concurrency sets the serving
+    /// threads of sidecars whose pods do not set their own.
+    #[arg(long, value_name = "FILE")]
+    pub mesh_config: Option<std::path::PathBuf>,
 }
 
-impl From<ConfigArgs> for Config {
-    fn from(a: ConfigArgs) -> Self {
-        Self {
+impl TryFrom<ConfigArgs> for Config {
+    type Error = mesh::MeshConfigError;
+
+    fn try_from(a: ConfigArgs) -> Result<Self, Self::Error> {
+        Ok(Self {
+            mesh_defaults: match &a.mesh_config {
+                Some(path) => mesh::from_file(path)?,
+                None => mesh::ProxyConfig::default(),
+            },
             proxy_image: a.proxy_image,
             pilot_addr: a.pilot_addr,
             ca_addr: a.ca_addr,
@@ -145,7 +161,7 @@ impl From<ConfigArgs> for Config {
             token_audience: a.token_audience,
             root_configmap: a.root_configmap,
             native_sidecars: !a.legacy_sidecar,
-        }
+        })
     }
 }
 
@@ -160,6 +176,7 @@ impl Default for Config {
             token_audience: "istio-ca".into(),
             root_configmap: "mesh-ca-root-cert".into(),
             native_sidecars: true,
+            mesh_defaults: mesh::ProxyConfig::default(),
         }
     }
 }
@@ -630,24 +647,20 @@ fn app_metrics(pod: &Pod) -> Result<Option<mesh_proto::app_metrics::AppMetrics>,
     }))
 }
 
-/// The sidecar's serving threads, if the pod's `proxy.istio.io/config`
-/// sets `concurrency`.
-fn concurrency(pod: &Pod) -> Result<Option<u32>, InjectError> {
-    #[derive(serde::Deserialize)]
-    struct ProxyConfig {
-        concurrency: Option<u32>,
-    }
+/// The sidecar's serving threads, if the pod's `proxy.istio.io/config` or
+/// else the mesh config's `defaultConfig` sets `concurrency`.
+fn concurrency(pod: &Pod, cfg: &Config) -> Result<Option<u32>, InjectError> {
     let Some(v) = annotation(pod, PROXY_CONFIG).filter(|v| !v.trim().is_empty()) else {
-        return Ok(None);
+        return Ok(cfg.mesh_defaults.concurrency);
     };
-    let parsed: ProxyConfig = serde_saphyr::from_str(v).map_err(|_| {
+    let parsed: mesh::ProxyConfig = serde_saphyr::from_str(v).map_err(|_| {
         bad(
             PROXY_CONFIG,
             v,
             "a ProxyConfig in YAML or JSON whose concurrency, if set, is a whole number of threads (0 for one per CPU)",
         )
     })?;
-    Ok(parsed.concurrency)
+    Ok(parsed.concurrency.or(cfg.mesh_defaults.concurrency))
 }
 
 fn proxy_container(
@@ -683,7 +696,7 @@ fn proxy_container(
             serde_json::to_string(m).expect("app metrics serialize"),
         ));
     }
-    if let Some(threads) = concurrency(pod)? {
+    if let Some(threads) = concurrency(pod, cfg)? {
         envs.push(env("MESH_PROXY_THREADS", threads.to_string()));
     }
     let port = |name: &str, port: i32| ContainerPort {
@@ -1089,6 +1102,33 @@ spec:
                 "{err}"
             );
         }
+    }
+
+    #[test]
+    fn the_mesh_configs_default_concurrency_applies_unless_the_pod_sets_its_own() {
+        let cfg = Config {
+            mesh_defaults: mesh::ProxyConfig {
+                concurrency: Some(4),
+            },
+            ..Config::default()
+        };
+        let threads = |config: Option<&str>| {
+            let mut p = pod(PLAIN);
+            p.metadata.annotations =
+                config.map(|c| BTreeMap::from([(PROXY_CONFIG.into(), c.into())]));
+            match inject(&p, "shop", &NamespacePolicy::Enabled, &cfg).unwrap() {
+                Outcome::Injected(p) => env_value(&p, "MESH_PROXY_THREADS"),
+                Outcome::Skipped(s) => panic!("skipped: {s:?}"),
+            }
+        };
+        assert_eq!(threads(None).as_deref(), Some("4"));
+        // The pod's ProxyConfig overrides field by field, as in Istio.
+        assert_eq!(
+            threads(Some("holdApplicationUntilProxyStarts: true")).as_deref(),
+            Some("4")
+        );
+        assert_eq!(threads(Some("concurrency: 2")).as_deref(), Some("2"));
+        assert_eq!(threads(Some("concurrency: 0")).as_deref(), Some("0"));
     }
 
     #[test]

@@ -18,6 +18,13 @@ struct Args {
     /// Its private key (PEM).
     #[arg(long, env = "MESH_INJECTOR_TLS_KEY")]
     tls_key: PathBuf,
+    /// Follow Istio's mesh config in the cluster (ConfigMap
+    /// istio-system/istio, through the in-cluster service account or the
+    /// kubeconfig): its defaultConfig.concurrency applies to pods that do
+    /// not set their own. A mesh config that does not parse is logged and
+    /// the last good one stays in force.
+    #[arg(long, conflicts_with = "mesh_config")]
+    kubernetes: bool,
     #[command(flatten)]
     config: mesh_injector::ConfigArgs,
 }
@@ -30,6 +37,16 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let args = Args::parse();
+    let config = mesh_injector::Config::try_from(args.config)?;
+    let (config_tx, config_rx) = tokio::sync::watch::channel(Arc::new(config.clone()));
+    if args.kubernetes {
+        let client = kube::Client::try_default()
+            .await
+            .context("connecting to the Kubernetes API server")?;
+        tokio::spawn(mesh_injector::mesh::follow(client, config, config_tx));
+    }
+    // Without --kubernetes the sender is dropped here: the receivers keep
+    // the flags' config.
     let tls = mesh_injector::server::tls_from_files(&args.tls_cert, &args.tls_key)?;
     let (tx, rx) = tokio::sync::watch::channel(tls);
     tokio::spawn(mesh_injector::server::reload_files(
@@ -45,13 +62,6 @@ async fn main() -> anyhow::Result<()> {
     let shutdown = async {
         let _ = tokio::signal::ctrl_c().await;
     };
-    mesh_injector::server::serve(
-        listener,
-        rx,
-        Arc::new(args.config.into()),
-        Arc::default(),
-        shutdown,
-    )
-    .await;
+    mesh_injector::server::serve(listener, rx, config_rx, Arc::default(), shutdown).await;
     Ok(())
 }

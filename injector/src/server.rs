@@ -37,11 +37,12 @@ pub struct Counts {
     pub dry_runs: AtomicU64,
 }
 
-/// Serves until `shutdown` resolves.
+/// Serves until `shutdown` resolves, each review with the newest `cfg`
+/// (the mesh config's defaults change while it runs).
 pub async fn serve(
     listener: TcpListener,
     tls: watch::Receiver<Arc<ServerConfig>>,
-    cfg: Arc<Config>,
+    cfg: watch::Receiver<Arc<Config>>,
     counts: Arc<Counts>,
     shutdown: impl Future<Output = ()>,
 ) {
@@ -59,7 +60,7 @@ pub async fn serve(
         };
         let (cfg, counts) = (cfg.clone(), counts.clone());
         tokio::spawn(async move {
-            let svc = service_fn(move |req| handle(req, cfg.clone(), counts.clone()));
+            let svc = service_fn(move |req| handle(req, cfg.borrow().clone(), counts.clone()));
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), svc)
                 .await;

@@ -3,6 +3,7 @@
 //! that was sent, must give exactly the injected pod. Bad requests get a
 //! clear answer and the server keeps serving.
 
+use std::convert::Infallible;
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -22,6 +23,11 @@ struct Webhook {
 /// A CA and a serving certificate for the webhook's Service name and
 /// 127.0.0.1, as the control plane issues them.
 async fn start() -> Webhook {
+    start_with(tokio::sync::watch::channel(Arc::new(Config::default())).1).await
+}
+
+/// The webhook serving each review with the newest of `cfg`.
+async fn start_with(cfg: tokio::sync::watch::Receiver<Arc<Config>>) -> Webhook {
     let dir = tempfile::tempdir().unwrap();
     let ca_key = rcgen::KeyPair::generate().unwrap();
     let mut ca_params = rcgen::CertificateParams::new(vec![]).unwrap();
@@ -59,14 +65,7 @@ async fn start() -> Webhook {
         let counts = counts.clone();
         async move {
             let _tx = _tx;
-            serve(
-                listener,
-                rx,
-                Arc::new(Config::default()),
-                counts,
-                std::future::pending(),
-            )
-            .await
+            serve(listener, rx, cfg, counts, std::future::pending()).await
         }
     });
     Webhook {
@@ -360,4 +359,187 @@ async fn bad_requests_are_named_and_the_server_keeps_serving() {
     assert_eq!(hook.counts.bad_requests.load(Ordering::Relaxed), 2);
     assert_eq!(hook.counts.denied.load(Ordering::Relaxed), 3);
     assert_eq!(hook.counts.injected.load(Ordering::Relaxed), 1);
+}
+
+/// kube-apiserver as far as the injector asks it: ConfigMaps in
+/// istio-system, listed by field selector and then watched. A list answers
+/// with `configmap` (if any) at resourceVersion 1; a watch stays open and
+/// streams the events the test sends. No API server runs here: the
+/// objects are written by hand in the shape kube-apiserver returns them.
+struct FakeApi {
+    /// The newest watch's stream, once the injector has asked for one.
+    watch: Arc<std::sync::Mutex<Option<Sender>>>,
+    /// Each request's path and query, in order.
+    asked: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+type Chunk = Result<hyper::body::Frame<bytes::Bytes>, Infallible>;
+type Sender = tokio::sync::mpsc::UnboundedSender<Chunk>;
+type Streamed = http_body_util::StreamBody<tokio_stream::wrappers::UnboundedReceiverStream<Chunk>>;
+
+impl FakeApi {
+    fn start(configmap: Option<Value>) -> (kube::Client, Self) {
+        use http::{Request, Response};
+        let (service, mut handle) =
+            tower_test::mock::pair::<Request<kube::client::Body>, Response<Streamed>>();
+        let api = Self {
+            watch: Arc::default(),
+            asked: Arc::default(),
+        };
+        let (watch, asked) = (api.watch.clone(), api.asked.clone());
+        tokio::spawn(async move {
+            while let Some((request, send)) = handle.next_request().await {
+                let uri = request.uri().clone();
+                asked.lock().unwrap().push(uri.to_string());
+                let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                let status = match (uri.path(), uri.query().unwrap_or_default()) {
+                    ("/api/v1/namespaces/istio-system/configmaps", q)
+                        if q.contains("watch=true") =>
+                    {
+                        *watch.lock().unwrap() = Some(tx);
+                        200
+                    }
+                    ("/api/v1/namespaces/istio-system/configmaps", _) => {
+                        let list = json!({
+                            "kind": "ConfigMapList", "apiVersion": "v1",
+                            "metadata": {"resourceVersion": "1"},
+                            "items": configmap.iter().collect::<Vec<_>>(),
+                        });
+                        let _ = tx.send(Ok(hyper::body::Frame::data(list.to_string().into())));
+                        200
+                    }
+                    _ => 404,
+                };
+                send.send_response(
+                    Response::builder()
+                        .status(status)
+                        .header("content-type", "application/json")
+                        .body(http_body_util::StreamBody::new(
+                            tokio_stream::wrappers::UnboundedReceiverStream::new(rx),
+                        ))
+                        .unwrap(),
+                );
+            }
+        });
+        (kube::Client::new(service, "default"), api)
+    }
+
+    /// Sends `kind` (MODIFIED, DELETED) of `object` on the open watch.
+    async fn event(&self, kind: &str, object: &Value) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let watch = loop {
+            if let Some(w) = self.watch.lock().unwrap().clone() {
+                break w;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the injector never watched the mesh config"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        };
+        let mut line = serde_json::to_vec(&json!({"type": kind, "object": object})).unwrap();
+        line.push(b'\n');
+        watch
+            .send(Ok(hyper::body::Frame::data(line.into())))
+            .unwrap();
+    }
+}
+
+/// Istio's mesh config as kube-apiserver returns it.
+fn mesh_configmap(mesh: &str, resource_version: u32) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "istio", "namespace": "istio-system",
+            "uid": "5f0d2c8e-8a4b-4c55-9a0e-1f3b6f6f2d10",
+            "resourceVersion": resource_version.to_string(),
+            "creationTimestamp": "2026-11-20T09:12:44Z",
+            "labels": {"install.operator.istio.io/owning-resource": "unknown", "istio.io/rev": "default"}},
+        "data": {"mesh": mesh, "meshNetworks": "networks: {}"},
+    })
+}
+
+/// The env var `name` of the injected proxy container, from the webhook's
+/// answer for `pod()`.
+async fn threads_injected(hook: &Webhook, uid: &str) -> Option<String> {
+    let original = pod();
+    let (code, body) = hook
+        .post(review(uid, original.clone(), false).to_string().as_bytes())
+        .await;
+    assert_eq!(code, 200, "{body}");
+    let injected = patched(&original, &response(&body));
+    let containers = injected["spec"]["initContainers"].as_array().unwrap();
+    let proxy = containers
+        .iter()
+        .find(|c| c["name"] == "mesh-proxy")
+        .unwrap();
+    proxy["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "MESH_PROXY_THREADS")
+        .map(|e| e["value"].as_str().unwrap().to_string())
+}
+
+#[tokio::test]
+async fn the_webhook_follows_the_mesh_configs_default_concurrency_and_keeps_the_last_good_one() {
+    if !have_curl() {
+        return;
+    }
+    let (client, api) = FakeApi::start(Some(mesh_configmap(
+        "defaultConfig:\n  concurrency: 2\n",
+        1,
+    )));
+    let (tx, rx) = tokio::sync::watch::channel(Arc::new(Config::default()));
+    let seen = rx.clone();
+    tokio::spawn(mesh_injector::mesh::follow(client, Config::default(), tx));
+    let hook = start_with(rx).await;
+    let settled = |want: Option<u32>| {
+        let mut seen = seen.clone();
+        async move {
+            tokio::time::timeout(
+                std::time::Duration::from_secs(10),
+                seen.wait_for(|c| c.mesh_defaults.concurrency == want),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("the mesh config's concurrency never became {want:?}"))
+            .unwrap();
+        }
+    };
+
+    // The ConfigMap as listed at start.
+    settled(Some(2)).await;
+    assert_eq!(threads_injected(&hook, "a").await.as_deref(), Some("2"));
+    let list = api.asked.lock().unwrap()[0].clone();
+    assert!(
+        list.contains("fieldSelector=metadata.name%3Distio"),
+        "the injector reads only ConfigMap istio: {list}"
+    );
+
+    // Edited in the cluster: the next pod gets the new value.
+    api.event(
+        "MODIFIED",
+        &mesh_configmap("defaultConfig:\n  concurrency: 4\n", 2),
+    )
+    .await;
+    settled(Some(4)).await;
+    assert_eq!(threads_injected(&hook, "b").await.as_deref(), Some("4"));
+
+    // A value that does not parse is not applied: the last good one serves.
+    api.event(
+        "MODIFIED",
+        &mesh_configmap("defaultConfig:\n  concurrency: two\n", 3),
+    )
+    .await;
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(seen.borrow().mesh_defaults.concurrency, Some(4));
+    assert_eq!(threads_injected(&hook, "c").await.as_deref(), Some("4"));
+
+    // Deleted: Istio's defaults, so the sidecar's own (no variable).
+    api.event(
+        "DELETED",
+        &mesh_configmap("defaultConfig:\n  concurrency: two\n", 4),
+    )
+    .await;
+    settled(None).await;
+    assert_eq!(threads_injected(&hook, "d").await, None);
 }

@@ -462,7 +462,7 @@ fn deployment(opts: &Options) -> Value {
                                    {"name": "config", "mountPath": "/etc/mesh/config", "readOnly": true},
                                    {"name": "token", "mountPath": "/var/run/secrets/tokens", "readOnly": true}]),
                             tcp_probe(15012)),
-                        container("injector", vec!["mesh-injector".into(),
+                        container("injector", vec!["mesh-injector".into(), "--kubernetes".into(),
                             "--tls-cert".into(), "/etc/injector-tls/tls.crt".into(),
                             "--tls-key".into(), "/etc/injector-tls/tls.key".into(),
                             "--proxy-image".into(), opts.proxy_image.clone(),

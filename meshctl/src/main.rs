@@ -357,7 +357,9 @@ fn main() {
             init_logs("info");
             mesh_proxy::cli::run_process(args, || {}).map_err(|e| anyhow::anyhow!("{e}"))
         }
-        Command::KubeInject { filename, config } => kube_inject(&filename, config.into()),
+        Command::KubeInject { filename, config } => mesh_injector::Config::try_from(config)
+            .map_err(anyhow::Error::from)
+            .and_then(|cfg| kube_inject(&filename, cfg)),
         Command::Apply {
             filename,
             state_dir,

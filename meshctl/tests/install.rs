@@ -164,6 +164,25 @@ fn manifests_parse_as_kubernetes_types_and_accept_the_samples_istio_yaml() {
     ] {
         assert!(may_watch(group, plural), "pilot may not watch {plural}");
     }
+    // The injector follows Istio's mesh config (ConfigMap istio-system/istio).
+    let control_plane = find(&objects, "Deployment", "mesh-control-plane");
+    let containers = control_plane["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .unwrap();
+    let injector = containers.iter().find(|c| c["name"] == "injector").unwrap();
+    assert!(
+        injector["command"]
+            .as_array()
+            .into_iter()
+            .chain(injector["args"].as_array())
+            .flatten()
+            .any(|a| a == "--kubernetes"),
+        "{injector}"
+    );
+    assert!(
+        may_watch("", "configmaps"),
+        "the injector may not watch configmaps"
+    );
 
     // The webhook: its caBundle is the mesh's root, and its serving
     // certificate verifies against it for the Service's DNS name.

@@ -78,3 +78,44 @@ fn a_bad_document_fails_the_run_and_prints_nothing() {
         "error: document 2 (Job j): spec.template is not a valid pod: at spec.containers[0].ports[0].containerPort: invalid type: string \"http\", expected i32"
     );
 }
+
+#[test]
+fn a_mesh_config_file_sets_the_default_concurrency_and_a_bad_one_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let mesh = dir.path().join("mesh.yaml");
+    let inject = |mesh: &std::path::Path| {
+        run(
+            &[
+                "kube-inject",
+                "-f",
+                &golden("deployment.yaml"),
+                "--mesh-config",
+                mesh.to_str().unwrap(),
+            ],
+            "",
+        )
+    };
+    // As `kubectl get cm istio -n istio-system -o jsonpath={.data.mesh}` prints it.
+    std::fs::write(
+        &mesh,
+        "defaultConfig:\n  concurrency: 2\n  discoveryAddress: istiod.istio-system.svc:15012\naccessLogFile: /dev/stdout\n",
+    )
+    .unwrap();
+    let (code, out, err) = inject(&mesh);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("- name: MESH_PROXY_THREADS\n          value: \"2\"\n"),
+        "{out}"
+    );
+
+    std::fs::write(&mesh, "defaultConfig:\n  concurrency: two\n").unwrap();
+    let (code, out, err) = inject(&mesh);
+    assert_eq!((code, out.as_str()), (1, ""));
+    assert_eq!(
+        err.trim(),
+        format!(
+            "error: {}: defaultConfig.concurrency: not a whole number of threads (0 for one per CPU)",
+            mesh.display()
+        )
+    );
+}
