@@ -33,8 +33,9 @@ pub struct ProxyConfig {
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct MeshConfig {
+    /// Absent, or written as `defaultConfig:` with nothing under it.
     #[serde(default)]
-    default_config: ProxyConfig,
+    default_config: Option<ProxyConfig>,
 }
 
 /// A mesh config that does not parse, naming the field.
@@ -72,7 +73,7 @@ pub fn parse(at: &str, text: &str) -> Result<ProxyConfig, MeshConfigError> {
             },
         )
     })?;
-    Ok(mesh.default_config)
+    Ok(mesh.default_config.unwrap_or_default())
 }
 
 /// The mesh config's `defaultConfig` from a file holding its YAML.
@@ -169,6 +170,7 @@ mod tests {
             Ok(None)
         );
         assert_eq!(threads(""), Ok(None));
+        assert_eq!(threads("defaultConfig:\n"), Ok(None));
         for bad in [
             "defaultConfig:\n  concurrency: two\n",
             "defaultConfig:\n  concurrency: -1\n",
