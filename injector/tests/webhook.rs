@@ -458,7 +458,7 @@ fn mesh_configmap(mesh: &str, resource_version: u32) -> Value {
     })
 }
 
-/// The env var `name` of the injected proxy container, from the webhook's
+/// The injected proxy container's `MESH_PROXY_THREADS`, from the webhook's
 /// answer for `pod()`.
 async fn threads_injected(hook: &Webhook, uid: &str) -> Option<String> {
     let original = pod();
