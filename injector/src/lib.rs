@@ -1109,6 +1109,7 @@ spec:
         let cfg = Config {
             mesh_defaults: mesh::ProxyConfig {
                 concurrency: Some(4),
+                ..Default::default()
             },
             ..Config::default()
         };

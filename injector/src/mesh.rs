@@ -23,11 +23,15 @@ pub const CONFIGMAP: &str = "istio";
 pub const KEY: &str = "mesh";
 
 /// Istio's ProxyConfig, as far as the mesh reads it (the pod annotation and
-/// the mesh config's `defaultConfig` alike); other fields are ignored.
+/// the mesh config's `defaultConfig` alike).
 #[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
 pub struct ProxyConfig {
     /// Serving threads; 0 for one per CPU the container may use.
     pub concurrency: Option<u32>,
+    /// The fields set that the mesh does not read, by name: said, not
+    /// silently dropped.
+    #[serde(flatten)]
+    pub unread: std::collections::BTreeMap<String, Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -125,6 +129,10 @@ pub async fn follow(client: kube::Client, base: Config, tx: watch::Sender<Arc<Co
                 return false;
             }
             tracing::info!(concurrency = ?defaults.concurrency, "mesh config: defaultConfig applied");
+            if !defaults.unread.is_empty() {
+                let unread: Vec<&String> = defaults.unread.keys().collect();
+                tracing::info!(?unread, "mesh config: defaultConfig fields the injector does not read");
+            }
             *cfg = Arc::new(Config {
                 mesh_defaults: defaults,
                 ..base.clone()
@@ -171,6 +179,12 @@ mod tests {
         );
         assert_eq!(threads(""), Ok(None));
         assert_eq!(threads("defaultConfig:\n"), Ok(None));
+        let read = parse(
+            "mesh",
+            "defaultConfig: {concurrency: 2, tracing: {sampling: 10}}",
+        )
+        .unwrap();
+        assert_eq!(read.unread.keys().collect::<Vec<_>>(), ["tracing"]);
         for bad in [
             "defaultConfig:\n  concurrency: two\n",
             "defaultConfig:\n  concurrency: -1\n",

@@ -451,6 +451,18 @@ fn kube_inject(file: &Path, cfg: mesh_injector::Config) -> anyhow::Result<()> {
         text =
             std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
     }
+    let unread: Vec<&str> = cfg
+        .mesh_defaults
+        .unread
+        .keys()
+        .map(String::as_str)
+        .collect();
+    if !unread.is_empty() {
+        eprintln!(
+            "mesh config: defaultConfig fields not read: {}",
+            unread.join(", ")
+        );
+    }
     let (yaml, notes) = mesh_injector::workloads::inject_yaml(&text, &cfg)?;
     for note in notes {
         if let Some(why) = note.skipped {

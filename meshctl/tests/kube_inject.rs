@@ -103,6 +103,10 @@ fn a_mesh_config_file_sets_the_default_concurrency_and_a_bad_one_is_named() {
     .unwrap();
     let (code, out, err) = inject(&mesh);
     assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        err,
+        "mesh config: defaultConfig fields not read: discoveryAddress\n"
+    );
     assert!(
         out.contains("- name: MESH_PROXY_THREADS\n          value: \"2\"\n"),
         "{out}"
