@@ -313,6 +313,18 @@ pub fn decide(
     })
 }
 
+/// What the user should hear about an injected pod: the fields of its
+/// `proxy.istio.io/config` the sidecar does not read (the webhook sends
+/// them as the AdmissionReview's warnings, which kubectl prints;
+/// kube-inject prints them on stderr).
+pub fn warnings(pod: &Pod) -> Vec<String> {
+    annotation(pod, PROXY_CONFIG)
+        .and_then(|v| serde_saphyr::from_str::<mesh::ProxyConfig>(v).ok())
+        .and_then(|c| c.unread_note(&format!("{PROXY_CONFIG} fields")))
+        .into_iter()
+        .collect()
+}
+
 /// The pod with the mesh added, or why it was left alone.
 pub fn inject(
     pod: &Pod,

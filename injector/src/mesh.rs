@@ -34,6 +34,14 @@ pub struct ProxyConfig {
     pub unread: std::collections::BTreeMap<String, Value>,
 }
 
+impl ProxyConfig {
+    /// `WHAT not read: a, b`, if any field is set that the mesh does not read.
+    pub fn unread_note(&self, what: &str) -> Option<String> {
+        let names: Vec<&str> = self.unread.keys().map(String::as_str).collect();
+        (!names.is_empty()).then(|| format!("{what} not read: {}", names.join(", ")))
+    }
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct MeshConfig {
@@ -129,9 +137,8 @@ pub async fn follow(client: kube::Client, base: Config, tx: watch::Sender<Arc<Co
                 return false;
             }
             tracing::info!(concurrency = ?defaults.concurrency, "mesh config: defaultConfig applied");
-            if !defaults.unread.is_empty() {
-                let unread: Vec<&String> = defaults.unread.keys().collect();
-                tracing::info!(?unread, "mesh config: defaultConfig fields the injector does not read");
+            if let Some(note) = defaults.unread_note("mesh config: defaultConfig fields") {
+                tracing::info!("{note}");
             }
             *cfg = Arc::new(Config {
                 mesh_defaults: defaults,

@@ -147,7 +147,13 @@ pub fn review(body: &[u8], cfg: &Config) -> Result<Answer, BadRequest> {
             let after = serde_json::to_value(&*injected).expect("a Pod serializes");
             let patch = json_patch::diff(&before, &after);
             let bytes = serde_json::to_vec(&patch).expect("a patch serializes");
-            Ok(answer(Verdict::Injected, Some(bytes), pod_id))
+            let mut answer = answer(Verdict::Injected, Some(bytes), pod_id);
+            let warnings = crate::warnings(&pod);
+            if !warnings.is_empty() {
+                // kubectl prints these to whoever created the pod.
+                answer.review["response"]["warnings"] = json!(warnings);
+            }
+            Ok(answer)
         }
         Ok(Outcome::Skipped(skip)) => Ok(answer(Verdict::Skipped(skip), None, pod_id)),
         Err(e) => Ok(answer(

@@ -30,6 +30,9 @@ pub struct Note {
     pub workload: String,
     /// `None`: injected.
     pub skipped: Option<Skip>,
+    /// What the user should hear about an injected workload
+    /// ([`crate::warnings`]).
+    pub warnings: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -143,6 +146,7 @@ fn inject_object(
             notes.push(Note {
                 workload,
                 skipped: Some(skip),
+                warnings: Vec::new(),
             });
             return Ok(obj);
         }
@@ -151,6 +155,7 @@ fn inject_object(
     notes.push(Note {
         workload,
         skipped: None,
+        warnings: crate::warnings(&pod),
     });
     if kind == "Pod" {
         return Ok(serde_json::to_value(&*injected).expect("a Pod serializes"));

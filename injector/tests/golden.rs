@@ -101,7 +101,8 @@ fn deployment_gets_a_native_sidecar_before_its_own_init_containers() {
         notes,
         [Note {
             workload: "Deployment bookinfo/reviews-v2".into(),
-            skipped: None
+            skipped: None,
+            warnings: vec![]
         }]
     );
     let spec = spec(&docs[0], "/spec/template/spec");
@@ -253,11 +254,13 @@ fn host_network_opted_out_and_podless_objects_are_untouched() {
         [
             Note {
                 workload: "DaemonSet monitoring/node-exporter".into(),
-                skipped: Some(Skip::HostNetwork)
+                skipped: Some(Skip::HostNetwork),
+                warnings: vec![]
             },
             Note {
                 workload: "Pod bookinfo/debug".into(),
-                skipped: Some(Skip::PodOptedOut("label"))
+                skipped: Some(Skip::PodOptedOut("label")),
+                warnings: vec![]
             },
         ]
     );

@@ -543,3 +543,30 @@ async fn the_webhook_follows_the_mesh_configs_default_concurrency_and_keeps_the_
     settled(None).await;
     assert_eq!(threads_injected(&hook, "d").await, None);
 }
+
+#[tokio::test]
+async fn proxy_config_fields_the_sidecar_does_not_read_come_back_as_warnings() {
+    if !have_curl() {
+        return;
+    }
+    let hook = start().await;
+    let mut annotated = pod();
+    annotated["metadata"]["annotations"] = json!({
+        "proxy.istio.io/config": "{\"concurrency\": 2, \"holdApplicationUntilProxyStarts\": true}"
+    });
+    let (code, body) = hook
+        .post(review("w", annotated, false).to_string().as_bytes())
+        .await;
+    assert_eq!(code, 200, "{body}");
+    let answer = response(&body);
+    assert_eq!(answer["allowed"], true);
+    assert_eq!(
+        answer["warnings"],
+        json!(["proxy.istio.io/config fields not read: holdApplicationUntilProxyStarts"])
+    );
+    // A pod without the annotation gets none.
+    let (_, body) = hook
+        .post(review("p", pod(), false).to_string().as_bytes())
+        .await;
+    assert!(response(&body).get("warnings").is_none(), "{body}");
+}

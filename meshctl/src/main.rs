@@ -451,22 +451,19 @@ fn kube_inject(file: &Path, cfg: mesh_injector::Config) -> anyhow::Result<()> {
         text =
             std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
     }
-    let unread: Vec<&str> = cfg
+    if let Some(note) = cfg
         .mesh_defaults
-        .unread
-        .keys()
-        .map(String::as_str)
-        .collect();
-    if !unread.is_empty() {
-        eprintln!(
-            "mesh config: defaultConfig fields not read: {}",
-            unread.join(", ")
-        );
+        .unread_note("mesh config: defaultConfig fields")
+    {
+        eprintln!("{note}");
     }
     let (yaml, notes) = mesh_injector::workloads::inject_yaml(&text, &cfg)?;
     for note in notes {
         if let Some(why) = note.skipped {
             eprintln!("{}: not injected: {why}", note.workload);
+        }
+        for warning in note.warnings {
+            eprintln!("{}: {warning}", note.workload);
         }
     }
     print!("{yaml}");
