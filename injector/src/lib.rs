@@ -8,6 +8,7 @@
 //! (`workloads`) both call it.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
@@ -313,16 +314,33 @@ pub fn decide(
     })
 }
 
-/// What the user should hear about an injected pod: the fields of its
-/// `proxy.istio.io/config` the sidecar does not read (the webhook sends
-/// them as the AdmissionReview's warnings, which kubectl prints;
-/// kube-inject prints them on stderr).
-pub fn warnings(pod: &Pod) -> Vec<String> {
-    annotation(pod, PROXY_CONFIG)
-        .and_then(|v| serde_saphyr::from_str::<mesh::ProxyConfig>(v).ok())
-        .and_then(|c| c.unread_note(&format!("{PROXY_CONFIG} fields")))
+/// What the user should hear about an injected pod (the webhook sends it
+/// as the AdmissionReview's warnings, which kubectl prints; kube-inject
+/// prints it on stderr): the fields of its `proxy.istio.io/config` the
+/// sidecar does not read, and a drain the pod's grace period cuts short.
+pub fn warnings(pod: &Pod, cfg: &Config) -> Vec<String> {
+    let Ok(proxy) = proxy_config(pod, cfg) else {
+        return Vec::new();
+    };
+    let mut out: Vec<String> = proxy
+        .unread_note(&format!("{PROXY_CONFIG} fields"))
         .into_iter()
-        .collect()
+        .collect();
+    // Kubernetes' default grace period is 30 s.
+    let grace = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.termination_grace_period_seconds)
+        .unwrap_or(30);
+    if let Some(drain) = proxy.termination_drain_duration
+        && drain >= Duration::from_secs(grace.max(0) as u64)
+    {
+        out.push(format!(
+            "terminationDrainDuration {} is not shorter than the pod's terminationGracePeriodSeconds ({grace}): the kubelet stops the sidecar before it has drained",
+            humantime::format_duration(drain)
+        ));
+    }
+    out
 }
 
 /// The pod with the mesh added, or why it was left alone.
@@ -659,20 +677,30 @@ fn app_metrics(pod: &Pod) -> Result<Option<mesh_proto::app_metrics::AppMetrics>,
     }))
 }
 
-/// The sidecar's serving threads, if the pod's `proxy.istio.io/config` or
-/// else the mesh config's `defaultConfig` sets `concurrency`.
-fn concurrency(pod: &Pod, cfg: &Config) -> Result<Option<u32>, InjectError> {
+/// The sidecar's ProxyConfig: the pod's `proxy.istio.io/config` over the
+/// mesh config's `defaultConfig`, field by field as in Istio.
+fn proxy_config(pod: &Pod, cfg: &Config) -> Result<mesh::ProxyConfig, InjectError> {
     let Some(v) = annotation(pod, PROXY_CONFIG).filter(|v| !v.trim().is_empty()) else {
-        return Ok(cfg.mesh_defaults.concurrency);
+        return Ok(cfg.mesh_defaults.under(mesh::ProxyConfig::default()));
     };
-    let parsed: mesh::ProxyConfig = serde_saphyr::from_str(v).map_err(|_| {
-        bad(
-            PROXY_CONFIG,
-            v,
-            "a ProxyConfig in YAML or JSON whose concurrency, if set, is a whole number of threads (0 for one per CPU)",
-        )
+    let not_a_config = || bad(PROXY_CONFIG, v, "a ProxyConfig in YAML or JSON");
+    let value: serde_json::Value = serde_saphyr::from_str(v).map_err(|_| not_a_config())?;
+    let own: mesh::ProxyConfig = serde_path_to_error::deserialize(&value).map_err(|e| {
+        match e.path().to_string().as_str() {
+            p if p.ends_with("concurrency") => bad(
+                PROXY_CONFIG,
+                v,
+                "a ProxyConfig in YAML or JSON whose concurrency, if set, is a whole number of threads (0 for one per CPU)",
+            ),
+            p if p.ends_with("terminationDrainDuration") => bad(
+                PROXY_CONFIG,
+                v,
+                "a ProxyConfig in YAML or JSON whose terminationDrainDuration, if set, is a duration such as 30s, 1m30s or 500ms",
+            ),
+            _ => not_a_config(),
+        }
     })?;
-    Ok(parsed.concurrency.or(cfg.mesh_defaults.concurrency))
+    Ok(cfg.mesh_defaults.under(own))
 }
 
 fn proxy_container(
@@ -708,8 +736,15 @@ fn proxy_container(
             serde_json::to_string(m).expect("app metrics serialize"),
         ));
     }
-    if let Some(threads) = concurrency(pod, cfg)? {
+    let proxy = proxy_config(pod, cfg)?;
+    if let Some(threads) = proxy.concurrency {
         envs.push(env("MESH_PROXY_THREADS", threads.to_string()));
+    }
+    if let Some(drain) = proxy.termination_drain_duration {
+        // The sidecar counts its grace in whole seconds: a part of one
+        // rounds up, so the drain is never shorter than asked.
+        let secs = drain.as_secs() + u64::from(drain.subsec_nanos() > 0);
+        envs.push(env("MESH_DRAIN_GRACE_SECS", secs.to_string()));
     }
     let port = |name: &str, port: i32| ContainerPort {
         name: Some(name.into()),
@@ -1142,6 +1177,74 @@ spec:
         );
         assert_eq!(threads(Some("concurrency: 2")).as_deref(), Some("2"));
         assert_eq!(threads(Some("concurrency: 0")).as_deref(), Some("0"));
+    }
+
+    #[test]
+    fn termination_drain_duration_sets_the_sidecars_drain_grace_and_a_grace_period_too_short_is_named()
+     {
+        let cfg = Config {
+            mesh_defaults: mesh::ProxyConfig {
+                termination_drain_duration: Some(Duration::from_secs(20)),
+                ..Default::default()
+            },
+            ..Config::default()
+        };
+        let annotated = |config: Option<&str>, grace: Option<i64>| {
+            let mut p = pod(PLAIN);
+            p.metadata.annotations =
+                config.map(|c| BTreeMap::from([(PROXY_CONFIG.into(), c.into())]));
+            p.spec.as_mut().unwrap().termination_grace_period_seconds = grace;
+            p
+        };
+        let grace_secs =
+            |p: &Pod, cfg: &Config| match inject(p, "shop", &NamespacePolicy::Enabled, cfg) {
+                Ok(Outcome::Injected(p)) => env_value(&p, "MESH_DRAIN_GRACE_SECS"),
+                other => panic!("not injected: {:?}", other.map(|_| ())),
+            };
+        // Unset everywhere: the sidecar's own default (5 s, as Istio's).
+        assert_eq!(grace_secs(&annotated(None, None), &Config::default()), None);
+        // The mesh's default, then the pod's own, which wins.
+        assert_eq!(
+            grace_secs(&annotated(None, None), &cfg).as_deref(),
+            Some("20")
+        );
+        let own = annotated(Some("terminationDrainDuration: 45s"), None);
+        assert_eq!(grace_secs(&own, &cfg).as_deref(), Some("45"));
+        // Whole seconds, rounded up: never a shorter drain than asked.
+        let part = annotated(Some(r#"{"terminationDrainDuration": "1.5s"}"#), None);
+        assert_eq!(grace_secs(&part, &cfg).as_deref(), Some("2"));
+        // The kubelet would stop the sidecar first: said, not refused.
+        let short = "terminationDrainDuration 45s is not shorter than the pod's terminationGracePeriodSeconds (30): the kubelet stops the sidecar before it has drained";
+        assert_eq!(warnings(&own, &cfg), [short]);
+        assert_eq!(warnings(&annotated(None, None), &cfg), Vec::<String>::new());
+        let longer = annotated(Some("terminationDrainDuration: 45s"), Some(60));
+        assert_eq!(warnings(&longer, &cfg), Vec::<String>::new());
+        assert_eq!(
+            warnings(&annotated(None, Some(10)), &cfg),
+            [
+                "terminationDrainDuration 20s is not shorter than the pod's terminationGracePeriodSeconds (10): the kubelet stops the sidecar before it has drained"
+            ]
+        );
+        for wrong in [
+            "terminationDrainDuration: soon",
+            "terminationDrainDuration: 30",
+        ] {
+            let err = match inject(
+                &annotated(Some(wrong), None),
+                "shop",
+                &NamespacePolicy::Enabled,
+                &cfg,
+            ) {
+                Err(e) => e.to_string(),
+                Ok(_) => panic!("{wrong:?} was accepted"),
+            };
+            assert_eq!(
+                err,
+                format!(
+                    "proxy.istio.io/config: {wrong:?} is not a ProxyConfig in YAML or JSON whose terminationDrainDuration, if set, is a duration such as 30s, 1m30s or 500ms"
+                ),
+            );
+        }
     }
 
     #[test]

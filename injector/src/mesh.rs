@@ -1,7 +1,7 @@
 //! What the injector takes from Istio's mesh config (the `mesh` key of
 //! ConfigMap istio-system/istio, or a file holding that YAML): the
-//! `defaultConfig` every sidecar starts from, of which only `concurrency`
-//! is read. A pod's `proxy.istio.io/config` overrides it field by field, as
+//! `defaultConfig` every sidecar starts from, of which `concurrency` and
+//! `terminationDrainDuration` are read. A pod's `proxy.istio.io/config` overrides it field by field, as
 //! in Istio. `meshctl kube-inject --mesh-config FILE` reads a file once;
 //! the webhook (`mesh-injector --kubernetes`) follows the cluster's
 //! ConfigMap, and a mesh config it cannot read leaves the last good one in
@@ -9,9 +9,10 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use k8s_openapi::api::core::v1::ConfigMap;
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
 use serde_json::Value;
 use tokio::sync::watch;
 
@@ -28,6 +29,14 @@ pub const KEY: &str = "mesh";
 pub struct ProxyConfig {
     /// Serving threads; 0 for one per CPU the container may use.
     pub concurrency: Option<u32>,
+    /// How long in-flight requests get to finish once the sidecar is told
+    /// to stop (Istio's default, and the sidecar's, 5s).
+    #[serde(
+        rename = "terminationDrainDuration",
+        default,
+        deserialize_with = "duration"
+    )]
+    pub termination_drain_duration: Option<Duration>,
     /// The fields set that the mesh does not read, by name: said, not
     /// silently dropped.
     #[serde(flatten)]
@@ -35,6 +44,32 @@ pub struct ProxyConfig {
 }
 
 impl ProxyConfig {
+    /// These defaults with each field `pod` sets taken from it instead:
+    /// Istio merges a pod's ProxyConfig over the mesh's field by field.
+    /// The fields not read are the pod's alone: the mesh's are named once,
+    /// where its config is read.
+    pub fn under(&self, pod: ProxyConfig) -> ProxyConfig {
+        ProxyConfig {
+            concurrency: pod.concurrency.or(self.concurrency),
+            termination_drain_duration: pod
+                .termination_drain_duration
+                .or(self.termination_drain_duration),
+            unread: pod.unread,
+        }
+    }
+
+    /// What the field at `path` (as serde_path_to_error names it) should
+    /// have been, for the error.
+    pub fn expected(path: &str) -> Option<&'static str> {
+        if path.ends_with("concurrency") {
+            Some("a whole number of threads (0 for one per CPU)")
+        } else if path.ends_with("terminationDrainDuration") {
+            Some("a duration such as 30s, 1m30s or 500ms")
+        } else {
+            None
+        }
+    }
+
     /// `WHAT not read: a, b`, if any field is set that the mesh does not read.
     pub fn unread_note(&self, what: &str) -> Option<String> {
         let names: Vec<&str> = self.unread.keys().map(String::as_str).collect();
@@ -77,15 +112,23 @@ pub fn parse(at: &str, text: &str) -> Result<ProxyConfig, MeshConfigError> {
         return Ok(ProxyConfig::default());
     }
     let mesh: MeshConfig = serde_path_to_error::deserialize(&value).map_err(|e| {
-        err(
-            e.path().to_string(),
-            match e.path().to_string().ends_with("concurrency") {
-                true => "not a whole number of threads (0 for one per CPU)".into(),
-                false => e.inner().to_string(),
-            },
-        )
+        let path = e.path().to_string();
+        let why = match ProxyConfig::expected(&path) {
+            Some(expected) => format!("not {expected}"),
+            None => e.inner().to_string(),
+        };
+        err(path, why)
     })?;
     Ok(mesh.default_config.unwrap_or_default())
+}
+
+/// A ProxyConfig duration as Istio's users write it: protobuf's JSON form
+/// (`30s`, `1.5s`) or Go's (`1m30s`, `500ms`).
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let text = String::deserialize(d)?;
+    humantime::parse_duration(text.trim())
+        .map(Some)
+        .map_err(serde::de::Error::custom)
 }
 
 /// The mesh config's `defaultConfig` from a file holding its YAML.
@@ -136,7 +179,11 @@ pub async fn follow(client: kube::Client, base: Config, tx: watch::Sender<Arc<Co
             if cfg.mesh_defaults == defaults {
                 return false;
             }
-            tracing::info!(concurrency = ?defaults.concurrency, "mesh config: defaultConfig applied");
+            tracing::info!(
+                concurrency = ?defaults.concurrency,
+                termination_drain_duration = ?defaults.termination_drain_duration,
+                "mesh config: defaultConfig applied"
+            );
             if let Some(note) = defaults.unread_note("mesh config: defaultConfig fields") {
                 tracing::info!("{note}");
             }
@@ -202,6 +249,53 @@ mod tests {
         }
         let e = threads("defaultConfig: [1\n").unwrap_err();
         assert_eq!(e.at, "mesh", "{e}");
+    }
+
+    #[test]
+    fn reads_the_termination_drain_duration_in_istios_spellings() {
+        let drain = |text: &str| {
+            parse(
+                "mesh",
+                &format!("defaultConfig: {{terminationDrainDuration: {text}}}"),
+            )
+            .map(|d| d.termination_drain_duration)
+        };
+        for (text, secs) in [
+            ("30s", 30.0),
+            ("1.5s", 1.5),
+            ("1m30s", 90.0),
+            ("500ms", 0.5),
+        ] {
+            assert_eq!(
+                drain(text),
+                Ok(Some(Duration::from_secs_f64(secs))),
+                "{text}"
+            );
+        }
+        for bad in ["thirty", "30", "-5s"] {
+            let e = drain(bad).unwrap_err();
+            assert_eq!(
+                e.at, "mesh: defaultConfig.terminationDrainDuration",
+                "{bad}"
+            );
+            assert!(e.why.contains("a duration such as 30s"), "{e}");
+        }
+        // A pod's fields win where it sets them; the rest come from the mesh.
+        let mesh = parse(
+            "mesh",
+            "defaultConfig: {concurrency: 2, terminationDrainDuration: 20s}",
+        )
+        .unwrap();
+        let pod = ProxyConfig {
+            termination_drain_duration: Some(Duration::from_secs(3)),
+            ..Default::default()
+        };
+        let merged = mesh.under(pod);
+        assert_eq!(merged.concurrency, Some(2));
+        assert_eq!(
+            merged.termination_drain_duration,
+            Some(Duration::from_secs(3))
+        );
     }
 
     #[test]

@@ -148,7 +148,7 @@ pub fn review(body: &[u8], cfg: &Config) -> Result<Answer, BadRequest> {
             let patch = json_patch::diff(&before, &after);
             let bytes = serde_json::to_vec(&patch).expect("a patch serializes");
             let mut answer = answer(Verdict::Injected, Some(bytes), pod_id);
-            let warnings = crate::warnings(&pod);
+            let warnings = crate::warnings(&pod, cfg);
             if !warnings.is_empty() {
                 // kubectl prints these to whoever created the pod.
                 answer.review["response"]["warnings"] = json!(warnings);

@@ -155,7 +155,7 @@ fn inject_object(
     notes.push(Note {
         workload,
         skipped: None,
-        warnings: crate::warnings(&pod),
+        warnings: crate::warnings(&pod, cfg),
     });
     if kind == "Pod" {
         return Ok(serde_json::to_value(&*injected).expect("a Pod serializes"));

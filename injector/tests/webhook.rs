@@ -466,7 +466,11 @@ async fn threads_injected(hook: &Webhook, uid: &str) -> Option<String> {
         .post(review(uid, original.clone(), false).to_string().as_bytes())
         .await;
     assert_eq!(code, 200, "{body}");
-    let injected = patched(&original, &response(&body));
+    proxy_env(&patched(&original, &response(&body)), "MESH_PROXY_THREADS")
+}
+
+/// The value of `name` in an injected pod's proxy container, if set.
+fn proxy_env(injected: &Value, name: &str) -> Option<String> {
     let containers = injected["spec"]["initContainers"].as_array().unwrap();
     let proxy = containers
         .iter()
@@ -476,7 +480,7 @@ async fn threads_injected(hook: &Webhook, uid: &str) -> Option<String> {
         .as_array()
         .unwrap()
         .iter()
-        .find(|e| e["name"] == "MESH_PROXY_THREADS")
+        .find(|e| e["name"] == name)
         .map(|e| e["value"].as_str().unwrap().to_string())
 }
 
@@ -563,6 +567,30 @@ async fn proxy_config_fields_the_sidecar_does_not_read_come_back_as_warnings() {
     assert_eq!(
         answer["warnings"],
         json!(["proxy.istio.io/config fields not read: holdApplicationUntilProxyStarts"])
+    );
+    // A drain longer than the pod's grace period: admitted, with a warning,
+    // and the sidecar told to drain for that long.
+    let mut long_drain = pod();
+    long_drain["metadata"]["annotations"] =
+        json!({"proxy.istio.io/config": "terminationDrainDuration: 45s"});
+    let (_, body) = hook
+        .post(
+            review("d", long_drain.clone(), false)
+                .to_string()
+                .as_bytes(),
+        )
+        .await;
+    let answer = response(&body);
+    assert_eq!(answer["allowed"], true);
+    assert_eq!(
+        answer["warnings"],
+        json!([
+            "terminationDrainDuration 45s is not shorter than the pod's terminationGracePeriodSeconds (30): the kubelet stops the sidecar before it has drained"
+        ])
+    );
+    assert_eq!(
+        proxy_env(&patched(&long_drain, &answer), "MESH_DRAIN_GRACE_SECS").as_deref(),
+        Some("45")
     );
     // A pod without the annotation gets none.
     let (_, body) = hook

@@ -126,12 +126,16 @@ fn a_mesh_config_file_sets_the_default_concurrency_and_a_bad_one_is_named() {
 
 #[test]
 fn proxy_config_fields_the_sidecar_does_not_read_are_named_on_stderr() {
-    let pod = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: web\n  namespace: shop\n  annotations:\n    proxy.istio.io/config: |\n      concurrency: 2\n      holdApplicationUntilProxyStarts: true\n      terminationDrainDuration: 10s\nspec:\n  containers:\n  - name: web\n    image: web:1\n";
+    let pod = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: web\n  namespace: shop\n  annotations:\n    proxy.istio.io/config: |\n      concurrency: 2\n      holdApplicationUntilProxyStarts: true\n      terminationDrainDuration: 10s\n      proxyMetadata: {DNS_CAPTURE: \"true\"}\nspec:\n  containers:\n  - name: web\n    image: web:1\n";
     let (code, out, err) = run(&["kube-inject", "-f", "-"], pod);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("- name: MESH_PROXY_THREADS\n"), "{out}");
+    assert!(
+        out.contains("- name: MESH_DRAIN_GRACE_SECS\n      value: \"10\"\n"),
+        "{out}"
+    );
     assert_eq!(
         err,
-        "Pod shop/web: proxy.istio.io/config fields not read: holdApplicationUntilProxyStarts, terminationDrainDuration\n"
+        "Pod shop/web: proxy.istio.io/config fields not read: holdApplicationUntilProxyStarts, proxyMetadata\n"
     );
 }
