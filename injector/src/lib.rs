@@ -319,13 +319,20 @@ pub fn decide(
 /// prints it on stderr): the fields of its `proxy.istio.io/config` the
 /// sidecar does not read, and a drain the pod's grace period cuts short.
 pub fn warnings(pod: &Pod, cfg: &Config) -> Vec<String> {
-    let Ok(proxy) = proxy_config(pod, cfg) else {
+    let (Ok(own), Ok(native)) = (own_proxy_config(pod), native(pod, cfg)) else {
         return Vec::new();
     };
-    let mut out: Vec<String> = proxy
+    let own = own.unwrap_or_default();
+    let mut out: Vec<String> = own
         .unread_note(&format!("{PROXY_CONFIG} fields"))
         .into_iter()
         .collect();
+    if native && own.hold_application_until_proxy_starts == Some(false) {
+        out.push(
+            "holdApplicationUntilProxyStarts: false does not apply to a native sidecar: Kubernetes starts the app's containers only once it is ready".into(),
+        );
+    }
+    let proxy = cfg.mesh_defaults.under(own);
     // Kubernetes' default grace period is 30 s.
     let grace = pod
         .spec
@@ -361,10 +368,7 @@ pub fn inject(
             });
         }
     }
-    let native = match annotation(pod, NATIVE_SIDECAR) {
-        Some(v) => parse_bool(NATIVE_SIDECAR, v)?,
-        None => cfg.native_sidecars,
-    };
+    let native = native(pod, cfg)?;
     let capture = match annotation(pod, INTERCEPTION_MODE).unwrap_or("REDIRECT") {
         "REDIRECT" => true,
         "NONE" => false,
@@ -413,7 +417,15 @@ pub fn inject(
     } else {
         BTreeMap::new()
     };
-    let mut proxy = proxy_container(pod, cfg, capture, &probers, app_metrics.as_ref())?;
+    let proxy_cfg = proxy_config(pod, cfg)?;
+    let mut proxy = proxy_container(
+        pod,
+        cfg,
+        &proxy_cfg,
+        capture,
+        &probers,
+        app_metrics.as_ref(),
+    )?;
     let init = capture.then(|| init_container(pod, &proxy)).transpose()?;
     let first_app = spec.containers[0].name.clone();
 
@@ -436,12 +448,14 @@ pub fn inject(
         // Legacy: the pod's init containers run before the capture (a proxy
         // is not running yet to carry their traffic); the proxy is the
         // first container, and kubelet starts the next one only once its
-        // postStart hook (`mesh-proxy wait`) saw it ready.
+        // postStart hook (`mesh-proxy wait`) saw it ready, unless the
+        // ProxyConfig says not to hold the app.
         if let Some(init) = init {
             injected_inits.push(INIT_CONTAINER);
             inits.push(init);
         }
-        proxy.lifecycle = Some(Lifecycle {
+        let hold = proxy_cfg.hold_application_until_proxy_starts != Some(false);
+        proxy.lifecycle = hold.then(|| Lifecycle {
             post_start: Some(LifecycleHandler {
                 exec: Some(ExecAction {
                     command: Some(vec!["mesh-proxy".into(), "wait".into()]),
@@ -680,8 +694,15 @@ fn app_metrics(pod: &Pod) -> Result<Option<mesh_proto::app_metrics::AppMetrics>,
 /// The sidecar's ProxyConfig: the pod's `proxy.istio.io/config` over the
 /// mesh config's `defaultConfig`, field by field as in Istio.
 fn proxy_config(pod: &Pod, cfg: &Config) -> Result<mesh::ProxyConfig, InjectError> {
+    Ok(cfg
+        .mesh_defaults
+        .under(own_proxy_config(pod)?.unwrap_or_default()))
+}
+
+/// The pod's own `proxy.istio.io/config`, if it has one.
+fn own_proxy_config(pod: &Pod) -> Result<Option<mesh::ProxyConfig>, InjectError> {
     let Some(v) = annotation(pod, PROXY_CONFIG).filter(|v| !v.trim().is_empty()) else {
-        return Ok(cfg.mesh_defaults.under(mesh::ProxyConfig::default()));
+        return Ok(None);
     };
     let not_a_config = || bad(PROXY_CONFIG, v, "a ProxyConfig in YAML or JSON");
     let value: serde_json::Value = serde_saphyr::from_str(v).map_err(|_| not_a_config())?;
@@ -697,15 +718,30 @@ fn proxy_config(pod: &Pod, cfg: &Config) -> Result<mesh::ProxyConfig, InjectErro
                 v,
                 "a ProxyConfig in YAML or JSON whose terminationDrainDuration, if set, is a duration such as 30s, 1m30s or 500ms",
             ),
+            p if p.ends_with("holdApplicationUntilProxyStarts") => bad(
+                PROXY_CONFIG,
+                v,
+                "a ProxyConfig in YAML or JSON whose holdApplicationUntilProxyStarts, if set, is true or false",
+            ),
             _ => not_a_config(),
         }
     })?;
-    Ok(cfg.mesh_defaults.under(own))
+    Ok(Some(own))
+}
+
+/// Whether the proxy goes in as a native sidecar: the pod's annotation,
+/// else the injector's setting.
+fn native(pod: &Pod, cfg: &Config) -> Result<bool, InjectError> {
+    match annotation(pod, NATIVE_SIDECAR) {
+        Some(v) => parse_bool(NATIVE_SIDECAR, v),
+        None => Ok(cfg.native_sidecars),
+    }
 }
 
 fn proxy_container(
     pod: &Pod,
     cfg: &Config,
+    proxy: &mesh::ProxyConfig,
     capture: bool,
     probers: &mesh_proto::probers::Probers,
     app_metrics: Option<&mesh_proto::app_metrics::AppMetrics>,
@@ -736,7 +772,6 @@ fn proxy_container(
             serde_json::to_string(m).expect("app metrics serialize"),
         ));
     }
-    let proxy = proxy_config(pod, cfg)?;
     if let Some(threads) = proxy.concurrency {
         envs.push(env("MESH_PROXY_THREADS", threads.to_string()));
     }
@@ -1245,6 +1280,86 @@ spec:
                 ),
             );
         }
+    }
+
+    #[test]
+    fn hold_application_until_proxy_starts_false_leaves_a_legacy_sidecars_hook_out() {
+        let legacy = |config: Option<&str>, mesh_hold: Option<bool>| {
+            let mut p = pod(PLAIN);
+            p.metadata.annotations =
+                config.map(|c| BTreeMap::from([(PROXY_CONFIG.into(), c.into())]));
+            let cfg = Config {
+                native_sidecars: false,
+                mesh_defaults: mesh::ProxyConfig {
+                    hold_application_until_proxy_starts: mesh_hold,
+                    ..Default::default()
+                },
+                ..Config::default()
+            };
+            match inject(&p, "shop", &NamespacePolicy::Enabled, &cfg).unwrap() {
+                Outcome::Injected(p) => {
+                    let proxy = &p.spec.as_ref().unwrap().containers[0];
+                    assert_eq!(proxy.name, PROXY_CONTAINER);
+                    proxy
+                        .lifecycle
+                        .as_ref()
+                        .and_then(|l| l.post_start.as_ref())
+                        .and_then(|h| h.exec.as_ref())
+                        .and_then(|e| e.command.clone())
+                }
+                Outcome::Skipped(s) => panic!("skipped: {s:?}"),
+            }
+        };
+        let wait = Some(vec!["mesh-proxy".to_string(), "wait".to_string()]);
+        // Held unless told otherwise (Istio's default is not to hold).
+        assert_eq!(legacy(None, None), wait);
+        assert_eq!(
+            legacy(Some("holdApplicationUntilProxyStarts: true"), None),
+            wait
+        );
+        assert_eq!(
+            legacy(Some("holdApplicationUntilProxyStarts: false"), None),
+            None
+        );
+        assert_eq!(legacy(None, Some(false)), None);
+        assert_eq!(
+            legacy(
+                Some(r#"{"holdApplicationUntilProxyStarts": true}"#),
+                Some(false)
+            ),
+            wait
+        );
+        // A native sidecar always holds the app: false is said not to apply.
+        let mut native = pod(PLAIN);
+        native.metadata.annotations = Some(BTreeMap::from([(
+            PROXY_CONFIG.into(),
+            "holdApplicationUntilProxyStarts: false".into(),
+        )]));
+        assert_eq!(
+            warnings(&native, &Config::default()),
+            [
+                "holdApplicationUntilProxyStarts: false does not apply to a native sidecar: Kubernetes starts the app's containers only once it is ready"
+            ]
+        );
+        let err = inject(
+            &{
+                let mut p = pod(PLAIN);
+                p.metadata.annotations = Some(BTreeMap::from([(
+                    PROXY_CONFIG.into(),
+                    "holdApplicationUntilProxyStarts: maybe".into(),
+                )]));
+                p
+            },
+            "shop",
+            &NamespacePolicy::Enabled,
+            &Config::default(),
+        )
+        .map(|_| ())
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "proxy.istio.io/config: \"holdApplicationUntilProxyStarts: maybe\" is not a ProxyConfig in YAML or JSON whose holdApplicationUntilProxyStarts, if set, is true or false"
+        );
     }
 
     #[test]

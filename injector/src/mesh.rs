@@ -1,7 +1,8 @@
 //! What the injector takes from Istio's mesh config (the `mesh` key of
 //! ConfigMap istio-system/istio, or a file holding that YAML): the
-//! `defaultConfig` every sidecar starts from, of which `concurrency` and
-//! `terminationDrainDuration` are read. A pod's `proxy.istio.io/config` overrides it field by field, as
+//! `defaultConfig` every sidecar starts from, of which `concurrency`,
+//! `terminationDrainDuration` and `holdApplicationUntilProxyStarts` are
+//! read. A pod's `proxy.istio.io/config` overrides it field by field, as
 //! in Istio. `meshctl kube-inject --mesh-config FILE` reads a file once;
 //! the webhook (`mesh-injector --kubernetes`) follows the cluster's
 //! ConfigMap, and a mesh config it cannot read leaves the last good one in
@@ -37,6 +38,12 @@ pub struct ProxyConfig {
         deserialize_with = "duration"
     )]
     pub termination_drain_duration: Option<Duration>,
+    /// Whether the app's containers wait for the sidecar to be ready. The
+    /// mesh holds them unless this says `false` (Istio's default is not
+    /// to): a native sidecar always holds them, a legacy one through its
+    /// postStart hook, which `false` leaves out.
+    #[serde(rename = "holdApplicationUntilProxyStarts", default)]
+    pub hold_application_until_proxy_starts: Option<bool>,
     /// The fields set that the mesh does not read, by name: said, not
     /// silently dropped.
     #[serde(flatten)]
@@ -54,6 +61,9 @@ impl ProxyConfig {
             termination_drain_duration: pod
                 .termination_drain_duration
                 .or(self.termination_drain_duration),
+            hold_application_until_proxy_starts: pod
+                .hold_application_until_proxy_starts
+                .or(self.hold_application_until_proxy_starts),
             unread: pod.unread,
         }
     }
@@ -65,6 +75,8 @@ impl ProxyConfig {
             Some("a whole number of threads (0 for one per CPU)")
         } else if path.ends_with("terminationDrainDuration") {
             Some("a duration such as 30s, 1m30s or 500ms")
+        } else if path.ends_with("holdApplicationUntilProxyStarts") {
+            Some("true or false")
         } else {
             None
         }

@@ -556,7 +556,7 @@ async fn proxy_config_fields_the_sidecar_does_not_read_come_back_as_warnings() {
     let hook = start().await;
     let mut annotated = pod();
     annotated["metadata"]["annotations"] = json!({
-        "proxy.istio.io/config": "{\"concurrency\": 2, \"holdApplicationUntilProxyStarts\": true}"
+        "proxy.istio.io/config": "{\"concurrency\": 2, \"holdApplicationUntilProxyStarts\": true, \"proxyMetadata\": {\"ISTIO_META_DNS_CAPTURE\": \"true\"}}"
     });
     let (code, body) = hook
         .post(review("w", annotated, false).to_string().as_bytes())
@@ -566,7 +566,7 @@ async fn proxy_config_fields_the_sidecar_does_not_read_come_back_as_warnings() {
     assert_eq!(answer["allowed"], true);
     assert_eq!(
         answer["warnings"],
-        json!(["proxy.istio.io/config fields not read: holdApplicationUntilProxyStarts"])
+        json!(["proxy.istio.io/config fields not read: proxyMetadata"])
     );
     // A drain longer than the pod's grace period: admitted, with a warning,
     // and the sidecar told to drain for that long.

@@ -136,6 +136,6 @@ fn proxy_config_fields_the_sidecar_does_not_read_are_named_on_stderr() {
     );
     assert_eq!(
         err,
-        "Pod shop/web: proxy.istio.io/config fields not read: holdApplicationUntilProxyStarts, proxyMetadata\n"
+        "Pod shop/web: proxy.istio.io/config fields not read: proxyMetadata\n"
     );
 }
