@@ -82,7 +82,56 @@ pub struct Shared {
     pub sockets: Arc<dyn platform::Sockets>,
 }
 
+/// What feeds a [`Shared`]'s receivers: the identity task's certificates
+/// and the xDS client's config and status.
+struct Feeds {
+    tls: watch::Sender<Option<Arc<Tls>>>,
+    snapshot: watch::Sender<Arc<Snapshot>>,
+    status: watch::Sender<XdsStatus>,
+}
+
 impl Shared {
+    /// A proxy for `cfg` with no certificate or config yet, and the senders
+    /// that will bring them.
+    fn new(cfg: Arc<Config>, sockets: Box<dyn platform::Sockets>) -> (Arc<Self>, Feeds) {
+        let (tls_tx, tls_rx) = watch::channel(None);
+        let (snap_tx, snap_rx) = watch::channel(Arc::new(Snapshot::default()));
+        let (status_tx, status_rx) = watch::channel(XdsStatus::default());
+        let access_log = Arc::new(accesslog::Writer::new(cfg.access_log_file.clone()));
+        let tap = Arc::new(tap::Tap::default());
+        let tracer = Arc::new(trace::Tracer::default());
+        let metrics = Arc::new(Metrics::new(metrics::Health {
+            xds: status_rx.clone(),
+            tls: tls_rx.clone(),
+            access_log: access_log.clone(),
+            tap: tap.clone(),
+            trace: tracer.stats.clone(),
+        }));
+        let (pool, app, app_h1, app_h2) = pools(&cfg, &metrics);
+        let shared = Arc::new(Shared {
+            cfg,
+            tls: tls_rx,
+            snapshot: snap_rx,
+            xds_status: status_rx,
+            metrics,
+            access_log,
+            tap,
+            tracer,
+            pool,
+            app,
+            app_h1,
+            app_h2,
+            drain: Arc::default(),
+            sockets: sockets.into(),
+        });
+        let feeds = Feeds {
+            tls: tls_tx,
+            snapshot: snap_tx,
+            status: status_tx,
+        };
+        (shared, feeds)
+    }
+
     /// The same proxy for another serving thread (`server::Shards`):
     /// everything shared but the connection pools, each of whose
     /// connections is driven by the runtime that opened it.
@@ -239,41 +288,13 @@ async fn serve(
     let health = bind(cfg.addr(p.health)).await?;
     let agent = bind(cfg.addr(p.agent)).await?;
 
-    let (tls_tx, tls_rx) = watch::channel(None);
-    let (snap_tx, snap_rx) = watch::channel(Arc::new(Snapshot::default()));
-    let (status_tx, status_rx) = watch::channel(XdsStatus::default());
-    let access_log = Arc::new(accesslog::Writer::new(cfg.access_log_file.clone()));
-    let tap = Arc::new(tap::Tap::default());
-    let tracer = Arc::new(trace::Tracer::default());
-    let metrics = Arc::new(Metrics::new(metrics::Health {
-        xds: status_rx.clone(),
-        tls: tls_rx.clone(),
-        access_log: access_log.clone(),
-        tap: tap.clone(),
-        trace: tracer.stats.clone(),
-    }));
-    let (pool, app, app_h1, app_h2) = pools(&cfg, &metrics);
-    let shared = Arc::new(Shared {
-        cfg: cfg.clone(),
-        tls: tls_rx.clone(),
-        snapshot: snap_rx,
-        xds_status: status_rx.clone(),
-        metrics,
-        access_log,
-        tap,
-        tracer,
-        pool,
-        app,
-        app_h1,
-        app_h2,
-        drain: Arc::default(),
-        sockets: sockets.into(),
-    });
+    let (shared, feeds) = Shared::new(cfg.clone(), sockets);
     let shards = server::Shards::spawn(&shared)?;
 
     let mut tasks = JoinSet::new();
-    tasks.spawn(identity::run(cfg.clone(), tls_tx));
-    tasks.spawn(xds::Client::new(cfg.clone(), snap_tx, status_tx).run(tls_rx));
+    tasks.spawn(identity::run(cfg.clone(), feeds.tls));
+    tasks
+        .spawn(xds::Client::new(cfg.clone(), feeds.snapshot, feeds.status).run(shared.tls.clone()));
     tasks.spawn(server::serve_outbound(
         outbound,
         shared.clone(),

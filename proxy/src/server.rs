@@ -338,3 +338,81 @@ fn serve_conn(side: Side, shared: &Arc<Shared>, tcp: TcpStream, peer: SocketAddr
         Side::Inbound => inbound_conn(shared, tcp, peer),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    /// Takes every connection for one redirected to where it arrived.
+    struct Arrived;
+
+    impl crate::platform::Sockets for Arrived {
+        fn original_dst(&self, tcp: &TcpStream) -> Option<SocketAddr> {
+            tcp.local_addr().ok()
+        }
+    }
+
+    /// The status line a plaintext request on `tcp`'s other end gets.
+    async fn status_line(addr: SocketAddr) -> String {
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(b"GET / HTTP/1.1\r\nhost: here\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 256];
+        while !answer.contains(&b'\n') {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+            }
+        }
+        let text = String::from_utf8_lossy(&answer);
+        text.lines()
+            .next()
+            .unwrap_or("(closed unanswered)")
+            .to_string()
+    }
+
+    #[tokio::test]
+    async fn a_connection_dealt_to_a_thread_that_has_stopped_is_served_here() {
+        let cfg = crate::Config::new(
+            "t.default",
+            mesh_identity::SpiffeId::new("cluster.local", "default", "t"),
+            "127.0.0.1".parse().unwrap(),
+            "127.0.0.1:9".parse().unwrap(),
+            "127.0.0.1:9".parse().unwrap(),
+        );
+        let (shared, feeds) = Shared::new(Arc::new(cfg), Box::new(Arrived));
+        // A config that takes plaintext (PERMISSIVE) and serves no port.
+        let mut snapshot = crate::state::Snapshot::default();
+        snapshot.listener = Some(mesh_proto::resources::Listener {
+            mtls: mesh_proto::resources::MtlsMode::Permissive as i32,
+            ..Default::default()
+        });
+        feeds.snapshot.send_replace(Arc::new(snapshot));
+        // One other thread, already gone: its end of the channel dropped.
+        let (stopped, _) = tokio::sync::mpsc::unbounded_channel();
+        let shards = Shards {
+            others: vec![stopped],
+            next: Default::default(),
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        // Turn 0 is this thread's; turn 1 the stopped one's.
+        for turn in 0..2 {
+            let client = tokio::spawn(status_line(addr));
+            let (tcp, peer) = listener.accept().await.unwrap();
+            shards.hand(Side::Inbound, &shared, tcp, peer);
+            let status = tokio::time::timeout(Duration::from_secs(10), client)
+                .await
+                .expect("an answer within 10 s")
+                .unwrap();
+            // The inbound side's own answer, on either turn.
+            assert_eq!(status, "HTTP/1.1 404 Not Found", "turn {turn}");
+        }
+    }
+}
