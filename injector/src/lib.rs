@@ -249,7 +249,7 @@ pub enum InjectError {
     BadAnnotation {
         key: String,
         value: String,
-        expected: &'static str,
+        expected: std::borrow::Cow<'static, str>,
     },
     #[error("{key} is not supported: {why}")]
     Unsupported { key: String, why: &'static str },
@@ -528,11 +528,11 @@ fn annotation<'a>(pod: &'a Pod, key: &str) -> Option<&'a str> {
         .map(String::as_str)
 }
 
-fn bad(key: &str, value: &str, expected: &'static str) -> InjectError {
+fn bad(key: &str, value: &str, expected: impl Into<std::borrow::Cow<'static, str>>) -> InjectError {
     InjectError::BadAnnotation {
         key: key.into(),
         value: value.into(),
-        expected,
+        expected: expected.into(),
     }
 }
 
@@ -707,23 +707,14 @@ fn own_proxy_config(pod: &Pod) -> Result<Option<mesh::ProxyConfig>, InjectError>
     let not_a_config = || bad(PROXY_CONFIG, v, "a ProxyConfig in YAML or JSON");
     let value: serde_json::Value = serde_saphyr::from_str(v).map_err(|_| not_a_config())?;
     let own: mesh::ProxyConfig = serde_path_to_error::deserialize(&value).map_err(|e| {
-        match e.path().to_string().as_str() {
-            p if p.ends_with("concurrency") => bad(
+        let field = e.path().to_string();
+        match mesh::ProxyConfig::expected(&field) {
+            Some(what) => bad(
                 PROXY_CONFIG,
                 v,
-                "a ProxyConfig in YAML or JSON whose concurrency, if set, is a whole number of threads (0 for one per CPU)",
+                format!("a ProxyConfig in YAML or JSON whose {field}, if set, is {what}"),
             ),
-            p if p.ends_with("terminationDrainDuration") => bad(
-                PROXY_CONFIG,
-                v,
-                "a ProxyConfig in YAML or JSON whose terminationDrainDuration, if set, is a duration such as 30s, 1m30s or 500ms",
-            ),
-            p if p.ends_with("holdApplicationUntilProxyStarts") => bad(
-                PROXY_CONFIG,
-                v,
-                "a ProxyConfig in YAML or JSON whose holdApplicationUntilProxyStarts, if set, is true or false",
-            ),
-            _ => not_a_config(),
+            None => not_a_config(),
         }
     })?;
     Ok(Some(own))
