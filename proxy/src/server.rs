@@ -356,7 +356,8 @@ mod tests {
         }
     }
 
-    /// The status line a plaintext request on `tcp`'s other end gets.
+    /// The status line a plaintext request to `addr` gets, or
+    /// `(closed unanswered)`.
     async fn status_line(addr: SocketAddr) -> String {
         let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
         tcp.write_all(b"GET / HTTP/1.1\r\nhost: here\r\n\r\n")
