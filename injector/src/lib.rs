@@ -49,10 +49,11 @@ pub const MERGE_METRICS: &str = "prometheus.istio.io/merge-metrics";
 pub const PROMETHEUS_SCRAPE: &str = "prometheus.io/scrape";
 pub const PROMETHEUS_PORT: &str = "prometheus.io/port";
 pub const PROMETHEUS_PATH: &str = "prometheus.io/path";
-/// Pod annotation: Istio's per-pod ProxyConfig, YAML or JSON. The sidecar
-/// takes its `concurrency` (serving threads; 0 for one per CPU the
-/// container may use), over the mesh config's `defaultConfig`
-/// ([`mesh`]); its other fields are not read.
+/// Pod annotation: Istio's per-pod ProxyConfig, YAML or JSON, over the
+/// mesh config's `defaultConfig` ([`mesh`]). The injector takes its
+/// `concurrency` (serving threads; 0 for one per CPU the container may
+/// use), `terminationDrainDuration` and `holdApplicationUntilProxyStarts`;
+/// its other fields are not read, and are named ([`warnings`]).
 pub const PROXY_CONFIG: &str = "proxy.istio.io/config";
 /// Istio annotations this mesh cannot honour: refused by name, not ignored.
 const UNSUPPORTED_ANNOTATIONS: [(&str, &str); 3] = [
@@ -139,8 +140,9 @@ pub struct ConfigArgs {
     #[arg(long)]
     pub legacy_sidecar: bool,
     /// Istio's mesh config (the YAML under the `mesh` key of ConfigMap
-    /// istio-system/istio): its defaultConfig.concurrency sets the serving
-    /// threads of sidecars whose pods do not set their own.
+    /// istio-system/istio): its defaultConfig's concurrency,
+    /// terminationDrainDuration and holdApplicationUntilProxyStarts apply to
+    /// pods that do not set their own.
     #[arg(long, value_name = "FILE")]
     pub mesh_config: Option<std::path::PathBuf>,
 }

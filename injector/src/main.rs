@@ -20,8 +20,9 @@ struct Args {
     tls_key: PathBuf,
     /// Follow Istio's mesh config in the cluster (ConfigMap
     /// istio-system/istio, through the in-cluster service account or the
-    /// kubeconfig): its defaultConfig.concurrency applies to pods that do
-    /// not set their own. A mesh config that does not parse is logged and
+    /// kubeconfig): its defaultConfig's concurrency,
+    /// terminationDrainDuration and holdApplicationUntilProxyStarts apply to
+    /// pods that do not set their own. A mesh config that does not parse is logged and
     /// the last good one stays in force.
     #[arg(long, conflicts_with = "mesh_config")]
     kubernetes: bool,
